@@ -1,0 +1,54 @@
+"""What makes a saved MAGMA folder a Hub repo: the custom pipeline entry and a model card."""
+
+import os
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+
+CUSTOM_PIPELINES = {
+    "image-to-text": {
+        "impl": "pipeline_magma.MagmaImageToTextPipeline",
+        "pt": ["AutoModelForImageTextToText"],
+        "type": "multimodal",
+    }
+}
+AUTO_MAP_EXTRAS = {"AutoModel": "modeling_magma.MagmaModel"}
+DEFAULT_BASE_MODELS = ("EleutherAI/gpt-j-6b",)
+
+MODEL_CARD_BODY = """
+# MAGMA
+
+MAGMA (Eichenberg et al., [arXiv 2112.05253](https://arxiv.org/abs/2112.05253)) augments a frozen GPT-J with vision:
+a CLIP ResNet image encoder (attention pooling removed, one token per 32x32 pixels) and a linear projection +
+LayerNorm put image embeddings in front of, or between, the text embeddings; bottleneck adapters in the language
+model's blocks are trained with a captioning loss while GPT-J's own weights stay unchanged.
+
+This folder carries its code (`trust_remote_code=True`), or use it with `pip install magma-hf` and `import magma_hf`.
+
+```python
+from transformers import pipeline
+
+captioner = pipeline("image-to-text", model="{repo}", trust_remote_code=True)
+captioner("photo.jpg", generate_kwargs={{"do_sample": False}})              # a caption
+captioner("photo.jpg", text="Q: What is in the picture? A:")               # an answer
+```
+
+The shipped generation config samples as the original did (temperature 0.7, top-p 0.9).
+"""
+
+
+def write_model_card(save_directory: str | os.PathLike, base_models=DEFAULT_BASE_MODELS, repo: str | None = None) -> bool:
+    """Write `README.md` with Hub metadata unless the folder already has one (the user's card is kept)."""
+    path = Path(save_directory) / "README.md"
+    if path.exists():
+        return False
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-to-text",
+        license="mit",
+        base_model=list(base_models),
+        tags=["magma", "vision-language", "image-to-text", "custom_code"],
+    )
+    body = MODEL_CARD_BODY.format(repo=repo or Path(save_directory).name)
+    ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}").save(path)
+    return True

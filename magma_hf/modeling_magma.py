@@ -1,0 +1,361 @@
+"""MAGMA: a frozen GPT-J reading CLIP ResNet image features through a trained projection and bottleneck adapters."""
+
+
+from dataclasses import dataclass
+
+import torch
+from open_clip.modified_resnet import Bottleneck, ModifiedResNet
+from peft import inject_adapter_in_model
+from torch import nn
+from transformers import AutoModel, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    MultimodalBaseModelOutputWithPast,
+    MultimodalCausalLMOutputWithPast,
+)
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils import can_return_tuple
+
+from .adapters_magma import MagmaAdapterConfig, MagmaAdapterLayer
+from .configuration_magma import MagmaConfig, MagmaVisionConfig
+from .hub_magma import AUTO_MAP_EXTRAS, CUSTOM_PIPELINES, write_model_card
+from .pipeline_magma import MagmaImageToTextPipeline  # noqa: F401  (imported so the Hub code export carries it)
+
+# The original's sampling defaults (magma/sampling.py): temperature 0.7, nucleus 0.9, no top-k, 100 new tokens.
+MAGMA_GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 0, "max_new_tokens": 100}
+
+
+def magma_generation_config(config: MagmaConfig) -> GenerationConfig:
+    """The generation defaults MAGMA shipped with, for the given model's special tokens."""
+    text_config = config.text_config
+    return GenerationConfig(
+        **MAGMA_GENERATION_DEFAULTS,
+        bos_token_id=text_config.bos_token_id,
+        eos_token_id=text_config.eos_token_id,
+        pad_token_id=text_config.pad_token_id if text_config.pad_token_id is not None else text_config.eos_token_id,
+    )
+
+
+class MagmaImageEncoder(ModifiedResNet):
+    """CLIP's `ModifiedResNet` (open_clip's implementation) without its attention pooling.
+
+    Parameter and buffer names are open_clip's and OpenAI's (`conv1`, `bn1`, ..., `layer4.*`), so CLIP weights load
+    as they are. Output: the last feature map, flattened row-major into a sequence.
+    """
+
+    def __init__(self, config: MagmaVisionConfig):
+        feature_size = config.feature_size
+        super().__init__(
+            layers=config.layers,
+            output_dim=feature_size,
+            heads=max(1, feature_size // 64),
+            image_size=config.image_size,
+            width=config.width,
+        )
+        del self.attnpool  # MAGMA replaced CLIP's attention pooling by a reshape: every position is a token
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`[b, 3, s, s]` -> `[b, (s / 32) ** 2, width * 32]`."""
+        x = self.stem(pixel_values.to(self.conv1.weight.dtype))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return x.flatten(2).transpose(1, 2)
+
+
+class MagmaMultiModalProjector(nn.Module):
+    """MAGMA's image prefix head: `ln(dropout(proj(features)))`, `[b, n, feature_size]` -> `[b, n, hidden]`."""
+
+    def __init__(self, config: MagmaConfig):
+        super().__init__()
+        hidden_size = config.text_config.hidden_size
+        self.proj = nn.Linear(config.vision_config.feature_size, hidden_size)
+        self.dropout = nn.Dropout(config.image_embed_dropout_prob)
+        self.ln = nn.LayerNorm(hidden_size) if config.use_image_embed_layernorm else nn.Identity()
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.ln(self.dropout(self.proj(image_features)))
+
+
+def adapter_peft_config(config: MagmaConfig) -> MagmaAdapterConfig | None:
+    """The PEFT config of the adapters a MAGMA config asks for (`None` without adapters)."""
+    if not config.adapter_config:
+        return None
+    return MagmaAdapterConfig.from_magma_adapter_config(config.adapter_config)
+
+
+class MagmaPreTrainedModel(PreTrainedModel):
+    config: MagmaConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["GPTJBlock", "Bottleneck"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Conv2d):
+            init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, Bottleneck):
+            init.zeros_(module.bn3.weight)  # as open_clip: each residual block starts as the identity
+        else:
+            super()._init_weights(module)
+
+    def initialize_weights(self) -> None:
+        # The adapters live inside GPT-J, whose own `_init_weights` would claim them; give them MAGMA's init first
+        # and mark them done.
+        for module in self.modules():
+            if isinstance(module, MagmaAdapterLayer):
+                for adapter_name in module.magma_down:
+                    module.reset_adapter_parameters(adapter_name)
+                for container in MagmaAdapterLayer.adapter_layer_names:
+                    for submodule in getattr(module, container).modules():
+                        submodule._is_hf_initialized = True
+        super().initialize_weights()
+
+
+class MagmaModel(MagmaPreTrainedModel):
+    """Image encoder, image prefix projection and GPT-J (with MAGMA adapters), without the LM head."""
+
+    def __init__(self, config: MagmaConfig):
+        super().__init__(config)
+        self.vision_tower = MagmaImageEncoder(config.vision_config)
+        self.multi_modal_projector = MagmaMultiModalProjector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        if (peft_config := adapter_peft_config(config)) is not None:
+            inject_adapter_in_model(peft_config, self.language_model)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """Encode images.
+
+        Args:
+            pixel_values: `[n_images, 3, image_size, image_size]`.
+
+        Returns:
+            `BaseModelOutputWithPooling` whose `last_hidden_state` holds the encoder features
+            `[n_images, n_tokens, feature_size]` and `pooler_output` the image embeddings the language model reads,
+            `[n_images, n_tokens, hidden_size]`.
+        """
+        features = self.vision_tower(pixel_values)
+        embeddings = self.multi_modal_projector(features)
+        return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=embeddings)
+
+    def get_placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor,
+                             image_features: torch.Tensor) -> torch.Tensor:
+        """Boolean mask `[b, seq, 1]` of the image-token positions; their count must match the image features."""
+        if input_ids is None:
+            image_token_embedding = self.get_input_embeddings()(
+                torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+            )
+            mask = (inputs_embeds == image_token_embedding).all(-1)
+        else:
+            mask = input_ids == self.config.image_token_id
+        n_image_tokens = int(mask.sum())
+        n_feature_tokens = image_features.shape[0] * image_features.shape[1]
+        if n_image_tokens != n_feature_tokens:
+            raise ValueError(
+                f"Image features and image tokens do not match: the input has {n_image_tokens} image tokens "
+                f"(id {self.config.image_token_id}) but {image_features.shape[0]} images give {n_feature_tokens} "
+                f"({image_features.shape[1]} per image)"
+            )
+        return mask.unsqueeze(-1)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        **kwargs,
+    ) -> MultimodalBaseModelOutputWithPast:
+        """
+        Args:
+            input_ids: `[b, seq]`, with `config.image_token_id` wherever an image embedding goes (one run of
+                `num_image_tokens` per image, in order).
+            pixel_values: `[n_images, 3, s, s]`, the images of the whole batch in the order they appear.
+            mm_encoder_outputs: `{"image": get_image_features(...)}`, to reuse images encoded before.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if pixel_values is not None and mm_encoder_outputs is not None and mm_encoder_outputs.get("image") is not None:
+            raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        image_outputs = (mm_encoder_outputs or {}).get("image")
+        if image_outputs is None and pixel_values is not None:
+            image_outputs = self.get_image_features(pixel_values)
+        if image_outputs is not None:
+            image_embeddings = image_outputs.pooler_output
+            if isinstance(image_embeddings, (list, tuple)):
+                image_embeddings = torch.stack(list(image_embeddings))
+            image_embeddings = image_embeddings.to(inputs_embeds.device, inputs_embeds.dtype)
+            mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_embeddings)
+            inputs_embeds = inputs_embeds.masked_scatter(mask, image_embeddings)
+
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+        return MultimodalBaseModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_outputs=image_outputs,
+        )
+
+
+@dataclass
+class MagmaCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
+    """Loss, logits `[b, seq, vocab]`, cache and the image encoder's outputs."""
+
+
+class MagmaForConditionalGeneration(MagmaPreTrainedModel, GenerationMixin):
+    """MAGMA with GPT-J's LM head: captions, answers and any text conditioned on interleaved images.
+
+    The training policy is applied on construction (see [`~MagmaForConditionalGeneration.apply_training_policy`]):
+    GPT-J and its LM head are frozen; adapters, the image projection and (unless `config.freeze_image_encoder`) the
+    image encoder train.
+    """
+
+    _tied_weights_keys = {}
+
+    def __init__(self, config: MagmaConfig):
+        super().__init__(config)
+        self.model = MagmaModel(config)
+        # GPT-J's head has a bias, and in MAGMA it is not tied to the (shorter, resized) input embedding.
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=True)
+        self.post_init()
+        self.generation_config = magma_generation_config(config)
+        self.apply_training_policy()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # Loading replaces the parameters (all trainable again); re-apply the policy to the loaded ones.
+        loaded = super().from_pretrained(*args, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded).apply_training_policy()
+        return loaded
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained`; with the code export on (`import magma_hf` turns it on) the folder also
+        gets `custom_pipelines["image-to-text"]`, an `AutoModel` entry and a model card, and is a Hub repo."""
+        exporting_code = self._auto_class is not None
+        if exporting_code:
+            self.config.custom_pipelines = CUSTOM_PIPELINES
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP_EXTRAS}
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if exporting_code and kwargs.get("is_main_process", True):
+            write_model_card(save_directory)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        self.lm_head = new_embeddings
+
+    @property
+    def language_model(self) -> PreTrainedModel:
+        return self.model.language_model
+
+    @property
+    def vision_tower(self) -> MagmaImageEncoder:
+        return self.model.vision_tower
+
+    @property
+    def multi_modal_projector(self) -> MagmaMultiModalProjector:
+        return self.model.multi_modal_projector
+
+    def apply_training_policy(self, train_image_encoder: bool | None = None) -> None:
+        """Freeze GPT-J (embeddings, blocks, head); train adapters, the projection and, unless frozen, the encoder.
+
+        Args:
+            train_image_encoder: Overrides `not config.freeze_image_encoder` when given.
+        """
+        if train_image_encoder is None:
+            train_image_encoder = not self.config.freeze_image_encoder
+        self.requires_grad_(False)
+        for module in self.language_model.modules():
+            if isinstance(module, MagmaAdapterLayer):
+                for container in MagmaAdapterLayer.adapter_layer_names:
+                    getattr(module, container).requires_grad_(True)
+        self.multi_modal_projector.requires_grad_(True)
+        self.vision_tower.requires_grad_(train_image_encoder)
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """See [`MagmaModel.get_image_features`]: embeddings `[n_images, n_tokens, hidden]` in `pooler_output`."""
+        return self.model.get_image_features(pixel_values, **kwargs)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        **kwargs,
+    ) -> MagmaCausalLMOutputWithPast:
+        """
+        Args:
+            input_ids: `[b, seq]` token ids with image-token runs where images go (see [`MagmaProcessor`]).
+            pixel_values: `[n_images, 3, s, s]`.
+            labels: `[b, seq]`; -100 is ignored (image tokens and padding). Shifted inside, as for causal LMs.
+
+        Returns:
+            `MagmaCausalLMOutputWithPast` with `logits` `[b, seq, vocab]` and `loss` when `labels` are given.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            mm_encoder_outputs=mm_encoder_outputs,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        return MagmaCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_outputs=outputs.image_outputs,
+        )
+
+
+__all__ = [
+    "MagmaForConditionalGeneration",
+    "MagmaImageEncoder",
+    "MagmaModel",
+    "MagmaMultiModalProjector",
+    "MagmaPreTrainedModel",
+]

@@ -1,0 +1,34 @@
+"""The `image-to-text` pipeline for MAGMA: captions for images alone, answers for images with a prompt."""
+
+from typing import Any
+
+from transformers.pipelines.image_text_to_text import ImageTextToTextPipeline, ReturnType
+
+
+class MagmaImageToTextPipeline(ImageTextToTextPipeline):
+    """`pipe(image)` captions the image; `pipe(image, text="Q: What is this? A:")` continues the prompt after it.
+
+    Returns `[{"generated_text": ...}]` per input holding only the newly generated text (pass
+    `return_full_text=True` to get the prompt in front). Images may be PIL images, paths or URLs, alone or in lists;
+    `<|image|>` in the text places several images. Generation follows the model's generation config (MAGMA's
+    sampling defaults); pass `generate_kwargs={"do_sample": False}` for greedy captions.
+    """
+
+    def __call__(self, images=None, text=None, **kwargs: Any):
+        if images is not None and text is None and self._is_plain_image_batch(images):
+            text = [""] * len(images) if isinstance(images, (list, tuple)) else ""
+        return super().__call__(images, text=text, **kwargs)
+
+    @staticmethod
+    def _is_plain_image_batch(images) -> bool:
+        """Images or image lists, as opposed to the `{"images": ..., "text": ...}` dicts the parent also takes."""
+        items = images if isinstance(images, (list, tuple)) else [images]
+        return all(not isinstance(item, dict) for item in items)
+
+    def _sanitize_parameters(self, return_full_text=None, **kwargs):
+        preprocess_params, forward_params, postprocess_params = super()._sanitize_parameters(
+            return_full_text=return_full_text, **kwargs
+        )
+        if return_full_text is None and "return_type" not in postprocess_params:
+            postprocess_params["return_type"] = ReturnType.NEW_TEXT
+        return preprocess_params, forward_params, postprocess_params

@@ -1,0 +1,120 @@
+"""MAGMA's processor: CLIP image preprocessing plus the GPT-2 tokenizer with `<|image|>`."""
+
+from transformers import ProcessorMixin
+from transformers.image_utils import make_flat_list_of_images
+from transformers.processing_utils import ProcessingKwargs
+
+IMAGE_TOKEN = "<|image|>"
+FEATURE_STRIDE = 32  # the ResNet's total downsampling: one image token per 32x32 pixels of the crop
+
+
+class MagmaProcessingKwargs(ProcessingKwargs, total=False):
+    _defaults = {"text_kwargs": {"padding": False}}
+
+
+class MagmaProcessor(ProcessorMixin):
+    """Turns images and text into MAGMA's inputs.
+
+    - Each `<|image|>` in the text stands for one image, in order, and is expanded to the image's
+      `(crop_size / 32) ** 2` image tokens (144 at 384 px).
+    - A text without `<|image|>` gets its images in front, MAGMA's own layout; with `text=None` every image becomes a
+      caption prompt of its own.
+    - Batches are padded on the left, ready for `generate`; truncation that would cut into an image's tokens is an
+      error, never a silent cut.
+    - Decoding drops the image tokens.
+
+    Args:
+        image_processor ([`MagmaImageProcessor`]): CLIP preprocessing at the model's image size.
+        tokenizer: GPT-2's tokenizer with the special token `<|image|>` (MAGMA used it as the cls token).
+    """
+
+    valid_processor_kwargs = MagmaProcessingKwargs
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        if tokenizer is None or image_processor is None:
+            raise ValueError("MagmaProcessor needs both an image_processor and a tokenizer")
+        self.image_token = IMAGE_TOKEN
+        self.image_token_id = self._require_image_token(tokenizer)
+        tokenizer.padding_side = "left"  # generation continues at the right end of every row
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token  # MAGMA pads with <|endoftext|>
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+
+    @staticmethod
+    def _require_image_token(tokenizer) -> int:
+        token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if token_id is None or token_id == tokenizer.unk_token_id or IMAGE_TOKEN not in tokenizer.get_vocab():
+            raise ValueError(
+                f"The tokenizer ({type(tokenizer).__name__}, {len(tokenizer)} tokens) has no {IMAGE_TOKEN!r} token. "
+                f"MAGMA's tokenizer is GPT-2's with {IMAGE_TOKEN!r} added as a special token: "
+                f"`tokenizer.add_special_tokens({{'cls_token': '{IMAGE_TOKEN}'}})` (id 50257 for GPT-2)."
+            )
+        return token_id
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Image tokens per image, from the image processor's crop size."""
+        crop = self.image_processor.crop_size
+        return (crop["height"] // FEATURE_STRIDE) * (crop["width"] // FEATURE_STRIDE)
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        return self.image_token * self.num_image_tokens
+
+    def prepare_inputs_layout(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        images, text, videos, audio = super().prepare_inputs_layout(
+            images=images, text=text, videos=videos, audio=audio, **kwargs
+        )
+        if images is not None:
+            text = self._put_images_in_front(images, text)
+        return images, text, videos, audio
+
+    def _put_images_in_front(self, images, text: list[str] | None) -> list[str] | None:
+        """MAGMA's layout for text without placeholders: the sample's images come first."""
+        if text is None:
+            return [self.image_token] * len(make_flat_list_of_images(images))
+        if any(self.image_token in sample for sample in text):
+            return text  # explicit placeholders: counts are checked by `validate_inputs`
+        per_sample = self._images_per_sample(images, len(text))
+        return [self.image_token * count + sample for count, sample in zip(per_sample, text)]
+
+    def _images_per_sample(self, images, n_samples: int) -> list[int]:
+        if isinstance(images, (list, tuple)) and images and isinstance(images[0], (list, tuple)):
+            counts = [len(sample_images) for sample_images in images]
+        else:
+            n_images = len(make_flat_list_of_images(images))
+            counts = [n_images // n_samples] * n_samples if n_samples and n_images % n_samples == 0 else []
+        if len(counts) != n_samples:
+            n_images = len(make_flat_list_of_images(images))
+            raise ValueError(
+                f"Got {n_images} images for {n_samples} texts without {self.image_token}: pass one image (or one list "
+                f"of images) per text, or mark where each image goes with {self.image_token}."
+            )
+        return counts
+
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True, **kwargs):
+        """Decode generated ids; image tokens and everything from the first end-of-text on are dropped."""
+        return [
+            self.tokenizer.decode(self._until_eos(ids), skip_special_tokens=skip_special_tokens, **kwargs)
+            for ids in generated_outputs
+        ]
+
+    def _until_eos(self, ids) -> list[int]:
+        ids = [int(i) for i in ids]
+        eos = self.tokenizer.eos_token_id
+        # Left padding repeats eos before the prompt; only an eos after the first real token ends the text.
+        start = next((n for n, i in enumerate(ids) if i != eos), len(ids))
+        end = next((n for n in range(start, len(ids)) if ids[n] == eos), len(ids))
+        return [i for i in ids[start:end] if i != self.image_token_id]
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs) -> list[str]:
+        return self.post_process_image_text_to_text(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    def decode(self, token_ids, skip_special_tokens: bool = True, **kwargs) -> str:
+        return self.post_process_image_text_to_text([token_ids], skip_special_tokens=skip_special_tokens, **kwargs)[0]
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "pixel_values"]
+
+
+__all__ = ["MagmaProcessor"]

@@ -1,0 +1,73 @@
+"""Tiny, fully offline building blocks for the tests: a byte-level BPE tokenizer, configs, images."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from magma_hf import MagmaConfig, MagmaImageProcessor, MagmaProcessor
+
+EOS = "<|endoftext|>"
+IMAGE = "<|image|>"
+CORPUS = [
+    "a photo of a cat sitting on a red sofa",
+    "a dog running on the beach with a ball",
+    "Q: What is in the picture? A: a small house with a garden",
+    "the number seven is an odd number and four is even",
+    "two people riding bicycles in a city street at night",
+] * 20
+
+
+def make_tokenizer(extra_corpus: list[str] | None = None, vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    """GPT-2 style: byte-level BPE, `<|endoftext|>` as bos/eos/pad, `<|image|>` as the special cls token."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS + (extra_corpus or []), trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS)
+    tokenizer.add_special_tokens({"cls_token": IMAGE})
+    return tokenizer
+
+
+def tiny_config(tokenizer=None, image_size: int = 64, adapter_config: dict | None = None, **kwargs) -> MagmaConfig:
+    """A MAGMA of a few hundred thousand parameters: 2 GPT-J blocks of 64, a [1,1,1,1] ResNet of width 8."""
+    tokenizer = tokenizer or make_tokenizer()
+    eos_id = tokenizer.eos_token_id
+    text_config = dict(
+        n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=512, vocab_size=len(tokenizer) + 6,
+        bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,
+    )
+    text_config.update(kwargs.pop("text_config", {}))
+    vision_config = {"layers": [1, 1, 1, 1], "width": 8, "image_size": image_size}
+    vision_config.update(kwargs.pop("vision_config", {}))
+    if adapter_config is None:
+        adapter_config = {"mlp": {"adapter_type": "normal", "downsample_factor": 4}}
+    return MagmaConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        adapter_config=adapter_config,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),
+        **kwargs,
+    )
+
+
+def make_processor(tokenizer=None, image_size: int = 64) -> MagmaProcessor:
+    return MagmaProcessor(image_processor=MagmaImageProcessor(image_size=image_size), tokenizer=tokenizer or make_tokenizer())
+
+
+def random_image(seed: int, size=(80, 60), mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    array = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(array).convert(mode)
+
+
+def sample_photos() -> list[Image.Image]:
+    """Real photographs shipped by scikit-learn (china.jpg and flower.jpg, 640x427)."""
+    from sklearn.datasets import load_sample_images
+
+    return [Image.fromarray(array) for array in load_sample_images().images]
