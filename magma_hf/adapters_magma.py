@@ -96,8 +96,10 @@ class MagmaAdapterConfig(PeftConfig):
             return "mlp"
         if self.attention and short_name in self.attention_module_names:
             return "attention"
-        raise ValueError(f"Module {module_name!r} is neither an MLP {self.mlp_module_names} "
-                         f"nor an attention module {self.attention_module_names}")
+        raise ValueError(
+            f"Module {module_name!r} is neither an MLP {self.mlp_module_names} "
+            f"nor an attention module {self.attention_module_names}"
+        )
 
     def settings_for(self, location: str) -> dict:
         return self.mlp if location == "mlp" else self.attention
@@ -149,7 +151,9 @@ class MagmaAdapterLayer(nn.Module, BaseTunerLayer):
     ) -> None:
         """Add (or replace) the adapter `adapter_name`, initialised as the original MAGMA did."""
         if self.hidden_size % downsample_factor:
-            raise ValueError(f"hidden size {self.hidden_size} is not divisible by downsample_factor {downsample_factor}")
+            raise ValueError(
+                f"hidden size {self.hidden_size} is not divisible by downsample_factor {downsample_factor}"
+            )
         bottleneck = self.hidden_size // downsample_factor
         self.magma_down[adapter_name] = nn.Linear(self.hidden_size, bottleneck)
         self.magma_up[adapter_name] = nn.Linear(bottleneck, self.hidden_size)
@@ -171,7 +175,9 @@ class MagmaAdapterLayer(nn.Module, BaseTunerLayer):
             for tensor, value in ((norm.weight, 1.0), (norm.bias, 0.0)):
                 if not getattr(tensor, "_is_hf_initialized", False):
                     nn.init.constant_(tensor, value)
-        if adapter_name in self.magma_scale and not getattr(self.magma_scale[adapter_name], "_is_hf_initialized", False):
+        if adapter_name in self.magma_scale and not getattr(
+            self.magma_scale[adapter_name], "_is_hf_initialized", False
+        ):
             nn.init.ones_(self.magma_scale[adapter_name])
 
     def _get_base_layer_device_and_dtype(self, base_layer: nn.Module):

@@ -1,22 +1,37 @@
-"""`magma-hf` command line (also `python -m magma_hf`)."""
+"""`magma-hf` command line (also `python -m magma_hf`, so `accelerate launch -m magma_hf ...` works).
+
+Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`; modules are
+imported only when their command runs, so `magma-hf --help` stays fast.
+"""
 
 import argparse
+import importlib
 import sys
+
+# command -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="magma-hf", description=__doc__)
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = argparse.ArgumentParser(prog="magma-hf", description="MAGMA on Hugging Face transformers")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command, (module_name, help_text) in SUBCOMMANDS.items():
+        subparser = subparsers.add_parser(command, help=help_text, description=help_text)
+        subparser.set_defaults(module_name=module_name)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
+    known, _ = parser.parse_known_args(argv[:1])
+    if known.command is None:
         parser.print_help()
         return 2
-    return args.func(args)
+    module = importlib.import_module(SUBCOMMANDS[known.command][0])
+    subparser = argparse.ArgumentParser(prog=f"magma-hf {known.command}", description=SUBCOMMANDS[known.command][1])
+    module.add_arguments(subparser)
+    return module.run(subparser.parse_args(argv[1:]))
 
 
 if __name__ == "__main__":

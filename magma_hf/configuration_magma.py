@@ -27,23 +27,29 @@ def normalize_adapter_config(adapter_config: dict | None) -> dict:
         return {}
     unknown_locations = sorted(set(adapter_config) - set(ADAPTER_LOCATIONS))
     if unknown_locations:
-        raise ValueError(f"adapter_config has unknown locations {unknown_locations}; expected {list(ADAPTER_LOCATIONS)}")
+        raise ValueError(
+            f"adapter_config has unknown locations {unknown_locations}; expected {list(ADAPTER_LOCATIONS)}"
+        )
     normalized = {}
     for location, settings in adapter_config.items():
         if not settings:
             continue
         unknown_keys = sorted(set(settings) - set(ADAPTER_KEYS))
         if unknown_keys:
-            raise ValueError(f"adapter_config[{location!r}] has unknown keys {unknown_keys}; expected {list(ADAPTER_KEYS)}")
+            raise ValueError(
+                f"adapter_config[{location!r}] has unknown keys {unknown_keys}; expected {list(ADAPTER_KEYS)}"
+            )
         adapter_type = settings.get("adapter_type")
         if adapter_type not in ADAPTER_TYPES:
             raise ValueError(
-                f"adapter_config[{location!r}]['adapter_type'] is {adapter_type!r}; expected one of {list(ADAPTER_TYPES)}"
+                f"adapter_config[{location!r}]['adapter_type'] is {adapter_type!r}; "
+                f"expected one of {list(ADAPTER_TYPES)}"
             )
         downsample_factor = settings.get("downsample_factor", 4)
         if not isinstance(downsample_factor, int) or isinstance(downsample_factor, bool) or downsample_factor < 1:
             raise ValueError(
-                f"adapter_config[{location!r}]['downsample_factor'] must be a positive integer, got {downsample_factor!r}"
+                f"adapter_config[{location!r}]['downsample_factor'] must be a positive integer, "
+                f"got {downsample_factor!r}"
             )
         normalized[location] = {
             "adapter_type": adapter_type,

@@ -37,7 +37,9 @@ The shipped generation config samples as the original did (temperature 0.7, top-
 """
 
 
-def write_model_card(save_directory: str | os.PathLike, base_models=DEFAULT_BASE_MODELS, repo: str | None = None) -> bool:
+def write_model_card(
+    save_directory: str | os.PathLike, base_models=DEFAULT_BASE_MODELS, repo: str | None = None
+) -> bool:
     """Write `README.md` with Hub metadata unless the folder already has one (the user's card is kept)."""
     path = Path(save_directory) / "README.md"
     if path.exists():

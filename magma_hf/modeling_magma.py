@@ -1,11 +1,13 @@
 """MAGMA: a frozen GPT-J reading CLIP ResNet image features through a trained projection and bottleneck adapters."""
 
-
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from open_clip.modified_resnet import Bottleneck, ModifiedResNet
-from peft import inject_adapter_in_model
+from peft import get_peft_model_state_dict, inject_adapter_in_model
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModel, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -75,6 +77,20 @@ class MagmaMultiModalProjector(nn.Module):
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         return self.ln(self.dropout(self.proj(image_features)))
+
+
+GPTJ_BASE_PREFIX = "transformer"  # GPTJForCausalLM.base_model_prefix
+
+
+def gptj_name(name: str) -> str:
+    """This model's name of a GPT-J weight -> `GPTJForCausalLM`'s name.
+
+    `model.language_model.h.0.mlp.base_layer.fc_in.weight` -> `transformer.h.0.mlp.fc_in.weight`.
+    """
+    name = name.replace(".base_layer.", ".")
+    if name.startswith("model.language_model."):
+        return GPTJ_BASE_PREFIX + "." + name.removeprefix("model.language_model.")
+    return name
 
 
 def adapter_peft_config(config: MagmaConfig) -> MagmaAdapterConfig | None:
@@ -149,8 +165,9 @@ class MagmaModel(MagmaPreTrainedModel):
         embeddings = self.multi_modal_projector(features)
         return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=embeddings)
 
-    def get_placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor,
-                             image_features: torch.Tensor) -> torch.Tensor:
+    def get_placeholder_mask(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, image_features: torch.Tensor
+    ) -> torch.Tensor:
         """Boolean mask `[b, seq, 1]` of the image-token positions; their count must match the image features."""
         if input_ids is None:
             image_token_embedding = self.get_input_embeddings()(
@@ -263,6 +280,51 @@ class MagmaForConditionalGeneration(MagmaPreTrainedModel, GenerationMixin):
         super().save_pretrained(save_directory, *args, **kwargs)
         if exporting_code and kwargs.get("is_main_process", True):
             write_model_card(save_directory)
+
+    def save_peft_adapter(self, save_directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> None:
+        """Export the adapters alone in PEFT format, for `PeftModel.from_pretrained(GPTJForCausalLM, ...)`.
+
+        Writes `adapter_config.json` and `adapter_model.safetensors` (keys as peft names them on a
+        `GPTJForCausalLM`); on a stock GPT-J with the same weights, text-only logits equal this model's.
+        """
+        peft_config = adapter_peft_config(self.config)
+        if peft_config is None:
+            raise ValueError("This MAGMA model has no adapters (config.adapter_config is empty): nothing to export")
+        peft_config.task_type = "CAUSAL_LM"
+        peft_config.base_model_name_or_path = base_model_name_or_path
+        state_dict = get_peft_model_state_dict(self.language_model, adapter_name="default")
+        # The language model here is GPTJForCausalLM's `transformer`; PeftModel's keys start at the causal LM.
+        prefix = f"base_model.model.{GPTJ_BASE_PREFIX}."
+        state_dict = {prefix + key: tensor.detach().contiguous().cpu() for key, tensor in state_dict.items()}
+        Path(save_directory).mkdir(parents=True, exist_ok=True)
+        save_file(state_dict, Path(save_directory) / "adapter_model.safetensors", metadata={"format": "pt"})
+        peft_config.save_pretrained(save_directory)
+
+    def load_language_model_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Copy a `GPTJForCausalLM` state dict (`transformer.*`, `lm_head.*`) into the language model and LM head.
+
+        Every GPT-J weight of this model must be present with the same shape; the adapters are left as they are.
+        """
+        targets = {gptj_name(name): param for name, param in self.gptj_named_parameters()}
+        missing = sorted(set(targets) - set(state_dict))
+        mismatched = [
+            f"{name}: {tuple(state_dict[name].shape)} != {tuple(param.shape)}"
+            for name, param in targets.items()
+            if name in state_dict and state_dict[name].shape != param.shape
+        ]
+        if missing or mismatched:
+            raise ValueError(
+                f"GPT-J state dict does not fit this model: missing {missing}, shape mismatch {mismatched}"
+            )
+        with torch.no_grad():
+            for name, param in targets.items():
+                param.copy_(state_dict[name])
+
+    def gptj_named_parameters(self):
+        """The GPT-J weights of this model (language model without adapters, LM head), with their names here."""
+        for name, param in self.named_parameters():
+            if name.startswith(("model.language_model.", "lm_head.")) and ".magma_" not in name:
+                yield name, param
 
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head

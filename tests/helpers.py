@@ -39,8 +39,15 @@ def tiny_config(tokenizer=None, image_size: int = 64, adapter_config: dict | Non
     tokenizer = tokenizer or make_tokenizer()
     eos_id = tokenizer.eos_token_id
     text_config = dict(
-        n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=512, vocab_size=len(tokenizer) + 6,
-        bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        rotary_dim=8,
+        n_positions=512,
+        vocab_size=len(tokenizer) + 6,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
     )
     text_config.update(kwargs.pop("text_config", {}))
     vision_config = {"layers": [1, 1, 1, 1], "width": 8, "image_size": image_size}
@@ -57,7 +64,9 @@ def tiny_config(tokenizer=None, image_size: int = 64, adapter_config: dict | Non
 
 
 def make_processor(tokenizer=None, image_size: int = 64) -> MagmaProcessor:
-    return MagmaProcessor(image_processor=MagmaImageProcessor(image_size=image_size), tokenizer=tokenizer or make_tokenizer())
+    return MagmaProcessor(
+        image_processor=MagmaImageProcessor(image_size=image_size), tokenizer=tokenizer or make_tokenizer()
+    )
 
 
 def random_image(seed: int, size=(80, 60), mode: str = "RGB") -> Image.Image:
