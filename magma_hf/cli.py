@@ -9,7 +9,12 @@ import importlib
 import sys
 
 # command -> (module, one-line help)
-SUBCOMMANDS: dict[str, tuple[str, str]] = {}
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "train": (
+        "magma_hf.train",
+        "Train or finetune MAGMA from a YAML config (original MAGMA keys; Trainer/Accelerate/DeepSpeed)",
+    ),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

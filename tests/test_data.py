@@ -7,6 +7,7 @@ import tarfile
 
 import numpy as np
 import pytest
+from helpers import random_image
 from PIL import Image
 
 from magma_hf.data import (
@@ -19,7 +20,6 @@ from magma_hf.data import (
     load_img2dataset,
     load_magma_dataset,
 )
-from tests.helpers import random_image
 
 
 def pixels(image) -> np.ndarray:

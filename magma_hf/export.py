@@ -1,0 +1,202 @@
+"""MAGMA's own weights without GPT-J: what training changes, small enough to share beside a stock GPT-J.
+
+An adapter export folder holds:
+
+- `adapter_config.json` + `adapter_model.safetensors`: the adapters in PEFT format, for a stock `GPTJForCausalLM`
+  (`PeftModel.from_pretrained(gptj, folder)` after `import magma_hf`);
+- `image_prefix.safetensors`: the image encoder (parameters and BatchNorm statistics) and the image projection, under
+  the names of [`MagmaForConditionalGeneration`]'s state dict (`model.vision_tower.*`, `model.multi_modal_projector.*`);
+- `config.json` (the [`MagmaConfig`]) and the processor files.
+
+[`load_adapter_export`] rebuilds the full model from that folder and a stock GPT-J (the Hub's `EleutherAI/gpt-j-6B`
+or any `GPTJForCausalLM` with the same shapes):
+
+```python
+>>> from magma_hf.export import load_adapter_export
+>>> model = load_adapter_export("magma_adapters", "EleutherAI/gpt-j-6B", dtype=torch.bfloat16)
+```
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import GPTJForCausalLM, PreTrainedModel
+
+from .configuration_magma import MagmaConfig
+from .modeling_magma import MagmaForConditionalGeneration, gptj_name
+
+IMAGE_PREFIX_FILE = "image_prefix.safetensors"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+EXPORT_INFO_FILE = "magma_export.json"
+EXPORT_README = """# MAGMA adapters, image encoder and projection
+
+The weights MAGMA adds to GPT-J ({base}), without GPT-J itself. Rebuild the full model with
+magma_hf:
+
+```python
+import torch
+from magma_hf.export import load_adapter_export
+
+model = load_adapter_export("path/to/this/folder", "{base}", dtype=torch.bfloat16)
+```
+
+- `adapter_model.safetensors`, `adapter_config.json`: the adapters, PEFT format (for `GPTJForCausalLM`;
+  `import magma_hf` before `PeftModel.from_pretrained`).
+- `image_prefix.safetensors`: the image encoder (CLIP ResNet without attention pooling) and the image projection.
+- `config.json` and the processor files: the MAGMA config, tokenizer and image preprocessing.
+"""
+IMAGE_PREFIX_MODULES = ("model.vision_tower.", "model.multi_modal_projector.")
+# PEFT's name of an adapter weight on GPTJForCausalLM -> this model's name (peft drops the adapter name "default").
+_PEFT_PREFIX = "base_model.model.transformer."
+_ADAPTER_CONTAINER = re.compile(r"\.(magma_[a-z]+)(?=\.|$)")
+
+
+def magma_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The MAGMA-specific entries of a full state dict: image encoder, projection and adapters (no GPT-J weight)."""
+    return {
+        name: tensor
+        for name, tensor in state_dict.items()
+        if name.startswith(IMAGE_PREFIX_MODULES) or ".magma_" in name
+    }
+
+
+def save_adapter_export(
+    model: MagmaForConditionalGeneration,
+    export_dir: str | os.PathLike,
+    processor=None,
+    base_model_name_or_path: str | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write `model`'s adapters (PEFT format), image encoder and projection, config and processor to `export_dir`.
+
+    Args:
+        model: The trained model.
+        export_dir: The folder to write (created).
+        processor: Saved beside, so the export carries its tokenizer and image size.
+        base_model_name_or_path: The stock GPT-J it goes with, recorded in the PEFT config and the config.
+        state_dict: The model's full state dict when `model`'s own parameters are not (ZeRO-3 shards); by default
+            `model.state_dict()`.
+    """
+    export_dir = Path(export_dir)
+    export_dir.mkdir(parents=True, exist_ok=True)
+    if model.config.adapter_config:
+        if state_dict is not None:
+            _save_peft_from_state_dict(model, state_dict, export_dir, base_model_name_or_path)
+        else:
+            model.save_peft_adapter(export_dir, base_model_name_or_path=base_model_name_or_path)
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    prefix = {
+        name: tensor.detach().contiguous().cpu()
+        for name, tensor in state_dict.items()
+        if name.startswith(IMAGE_PREFIX_MODULES)
+    }
+    save_file(prefix, export_dir / IMAGE_PREFIX_FILE, metadata={"format": "pt"})
+    model.config.save_pretrained(export_dir)
+    (export_dir / EXPORT_INFO_FILE).write_text(
+        json.dumps({"base_language_model": base_model_name_or_path, "files": _export_files(model)}, indent=2) + "\n"
+    )
+    (export_dir / "README.md").write_text(EXPORT_README.format(base=base_model_name_or_path or "EleutherAI/gpt-j-6B"))
+    if processor is not None:
+        processor.save_pretrained(export_dir)
+    return export_dir
+
+
+def _export_files(model) -> list[str]:
+    files = [IMAGE_PREFIX_FILE, "config.json"]
+    return ([PEFT_WEIGHTS_FILE, "adapter_config.json"] if model.config.adapter_config else []) + files
+
+
+def _save_peft_from_state_dict(model, state_dict, export_dir: Path, base_model_name_or_path) -> None:
+    """Like `save_peft_adapter`, from a given (gathered) state dict."""
+    from .modeling_magma import adapter_peft_config
+
+    peft_config = adapter_peft_config(model.config)
+    peft_config.task_type = "CAUSAL_LM"
+    peft_config.base_model_name_or_path = base_model_name_or_path
+    weights = {}
+    for name, tensor in state_dict.items():
+        if ".magma_" in name and name.startswith("model.language_model."):
+            peft_name = _PEFT_PREFIX + name.removeprefix("model.language_model.").replace(".default", "")
+            weights[peft_name] = tensor.detach().contiguous().cpu()
+    save_file(weights, export_dir / PEFT_WEIGHTS_FILE, metadata={"format": "pt"})
+    peft_config.save_pretrained(export_dir)
+
+
+def _peft_name_to_model_name(name: str) -> str:
+    """PEFT's name on GPT-J -> this model's.
+
+    `base_model.model.transformer.h.0.mlp.magma_down.weight` -> `model.language_model.h.0.mlp.magma_down.default.weight`
+    """
+    if not name.startswith(_PEFT_PREFIX):
+        raise ValueError(f"Unexpected adapter weight {name!r}: expected names starting with {_PEFT_PREFIX!r}")
+    return "model.language_model." + _ADAPTER_CONTAINER.sub(r".\1.default", name.removeprefix(_PEFT_PREFIX))
+
+
+def _gptj_state_dict(language_model, dtype) -> dict[str, torch.Tensor]:
+    if isinstance(language_model, dict):
+        return language_model
+    if isinstance(language_model, PreTrainedModel):
+        return language_model.state_dict()
+    return GPTJForCausalLM.from_pretrained(language_model, dtype=dtype).state_dict()
+
+
+def load_adapter_export(
+    export_dir: str | os.PathLike,
+    language_model: str | os.PathLike | PreTrainedModel | dict[str, torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
+) -> MagmaForConditionalGeneration:
+    """Rebuild the full MAGMA model from an adapter export and a stock GPT-J.
+
+    Args:
+        export_dir: A folder written by [`save_adapter_export`] (e.g. `<save>/adapter_export` after `magma-hf train`).
+        language_model: The GPT-J: a Hub id or folder of a `GPTJForCausalLM`, a loaded one, or its state dict. By
+            default the base model recorded in the export.
+        dtype: The dtype to load GPT-J and build the model in.
+
+    Every weight of the model must come from one of the two sources: a missing or surplus weight is an error.
+    """
+    export_dir = Path(export_dir)
+    config = MagmaConfig.from_pretrained(export_dir)
+    if language_model is None and (export_dir / EXPORT_INFO_FILE).is_file():
+        language_model = json.loads((export_dir / EXPORT_INFO_FILE).read_text()).get("base_language_model")
+    if language_model is None:
+        raise ValueError(f"{export_dir} does not record its GPT-J: pass language_model= (e.g. EleutherAI/gpt-j-6B)")
+    with torch.device("meta"):
+        skeleton = MagmaForConditionalGeneration(config)
+    expected = skeleton.state_dict()
+
+    gptj = _gptj_state_dict(language_model, dtype)
+    state_dict = {}
+    for name, _ in skeleton.gptj_named_parameters():
+        if gptj_name(name) not in gptj:
+            raise ValueError(f"The language model has no weight {gptj_name(name)!r} (for {name})")
+        state_dict[name] = gptj[gptj_name(name)]
+    state_dict.update(load_file(export_dir / IMAGE_PREFIX_FILE))
+    if config.adapter_config:
+        adapters = load_file(export_dir / PEFT_WEIGHTS_FILE)
+        state_dict.update({_peft_name_to_model_name(name): tensor for name, tensor in adapters.items()})
+
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = [
+        f"{name}: {tuple(state_dict[name].shape)} != {tuple(expected[name].shape)}"
+        for name in expected
+        if name in state_dict and state_dict[name].shape != expected[name].shape
+    ]
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"{export_dir} + the language model do not make a complete model: missing {missing[:10]}, "
+            f"unexpected {unexpected[:10]}, shape mismatch {mismatched[:10]}"
+        )
+    if dtype is not None:
+        state_dict = {n: t.to(dtype) if t.is_floating_point() else t for n, t in state_dict.items()}
+    return MagmaForConditionalGeneration.from_pretrained(None, config=config, state_dict=state_dict, dtype=dtype)
+
+
+__all__ = ["load_adapter_export", "magma_state_dict", "save_adapter_export"]

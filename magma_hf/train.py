@@ -1,0 +1,736 @@
+"""`magma-hf train CONFIG.yml`: train or finetune MAGMA from a YAML config that speaks the original MAGMA's keys.
+
+Launch it as it is (one process), or through `accelerate launch` for several GPUs and DeepSpeed:
+
+```
+magma-hf train configuration/train_magma_v1.yml
+accelerate launch --config_file configuration/accelerate/deepspeed_zero2.yaml \\
+    -m magma_hf train configuration/train_magma_v1.yml
+```
+
+Keys after the config file override it: `magma-hf train cfg.yml train_steps=10 training_args.bf16=false`.
+See `docs/training.md` for every key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging as std_logging
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The config
+
+
+@dataclass
+class MagmaTrainingConfig:
+    """A training run. Keys and defaults of the original MAGMA's `MultimodalConfig`, plus this package's own.
+
+    Where a default is `None` and the model already exists (`model_name_or_path`), the model's own setting is kept.
+    """
+
+    # the original's training keys
+    batch_size: int  # samples per optimizer step, over all processes and accumulation steps (DeepSpeed's)
+    train_steps: int  # optimizer steps
+    lr: float = 8.0e-4  # adapters and image projection
+    image_enc_lr: float | None = None  # image encoder; None: lr
+    min_lr: float = 0.0
+    lr_decay_iters: int | None = None  # linear decay to min_lr at this step; None: constant after warm-up
+    warmup_num_steps: int = 100
+    gradient_accumulation_steps: int = 1
+    zero_stage: int | None = None  # 1-3: DeepSpeed ZeRO with the shipped config; None/0: no DeepSpeed from here
+    gradient_clipping: float = 1.0
+    weight_decay: float = 0.0
+    run_blind: bool = False
+    load_optimizer: bool = True  # False: take only the weights of the checkpoint in `load`, start at step 0
+    # checkpoints and logging
+    save: str | None = None
+    load: str | None = None
+    save_every: int = 2500
+    eval_every: int = 250
+    eval_steps: int = 25  # evaluation batches per evaluation (the original's meaning, not TrainingArguments')
+    log_every: int = 1
+    name: str | None = None
+    wandb_project: str | None = None
+    # data
+    train_dataset_dir: Any = None  # a dataset folder or source, or a list
+    eval_dataset_dir: Any = None
+    eval_dataset_pct: float = 0.1  # split off the training data when eval_dataset_dir is None
+    seq_len: int | None = None  # longest sequence, image tokens included; None: the language model's context
+    # model
+    encoder_name: str | None = None
+    image_size: int | None = None
+    freeze_img_encoder: bool | None = None
+    adapter_config: dict | None = None
+    image_embed_dropout_prob: float | None = None
+    use_image_embed_layernorm: bool | None = None
+    lm_name: str | None = None
+    tokenizer_name: str | None = None  # the original's name for tokenizer_name_or_path
+    # this package's keys
+    model_name_or_path: str | None = None
+    model_config: dict | None = None
+    tokenizer_name_or_path: str | None = None
+    num_caption_samples: int = 2
+    training_args: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> MagmaTrainingConfig:
+        """Build from a YAML mapping; unknown keys are an error naming them."""
+        values = dict(values)
+        for key in sorted(set(values) & set(IGNORED_ORIGINAL_KEYS)):
+            value = values.pop(key)
+            problem = IGNORED_ORIGINAL_KEYS[key](value)
+            if problem:
+                raise ValueError(f"Config key {key}: {problem}")
+            logger.info(f"Config key {key}={value!r} is the original's and has no effect here")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"Unknown config keys {unknown}. Known keys: {sorted(known)}; TrainingArguments settings go under "
+                "training_args:"
+            )
+        missing = [name for name in ("batch_size", "train_steps") if values.get(name) is None]
+        if missing:
+            raise ValueError(f"Config keys {missing} are required")
+        config = cls(**values)
+        config.validate()
+        return config
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, overrides: list[str] | None = None) -> MagmaTrainingConfig:
+        with open(path, encoding="utf-8") as file:
+            values = yaml.safe_load(file) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} must hold a mapping of config keys, got {type(values).__name__}")
+        for override in overrides or []:
+            apply_override(values, override)
+        return cls.from_dict(values)
+
+    def validate(self) -> None:
+        def positive(name):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+        for name in ("batch_size", "train_steps", "gradient_accumulation_steps", "save_every", "eval_every"):
+            positive(name)
+        if self.zero_stage not in (None, 0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
+        if (self.model_name_or_path is None) == (self.model_config is None):
+            raise ValueError(
+                "Give exactly one of model_name_or_path (an existing MAGMA folder, e.g. a converted checkpoint) and "
+                "model_config (a new model)"
+            )
+        if self.model_config is not None and not isinstance(self.model_config, dict):
+            raise ValueError(f"model_config must be a mapping, got {type(self.model_config).__name__}")
+        if self.train_dataset_dir is None:
+            raise ValueError("train_dataset_dir is required (a dataset folder, or a list of them)")
+        if self.save is None and "output_dir" not in self.training_args:
+            raise ValueError("save is required: the folder for checkpoints and the trained model")
+        if not 0 <= self.eval_dataset_pct < 1:
+            raise ValueError(f"eval_dataset_pct must be in [0, 1), got {self.eval_dataset_pct}")
+        if not isinstance(self.training_args, dict):
+            raise ValueError(f"training_args must be a mapping, got {type(self.training_args).__name__}")
+        taken = sorted(set(self.training_args) & set(TRAINING_ARGS_FROM_KEYS))
+        if taken:
+            raise ValueError(
+                "Set these through the config's own keys, not training_args: "
+                + ", ".join(f"training_args.{k} -> {TRAINING_ARGS_FROM_KEYS[k]}" for k in taken)
+            )
+        if self.training_args.get("remove_unused_columns"):
+            raise ValueError("training_args.remove_unused_columns must stay false: the collator needs every column")
+        if self.training_args.get("load_best_model_at_end"):
+            raise ValueError("training_args.load_best_model_at_end is not supported (checkpoints hold MAGMA's weights)")
+        if self.tokenizer_name is not None and self.tokenizer_name_or_path is not None:
+            raise ValueError("Give tokenizer_name_or_path or the original's tokenizer_name, not both")
+
+    @property
+    def tokenizer_source(self) -> str | None:
+        return self.tokenizer_name_or_path or self.tokenizer_name
+
+    @property
+    def output_dir(self) -> str:
+        return self.training_args.get("output_dir") or self.save
+
+
+def _must_be(expected):
+    return lambda value: None if value == expected else f"only {expected!r} is supported here, got {value!r}"
+
+
+def _ignored(value):
+    return None
+
+
+# Keys of the original's config that have no effect here (or only one allowed value), accepted so its YAMLs load.
+IGNORED_ORIGINAL_KEYS = {
+    "train_dataset_name": _ignored,
+    "eval_dataset_name": _ignored,
+    "dataset_type": _ignored,
+    "vqa_dir": _ignored,
+    "gqa_dir": _ignored,
+    "image_seq_len": _ignored,
+    "pretrained_img_encoder": _ignored,
+    "fine_tune": _ignored,
+    "optimizer_name": _must_be("AdamW"),
+    "freeze_lm": _must_be(True),
+    "class_dict": _must_be(None),
+}
+# TrainingArguments fields that the config's own keys set.
+TRAINING_ARGS_FROM_KEYS = {
+    "max_steps": "train_steps",
+    "learning_rate": "lr",
+    "per_device_train_batch_size": "batch_size",
+    "per_device_eval_batch_size": "batch_size",
+    "gradient_accumulation_steps": "gradient_accumulation_steps",
+    "max_grad_norm": "gradient_clipping",
+    "weight_decay": "weight_decay",
+    "save_steps": "save_every",
+    "eval_steps": "eval_every",
+    "logging_steps": "log_every",
+    "run_name": "name",
+}
+
+
+def apply_override(values: dict, override: str) -> None:
+    """`key=value` (value parsed as YAML); dotted keys reach into mappings: `training_args.bf16=true`."""
+    if "=" not in override:
+        raise ValueError(f"Override {override!r} must look like key=value (e.g. train_steps=100)")
+    key, raw = override.split("=", 1)
+    target = values
+    *parents, leaf = key.strip().split(".")
+    for parent in parents:
+        target = target.setdefault(parent, {})
+        if not isinstance(target, dict):
+            raise ValueError(f"Override {override!r}: {parent} is not a mapping")
+    target[leaf] = yaml.safe_load(raw)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DeepSpeed
+
+# The shipped configuration/deepspeed/zero{1,2,3}.json (a test keeps them equal). "auto" values are filled from
+# TrainingArguments, which stays the one source of truth; no optimizer or scheduler section, so MAGMA's parameter
+# groups and schedule are used. The fp16 loss scaling is the original's (loss_scale_window 250).
+_DEEPSPEED_COMMON = {
+    "fp16": {
+        "enabled": "auto",
+        "loss_scale": 0,
+        "loss_scale_window": 250,
+        "initial_scale_power": 16,
+        "hysteresis": 2,
+        "min_loss_scale": 1,
+    },
+    "bf16": {"enabled": "auto"},
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    "train_batch_size": "auto",
+    "train_micro_batch_size_per_gpu": "auto",
+    "steps_per_print": 1000000,
+    "wall_clock_breakdown": False,
+}
+_ZERO = {
+    1: {"stage": 1},
+    2: {
+        "stage": 2,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "allgather_partitions": True,
+        "allgather_bucket_size": 500000000,
+        "reduce_scatter": True,
+        "reduce_bucket_size": "auto",
+    },
+    3: {
+        "stage": 3,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "sub_group_size": 1000000000,
+        "reduce_bucket_size": "auto",
+        "stage3_prefetch_bucket_size": "auto",
+        "stage3_param_persistence_threshold": "auto",
+        "stage3_max_live_parameters": 1000000000,
+        "stage3_max_reuse_distance": 1000000000,
+        "stage3_gather_16bit_weights_on_model_save": True,
+    },
+}
+
+
+def deepspeed_config(stage: int) -> dict:
+    """The DeepSpeed config of ZeRO stage 1, 2 or 3, as shipped in `configuration/deepspeed/zero{stage}.json`."""
+    if stage not in _ZERO:
+        raise ValueError(f"ZeRO stage must be 1, 2 or 3, got {stage!r}")
+    return {**copy.deepcopy(_DEEPSPEED_COMMON), "zero_optimization": copy.deepcopy(_ZERO[stage])}
+
+
+def _launcher_uses_deepspeed() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def _launcher_zero_stage() -> int | None:
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if path and os.path.isfile(path):
+        with open(path) as file:
+            return json.load(file).get("zero_optimization", {}).get("stage")
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    return int(stage) if stage else None
+
+
+def _single_process_distributed_env() -> None:
+    """DeepSpeed in a plain `python` process: give it the environment a launcher would (else it looks for MPI)."""
+    if "WORLD_SIZE" in os.environ or "RANK" in os.environ:
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(
+        {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    )
+
+
+def resolve_deepspeed(config: MagmaTrainingConfig) -> dict | str | None:
+    """What `TrainingArguments(deepspeed=...)` gets: the user's, the shipped config of `zero_stage`, or `None` when no
+    DeepSpeed is asked for or when `accelerate launch` already brings its own DeepSpeed config (which then wins)."""
+    if "deepspeed" in config.training_args:
+        return config.training_args["deepspeed"]
+    if _launcher_uses_deepspeed():
+        launcher_stage = _launcher_zero_stage()
+        if config.zero_stage and launcher_stage is not None and launcher_stage != config.zero_stage:
+            logger.warning(
+                f"zero_stage={config.zero_stage} in the config, but the accelerate launcher configures ZeRO stage "
+                f"{launcher_stage}: the launcher's DeepSpeed config is used"
+            )
+        return None
+    if not config.zero_stage:
+        return None
+    _single_process_distributed_env()
+    return deepspeed_config(config.zero_stage)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model and processor
+
+# encoder_name (the original's names and open_clip's) -> (open_clip model, MagmaVisionConfig at native resolution)
+ENCODERS = {
+    "clip_resnet_large": ("RN50x16", {"layers": [6, 8, 18, 8], "width": 96, "image_size": 384}),
+    "RN50x16": ("RN50x16", {"layers": [6, 8, 18, 8], "width": 96, "image_size": 384}),
+    "clip_resnet": ("RN50x4", {"layers": [4, 6, 10, 6], "width": 80, "image_size": 288}),
+    "RN50x4": ("RN50x4", {"layers": [4, 6, 10, 6], "width": 80, "image_size": 288}),
+    "RN50": ("RN50", {"layers": [3, 4, 6, 3], "width": 64, "image_size": 224}),
+    "RN101": ("RN101", {"layers": [3, 4, 23, 3], "width": 64, "image_size": 224}),
+    "RN50x64": ("RN50x64", {"layers": [3, 15, 36, 10], "width": 128, "image_size": 448}),
+}
+DEFAULT_ENCODER = "clip_resnet_large"
+DEFAULT_TOKENIZER = "gpt2"  # the original's: GPT-2's tokenizer plus <|image|> (GPT-J's own has 143 extra tokens)
+MODEL_CONFIG_OWN_KEYS = ("lm_name", "pretrained")
+# The original's defaults for a new model, where MagmaConfig's defaults (MAGMA_v1's values) differ.
+NEW_MODEL_DEFAULTS = {
+    "freeze_img_encoder": True,
+    "image_embed_dropout_prob": 0.0,
+    "use_image_embed_layernorm": False,
+    "adapter_config": {},
+}
+
+
+def encoder_spec(encoder_name: str | None) -> tuple[str, dict]:
+    name = encoder_name or DEFAULT_ENCODER
+    if name not in ENCODERS:
+        raise ValueError(
+            f"encoder_name {name!r} is not supported: MAGMA here uses CLIP's ResNet image encoders, one of "
+            f"{sorted(ENCODERS)}"
+        )
+    open_clip_name, vision = ENCODERS[name]
+    return open_clip_name, dict(vision)
+
+
+def load_tokenizer(source: str, model_max_length: int | None = None):
+    """A tokenizer for MAGMA: `<|image|>` added as the cls token when missing (as the original did), eos as pad."""
+    from transformers import AutoTokenizer
+
+    from .processing_magma import IMAGE_TOKEN
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"cls_token": IMAGE_TOKEN})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model_max_length:
+        tokenizer.model_max_length = model_max_length
+    return tokenizer
+
+
+def open_clip_visual_state_dict(open_clip_name: str, pretrained: str) -> dict:
+    """open_clip's `create_model(name, pretrained=tag_or_file).visual` weights, without attention pooling."""
+    import open_clip
+
+    visual = open_clip.create_model(open_clip_name, pretrained=pretrained).visual
+    return {k: v for k, v in visual.state_dict().items() if not k.startswith("attnpool.")}
+
+
+def _new_model(config: MagmaTrainingConfig):
+    """A new MAGMA: GPT-J weights from `lm_name`, CLIP weights from `pretrained`, random where not given."""
+    from transformers import AutoConfig, GPTJForCausalLM
+
+    from .configuration_magma import DEFAULT_TEXT_CONFIG
+    from .image_processing_magma import MagmaImageProcessor
+    from .modeling_magma import MagmaForConditionalGeneration, gptj_name
+    from .processing_magma import MagmaProcessor
+
+    options = dict(config.model_config)
+    lm_name = options.pop("lm_name", None)
+    if lm_name is not None and config.lm_name is not None and lm_name != config.lm_name:
+        raise ValueError(f"lm_name is given twice: {config.lm_name!r} and model_config.lm_name {lm_name!r}")
+    lm_name = lm_name or config.lm_name
+    pretrained = options.pop("pretrained", None)
+    clash = sorted(set(options) & {"adapter_config", "image_embed_dropout_prob", "use_image_embed_layernorm"})
+    if clash:
+        raise ValueError(f"Set {clash} at the top level of the config (the original's keys), not in model_config")
+    if "image_token_id" in options:
+        raise ValueError("model_config.image_token_id comes from the tokenizer (its <|image|> token); remove it")
+
+    text_config = dict(DEFAULT_TEXT_CONFIG)
+    if lm_name is not None:
+        text_config.update(AutoConfig.from_pretrained(lm_name).to_dict())
+        text_config["tie_word_embeddings"] = False
+    user_text_config = options.pop("text_config", None) or {}
+    tokenizer = load_tokenizer(
+        config.tokenizer_source or DEFAULT_TOKENIZER,
+        user_text_config.get("n_positions", text_config.get("n_positions")),
+    )
+    # the special tokens follow the tokenizer (GPT-2's: 50256), unless text_config says otherwise
+    text_config.update({f"{t}_token_id": tokenizer.eos_token_id for t in ("bos", "eos", "pad")})
+    text_config.update(user_text_config)
+    open_clip_name, vision_config = encoder_spec(config.encoder_name)
+    vision_config.update(options.pop("vision_config", None) or {})
+    if config.image_size is not None:
+        vision_config["image_size"] = config.image_size
+
+    settings = {key: getattr(config, key) for key in NEW_MODEL_DEFAULTS}
+    settings = {key: NEW_MODEL_DEFAULTS[key] if value is None else value for key, value in settings.items()}
+    from .configuration_magma import MagmaConfig
+
+    magma_config = MagmaConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        adapter_config=settings["adapter_config"],
+        image_embed_dropout_prob=settings["image_embed_dropout_prob"],
+        use_image_embed_layernorm=settings["use_image_embed_layernorm"],
+        freeze_image_encoder=settings["freeze_img_encoder"],
+        image_token_id=tokenizer.convert_tokens_to_ids("<|image|>"),
+        **options,
+    )
+    state_dict = {}
+    if lm_name is not None:
+        logger.info(f"Loading GPT-J weights from {lm_name}")
+        gptj = GPTJForCausalLM.from_pretrained(lm_name).state_dict()
+        import torch
+
+        with torch.device("meta"):
+            skeleton = MagmaForConditionalGeneration(magma_config)
+        for name, _ in skeleton.gptj_named_parameters():
+            if gptj_name(name) not in gptj:
+                raise ValueError(f"{lm_name} has no weight {gptj_name(name)} (needed for {name})")
+            state_dict[name] = gptj[gptj_name(name)]
+        del gptj, skeleton
+    if pretrained is not None:
+        logger.info(f"Loading the image encoder from open_clip {open_clip_name} pretrained={pretrained}")
+        visual = open_clip_visual_state_dict(open_clip_name, pretrained)
+        state_dict.update({f"model.vision_tower.{k}": v for k, v in visual.items()})
+    if state_dict:
+        model = MagmaForConditionalGeneration.from_pretrained(None, config=magma_config, state_dict=state_dict)
+        _check_loaded(model, state_dict)
+    else:
+        model = MagmaForConditionalGeneration(magma_config)
+    image_processor = MagmaImageProcessor(image_size=magma_config.vision_config.image_size)
+    processor = MagmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    return model, processor, lm_name
+
+
+def _check_loaded(model, state_dict: dict) -> None:
+    """`from_pretrained(None, state_dict=...)` initialises what it cannot load; make sure that is only by intent."""
+    own = model.state_dict()
+    wrong = [
+        f"{name}: {tuple(t.shape)} vs {tuple(own[name].shape)}"
+        for name, t in state_dict.items()
+        if name in own and own[name].shape != t.shape
+    ]
+    unknown = [name for name in state_dict if name not in own]
+    if wrong or unknown:
+        raise ValueError(f"Pretrained weights do not fit the model: shape mismatch {wrong[:5]}, unknown {unknown[:5]}")
+
+
+def _existing_model(config: MagmaTrainingConfig):
+    """A MAGMA folder (e.g. a converted checkpoint); architecture keys must agree with it."""
+    from .image_processing_magma import MagmaImageProcessor
+    from .modeling_magma import MagmaForConditionalGeneration
+    from .processing_magma import MagmaProcessor
+
+    path = config.model_name_or_path
+    model = MagmaForConditionalGeneration.from_pretrained(path)
+    model_config = model.config
+    conflicts = []
+    if config.adapter_config is not None:
+        from .configuration_magma import normalize_adapter_config
+
+        if normalize_adapter_config(config.adapter_config) != model_config.adapter_config:
+            conflicts.append(f"adapter_config {config.adapter_config} vs {model_config.adapter_config}")
+    if config.image_size is not None and config.image_size != model_config.vision_config.image_size:
+        conflicts.append(f"image_size {config.image_size} vs {model_config.vision_config.image_size}")
+    if config.encoder_name is not None:
+        _, vision = encoder_spec(config.encoder_name)
+        if (vision["layers"], vision["width"]) != (
+            list(model_config.vision_config.layers),
+            model_config.vision_config.width,
+        ):
+            conflicts.append(f"encoder_name {config.encoder_name} vs the model's image encoder")
+    if config.use_image_embed_layernorm is not None and (
+        config.use_image_embed_layernorm != model_config.use_image_embed_layernorm
+    ):
+        conflicts.append(f"use_image_embed_layernorm {config.use_image_embed_layernorm}")
+    if config.model_config is not None or config.lm_name is not None:
+        conflicts.append("model_config / lm_name (they describe a new model)")
+    if conflicts:
+        raise ValueError(f"The config does not match the model in {path}: " + "; ".join(conflicts))
+    if config.image_embed_dropout_prob is not None:
+        model_config.image_embed_dropout_prob = config.image_embed_dropout_prob
+        model.multi_modal_projector.dropout.p = config.image_embed_dropout_prob
+    if config.freeze_img_encoder is not None:
+        model_config.freeze_image_encoder = config.freeze_img_encoder
+        model.apply_training_policy()
+    try:
+        processor = MagmaProcessor.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        source = config.tokenizer_source or DEFAULT_TOKENIZER
+        logger.warning(f"{path} has no processor files: using the tokenizer {source}")
+        processor = MagmaProcessor(
+            image_processor=MagmaImageProcessor(image_size=model_config.vision_config.image_size),
+            tokenizer=load_tokenizer(source),
+        )
+    if processor.image_token_id != model_config.image_token_id:
+        raise ValueError(
+            f"The tokenizer's <|image|> is id {processor.image_token_id}, the model's image_token_id "
+            f"{model_config.image_token_id}"
+        )
+    return model, processor, _base_language_model(path)
+
+
+def _base_language_model(path: str) -> str | None:
+    info = Path(path) / "magma_export.json"
+    if info.is_file():
+        return json.loads(info.read_text()).get("base_language_model")
+    return None
+
+
+def build_model_and_processor(config: MagmaTrainingConfig):
+    """`(model, processor, base language model name or None)` for the run."""
+    if config.model_name_or_path is not None:
+        return _existing_model(config)
+    return _new_model(config)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def build_datasets(config: MagmaTrainingConfig, seed: int, eval_samples: int):
+    """Training and evaluation datasets: `eval_dataset_dir`, or `eval_dataset_pct` of the training data split off.
+    The evaluation set is cut to `eval_samples` (the original evaluated `eval_steps` batches)."""
+    from .data import load_image_caption_dataset
+
+    train = load_image_caption_dataset(config.train_dataset_dir)
+    if config.eval_dataset_dir is not None:
+        evaluation = load_image_caption_dataset(config.eval_dataset_dir)
+    elif config.eval_dataset_pct > 0 and len(train) > 1:
+        split = train.train_test_split(test_size=config.eval_dataset_pct, seed=seed)
+        train, evaluation = split["train"], split["test"]
+    else:
+        evaluation = None
+    if evaluation is not None and len(evaluation) > eval_samples:
+        evaluation = evaluation.select(range(eval_samples))
+    return train, evaluation
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# TrainingArguments
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def micro_batch_size(config: MagmaTrainingConfig, processes: int) -> int:
+    """Per-device batch: `batch_size` is the whole optimizer step's, as DeepSpeed's `train_batch_size` was."""
+    per_step = config.gradient_accumulation_steps * processes
+    if config.batch_size % per_step:
+        raise ValueError(
+            f"batch_size {config.batch_size} is not divisible by gradient_accumulation_steps "
+            f"({config.gradient_accumulation_steps}) x processes ({processes})"
+        )
+    return config.batch_size // per_step
+
+
+def training_arguments_kwargs(config: MagmaTrainingConfig, processes: int) -> dict:
+    """The TrainingArguments of the run: the original keys mapped, then `training_args` on top."""
+    micro = micro_batch_size(config, processes)
+    kwargs = {
+        "output_dir": config.save,
+        "max_steps": config.train_steps,
+        "per_device_train_batch_size": micro,
+        "per_device_eval_batch_size": micro,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "learning_rate": config.lr,
+        "weight_decay": config.weight_decay,
+        "adam_beta1": 0.9,
+        "adam_beta2": 0.95,  # the original's AdamW betas
+        "optim": "adamw_torch",
+        "max_grad_norm": config.gradient_clipping,
+        "logging_steps": config.log_every,
+        "logging_first_step": True,
+        "save_strategy": "steps",
+        "save_steps": config.save_every,
+        "eval_strategy": "steps",
+        "eval_steps": config.eval_every,
+        "prediction_loss_only": True,
+        "remove_unused_columns": False,
+        "ddp_find_unused_parameters": False,
+        "report_to": "none",
+        "run_name": config.name,
+    }
+    if "lr_scheduler_type" in config.training_args:  # Trainer's schedule instead of the original's
+        kwargs["warmup_steps"] = config.warmup_num_steps
+    kwargs.update({k: v for k, v in config.training_args.items() if k != "deepspeed"})
+    if kwargs.get("gradient_checkpointing") and "gradient_checkpointing_kwargs" not in kwargs:
+        kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+    return kwargs
+
+
+def resolve_checkpoint(config: MagmaTrainingConfig) -> str | None:
+    """The checkpoint in `load`: the folder itself when it is one, else its last `checkpoint-N`; `None` when there is
+    none yet (the original started from step 0 then, so `load` may point at `save` from the first run on)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if config.load is None:
+        return None
+    load = Path(config.load)
+    if (load / "trainer_state.json").is_file():
+        return str(load)
+    last = get_last_checkpoint(str(load)) if load.is_dir() else None
+    if last is None:
+        logger.warning(f"No checkpoint in {load}: starting from step 0")
+    return last
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run
+
+EXPORT_DIR_NAME = "adapter_export"
+
+
+def train(config: MagmaTrainingConfig):
+    """Train as the config says; returns the trainer. Saves the full model to `save` and the adapters-only export to
+    `save/adapter_export` at the end."""
+    from transformers import TrainingArguments, set_seed
+    from transformers.trainer_utils import IntervalStrategy
+
+    from .collator import MagmaDataCollator
+    from .export import save_adapter_export
+    from .trainer import MagmaLRSchedule, MagmaTrainer, load_magma_weights
+
+    if config.wandb_project:
+        os.environ.setdefault("WANDB_PROJECT", config.wandb_project)
+    deepspeed = resolve_deepspeed(config)
+    processes = world_size()
+    # Seed before building: a new model's random weights (GPT-J's too, without lm_name) must be the same when a run is
+    # resumed, since checkpoints hold MAGMA's weights only.
+    set_seed(config.training_args.get("seed", 42))
+    model, processor, base_model = build_model_and_processor(config)
+    args = TrainingArguments(**training_arguments_kwargs(config, processes), deepspeed=deepspeed)
+    logger.info(
+        f"Trainable parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} of "
+        f"{sum(p.numel() for p in model.parameters()):,}"
+    )
+
+    eval_samples = config.eval_steps * args.per_device_eval_batch_size * processes
+    with args.main_process_first(desc="reading the datasets"):
+        train_dataset, eval_dataset = build_datasets(config, args.seed, eval_samples)
+    if eval_dataset is None:
+        args.eval_strategy = IntervalStrategy.NO
+
+    checkpoint = resolve_checkpoint(config)
+    if checkpoint is not None and not config.load_optimizer:
+        logger.info(f"Finetuning from the weights of {checkpoint} (load_optimizer: false), from step 0")
+        load_magma_weights(model, Path(checkpoint) / "magma_weights.safetensors")
+        checkpoint = None
+
+    max_length = config.seq_len or model.config.text_config.n_positions
+    trainer = MagmaTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=processor,
+        data_collator=MagmaDataCollator(processor, max_length=max_length, blind=config.run_blind),
+        image_enc_lr=config.image_enc_lr,
+        lr_schedule=None
+        if "lr_scheduler_type" in config.training_args
+        else MagmaLRSchedule(config.min_lr, config.warmup_num_steps, config.lr_decay_iters),
+        num_caption_samples=config.num_caption_samples,
+        run_blind=config.run_blind,
+    )
+    trainer.train(resume_from_checkpoint=checkpoint)
+
+    trainer.save_model()  # the full model: loads with the Auto classes and the pipeline
+    export_dir = Path(args.output_dir) / EXPORT_DIR_NAME
+    if trainer.is_deepspeed_enabled and _is_zero3():
+        if trainer.is_world_process_zero():
+            from .modeling_magma import MagmaForConditionalGeneration
+
+            saved = MagmaForConditionalGeneration.from_pretrained(args.output_dir)
+            save_adapter_export(saved, export_dir, processor, base_model)
+    elif trainer.is_world_process_zero():
+        save_adapter_export(trainer.accelerator.unwrap_model(trainer.model), export_dir, processor, base_model)
+    trainer.accelerator.wait_for_everyone()
+    return trainer
+
+
+def _is_zero3() -> bool:
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="The training config (YAML): the original MAGMA keys and this package's")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="Override config keys (YAML values; dotted keys reach into mappings, e.g. training_args.bf16=true)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    std_logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if int(os.environ.get("RANK", "0")) == 0:
+        std_logging.getLogger("magma_hf").setLevel(std_logging.INFO)
+    config = MagmaTrainingConfig.from_yaml(args.config, args.overrides)
+    train(config)
+    return 0
+
+
+__all__ = ["MagmaTrainingConfig", "build_model_and_processor", "deepspeed_config", "train"]

@@ -1,0 +1,361 @@
+"""Training MAGMA with transformers' `Trainer`: parameter groups, the original's learning-rate schedule, checkpoints of
+MAGMA's own weights, and generated captions at evaluation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import Trainer
+from transformers.integrations.deepspeed import deepspeed_load_checkpoint, is_deepspeed_zero3_enabled
+from transformers.trainer import SCHEDULER_NAME, TRAINING_ARGS_NAME
+from transformers.utils import logging
+
+from .collator import EMPTY_KEY, SKIPPED_KEY, MagmaDataCollator
+from .export import magma_state_dict
+
+logger = logging.get_logger(__name__)
+
+MAGMA_WEIGHTS_NAME = "magma_weights.safetensors"  # a checkpoint's model weights: everything but GPT-J
+CAPTIONS_LOG_NAME = "eval_captions.jsonl"
+NO_DECAY_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parameter groups
+
+
+def magma_parameter_groups(
+    model: nn.Module, lr: float, image_enc_lr: float | None = None, weight_decay: float = 0.0
+) -> list[dict]:
+    """Optimizer groups of the trainable parameters only.
+
+    - adapters and image projection (`lr`), image encoder (`image_enc_lr`, default `lr`), as the original's
+      `configure_param_groups`;
+    - in each, weight decay for weights and none for biases or the parameters of LayerNorm, GroupNorm and BatchNorm.
+
+    Frozen parameters (GPT-J, and the encoder when frozen) are in no group. Each group carries a `"name"`
+    (`"adapters_and_projection"` / `"image_encoder"`, `"_no_decay"` appended for the second half); empty groups are
+    left out.
+    """
+    image_enc_lr = lr if image_enc_lr is None else image_enc_lr
+    no_decay_names = {
+        f"{module_name}.{param_name}" if module_name else param_name
+        for module_name, module in model.named_modules()
+        if isinstance(module, NO_DECAY_MODULES)
+        for param_name, _ in module.named_parameters(recurse=False)
+    }
+    groups: dict[str, dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_encoder = ".vision_tower." in f".{name}"
+        no_decay = name in no_decay_names or name.endswith(".bias") or name == "bias"
+        key = ("image_encoder" if is_encoder else "adapters_and_projection") + ("_no_decay" if no_decay else "")
+        group = groups.setdefault(
+            key,
+            {
+                "name": key,
+                "params": [],
+                "lr": image_enc_lr if is_encoder else lr,
+                "weight_decay": 0.0 if no_decay else weight_decay,
+            },
+        )
+        group["params"].append(param)
+    order = ["adapters_and_projection", "adapters_and_projection_no_decay", "image_encoder", "image_encoder_no_decay"]
+    return [groups[key] for key in order if key in groups]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Learning-rate schedule
+
+
+@dataclass
+class MagmaLRSchedule:
+    """The original's schedule: DeepSpeed's `WarmupDecayLR` (or `WarmupLR` without `lr_decay_iters`), per group.
+
+    Each group goes from `min_lr` to its own peak (`lr`, `image_enc_lr`) over `warmup_num_steps` steps on a log curve,
+    then (with `lr_decay_iters`) linearly back down to `min_lr` at step `lr_decay_iters`, then stays there. As in
+    DeepSpeed, the first optimizer step runs at `min_lr` and the step count the curve sees lags one step behind.
+    MAGMA_v1/v2 used `lr_decay_iters: 300000` with `train_steps: 150000`: training ends halfway down the slope.
+    """
+
+    min_lr: float = 0.0
+    warmup_num_steps: int = 100
+    lr_decay_iters: int | None = None
+
+    def gamma(self, iteration: int) -> float:
+        """DeepSpeed's warm-up / decay factor after `iteration` scheduler steps (`last_batch_iteration`)."""
+        warmup = max(2, self.warmup_num_steps)
+        if iteration < warmup:
+            return math.log(iteration + 1) / math.log(warmup)
+        if self.lr_decay_iters is None:
+            return 1.0
+        return max(0.0, (self.lr_decay_iters - iteration) / max(1.0, self.lr_decay_iters - warmup))
+
+    def lr_at(self, step: int, peak_lr: float) -> float:
+        """The learning rate of optimizer step `step + 1` (after `step` completed steps) for a group peaking at
+        `peak_lr`."""
+        if step == 0:
+            return self.min_lr
+        return self.min_lr + (peak_lr - self.min_lr) * self.gamma(step - 1)
+
+    def scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        """A `LambdaLR` following this schedule for every group of `optimizer` (each at its own peak lr)."""
+
+        def factor(peak_lr: float):
+            return lambda step: self.lr_at(step, peak_lr) / peak_lr if peak_lr > 0 else 0.0
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, [factor(group["lr"]) for group in optimizer.param_groups])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Trainer
+
+
+class MagmaTrainer(Trainer):
+    """`Trainer` for MAGMA: frozen GPT-J, trained adapters, projection and (optionally) image encoder.
+
+    On top of `Trainer`:
+
+    - the optimizer (`create_optimizer`) holds only trainable parameters, in [`magma_parameter_groups`]: the image
+      encoder at `image_enc_lr`, no weight decay for biases and norms; the optimizer class and its other settings come
+      from `TrainingArguments` (`optim`, `adam_beta1/2`, ...);
+    - with `lr_schedule`, the original's warm-up/decay ([`MagmaLRSchedule`]) replaces `lr_scheduler_type`;
+    - checkpoints hold MAGMA's own weights only (`magma_weights.safetensors`: adapters, projection, image encoder with
+      its BatchNorm statistics), not GPT-J's 6B frozen ones; under DeepSpeed its checkpoint also leaves out frozen
+      parameters. Resuming rebuilds the model as at the start (same GPT-J source) and loads them back.
+      `trainer.save_model()` called directly saves the full model as `Trainer` does;
+    - each evaluation also generates captions for a few evaluation images (greedy) and appends them, with the
+      reference captions, to `eval_captions.jsonl` in `output_dir` (and logs them at INFO);
+    - samples the collator skipped (undecodable images) are counted across workers and processes and reported at the
+      end of training (`train_output.metrics["skipped_samples"]`).
+
+    Args (besides `Trainer`'s):
+        image_enc_lr (`float`, *optional*): Learning rate of the image encoder; defaults to `args.learning_rate`.
+        lr_schedule ([`MagmaLRSchedule`], *optional*): The original's schedule; `None` keeps `lr_scheduler_type`.
+        num_caption_samples (`int`, defaults to 2): Evaluation images to caption at each evaluation (0: none).
+        caption_max_new_tokens (`int`, defaults to 30): Length limit of those captions.
+        run_blind (`bool`, defaults to `False`): Caption blank images (the collator's `blind` for the batches).
+
+    The default collator is a [`MagmaDataCollator`] on `processing_class` (a [`MagmaProcessor`]); evaluation batches
+    use the first caption of each sample instead of a random one, so that evaluation losses compare.
+    """
+
+    def __init__(
+        self,
+        *args,
+        image_enc_lr: float | None = None,
+        lr_schedule: MagmaLRSchedule | None = None,
+        num_caption_samples: int = 2,
+        caption_max_new_tokens: int = 30,
+        run_blind: bool = False,
+        **kwargs,
+    ):
+        model = kwargs.get("model", args[0] if args else None)
+        processor = kwargs.get("processing_class")
+        if kwargs.get("data_collator") is None and processor is not None and model is not None:
+            kwargs["data_collator"] = MagmaDataCollator(
+                processor, max_length=model.config.text_config.n_positions, blind=run_blind
+            )
+        super().__init__(*args, **kwargs)
+        if isinstance(self.data_collator, MagmaDataCollator):
+            self.data_collator.report_skips = True
+        self.image_enc_lr = image_enc_lr
+        self.lr_schedule = lr_schedule
+        self.num_caption_samples = num_caption_samples
+        self.caption_max_new_tokens = caption_max_new_tokens
+        self.run_blind = run_blind
+        self.num_skipped_samples = 0
+
+    # ---- optimizer and schedule ----
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        opt_model = self.model if model is None else model
+        if self.optimizer is None:
+            groups = magma_parameter_groups(
+                opt_model, self.args.learning_rate, self.image_enc_lr, weight_decay=self.args.weight_decay
+            )
+            if not groups:
+                raise ValueError("The model has no trainable parameter: nothing to optimize")
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            for key in ("params", "model", "optimizer_dict"):
+                if key in optimizer_kwargs:
+                    raise ValueError(
+                        f"optim={self.args.optim!r} builds its own parameter groups, which would drop MAGMA's "
+                        "(frozen GPT-J, image encoder learning rate): choose an optimizer such as adamw_torch"
+                    )
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        if self.lr_schedule is None or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        self.lr_scheduler = self.lr_schedule.scheduler(self.optimizer if optimizer is None else optimizer)
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    # ---- loss ----
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        self.num_skipped_samples += int(inputs.pop(SKIPPED_KEY, 0))
+        empty = bool(inputs.pop(EMPTY_KEY, False))
+        inputs.setdefault("use_cache", False)  # no KV cache in training
+        if not empty:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # Every sample of this batch was skipped: run the model anyway (distributed ranks must all run forward and
+        # backward) and contribute exactly nothing.
+        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+        loss = outputs.logits.sum() * 0.0
+        return (loss, outputs) if return_outputs else loss
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        collator = self.data_collator
+        if isinstance(collator, MagmaDataCollator):
+            self.data_collator = dataclasses.replace(collator, caption_choice="first")
+            self.data_collator.report_skips = collator.report_skips
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = collator
+
+    def train(self, *args, **kwargs):
+        output = super().train(*args, **kwargs)
+        count = torch.tensor(self.num_skipped_samples, device=self.args.device)
+        total = int(self.accelerator.reduce(count, reduction="sum")) if self.args.world_size > 1 else int(count)
+        output.metrics["skipped_samples"] = total
+        if total and self.is_world_process_zero():
+            logger.warning(f"Skipped {total} samples whose image could not be decoded or preprocessed")
+        return output
+
+    # ---- checkpoints: MAGMA's weights only ----
+
+    def _magma_state_dict(self) -> dict[str, torch.Tensor]:
+        """MAGMA's own weights, complete on the main process (a collective under ZeRO-3: call on every process)."""
+        if self.is_deepspeed_enabled and is_deepspeed_zero3_enabled():
+            full = self.model_wrapped._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
+            return magma_state_dict(full or {})
+        return magma_state_dict(self.accelerator.unwrap_model(self.model).state_dict())
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Checkpoints (`_internal_call`) save MAGMA's weights only; a direct call saves the full model."""
+        if not _internal_call:
+            return super().save_model(output_dir, _internal_call)
+        output_dir = output_dir or self.args.output_dir
+        state_dict = self._magma_state_dict()
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in state_dict.items()}
+        save_file(tensors, os.path.join(output_dir, MAGMA_WEIGHTS_NAME), metadata={"format": "pt"})
+        self.accelerator.unwrap_model(self.model).config.save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.is_deepspeed_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        from accelerate.utils import DeepSpeedSchedulerWrapper
+
+        # Trainer leaves frozen parameters out of DeepSpeed's checkpoint for PEFT models only; MAGMA's are frozen too.
+        self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+        if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        weights_file = os.path.join(resume_from_checkpoint, MAGMA_WEIGHTS_NAME)
+        if not os.path.isfile(weights_file):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_magma_weights(self.model if model is None else model, weights_file)
+
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        if not (self.is_deepspeed_enabled and resume_from_checkpoint is not None):
+            return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        # Trainer resumes DeepSpeed strictly, which fails on a checkpoint without the frozen parameters.
+        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)
+        deepspeed_load_checkpoint(self.model_wrapped, resume_from_checkpoint, load_module_strict=False)
+        self._load_optimizer_and_scheduler(resume_from_checkpoint)
+        self._load_scaler(resume_from_checkpoint)
+        return model, train_dataloader
+
+    # ---- evaluation captions ----
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if self.num_caption_samples and dataset is not None and not isinstance(dataset, dict):
+            self.log_generated_captions(dataset)
+        return metrics
+
+    def _caption_samples(self, dataset) -> list[dict]:
+        samples = []
+        for index in range(min(len(dataset), 4 * self.num_caption_samples)):
+            row = dataset[index]
+            if row.get("image") is not None:
+                samples.append(row)
+            if len(samples) == self.num_caption_samples:
+                break
+        return samples
+
+    @torch.no_grad()
+    def log_generated_captions(self, dataset) -> list[str]:
+        """Caption the first evaluation images greedily; append them to `eval_captions.jsonl` on the main process."""
+        samples = self._caption_samples(dataset)
+        if not samples or self.processing_class is None:
+            return []
+        model = self.accelerator.unwrap_model(self.model)
+        inputs = self.processing_class(images=[s["image"] for s in samples], return_tensors="pt").to(self.args.device)
+        if self.run_blind:
+            inputs["pixel_values"] = torch.zeros_like(inputs["pixel_values"])
+        was_training = model.training
+        model.eval()
+        try:
+            with self.autocast_smart_context_manager():
+                generated = model.generate(
+                    **inputs,
+                    do_sample=False,
+                    max_new_tokens=self.caption_max_new_tokens,
+                    synced_gpus=is_deepspeed_zero3_enabled() and self.args.world_size > 1,
+                )
+        finally:
+            model.train(was_training)
+        captions = self.processing_class.batch_decode(generated[:, inputs["input_ids"].shape[1] :])
+        if self.is_world_process_zero():
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            with open(os.path.join(self.args.output_dir, CAPTIONS_LOG_NAME), "a", encoding="utf-8") as file:
+                for sample, caption in zip(samples, captions):
+                    record = {
+                        "step": self.state.global_step,
+                        "image_path": sample.get("image_path", ""),
+                        "generated": caption,
+                        "references": sample["captions"],
+                    }
+                    file.write(json.dumps(record) + "\n")
+                    logger.info(f"step {self.state.global_step}: {caption!r} (reference: {sample['captions'][0]!r})")
+        return captions
+
+
+def load_magma_weights(model: nn.Module, weights_file: str | os.PathLike) -> None:
+    """Load a checkpoint's `magma_weights.safetensors` into `model`: every trainable parameter must be in it, and
+    nothing of GPT-J."""
+    state_dict = load_file(str(weights_file))
+    own = magma_state_dict(model.state_dict())
+    foreign = sorted(set(state_dict) - set(own))
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    missing = sorted(trainable - set(state_dict))
+    if foreign or missing:
+        raise ValueError(
+            f"{weights_file} does not fit this model: unexpected {foreign[:10]}, missing trainable {missing[:10]}"
+        )
+    model.load_state_dict(state_dict, strict=False)
+
+
+__all__ = ["MagmaLRSchedule", "MagmaTrainer", "load_magma_weights", "magma_parameter_groups"]
