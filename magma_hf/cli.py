@@ -14,7 +14,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "magma_hf.train",
         "Train or finetune MAGMA from a YAML config (original MAGMA keys; Trainer/Accelerate/DeepSpeed)",
     ),
-    "demo": ("magma_hf.demo", "Train a small MAGMA on scikit-learn's handwritten digits on the CPU, then caption with it"),
+    "demo": (
+        "magma_hf.demo",
+        "Train a small MAGMA on scikit-learn's handwritten digits on the CPU, then caption with it",
+    ),
 }
 
 
