@@ -474,18 +474,20 @@ def evaluate_knowledge_transfer(model, processor, images, digits, language_model
 # 5. Contact sheet
 
 
-def contact_sheet(cells: list[tuple[Image.Image, list[tuple[str, bool]]]], columns: int) -> Image.Image:
-    """A grid of images, each with lines of text under it, green when right and red when wrong."""
-    size, line_height, margin = 96, 16, 10
+def contact_sheet(cells: list[tuple[Image.Image, list[tuple[str, bool]]]], columns: int, title: str) -> Image.Image:
+    """A grid of images under a title, each image with lines of text under it, green when right and red when wrong."""
+    size, line_height, margin, title_height = 96, 16, 10, 28
     n_lines = max(len(lines) for _, lines in cells)
-    cell_width, cell_height = size + 40, size + 6 + n_lines * line_height
+    cell_width, cell_height = size + 60, size + 6 + n_lines * line_height
     rows = -(-len(cells) // columns)
-    sheet = Image.new("RGB", (columns * cell_width + margin, rows * (cell_height + margin) + margin), "white")
+    width, height = columns * cell_width + margin, title_height + rows * (cell_height + margin) + margin
+    sheet = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(sheet)
+    draw.text((margin, margin), title, fill="black", font=ImageFont.load_default(size=14))
     font = ImageFont.load_default(size=12)
     for n, (image, lines) in enumerate(cells):
         x = margin + (n % columns) * cell_width
-        y = margin + (n // columns) * (cell_height + margin)
+        y = title_height + margin + (n // columns) * (cell_height + margin)
         sheet.paste(image.convert("RGB").resize((size, size), Image.NEAREST), (x, y))
         for k, (text, right) in enumerate(lines):
             draw.text((x, y + size + 4 + k * line_height), text, fill=(0, 120, 0) if right else (200, 0, 0), font=font)
@@ -518,7 +520,11 @@ def caption_with_pipeline(model_dir: Path, images: list[Image.Image], digits: li
         (image, [(caption, caption == caption_for(digit)), (f"odd? {answer}", answer == parity.answer(digit))])
         for image, caption, answer, digit in zip(images, captions, answers, digits)
     ]
-    return captioner.model, captions, answers, contact_sheet(cells, columns=10)
+    title = (
+        f"Held-out digits, reloaded with pipeline('image-to-text'): the caption, and the answer to {parity.prompt!r} "
+        "(asked in text pretraining only). Green: right, red: wrong."
+    )
+    return captioner.model, captions, answers, contact_sheet(cells, columns=10, title=title)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -668,8 +674,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     std_logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    run_demo(args.output_dir, seed=args.seed, size=args.size)
+    try:
+        run_demo(args.output_dir, seed=args.seed, size=args.size)
+    finally:
+        torch.set_num_threads(threads)
     return 0
 
 
