@@ -351,6 +351,8 @@ def test_shipped_configs():
     assert (v1.lr, v1.image_enc_lr, v1.lr_decay_iters, v1.train_steps, v1.zero_stage) == (8e-4, 2e-6, 300000, 150000, 2)
     assert v1.adapter_config == {"mlp": {"adapter_type": "normal", "downsample_factor": 4}}
     assert v2.adapter_config["attention"]["downsample_factor"] == 8 and len(v2.train_dataset_dir) == 10
+    finetune = MagmaTrainingConfig.from_yaml(CONFIGS / "finetune_magma.yml")
+    assert finetune.model_name_or_path == "magma-v1" and finetune.model_config is None
     assert one_gpu["adam_beta2"] == 0.95 and one_gpu["max_grad_norm"] == 1.0 and one_gpu["bf16"] is True
     for stage in (1, 2, 3):
         assert json.loads((CONFIGS / "deepspeed" / f"zero{stage}.json").read_text()) == deepspeed_config(stage)
@@ -424,3 +426,42 @@ def test_accelerate_deepspeed_zero2_two_cpu_processes(tmp_path):
     assert resumed[5] == pytest.approx(uninterrupted[5], abs=1e-6)  # the step after the checkpoint
     assert resumed[8] == pytest.approx(uninterrupted[8], abs=1e-5)
     assert (root / "b" / "model.safetensors").is_file() and (root / "b" / EXPORT_DIR_NAME).is_dir()
+
+
+def test_docs_examples_run(trained, assets, tmp_path, monkeypatch):
+    """docs/training.md's Python examples, on the tiny assets in place of the real paths."""
+    import re
+
+    from test_data import write_img2dataset, write_png
+
+    _, _, out = trained
+    write_img2dataset(tmp_path / "i2d")
+    (tmp_path / "photos").mkdir()
+    for seed in range(2):
+        write_png(tmp_path / "photos" / f"{seed}.png", seed)
+    (tmp_path / "photos" / "metadata.jsonl").write_text(
+        "\n".join(json.dumps({"file_name": f"{seed}.png", "text": f"image {seed}"}) for seed in range(2))
+    )
+    monkeypatch.chdir(tmp_path)
+    replacements = {
+        '"/data/coco_converted"': repr(str(assets / "data")),
+        '"photos"': repr(str(tmp_path / "photos")),
+        '"/data/laion_img2dataset"': repr(str(tmp_path / "i2d")),
+        '"/data/laion_magma"': repr(str(tmp_path / "converted")),
+        '"runs/ft/adapter_export"': repr(str(out / EXPORT_DIR_NAME)),
+        '"EleutherAI/gpt-j-6B"': repr(str(assets / "gptj")),
+        '"magma-v1"': repr(str(out)),
+        '"my_data"': repr(str(assets / "data")),
+        "max_steps=1000": "max_steps=2",
+        "bf16=True": "use_cpu=True",  # no GPU here
+    }
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "docs" / "training.md").read_text(), flags=re.S)
+    assert len(blocks) == 3
+    namespace: dict = {}
+    for block in blocks:
+        for old, new in replacements.items():
+            block = block.replace(old, new)
+        exec(compile(block, "docs/training.md", "exec"), namespace)
+    assert len(namespace["coco"]) == 21 and len(namespace["captions"]) == 2 and len(namespace["laion"]) == 5
+    assert (tmp_path / "converted" / "image_data" / "0" / "0.json").is_file()
+    assert namespace["trainer"].state.global_step == 2
