@@ -134,8 +134,10 @@ class MagmaTrainingConfig:
                 "Give exactly one of model_name_or_path (an existing MAGMA folder, e.g. a converted checkpoint) and "
                 "model_config (a new model)"
             )
-        if self.model_config is not None and not isinstance(self.model_config, dict):
-            raise ValueError(f"model_config must be a mapping, got {type(self.model_config).__name__}")
+        if self.model_config is not None:
+            if not isinstance(self.model_config, dict):
+                raise ValueError(f"model_config must be a mapping, got {type(self.model_config).__name__}")
+            _check_model_config({k: v for k, v in self.model_config.items() if k not in ("lm_name", "pretrained")})
         if self.train_dataset_dir is None:
             raise ValueError("train_dataset_dir is required (a dataset folder, or a list of them)")
         if self.save is None and "output_dir" not in self.training_args:
@@ -333,7 +335,6 @@ ENCODERS = {
 }
 DEFAULT_ENCODER = "clip_resnet_large"
 DEFAULT_TOKENIZER = "gpt2"  # the original's: GPT-2's tokenizer plus <|image|> (GPT-J's own has 143 extra tokens)
-MODEL_CONFIG_OWN_KEYS = ("lm_name", "pretrained")
 # The original's defaults for a new model, where MagmaConfig's defaults (MAGMA_v1's values) differ.
 NEW_MODEL_DEFAULTS = {
     "freeze_img_encoder": True,
@@ -393,12 +394,7 @@ def _new_model(config: MagmaTrainingConfig):
         raise ValueError(f"lm_name is given twice: {config.lm_name!r} and model_config.lm_name {lm_name!r}")
     lm_name = lm_name or config.lm_name
     pretrained = options.pop("pretrained", None)
-    clash = sorted(set(options) & {"adapter_config", "image_embed_dropout_prob", "use_image_embed_layernorm"})
-    if clash:
-        raise ValueError(f"Set {clash} at the top level of the config (the original's keys), not in model_config")
-    if "image_token_id" in options:
-        raise ValueError("model_config.image_token_id comes from the tokenizer (its <|image|> token); remove it")
-
+    _check_model_config(options)
     text_config = dict(DEFAULT_TEXT_CONFIG)
     if lm_name is not None:
         text_config.update(AutoConfig.from_pretrained(lm_name).to_dict())
@@ -455,6 +451,31 @@ def _new_model(config: MagmaTrainingConfig):
     image_processor = MagmaImageProcessor(image_size=magma_config.vision_config.image_size)
     processor = MagmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
     return model, processor, lm_name
+
+
+MODEL_CONFIG_KEYS = ("lm_name", "pretrained", "text_config", "vision_config")
+VISION_CONFIG_KEYS = ("layers", "width", "image_size")
+
+
+def _check_model_config(options: dict) -> None:
+    """`model_config` keys, and those of its `text_config` / `vision_config`: configs accept any name silently."""
+    from transformers import GPTJConfig
+
+    top_level = sorted(set(options) & {"adapter_config", "image_embed_dropout_prob", "use_image_embed_layernorm"})
+    if top_level:
+        raise ValueError(f"Set {top_level} at the top level of the config (the original's keys), not in model_config")
+    if "image_token_id" in options:
+        raise ValueError("model_config.image_token_id comes from the tokenizer (its <|image|> token); remove it")
+    unknown = sorted(set(options) - {"text_config", "vision_config"})
+    if unknown:
+        raise ValueError(f"Unknown model_config keys {unknown}; expected {list(MODEL_CONFIG_KEYS)}")
+    defaults = GPTJConfig().to_dict()
+    unknown = sorted(k for k in options.get("text_config") or {} if k not in defaults)
+    if unknown:
+        raise ValueError(f"Unknown model_config.text_config keys {unknown}: not GPTJConfig fields")
+    unknown = sorted(set(options.get("vision_config") or {}) - set(VISION_CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"Unknown model_config.vision_config keys {unknown}; expected {list(VISION_CONFIG_KEYS)}")
 
 
 def _check_loaded(model, state_dict: dict) -> None:
@@ -674,6 +695,10 @@ def train(config: MagmaTrainingConfig):
         checkpoint = None
 
     max_length = config.seq_len or model.config.text_config.n_positions
+    if max_length > model.config.text_config.n_positions:
+        raise ValueError(
+            f"seq_len {max_length} exceeds the language model's {model.config.text_config.n_positions} positions"
+        )
     trainer = MagmaTrainer(
         model=model,
         args=args,

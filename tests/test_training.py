@@ -328,6 +328,10 @@ def test_config_keys(tmp_path):
         MagmaTrainingConfig.from_dict({**base, "training_args": {"learning_rate": 1.0}})
     with pytest.raises(ValueError, match="exactly one of model_name_or_path"):
         MagmaTrainingConfig.from_dict({k: v for k, v in base.items() if k != "model_config"})
+    with pytest.raises(ValueError, match=r"Unknown model_config keys \['lm_nmae'\]"):
+        MagmaTrainingConfig.from_dict({**base, "model_config": {"lm_nmae": "x"}})
+    with pytest.raises(ValueError, match=r"text_config keys \['n_embed'\]"):
+        MagmaTrainingConfig.from_dict({**base, "model_config": {"text_config": {"n_embed": 64}}})
     with pytest.raises(ValueError, match=r"\['batch_size'\] are required"):
         MagmaTrainingConfig.from_dict({k: v for k, v in base.items() if k != "batch_size"})
     # the original's own keys with no effect here are accepted

@@ -6,15 +6,15 @@ GPT-J-6B + CLIP RN50x16 at 384 px with MLP adapters (downsample 4), random weigh
 depend on the values), built directly on the GPU in bf16. Data: random 384 px images with captions, preprocessed by
 MagmaDataCollator in dataloader workers, as in training.
 
-    python tests/benchmarks/bench_training_gpu.py                      # full size, needs a GPU (~80 GB for micro 32)
+    python tests/benchmarks/bench_training_gpu.py                      # full size, needs a GPU
     python tests/benchmarks/bench_training_gpu.py --micro-batch 16 --grad-accum 16
     python tests/benchmarks/bench_training_gpu.py --tiny               # the same code path on CPU with the tiny model
 
-`--tiny` runs the CPU-side parts (the tiny config, fp32, DeepSpeed ZeRO-2 on CPU) to check the script itself.
+`--tiny` runs the CPU-side parts (the tiny config, fp32, DeepSpeed ZeRO-2 on CPU) to check the script itself. If the
+full size runs out of GPU memory, halve --micro-batch and double --grad-accum (the same 256 samples per step).
 """
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -174,7 +174,6 @@ def main() -> None:
     if cuda:
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB allocated, "
               f"{torch.cuda.max_memory_reserved() / 2**30:.1f} GiB reserved")  # fmt: skip
-    os.environ.pop("MASTER_PORT", None)
 
 
 if __name__ == "__main__":
