@@ -78,6 +78,7 @@ class MagmaTrainingConfig:
     use_image_embed_layernorm: bool | None = None
     lm_name: str | None = None
     tokenizer_name: str | None = None  # the original's name for tokenizer_name_or_path
+    lm_dtype: str | None = None  # GPT-J's frozen weights: float32/bfloat16/float16; None: as stored (new model: fp32)
     # this package's keys
     model_name_or_path: str | None = None
     model_config: dict | None = None
@@ -156,6 +157,8 @@ class MagmaTrainingConfig:
             raise ValueError("training_args.remove_unused_columns must stay false: the collator needs every column")
         if self.training_args.get("load_best_model_at_end"):
             raise ValueError("training_args.load_best_model_at_end is not supported (checkpoints hold MAGMA's weights)")
+        if self.lm_dtype not in (None, *LM_DTYPES):
+            raise ValueError(f"lm_dtype must be one of {list(LM_DTYPES)}, got {self.lm_dtype!r}")
         if self.tokenizer_name is not None and self.tokenizer_name_or_path is not None:
             raise ValueError("Give tokenizer_name_or_path or the original's tokenizer_name, not both")
 
@@ -166,6 +169,9 @@ class MagmaTrainingConfig:
     @property
     def output_dir(self) -> str:
         return self.training_args.get("output_dir") or self.save
+
+
+LM_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 def _must_be(expected):
@@ -429,7 +435,7 @@ def _new_model(config: MagmaTrainingConfig):
     state_dict = {}
     if lm_name is not None:
         logger.info(f"Loading GPT-J weights from {lm_name}")
-        gptj = GPTJForCausalLM.from_pretrained(lm_name).state_dict()
+        gptj = GPTJForCausalLM.from_pretrained(lm_name, dtype=config.lm_dtype or "float32").state_dict()
         import torch
 
         with torch.device("meta"):
@@ -444,7 +450,9 @@ def _new_model(config: MagmaTrainingConfig):
         visual = open_clip_visual_state_dict(open_clip_name, pretrained)
         state_dict.update({f"model.vision_tower.{k}": v for k, v in visual.items()})
     if state_dict:
-        model = MagmaForConditionalGeneration.from_pretrained(None, config=magma_config, state_dict=state_dict)
+        model = MagmaForConditionalGeneration.from_pretrained(
+            None, config=magma_config, state_dict=state_dict, dtype=config.lm_dtype or "float32"
+        )
         _check_loaded(model, state_dict)
     else:
         model = MagmaForConditionalGeneration(magma_config)
@@ -498,7 +506,7 @@ def _existing_model(config: MagmaTrainingConfig):
     from .processing_magma import MagmaProcessor
 
     path = config.model_name_or_path
-    model = MagmaForConditionalGeneration.from_pretrained(path)
+    model = MagmaForConditionalGeneration.from_pretrained(path, dtype=config.lm_dtype or "auto")
     model_config = model.config
     conflicts = []
     if config.adapter_config is not None:
@@ -554,10 +562,30 @@ def _base_language_model(path: str) -> str | None:
 
 
 def build_model_and_processor(config: MagmaTrainingConfig):
-    """`(model, processor, base language model name or None)` for the run."""
-    if config.model_name_or_path is not None:
-        return _existing_model(config)
-    return _new_model(config)
+    """`(model, processor, base language model name or None)` for the run.
+
+    GPT-J's frozen weights keep the dtype they were loaded in (`lm_dtype`); MAGMA's own weights (adapters, projection,
+    image encoder) are float32, the precision the optimizer updates them in (mixed precision is autocast's, or
+    DeepSpeed's, which keeps float32 master weights itself). The adapters and the image prefix cast their inputs and
+    outputs, so a half-precision GPT-J with float32 MAGMA weights runs without autocast too.
+    """
+    built = _existing_model(config) if config.model_name_or_path is not None else _new_model(config)
+    magma_weights_to_float32(built[0])
+    return built
+
+
+def magma_weights_to_float32(model) -> None:
+    """Adapters, projection and image encoder (with its BatchNorm statistics) in float32; GPT-J untouched."""
+    import itertools
+
+    import torch
+
+    from .export import IMAGE_PREFIX_MODULES
+
+    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+        is_magma = name.startswith(IMAGE_PREFIX_MODULES) or ".magma_" in name
+        if is_magma and tensor.is_floating_point() and tensor.dtype != torch.float32:
+            tensor.data = tensor.data.float()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

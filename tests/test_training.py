@@ -289,10 +289,15 @@ def test_resume_continues_with_the_same_loss(assets, tmp_path, trained):
     assert not (resumed_dir / "checkpoint-3" / "checkpoint-4").exists() and (resumed_dir / "checkpoint-6").is_dir()
 
 
-def test_finetune_from_a_saved_model(trained, assets, tmp_path):
-    _, _, out = trained
+def test_finetune_from_a_saved_half_precision_model(trained, assets, tmp_path):
+    """Finetune from a saved folder stored in bf16 (as converted checkpoints are): GPT-J stays bf16 and unchanged, the
+    trained weights are float32, and training runs without autocast."""
+    trainer, _, out = trained
+    source = tmp_path / "bf16"
+    MagmaForConditionalGeneration.from_pretrained(out).to(torch.bfloat16).save_pretrained(source)
+    trainer.processing_class.save_pretrained(source)
     base = {
-        "model_name_or_path": str(out),
+        "model_name_or_path": str(source),
         "train_dataset_dir": str(assets / "data"),
         "save": str(tmp_path / "finetuned"),
         "batch_size": 4,
@@ -303,14 +308,15 @@ def test_finetune_from_a_saved_model(trained, assets, tmp_path):
     }
     with pytest.raises(ValueError, match="does not match the model"):
         train(MagmaTrainingConfig.from_dict({**base, "adapter_config": {"mlp": {"adapter_type": "parallel"}}}))
-    trainer = train(MagmaTrainingConfig.from_dict({**base, "image_embed_dropout_prob": 0.0}))
-    saved = MagmaForConditionalGeneration.from_pretrained(out).state_dict()
-    state = trainer.model.state_dict()
-    assert trainer.model.config.image_embed_dropout_prob == 0.0 and trainer.state.global_step == 3
-    for name, _ in trainer.model.gptj_named_parameters():
-        assert torch.equal(state[name], saved[name])
+    finetuned = train(MagmaTrainingConfig.from_dict({**base, "image_embed_dropout_prob": 0.0}))
+    model = finetuned.model
+    saved = MagmaForConditionalGeneration.from_pretrained(source).state_dict()
+    assert model.config.image_embed_dropout_prob == 0.0 and finetuned.state.global_step == 3
+    for name, param in model.gptj_named_parameters():
+        assert param.dtype == torch.bfloat16 and torch.equal(param, saved[name])
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
     name = "model.language_model.h.0.mlp.magma_down.default.weight"
-    assert not torch.equal(state[name], saved[name])
+    assert not torch.equal(model.state_dict()[name].to(torch.bfloat16), saved[name])
     assert (tmp_path / "finetuned" / "model.safetensors").is_file()
 
 
