@@ -465,7 +465,13 @@ def test_docs_examples_run(trained, assets, tmp_path, monkeypatch):
         "max_steps=1000": "max_steps=2",
         "bf16=True": "use_cpu=True",  # no GPU here
     }
-    blocks = re.findall(r"```python\n(.*?)```", (REPO / "docs" / "training.md").read_text(), flags=re.S)
+    docs = REPO / "docs" / "training.md"
+    if docs.is_file():
+        text = docs.read_text()
+    else:  # merged into the README: its "Training and finetuning" section
+        text = (REPO / "README.md").read_text().split("## Training and finetuning", 1)[1]
+        text = re.split(r"\n## ", text, maxsplit=1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     assert len(blocks) == 3
     namespace: dict = {}
     for block in blocks:
