@@ -78,6 +78,7 @@ class MagmaTrainingConfig:
     use_image_embed_layernorm: bool | None = None
     lm_name: str | None = None
     tokenizer_name: str | None = None  # the original's name for tokenizer_name_or_path
+    lm_dtype: str | None = None  # GPT-J's frozen weights: float32/bfloat16/float16; None: as stored (new model: fp32)
     # this package's keys
     model_name_or_path: str | None = None
     model_config: dict | None = None
@@ -134,8 +135,10 @@ class MagmaTrainingConfig:
                 "Give exactly one of model_name_or_path (an existing MAGMA folder, e.g. a converted checkpoint) and "
                 "model_config (a new model)"
             )
-        if self.model_config is not None and not isinstance(self.model_config, dict):
-            raise ValueError(f"model_config must be a mapping, got {type(self.model_config).__name__}")
+        if self.model_config is not None:
+            if not isinstance(self.model_config, dict):
+                raise ValueError(f"model_config must be a mapping, got {type(self.model_config).__name__}")
+            _check_model_config({k: v for k, v in self.model_config.items() if k not in ("lm_name", "pretrained")})
         if self.train_dataset_dir is None:
             raise ValueError("train_dataset_dir is required (a dataset folder, or a list of them)")
         if self.save is None and "output_dir" not in self.training_args:
@@ -154,6 +157,8 @@ class MagmaTrainingConfig:
             raise ValueError("training_args.remove_unused_columns must stay false: the collator needs every column")
         if self.training_args.get("load_best_model_at_end"):
             raise ValueError("training_args.load_best_model_at_end is not supported (checkpoints hold MAGMA's weights)")
+        if self.lm_dtype not in (None, *LM_DTYPES):
+            raise ValueError(f"lm_dtype must be one of {list(LM_DTYPES)}, got {self.lm_dtype!r}")
         if self.tokenizer_name is not None and self.tokenizer_name_or_path is not None:
             raise ValueError("Give tokenizer_name_or_path or the original's tokenizer_name, not both")
 
@@ -164,6 +169,9 @@ class MagmaTrainingConfig:
     @property
     def output_dir(self) -> str:
         return self.training_args.get("output_dir") or self.save
+
+
+LM_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 def _must_be(expected):
@@ -333,7 +341,6 @@ ENCODERS = {
 }
 DEFAULT_ENCODER = "clip_resnet_large"
 DEFAULT_TOKENIZER = "gpt2"  # the original's: GPT-2's tokenizer plus <|image|> (GPT-J's own has 143 extra tokens)
-MODEL_CONFIG_OWN_KEYS = ("lm_name", "pretrained")
 # The original's defaults for a new model, where MagmaConfig's defaults (MAGMA_v1's values) differ.
 NEW_MODEL_DEFAULTS = {
     "freeze_img_encoder": True,
@@ -393,12 +400,7 @@ def _new_model(config: MagmaTrainingConfig):
         raise ValueError(f"lm_name is given twice: {config.lm_name!r} and model_config.lm_name {lm_name!r}")
     lm_name = lm_name or config.lm_name
     pretrained = options.pop("pretrained", None)
-    clash = sorted(set(options) & {"adapter_config", "image_embed_dropout_prob", "use_image_embed_layernorm"})
-    if clash:
-        raise ValueError(f"Set {clash} at the top level of the config (the original's keys), not in model_config")
-    if "image_token_id" in options:
-        raise ValueError("model_config.image_token_id comes from the tokenizer (its <|image|> token); remove it")
-
+    _check_model_config(options)
     text_config = dict(DEFAULT_TEXT_CONFIG)
     if lm_name is not None:
         text_config.update(AutoConfig.from_pretrained(lm_name).to_dict())
@@ -433,7 +435,7 @@ def _new_model(config: MagmaTrainingConfig):
     state_dict = {}
     if lm_name is not None:
         logger.info(f"Loading GPT-J weights from {lm_name}")
-        gptj = GPTJForCausalLM.from_pretrained(lm_name).state_dict()
+        gptj = GPTJForCausalLM.from_pretrained(lm_name, dtype=config.lm_dtype or "float32").state_dict()
         import torch
 
         with torch.device("meta"):
@@ -448,13 +450,40 @@ def _new_model(config: MagmaTrainingConfig):
         visual = open_clip_visual_state_dict(open_clip_name, pretrained)
         state_dict.update({f"model.vision_tower.{k}": v for k, v in visual.items()})
     if state_dict:
-        model = MagmaForConditionalGeneration.from_pretrained(None, config=magma_config, state_dict=state_dict)
+        model = MagmaForConditionalGeneration.from_pretrained(
+            None, config=magma_config, state_dict=state_dict, dtype=config.lm_dtype or "float32"
+        )
         _check_loaded(model, state_dict)
     else:
         model = MagmaForConditionalGeneration(magma_config)
     image_processor = MagmaImageProcessor(image_size=magma_config.vision_config.image_size)
     processor = MagmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
     return model, processor, lm_name
+
+
+MODEL_CONFIG_KEYS = ("lm_name", "pretrained", "text_config", "vision_config")
+VISION_CONFIG_KEYS = ("layers", "width", "image_size")
+
+
+def _check_model_config(options: dict) -> None:
+    """`model_config` keys, and those of its `text_config` / `vision_config`: configs accept any name silently."""
+    from transformers import GPTJConfig
+
+    top_level = sorted(set(options) & {"adapter_config", "image_embed_dropout_prob", "use_image_embed_layernorm"})
+    if top_level:
+        raise ValueError(f"Set {top_level} at the top level of the config (the original's keys), not in model_config")
+    if "image_token_id" in options:
+        raise ValueError("model_config.image_token_id comes from the tokenizer (its <|image|> token); remove it")
+    unknown = sorted(set(options) - {"text_config", "vision_config"})
+    if unknown:
+        raise ValueError(f"Unknown model_config keys {unknown}; expected {list(MODEL_CONFIG_KEYS)}")
+    defaults = GPTJConfig().to_dict()
+    unknown = sorted(k for k in options.get("text_config") or {} if k not in defaults)
+    if unknown:
+        raise ValueError(f"Unknown model_config.text_config keys {unknown}: not GPTJConfig fields")
+    unknown = sorted(set(options.get("vision_config") or {}) - set(VISION_CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"Unknown model_config.vision_config keys {unknown}; expected {list(VISION_CONFIG_KEYS)}")
 
 
 def _check_loaded(model, state_dict: dict) -> None:
@@ -477,7 +506,7 @@ def _existing_model(config: MagmaTrainingConfig):
     from .processing_magma import MagmaProcessor
 
     path = config.model_name_or_path
-    model = MagmaForConditionalGeneration.from_pretrained(path)
+    model = MagmaForConditionalGeneration.from_pretrained(path, dtype=config.lm_dtype or "auto")
     model_config = model.config
     conflicts = []
     if config.adapter_config is not None:
@@ -533,10 +562,30 @@ def _base_language_model(path: str) -> str | None:
 
 
 def build_model_and_processor(config: MagmaTrainingConfig):
-    """`(model, processor, base language model name or None)` for the run."""
-    if config.model_name_or_path is not None:
-        return _existing_model(config)
-    return _new_model(config)
+    """`(model, processor, base language model name or None)` for the run.
+
+    GPT-J's frozen weights keep the dtype they were loaded in (`lm_dtype`); MAGMA's own weights (adapters, projection,
+    image encoder) are float32, the precision the optimizer updates them in (mixed precision is autocast's, or
+    DeepSpeed's, which keeps float32 master weights itself). The adapters and the image prefix cast their inputs and
+    outputs, so a half-precision GPT-J with float32 MAGMA weights runs without autocast too.
+    """
+    built = _existing_model(config) if config.model_name_or_path is not None else _new_model(config)
+    magma_weights_to_float32(built[0])
+    return built
+
+
+def magma_weights_to_float32(model) -> None:
+    """Adapters, projection and image encoder (with its BatchNorm statistics) in float32; GPT-J untouched."""
+    import itertools
+
+    import torch
+
+    from .export import IMAGE_PREFIX_MODULES
+
+    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+        is_magma = name.startswith(IMAGE_PREFIX_MODULES) or ".magma_" in name
+        if is_magma and tensor.is_floating_point() and tensor.dtype != torch.float32:
+            tensor.data = tensor.data.float()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -674,6 +723,10 @@ def train(config: MagmaTrainingConfig):
         checkpoint = None
 
     max_length = config.seq_len or model.config.text_config.n_positions
+    if max_length > model.config.text_config.n_positions:
+        raise ValueError(
+            f"seq_len {max_length} exceeds the language model's {model.config.text_config.n_positions} positions"
+        )
     trainer = MagmaTrainer(
         model=model,
         args=args,

@@ -135,7 +135,7 @@ class MagmaTrainer(Trainer):
     - each evaluation also generates captions for a few evaluation images (greedy) and appends them, with the
       reference captions, to `eval_captions.jsonl` in `output_dir` (and logs them at INFO);
     - samples the collator skipped (undecodable images) are counted across workers and processes and reported at the
-      end of training (`train_output.metrics["skipped_samples"]`).
+      end of training (`train_output.metrics["skipped_samples"]`, `trainer.total_skipped_samples`).
 
     Args (besides `Trainer`'s):
         image_enc_lr (`float`, *optional*): Learning rate of the image encoder; defaults to `args.learning_rate`.
@@ -172,7 +172,8 @@ class MagmaTrainer(Trainer):
         self.num_caption_samples = num_caption_samples
         self.caption_max_new_tokens = caption_max_new_tokens
         self.run_blind = run_blind
-        self.num_skipped_samples = 0
+        self.num_skipped_samples = 0  # this process's
+        self.total_skipped_samples = 0  # all processes', after train()
 
     # ---- optimizer and schedule ----
 
@@ -230,7 +231,7 @@ class MagmaTrainer(Trainer):
         output = super().train(*args, **kwargs)
         count = torch.tensor(self.num_skipped_samples, device=self.args.device)
         total = int(self.accelerator.reduce(count, reduction="sum")) if self.args.world_size > 1 else int(count)
-        output.metrics["skipped_samples"] = total
+        output.metrics["skipped_samples"] = self.total_skipped_samples = total
         if total and self.is_world_process_zero():
             logger.warning(f"Skipped {total} samples whose image could not be decoded or preprocessed")
         return output

@@ -1,0 +1,165 @@
+"""Training throughput and peak memory of MagmaTrainer on CPU, for the tiny test config and a small config.
+
+Each config runs in its own process (so that peak memory is its own): MagmaTrainer with MagmaDataCollator on
+in-memory random images and real captions, fp32, AdamW, the original's schedule; `--warmup` steps untimed, then
+`--steps` timed optimizer steps. Prints samples/s, seconds per step, the process's peak resident memory, and, for
+scale, the parameter counts of MAGMA_v1 at full size (built on the meta device) and the size of its adapter export.
+
+    python tests/benchmarks/bench_training.py [--configs tiny small] [--steps 5] [--warmup 2] [--threads N]
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/helpers.py
+
+CONFIGS = {
+    # 2 GPT-J blocks of 64, a [1,1,1,1] ResNet of width 8 at 64 px: 4 image tokens (configuration/train_tiny_cpu.yml)
+    "tiny": {
+        "text_config": {"n_embd": 64, "n_layer": 2, "n_head": 4, "rotary_dim": 8, "n_positions": 128},
+        "vision_config": {"layers": [1, 1, 1, 1], "width": 8, "image_size": 64},
+        "batch_size": 4,
+    },
+    # 8 GPT-J blocks of 512 with GPT-J's 50400-token vocabulary, a [2,2,2,2] ResNet of width 32 at 224 px: 49 image
+    # tokens of 1024 features
+    "small": {
+        "text_config": {"n_embd": 512, "n_layer": 8, "n_head": 8, "rotary_dim": 32, "n_positions": 256,
+                        "vocab_size": 50400},
+        "vision_config": {"layers": [2, 2, 2, 2], "width": 32, "image_size": 224},
+        "batch_size": 8,
+    },
+}  # fmt: skip
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def run_one(name: str, steps: int, warmup: int) -> dict:
+    from helpers import CORPUS, make_tokenizer, random_image
+    from transformers import TrainerCallback, TrainingArguments
+
+    from magma_hf import MagmaConfig, MagmaForConditionalGeneration, MagmaImageProcessor, MagmaProcessor
+    from magma_hf.trainer import MagmaLRSchedule, MagmaTrainer
+
+    spec = CONFIGS[name]
+    tokenizer = make_tokenizer()
+    eos = tokenizer.eos_token_id
+    text_config = {"vocab_size": len(tokenizer) + 6, "bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos}
+    text_config.update(spec["text_config"])
+    config = MagmaConfig(
+        text_config=text_config,
+        vision_config=spec["vision_config"],
+        adapter_config={"mlp": {"adapter_type": "normal", "downsample_factor": 4}},
+        image_token_id=tokenizer.convert_tokens_to_ids("<|image|>"),
+    )
+    torch.manual_seed(0)
+    model = MagmaForConditionalGeneration(config)
+    size = spec["vision_config"]["image_size"]
+    processor = MagmaProcessor(image_processor=MagmaImageProcessor(image_size=size), tokenizer=tokenizer)
+    rows = [{"image": random_image(k, size=(size + 16, size)), "captions": [CORPUS[k % 5]]} for k in range(64)]
+    rss_after_build = peak_rss_mib()
+
+    class Timer(TrainerCallback):
+        start = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == warmup:
+                self.start = time.perf_counter()
+
+    timer = Timer()
+    args = TrainingArguments(
+        output_dir="/tmp/bench_training_unused",
+        max_steps=warmup + steps,
+        per_device_train_batch_size=spec["batch_size"],
+        learning_rate=1e-4,
+        use_cpu=True,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        logging_strategy="no",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+    )
+    trainer = MagmaTrainer(
+        model=model,
+        args=args,
+        train_dataset=rows,
+        processing_class=processor,
+        lr_schedule=MagmaLRSchedule(warmup_num_steps=2),
+        callbacks=[timer],
+    )
+    trainer.train()
+    elapsed = time.perf_counter() - timer.start
+    return {
+        "config": name,
+        "batch": spec["batch_size"],
+        "image_tokens": config.num_image_tokens,
+        "params_total": sum(p.numel() for p in model.parameters()),
+        "params_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "samples_per_s": spec["batch_size"] * steps / elapsed,
+        "s_per_step": elapsed / steps,
+        "peak_rss_mib": peak_rss_mib(),
+        "rss_after_build_mib": rss_after_build,
+    }
+
+
+def magma_v1_sizes() -> dict:
+    """Parameter counts of MAGMA_v1 at full size, on the meta device (no memory, no weights)."""
+    from magma_hf import MagmaConfig, MagmaForConditionalGeneration
+    from magma_hf.export import magma_state_dict
+
+    with torch.device("meta"):
+        model = MagmaForConditionalGeneration(MagmaConfig())
+    state = model.state_dict()
+    own = magma_state_dict(state)
+    gptj = sum(t.numel() for n, t in state.items() if n not in own)
+    adapters = sum(t.numel() for n, t in own.items() if ".magma_" in n)
+    encoder = sum(t.numel() for n, t in own.items() if n.startswith("model.vision_tower."))
+    projection = sum(t.numel() for n, t in own.items() if n.startswith("model.multi_modal_projector."))
+    return {"gptj": gptj, "adapters": adapters, "image_encoder": encoder, "projection": projection}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child:
+        print(json.dumps(run_one(args.child, args.steps, args.warmup)))
+        return
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, fp32")
+    print(f"{'config':<7}{'batch':>6}{'img tok':>8}{'params':>12}{'trainable':>12}{'samples/s':>11}{'s/step':>9}"
+          f"{'peak RSS MiB':>14}{'after build':>13}")  # fmt: skip
+    for name in args.configs:
+        command = [sys.executable, __file__, "--child", name, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        if args.threads:
+            command += ["--threads", str(args.threads)]
+        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        r = json.loads(output.strip().splitlines()[-1])
+        print(f"{r['config']:<7}{r['batch']:>6}{r['image_tokens']:>8}{r['params_total']:>12,}"
+              f"{r['params_trainable']:>12,}{r['samples_per_s']:>11.2f}{r['s_per_step']:>9.3f}"
+              f"{r['peak_rss_mib']:>14.0f}{r['rss_after_build_mib']:>13.0f}")  # fmt: skip
+
+    sizes = magma_v1_sizes()
+    own = sizes["adapters"] + sizes["image_encoder"] + sizes["projection"]
+    print("\nMAGMA_v1 at full size (meta device): " + ", ".join(f"{k} {v:,}" for k, v in sizes.items()))
+    print(f"adapter export (adapters + image encoder + projection): {own:,} parameters = {own * 2 / 2**30:.2f} GiB in "
+          f"bf16, vs GPT-J {sizes['gptj'] * 2 / 2**30:.2f} GiB")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
