@@ -98,7 +98,7 @@ SIZES = {
         image_size=64,
         encoder_width=16,
         adapter_downsample=4,
-        magma_steps=600,
+        magma_steps=250,
         magma_batch_size=32,
         magma_lr=2e-3,
         sheet_images_per_digit=4,
@@ -657,6 +657,12 @@ def run_demo(output_dir: str | os.PathLike = "demo-output", seed: int = 0, size:
     return metrics
 
 
+def default_threads() -> int:
+    """Tiny models gain little from many threads, and threads that wait for a busy core cost a lot: keep one core for
+    the data loader (MAGMA training decodes and preprocesses images in a worker process)."""
+    return max(1, min(4, (os.cpu_count() or 1) - 1))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", default="demo-output", help="Where everything goes (default: demo-output)")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the data split and of every training run")
@@ -666,8 +672,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads",
         type=int,
-        default=1,
-        help="torch CPU threads (default 1: the models are small, and a second core loads the images)",
+        default=default_threads(),
+        help="torch CPU threads (default: one core fewer than the machine has, at most 4; another core loads the "
+        "images while MAGMA trains)",
     )
 
 
