@@ -189,7 +189,7 @@ def text_corpus(n_documents: int, seed: int) -> list[str]:
 
 def digit_image(pixels: np.ndarray) -> Image.Image:
     """One of scikit-learn's 8x8 scans (ink 0-16) as a grayscale image, dark ink on white paper."""
-    return Image.fromarray((255 - pixels * 255 / 16).round().astype(np.uint8), mode="L")
+    return Image.fromarray((255 - pixels * 255 / 16).round().astype(np.uint8))  # uint8 [8, 8]: mode "L"
 
 
 def build_datasets(data_dir: Path, size: DemoSize, seed: int):
@@ -549,6 +549,17 @@ def prepare_output_dir(output_dir: Path) -> None:
     (output_dir / MARKER).write_text("Written by `magma-hf demo`; a rerun replaces its outputs here.\n")
 
 
+def write_predictions(
+    path: Path, image_paths: list[str], digits: list[int], references: list[str], predictions: dict[str, list[str]]
+) -> None:
+    """One json line per held-out image: its file, digit, reference caption and every generated text about it."""
+    with open(path, "w", encoding="utf-8") as file:
+        for n, image_path in enumerate(image_paths):
+            record = {"image_path": image_path, "digit": digits[n], "reference": references[n]}
+            record.update({name: texts[n] for name, texts in predictions.items()})
+            file.write(json.dumps(record) + "\n")
+
+
 def print_table(metrics: dict) -> None:
     rows = [
         (f"held-out images ({metrics['train_images']} trained on)", f"{metrics['test_images']}"),
@@ -577,8 +588,6 @@ def print_table(metrics: dict) -> None:
 def run_demo(output_dir: str | os.PathLike = "demo-output", seed: int = 0, size: str | DemoSize = "full") -> dict:
     """Run the whole demo; returns the metrics (also written to `output_dir/metrics.json`)."""
     from transformers import set_seed
-
-    import magma_hf  # noqa: F401  (registers MAGMA with the Auto classes)
 
     size = SIZES[size] if isinstance(size, str) else size
     output_dir = Path(output_dir)
@@ -609,9 +618,9 @@ def run_demo(output_dir: str | os.PathLike = "demo-output", seed: int = 0, size:
 
     print("4/5 Evaluating on the held-out images")
     images = [row["image"] for row in test_set]
-    rows = test_set.with_format(None)  # the other columns, without decoding the images again
-    references = [captions[0] for captions in rows["captions"]]
-    digits = [json.loads(metadata)["digit"] for metadata in rows["metadata"]]
+    columns = test_set.with_format(None)  # the other columns, without decoding the images again
+    references = [captions[0] for captions in columns["captions"]]
+    digits = [json.loads(metadata)["digit"] for metadata in columns["metadata"]]
     captions = generate_answers(model, processor, images)
     blind_captions = generate_answers(model, processor, images, blind=True)
     transfer = evaluate_knowledge_transfer(model, processor, images, digits, output_dir / "language-model")
@@ -627,12 +636,9 @@ def run_demo(output_dir: str | os.PathLike = "demo-output", seed: int = 0, size:
     lm_unchanged = lm_unchanged and language_model_unchanged(reloaded, output_dir / "language-model")
     lap("pipeline")
 
-    with open(output_dir / "predictions.jsonl", "w", encoding="utf-8") as file:
-        for n, path in enumerate(rows["image_path"]):
-            record = {"image_path": path, "digit": digits[n], "reference": references[n], "caption": captions[n]}
-            record["blind_caption"] = blind_captions[n]
-            record.update({f"{name}_answer": result["answers"][n] for name, result in transfer.items()})
-            file.write(json.dumps(record) + "\n")
+    predictions = {"caption": captions, "blind_caption": blind_captions}
+    predictions.update({f"{name}_answer": result["answers"] for name, result in transfer.items()})
+    write_predictions(output_dir / "predictions.jsonl", columns["image_path"], digits, references, predictions)
     metrics = {
         "caption_accuracy": accuracy(captions, references),
         "blind_caption_accuracy": accuracy(blind_captions, references),
@@ -680,7 +686,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     std_logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    std_logging.getLogger("magma_hf").setLevel(std_logging.INFO)  # as `magma-hf train`: sample captions, set-up
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
