@@ -22,8 +22,9 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 
+# e.g. make demo DEMO_ARGS="--seed 1 --output-dir demo-output-1"
 demo: $(STAMP)
-	$(BIN)/magma-hf demo
+	$(BIN)/magma-hf demo $(DEMO_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
