@@ -9,7 +9,9 @@ import importlib
 import sys
 
 # command -> (module, one-line help)
-SUBCOMMANDS: dict[str, tuple[str, str]] = {}
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "eval": ("magma_hf.evaluation", "evaluate a MAGMA model on VQA, OK-VQA, GQA or captioning, zero- or few-shot"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
