@@ -126,9 +126,10 @@ def _read_log(path: Path, settings: Mapping[str, Any]) -> dict[str, dict]:
         return {}
     try:
         header = json.loads(lines[0])
-        assert header.get("format") == RESULTS_FORMAT
-    except (json.JSONDecodeError, AssertionError, AttributeError):
-        raise ValueError(f"{path} is not a magma_hf evaluation log; choose another --output or move it") from None
+    except json.JSONDecodeError:
+        header = None
+    if not isinstance(header, dict) or header.get("format") != RESULTS_FORMAT:
+        raise ValueError(f"{path} is not a magma_hf evaluation log; choose another --output or move it")
     differing = {
         k: (header["settings"].get(k), settings[k]) for k in RESUME_KEYS if header["settings"].get(k) != settings[k]
     }
@@ -297,6 +298,11 @@ def evaluate(
                 "other data. Choose another --output."
             )
     elif log_path is not None:
+        if Path(output).exists():  # results whose log is gone: never overwrite them
+            raise ValueError(
+                f"{output} exists but its per-example log {log_path} does not, so the run cannot resume; move "
+                f"{output} away or choose another --output."
+            )
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log_path.write_text(json.dumps({"format": RESULTS_FORMAT, "settings": settings}) + "\n", encoding="utf-8")
 
@@ -416,24 +422,28 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: {error}")
             return 2
     model, processor = load_model_and_processor(args.model, device=args.device, dtype=args.dtype)
-    result = evaluate(
-        args.task,
-        model,
-        processor,
-        data,
-        shots=args.shots,
-        support=support,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        output=output,
-        seed=args.seed,
-        limit=args.limit,
-        split=args.split,
-        support_split=args.support_split,
-        columns=args.columns,
-        prompt_template=args.prompt_template,
-        progress=not args.no_progress,
-    )
+    try:
+        result = evaluate(
+            args.task,
+            model,
+            processor,
+            data,
+            shots=args.shots,
+            support=support,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            output=output,
+            seed=args.seed,
+            limit=args.limit,
+            split=args.split,
+            support_split=args.support_split,
+            columns=args.columns,
+            prompt_template=args.prompt_template,
+            progress=not args.no_progress,
+        )
+    except (ValueError, FileNotFoundError) as error:  # bad data or settings: the message says what to fix
+        print(f"error: {error}")
+        return 2
     print(format_metrics(result))
     print(f"results: {output} (per example: {results_log_path(output)})")
     return 0

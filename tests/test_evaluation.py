@@ -157,6 +157,9 @@ def test_two_shot_resumes_and_batching_does_not_change_answers(vqa_dir, model_an
 
     with pytest.raises(ValueError, match="shots: 2 in the file, 1 now"):
         evaluate("vqa", model, processor, str(vqa_dir), shots=1, output=output)
+    log.unlink()
+    with pytest.raises(ValueError, match="cannot resume"):  # results without their log are never overwritten
+        evaluate("vqa", model, processor, str(vqa_dir), shots=2, output=output)
 
 
 def test_cli_gqa_on_a_hf_dataset_with_a_column_mapping(model_dir, tmp_path, capsys):
