@@ -19,14 +19,14 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/ruff check magma_hf conversion tests
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 
 demo: $(STAMP)
 	$(BIN)/magma-hf demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check magma_hf conversion tests
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV)

@@ -360,6 +360,13 @@ class MagmaForConditionalGeneration(MagmaPreTrainedModel, GenerationMixin):
         self.multi_modal_projector.requires_grad_(True)
         self.vision_tower.requires_grad_(train_image_encoder)
 
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # A frozen encoder stays frozen: its BatchNorm statistics would otherwise still move in training mode.
+        if mode and not any(param.requires_grad for param in self.vision_tower.parameters()):
+            self.vision_tower.eval()
+        return self
+
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
         """See [`MagmaModel.get_image_features`]: embeddings `[n_images, n_tokens, hidden]` in `pooler_output`."""
         return self.model.get_image_features(pixel_values, **kwargs)

@@ -68,28 +68,35 @@ class MagmaProcessor(ProcessorMixin):
             text = self._put_images_in_front(images, text)
         return images, text, videos, audio
 
-    def _put_images_in_front(self, images, text: list[str] | None) -> list[str] | None:
+    def _put_images_in_front(self, images, text: list[str] | None) -> list[str]:
         """MAGMA's layout for text without placeholders: the sample's images come first."""
         if text is None:
             return [self.image_token] * len(make_flat_list_of_images(images))
-        if any(self.image_token in sample for sample in text):
-            return text  # explicit placeholders: counts are checked by `validate_inputs`
-        per_sample = self._images_per_sample(images, len(text))
-        return [self.image_token * count + sample for count, sample in zip(per_sample, text)]
+        per_sample = self._images_per_sample(images, text)
+        if per_sample is None:
+            return text  # explicit placeholders in a flat batch: `validate_inputs` checks the counts
+        return [
+            sample if self.image_token in sample else self.image_token * count + sample
+            for count, sample in zip(per_sample, text)
+        ]
 
-    def _images_per_sample(self, images, n_samples: int) -> list[int]:
+    def _images_per_sample(self, images, text: list[str]) -> list[int] | None:
+        """How many images belong to each text: from nested lists, or one each (or all for a single text)."""
         if isinstance(images, (list, tuple)) and images and isinstance(images[0], (list, tuple)):
-            counts = [len(sample_images) for sample_images in images]
-        else:
-            n_images = len(make_flat_list_of_images(images))
-            counts = [n_images // n_samples] * n_samples if n_samples and n_images % n_samples == 0 else []
-        if len(counts) != n_samples:
-            n_images = len(make_flat_list_of_images(images))
-            raise ValueError(
-                f"Got {n_images} images for {n_samples} texts without {self.image_token}: pass one image (or one list "
-                f"of images) per text, or mark where each image goes with {self.image_token}."
-            )
-        return counts
+            if len(images) != len(text):
+                raise ValueError(f"Got {len(images)} lists of images for {len(text)} texts: pass one list per text")
+            return [len(sample_images) for sample_images in images]
+        if any(self.image_token in sample for sample in text):
+            return None
+        n_images = len(make_flat_list_of_images(images))
+        if len(text) == 1:
+            return [n_images]
+        if n_images == len(text):
+            return [1] * n_images
+        raise ValueError(
+            f"Got {n_images} images for {len(text)} texts without {self.image_token}: pass one image (or one list "
+            f"of images) per text, or mark where each image goes with {self.image_token}."
+        )
 
     def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True, **kwargs):
         """Decode generated ids; image tokens and everything from the first end-of-text on are dropped."""

@@ -20,7 +20,9 @@ CORPUS = [
 ] * 20
 
 
-def make_tokenizer(extra_corpus: list[str] | None = None, vocab_size: int = 320) -> PreTrainedTokenizerFast:
+def make_tokenizer(
+    extra_corpus: list[str] | None = None, vocab_size: int = 320, with_image_token: bool = True
+) -> PreTrainedTokenizerFast:
     """GPT-2 style: byte-level BPE, `<|endoftext|>` as bos/eos/pad, `<|image|>` as the special cls token."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -30,7 +32,8 @@ def make_tokenizer(extra_corpus: list[str] | None = None, vocab_size: int = 320)
     )
     tok.train_from_iterator(CORPUS + (extra_corpus or []), trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS)
-    tokenizer.add_special_tokens({"cls_token": IMAGE})
+    if with_image_token:
+        tokenizer.add_special_tokens({"cls_token": IMAGE})
     return tokenizer
 
 

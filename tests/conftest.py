@@ -1,0 +1,34 @@
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from helpers import make_processor, make_tokenizer, tiny_config  # noqa: E402
+
+from magma_hf import MagmaForConditionalGeneration  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def processor(tokenizer):
+    return make_processor(tokenizer)
+
+
+@pytest.fixture
+def config(tokenizer):
+    return tiny_config(tokenizer)
+
+
+@pytest.fixture
+def model(config):
+    torch.manual_seed(0)
+    return MagmaForConditionalGeneration(config).eval()

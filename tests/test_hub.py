@@ -1,0 +1,183 @@
+"""Auto classes, the saved folder as a Hub repo, trust_remote_code without the package, the pipeline, PEFT export."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import yaml
+from helpers import random_image, tiny_config
+from peft import PeftModel
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    GPTJForCausalLM,
+    pipeline,
+)
+
+from magma_hf import (
+    MagmaConfig,
+    MagmaForConditionalGeneration,
+    MagmaImageProcessor,
+    MagmaImageToTextPipeline,
+    MagmaModel,
+    MagmaProcessor,
+)
+from magma_hf.modeling_magma import gptj_name
+
+GREEDY = {"do_sample": False, "max_new_tokens": 6}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, tokenizer, processor):
+    torch.manual_seed(0)
+    model = MagmaForConditionalGeneration(tiny_config(tokenizer)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".magma_" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    path = tmp_path_factory.mktemp("hub_repo")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path, model
+
+
+def expected_texts(model, processor, image, prompts):
+    texts = []
+    for prompt in prompts:
+        inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+        generated = model.generate(**inputs, **GREEDY)[:, inputs.input_ids.shape[1] :]
+        texts.append(processor.decode(generated[0]))
+    return texts
+
+
+def test_auto_classes_resolve_with_the_package_imported(saved):
+    path, _ = saved
+    assert isinstance(AutoConfig.from_pretrained(path), MagmaConfig)
+    assert type(AutoModel.from_pretrained(path)) is MagmaModel
+    assert type(AutoModelForImageTextToText.from_pretrained(path)) is MagmaForConditionalGeneration
+    assert type(AutoProcessor.from_pretrained(path)) is MagmaProcessor
+    assert type(AutoImageProcessor.from_pretrained(path)) is MagmaImageProcessor
+
+
+def test_saved_folder_is_a_hub_repo(saved):
+    path, _ = saved
+    names = set(os.listdir(path))
+    for module in ("configuration", "modeling", "adapters", "processing", "image_processing", "pipeline", "hub"):
+        assert f"{module}_magma.py" in names
+    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in names)
+    config = json.loads((path / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_magma.MagmaConfig",
+        "AutoModel": "modeling_magma.MagmaModel",
+        "AutoModelForImageTextToText": "modeling_magma.MagmaForConditionalGeneration",
+    }
+    assert config["custom_pipelines"]["image-to-text"]["impl"] == "pipeline_magma.MagmaImageToTextPipeline"
+    processor_config = json.loads((path / "processor_config.json").read_text())
+    assert processor_config["auto_map"]["AutoProcessor"] == "processing_magma.MagmaProcessor"
+    card = (path / "README.md").read_text()
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert metadata["library_name"] == "transformers" and metadata["pipeline_tag"] == "image-to-text"
+    assert metadata["license"] == "mit" and metadata["base_model"] == ["EleutherAI/gpt-j-6b"]
+    generation = json.loads((path / "generation_config.json").read_text())
+    assert (generation["temperature"], generation["top_p"], generation["do_sample"]) == (0.7, 0.9, True)
+
+
+def test_saving_keeps_an_existing_model_card(saved, tmp_path):
+    _, model = saved
+    (tmp_path / "README.md").write_text("my own card")
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "README.md").read_text() == "my own card"
+
+
+REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    sys.modules["magma_hf"] = None  # the package must not be importable here
+    try:
+        import magma_hf  # noqa: F401
+        raise SystemExit("magma_hf is importable")
+    except ImportError:
+        pass
+    import numpy as np
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
+
+    path = sys.argv[1]
+    image = Image.open(sys.argv[2])
+    greedy = {"do_sample": False, "max_new_tokens": 6}
+    model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+    inputs = processor(images=[image], text=["a photo of"], return_tensors="pt")
+    generated = model.generate(**inputs, **greedy)[:, inputs.input_ids.shape[1]:]
+    pipe = pipeline("image-to-text", model=path, trust_remote_code=True)
+    print(json.dumps({
+        "model_module": type(model).__module__,
+        "processor_class": type(processor).__name__,
+        "generate": processor.decode(generated[0]),
+        "caption": pipe(image, generate_kwargs=greedy),
+        "answer": pipe(image, text="Q: What is in the picture? A:", generate_kwargs=greedy),
+    }))
+    """
+)
+
+
+def test_trust_remote_code_works_where_the_package_cannot_be_imported(saved, processor, tmp_path):
+    path, model = saved
+    image = random_image(21)
+    image.save(tmp_path / "image.png")
+    (tmp_path / "remote.py").write_text(REMOTE_SCRIPT)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run(
+        [sys.executable, str(tmp_path / "remote.py"), str(path), str(tmp_path / "image.png")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["model_module"].startswith("transformers_modules.") and out["processor_class"] == "MagmaProcessor"
+    caption, photo_of, answer = expected_texts(
+        model, processor, image, ["", "a photo of", "Q: What is in the picture? A:"]
+    )
+    assert out["generate"] == photo_of
+    assert [item["generated_text"] for item in out["caption"]] == [caption]
+    assert [item["generated_text"] for item in out["answer"]] == [answer]
+    assert len({caption, photo_of, answer}) > 1  # the prompts make a difference
+
+
+def test_pipeline_in_process_captions_and_answers(saved, processor):
+    path, model = saved
+    image = random_image(22)
+    pipe = pipeline("image-to-text", model=str(path), pipeline_class=MagmaImageToTextPipeline)
+    caption, answer = expected_texts(model, processor, image, ["", "Q: What is this? A:"])
+    assert pipe(image, generate_kwargs=GREEDY) == [{"input_text": "", "generated_text": caption}]
+    result = pipe(image, text="Q: What is this? A:", generate_kwargs=GREEDY)
+    assert [item["generated_text"] for item in result] == [answer]
+    full = pipe(image, text="Q: What is this? A:", generate_kwargs=GREEDY, return_full_text=True)
+    assert full[0]["generated_text"] == "Q: What is this? A:" + answer
+    batch = pipe([image, random_image(23)], generate_kwargs=GREEDY)
+    assert len(batch) == 2 and batch[0]["generated_text"] == caption
+
+
+def test_adapters_export_in_peft_format_for_a_stock_gptj(saved, tmp_path):
+    _, model = saved
+    stock = GPTJForCausalLM(model.config.text_config).eval()
+    stock.load_state_dict({gptj_name(name): param for name, param in model.gptj_named_parameters()}, strict=True)
+    model.save_peft_adapter(tmp_path, base_model_name_or_path="tiny-gptj")
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    adapted = PeftModel.from_pretrained(stock, tmp_path).eval()
+    input_ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(adapted(input_ids=input_ids).logits, model(input_ids=input_ids).logits, rtol=0, atol=0)
+    with adapted.disable_adapter():
+        assert not torch.allclose(adapted(input_ids=input_ids).logits, model(input_ids=input_ids).logits)
