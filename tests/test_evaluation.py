@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
+from helpers import make_processor, make_tokenizer, random_image, tiny_config
 
 from magma_hf import MagmaForConditionalGeneration
 from magma_hf.evaluation import build_prompt, clean_generation, evaluate, results_log_path
 from magma_hf.evaluation_data import draw_support, load_eval_set, parse_columns
 from magma_hf.vqa_metrics import gqa_accuracy, vqa_accuracy
-from tests.helpers import make_processor, make_tokenizer, random_image, tiny_config
 
 # (image, question, ten answers, answer type); images 0 and 1 carry two questions each.
 QUESTIONS = [
@@ -239,3 +239,44 @@ def test_data_errors_are_named(vqa_dir, tmp_path):
     (broken / "image_data" / "0" / "1.json").write_text(json.dumps(sample))
     with pytest.raises(ValueError, match="1 of 2 samples were skipped"):
         load_eval_set(broken, "vqa")
+
+
+def test_docs_examples_run(model_dir, tmp_path, monkeypatch):
+    """docs/evaluation.md's Python blocks, in order, on the official VQA file formats and a tiny model."""
+    import re
+    from pathlib import Path
+
+    import datasets
+
+    from magma_hf.caption_metrics import CaptionMetricsUnavailable, check_caption_requirements
+
+    try:
+        check_caption_requirements()
+    except CaptionMetricsUnavailable:
+        pytest.skip("the caption example needs the 'eval' extra and Java")
+    doc = (Path(__file__).parents[1] / "docs" / "evaluation.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
+    assert len(blocks) == 3
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "val2014").mkdir()
+    questions, annotations = [], []
+    for n, (image, question, answers, answer_type) in enumerate(QUESTIONS[:4]):
+        random_image(image).save(tmp_path / "val2014" / f"COCO_val2014_{image:012d}.jpg")
+        questions.append({"question_id": 100 + n, "image_id": image, "question": question})
+        annotations.append({
+            "question_id": 100 + n, "image_id": image, "answer_type": answer_type, "question_type": "what",
+            "multiple_choice_answer": answers[0],
+            "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": k + 1} for k, a in enumerate(answers)],
+        })  # fmt: skip
+    Path("v2_OpenEnded_mscoco_val2014_questions.json").write_text(json.dumps({"questions": questions}))
+    Path("v2_mscoco_val2014_annotations.json").write_text(json.dumps({"annotations": annotations}))
+    coco = {"image": [random_image(30 + n) for n in range(3)], "captions": [["a cat"], ["a dog", "a puppy"], ["a car"]]}
+    datasets.Dataset.from_dict(coco).cast_column("image", datasets.Image()).save_to_disk("data/coco_captions_test")
+
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block.replace('"magma-v1"', f'"{model_dir}"'), "docs/evaluation.md", "exec"), namespace)
+    vqa = json.loads(Path("results/vqa-2shot.json").read_text())
+    assert [r["id"] for r in vqa["examples"]] == [100, 101, 102, 103]
+    assert all(r["prompt"].count("<|image|>") == 3 for r in vqa["examples"])
+    assert namespace["result"]["metrics"]["num_images"] == 3
