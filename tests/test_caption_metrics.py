@@ -56,3 +56,13 @@ def test_missing_package_is_named(monkeypatch):
     monkeypatch.setitem(sys.modules, "pycocoevalcap", None)  # makes `import pycocoevalcap` fail
     with pytest.raises(CaptionMetricsUnavailable, match=r"magma-hf\[eval\]"):
         check_caption_requirements()
+
+
+def test_cli_caption_task_stops_before_loading_anything(monkeypatch, capsys, tmp_path):
+    from magma_hf.cli import main
+
+    pytest.importorskip("pycocoevalcap")
+    monkeypatch.setattr(caption_metrics.shutil, "which", lambda name: None)
+    argv = ["eval", "--task", "caption", "--data", str(tmp_path / "none"), "--model", str(tmp_path / "none")]
+    assert main(argv) == 2
+    assert "Caption metrics need Java" in capsys.readouterr().out

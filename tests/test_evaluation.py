@@ -131,6 +131,9 @@ def test_zero_shot_vqa_output_file(vqa_dir, model_and_processor, tmp_path):
     assert written["metrics"]["num_questions"] == len(QUESTIONS)
     assert set(written["metrics"]["accuracy_per_answer_type"]) == {"other", "yes/no", "number"}
 
+    one_by_one = evaluate("vqa", model, processor, str(vqa_dir), batch_size=1, progress=False)
+    assert _essentials(one_by_one["examples"]) == _essentials(records)
+
 
 def test_two_shot_resumes_and_batching_does_not_change_answers(vqa_dir, model_and_processor, tmp_path):
     model, processor = model_and_processor
@@ -195,8 +198,17 @@ def test_cli_gqa_on_a_hf_dataset_with_a_column_mapping(model_dir, tmp_path, caps
     assert "gqa 0-shot" in capsys.readouterr().out
 
 
+def _skip_without_caption_tool():
+    from magma_hf.caption_metrics import CaptionMetricsUnavailable, check_caption_requirements
+
+    try:
+        check_caption_requirements()
+    except CaptionMetricsUnavailable:
+        pytest.skip("captioning needs the 'eval' extra and Java")
+
+
 def test_caption_task(model_and_processor, tmp_path):
-    pytest.importorskip("pycocoevalcap")
+    _skip_without_caption_tool()
     root = tmp_path / "captions"
     (root / "images" / "0").mkdir(parents=True)
     (root / "image_data" / "0").mkdir(parents=True)
@@ -248,12 +260,7 @@ def test_docs_examples_run(model_dir, tmp_path, monkeypatch):
 
     import datasets
 
-    from magma_hf.caption_metrics import CaptionMetricsUnavailable, check_caption_requirements
-
-    try:
-        check_caption_requirements()
-    except CaptionMetricsUnavailable:
-        pytest.skip("the caption example needs the 'eval' extra and Java")
+    _skip_without_caption_tool()
     doc = (Path(__file__).parents[1] / "docs" / "evaluation.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
     assert len(blocks) == 3
