@@ -272,7 +272,7 @@ def evaluate(
         if shots:
             logger.warning(
                 "No support split given: few-shot examples come from the evaluation data itself (never "
-                "the question itself or its image); the paper drew them from the training split."
+                "the question itself or its image). Pass the training split as support for the usual protocol."
             )
     max_new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task]
     settings = {
