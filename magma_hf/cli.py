@@ -14,6 +14,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "magma_hf.train",
         "Train or finetune MAGMA from a YAML config (original MAGMA keys; Trainer/Accelerate/DeepSpeed)",
     ),
+    "eval": ("magma_hf.evaluation", "Evaluate a MAGMA model on VQA, OK-VQA, GQA or captioning, zero- or few-shot"),
 }
 
 
