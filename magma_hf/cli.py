@@ -9,7 +9,9 @@ import importlib
 import sys
 
 # command -> (module, one-line help)
-SUBCOMMANDS: dict[str, tuple[str, str]] = {}
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "convert": ("magma_hf.convert_magma_checkpoint", "Convert the original MAGMA checkpoint into a model folder"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
