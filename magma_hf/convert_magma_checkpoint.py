@@ -119,9 +119,10 @@ class MagmaConversionError(ValueError):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def resolve_checkpoint(checkpoint: str | os.PathLike) -> Path:
+def resolve_checkpoint(checkpoint: str | os.PathLike, download: bool = True) -> Path | None:
     """A local file, a folder holding `mp_rank_00_model_states.pt` (directly or under DeepSpeed's `latest` tag), or a
-    Hub repo id whose `mp_rank_00_model_states.pt` is downloaded into the Hugging Face cache (with a progress bar)."""
+    Hub repo id whose `mp_rank_00_model_states.pt` is downloaded into the Hugging Face cache (with a progress bar).
+    With `download=False` a Hub repo id gives `None` (checked, not fetched)."""
     path = Path(checkpoint).expanduser()
     if path.is_file():
         return path
@@ -135,6 +136,8 @@ def resolve_checkpoint(checkpoint: str | os.PathLike) -> Path:
         raise MagmaConversionError(f"{path} is a folder without {CHECKPOINT_FILENAME} (looked for {candidates})")
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(checkpoint)) or str(checkpoint).startswith((".", "/")):
         raise MagmaConversionError(f"checkpoint {str(checkpoint)!r} is not an existing file, nor a Hub repo id")
+    if not download:
+        return None
     from huggingface_hub import hf_hub_download
 
     try:
@@ -1039,8 +1042,9 @@ def convert_magma_checkpoint(
     settings = read_magma_settings(magma_config)
     text_overrides = read_json_argument(text_config, "text config")
     vision_overrides = read_json_argument(vision_config, "vision config")
+    local_checkpoint = resolve_checkpoint(checkpoint, download=False)  # a wrong path fails before anything else
     tokenizer = load_tokenizer(tokenizer)
-    checkpoint_path = resolve_checkpoint(checkpoint)
+    checkpoint_path = local_checkpoint or resolve_checkpoint(checkpoint)  # a Hub download only once the rest is fine
     original = load_original_checkpoint(checkpoint_path, allow_unsafe_pickle=allow_unsafe_pickle)
     out_dtype = resolve_dtype(dtype, original.state_dict)
     config = build_magma_config(settings, text_overrides, vision_overrides, tokenizer)

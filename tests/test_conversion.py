@@ -313,6 +313,7 @@ def test_hub_repo_ids_are_downloaded_with_huggingface_hub(tmp_path, monkeypatch)
         return str(path)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    assert resolve_checkpoint("Aleph-Alpha/magma-research", download=False) is None and not calls
     assert resolve_checkpoint("Aleph-Alpha/magma-research") == tmp_path / CHECKPOINT_FILENAME
     assert calls == [("Aleph-Alpha/magma-research", CHECKPOINT_FILENAME)]
 
