@@ -41,7 +41,7 @@ from original_magma import (  # noqa: E402
     rotary_tables,
 )
 
-from magma_hf.convert_magma_checkpoint import CHECKPOINT_FILENAME, MappedPages  # noqa: E402
+from magma_hf.convert_magma_checkpoint import CHECKPOINT_FILENAME, MappedCheckpoint  # noqa: E402
 
 GB = 1e9
 
@@ -91,7 +91,7 @@ def write_synthetic_checkpoint(path: Path, model: OriginalModel) -> int:
         mapped = torch.load(path, mmap=True, weights_only=True)["module"]
     finally:
         torch.serialization.set_default_mmap_options(previous)
-    pages = MappedPages(path)
+    pages = MappedCheckpoint(path)  # closed with the process
     sin, cos = rotary_tables(model)
     causal = torch.ones(model.positions, model.positions, dtype=torch.bool).tril().view(1, 1, *[model.positions] * 2)
     generator = torch.Generator().manual_seed(0)

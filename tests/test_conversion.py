@@ -25,8 +25,9 @@ from magma_hf import MagmaForConditionalGeneration, MagmaProcessor
 from magma_hf.cli import main as cli_main
 from magma_hf.convert_magma_checkpoint import (
     CHECKPOINT_FILENAME,
+    FileSlice,
     MagmaConversionError,
-    MappedPages,
+    MappedCheckpoint,
     convert_magma_checkpoint,
     magma_v1_settings,
     read_magma_settings,
@@ -334,14 +335,20 @@ def test_deepspeed_folders_resolve_through_latest(tmp_path):
         resolve_checkpoint("./no/such.pt")
 
 
-def test_released_pages_read_back_and_memory_outside_the_file_is_never_touched(tmp_path):
+def test_mapped_checkpoint_locates_tensors_in_the_file_and_releases_only_its_pages(tmp_path):
     path = tmp_path / "t.pt"
-    torch.save({"a": torch.arange(5000.0)}, path)
-    mapped = torch.load(path, mmap=True, weights_only=True)["a"]
+    torch.save({"a": torch.arange(5000.0), "b": torch.arange(7, dtype=torch.int64)}, path)
+    loaded = torch.load(path, mmap=True, weights_only=True)
     in_memory = torch.arange(5000.0)
-    pages = MappedPages(path)
-    pages.release(mapped, in_memory)
-    assert torch.equal(mapped, torch.arange(5000.0)) and torch.equal(in_memory, torch.arange(5000.0))
+    with MappedCheckpoint(path) as checkpoint:
+        for tensor in loaded.values():  # the bytes at the reported offset are the tensor's
+            found = checkpoint.slice_of(tensor)
+            with open(path, "rb") as stream:
+                stream.seek(found.offset)
+                assert stream.read(found.nbytes) == tensor.numpy().tobytes()
+        assert checkpoint.slice_of(in_memory) is None
+        checkpoint.release(loaded["a"], in_memory)
+    assert torch.equal(loaded["a"], torch.arange(5000.0)) and torch.equal(in_memory, torch.arange(5000.0))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -515,10 +522,12 @@ def test_existing_output_is_kept_unless_overwrite_and_a_complete_replacement(tmp
 def test_verification_catches_a_corrupted_write(tmp_path, small, tokenizer_dir, monkeypatch):
     write = converter.write_safetensors_file
 
-    def corrupting(path, entries, produce, done=lambda entry, nbytes: None, metadata=None):
+    def corrupting(path, entries, produce, done=lambda entry: None, metadata=None):
         def produce_wrong(entry):
-            tensor = produce(entry)
-            return tensor + 1 if entry.name == "lm_head.bias" else tensor
+            parts = produce(entry)
+            if entry.name != "lm_head.bias":
+                return parts
+            return [(part.tensor if isinstance(part, FileSlice) else part) + 1 for part in parts]
 
         return write(path, entries, produce_wrong, done, metadata)
 
