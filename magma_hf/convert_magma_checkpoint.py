@@ -10,9 +10,9 @@ folder that loads with `from_pretrained`, the Auto classes and the `image-to-tex
     magma-hf convert --checkpoint mp_rank_00_model_states.pt --output magma-v1
 
 - Safe by default: the pickle is read with `torch.load(weights_only=True, mmap=True)`.
-- Memory: the checkpoint stays memory-mapped; tensors are written one at a time, straight into the shard files, and
-  the mapped pages of each tensor are handed back to the kernel once it is written, so the process holds about one
-  tensor (the largest is the 412 MB input embedding) whatever the shard size.
+- Memory and time: the checkpoint stays memory-mapped; tensors are written one at a time straight into the shard files
+  (copied file to file in the kernel where no cast is needed, as `cp` does), and mapped pages are handed back to the
+  kernel once used, so the process holds at most a tensor or two whatever the shard size.
 - Nothing is written unless every tensor is accounted for; the folder is built next to `output` and moved into place
   only when complete (and, with `verify`, checked tensor by tensor against the checkpoint).
 
@@ -58,8 +58,6 @@ from .configuration_magma import DEFAULT_TEXT_CONFIG, MagmaConfig, normalize_ada
 from .image_processing_magma import MagmaImageProcessor
 from .modeling_magma import MagmaForConditionalGeneration
 from .processing_magma import IMAGE_TOKEN, MagmaProcessor
-
-logger = hf_logging.get_logger(__name__)
 
 CHECKPOINT_FILENAME = "mp_rank_00_model_states.pt"  # DeepSpeed's model-states file of model-parallel rank 0
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -731,25 +729,21 @@ def compress_ranges(indices: list[int]) -> str:
 def detect_adapter_config(state_dict: dict[str, torch.Tensor], hidden_size: int) -> dict:
     """The adapter layout that block 0's keys show (for hints when the configs do not match the checkpoint)."""
     found = {}
-    for location, roots in (
-        ("mlp", {"normal": "mlp.1.adapter", "parallel": "mlp.adapter"}),
-        ("attention", {"normal": "attn.adapter", "parallel": "attn.adapter"}),
-    ):
-        for adapter_type, root in roots.items():
-            prefix = f"lm.transformer.h.0.{root}."
-            first = state_dict.get(prefix + "0.weight")
+    block = "lm.transformer.h.0."
+    for location, roots in (("mlp", ("mlp.1.adapter", "mlp.adapter")), ("attention", ("attn.adapter",))):
+        for root in roots:
+            first = state_dict.get(f"{block}{root}.0.weight")
             if first is None:
                 continue
-            if location == "attention":
-                adapter_type = (
-                    "normal"
-                    if "lm.transformer.h.0.attn.attn_block.attention.q_proj.weight" in state_dict
-                    else "parallel"
-                )
-            if adapter_type == "parallel" and f"lm.transformer.h.0.{ADAPTER_SCALE[location]}" in state_dict:
-                adapter_type = "scaled_parallel"
-            add_layernorm = first.dim() == 1
-            down = state_dict.get(prefix + ("1.weight" if add_layernorm else "0.weight"))
+            if location == "mlp":
+                parallel = root == "mlp.adapter"
+            else:
+                parallel = f"{block}attn.attn_block.attention.q_proj.weight" not in state_dict
+            adapter_type = "normal"
+            if parallel:
+                adapter_type = "scaled_parallel" if f"{block}{ADAPTER_SCALE[location]}" in state_dict else "parallel"
+            add_layernorm = first.dim() == 1  # a LayerNorm's weight, not a Linear's
+            down = state_dict.get(f"{block}{root}.{1 if add_layernorm else 0}.weight")
             factor = hidden_size // down.shape[0] if down is not None and down.dim() == 2 and down.shape[0] else None
             found[location] = {
                 "adapter_type": adapter_type,
