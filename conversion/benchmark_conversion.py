@@ -11,7 +11,8 @@
 3. Converts it in a subprocess (`python -m magma_hf convert`, default settings: MAGMA_v1, float16, 2GB shards,
    verification on) and reports its wall time and peak RSS (`ru_maxrss` of that process, from `wait4`).
 
-Needs about 26 GB free in --workdir (checkpoint + copy or output); everything is deleted at the end unless --keep.
+Needs about 26 GB free in --workdir (checkpoint + copy or output); all but results.json is deleted at the end
+unless --keep.
 The tokenizer is a GPT-2-sized stand-in (50257 tokens + <|image|>) built offline: only its size matters here.
 """
 
@@ -239,6 +240,7 @@ def main() -> int:
             for path in (checkpoint, copy):
                 path.unlink(missing_ok=True)
             shutil.rmtree(output, ignore_errors=True)
+            shutil.rmtree(workdir / "tokenizer", ignore_errors=True)
     return 0
 
 

@@ -18,10 +18,10 @@ from helpers import sample_photos
 from original_magma import OriginalMagma, deepspeed_checkpoint, original_state_dict, tiny_original_model
 from safetensors import safe_open
 from test_processing import original_preprocess, photo_variants
-from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
+from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor, pipeline
 
 import magma_hf.convert_magma_checkpoint as converter
-from magma_hf import MagmaForConditionalGeneration, MagmaProcessor
+from magma_hf import MagmaForConditionalGeneration, MagmaModel, MagmaProcessor
 from magma_hf.cli import main as cli_main
 from magma_hf.convert_magma_checkpoint import (
     CHECKPOINT_FILENAME,
@@ -230,6 +230,8 @@ def test_output_is_a_hub_repo_that_loads_with_the_auto_classes_and_the_pipeline(
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(folder)
     assert isinstance(model, MagmaForConditionalGeneration) and isinstance(processor, MagmaProcessor)
+    base, info = AutoModel.from_pretrained(folder, output_loading_info=True)
+    assert isinstance(base, MagmaModel) and not info["missing_keys"]
     assert processor.tokenizer.convert_ids_to_tokens(model.config.image_token_id) == "<|image|>"
     assert processor.tokenizer.model_max_length == 256  # n_positions, as the original set it
 
