@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "Train or finetune MAGMA from a YAML config (original MAGMA keys; Trainer/Accelerate/DeepSpeed)",
     ),
     "eval": ("magma_hf.evaluation", "Evaluate a MAGMA model on VQA, OK-VQA, GQA or captioning, zero- or few-shot"),
+    "convert": ("magma_hf.convert_magma_checkpoint", "Convert the original MAGMA checkpoint into a model folder"),
 }
 
 
