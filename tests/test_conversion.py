@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import sample_photos
+from helpers import original_preprocess, photo_variants, sample_photos
 from original_magma import OriginalMagma, deepspeed_checkpoint, original_state_dict, tiny_original_model
 from safetensors import safe_open
-from test_processing import original_preprocess, photo_variants
 from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor, pipeline
 
 import magma_hf.convert_magma_checkpoint as converter
