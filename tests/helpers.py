@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torchvision.transforms as T
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -83,3 +84,34 @@ def sample_photos() -> list[Image.Image]:
     from sklearn.datasets import load_sample_images
 
     return [Image.fromarray(array) for array in load_sample_images().images]
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def original_preprocess(image: Image.Image, size: int = 384) -> np.ndarray:
+    """MAGMA's clip_preprocess: torchvision on the PIL image."""
+    transform = T.Compose(
+        [
+            T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(size),
+            T.ToTensor(),
+            T.Normalize(CLIP_MEAN, CLIP_STD),
+        ]
+    )
+    return transform(image.convert("RGB")).numpy()
+
+
+def photo_variants() -> list[Image.Image]:
+    """Real photographs cut to several sizes and aspect ratios, odd margins included."""
+    variants = []
+    for photo in sample_photos():
+        variants += [
+            photo,  # 640x427 landscape
+            photo.crop((100, 0, 427, 427)),  # 327x427 portrait
+            photo.crop((13, 7, 600, 300)),  # 587x293 wide
+            photo.crop((0, 0, 387, 391)),  # almost square
+            photo.resize((211, 157), Image.BICUBIC),  # smaller than the crop: upsampled
+        ]
+    return variants

@@ -1,0 +1,537 @@
+"""The converter from the original MAGMA checkpoint: against the original forward pass, the output folder, failures.
+
+Checkpoints are built here in the original layout from the spec (tests/original_magma.py), saved with torch.save in
+DeepSpeed's model-states layout or as a bare state dict, converted, and loaded back with the public API.
+"""
+
+import argparse
+import json
+import os
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import original_preprocess, photo_variants, sample_photos
+from original_magma import OriginalMagma, deepspeed_checkpoint, original_state_dict, tiny_original_model
+from safetensors import safe_open
+from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor, pipeline
+
+import magma_hf.convert_magma_checkpoint as converter
+from magma_hf import MagmaForConditionalGeneration, MagmaModel, MagmaProcessor
+from magma_hf.cli import main as cli_main
+from magma_hf.convert_magma_checkpoint import (
+    CHECKPOINT_FILENAME,
+    FileSlice,
+    MagmaConversionError,
+    MappedCheckpoint,
+    convert_magma_checkpoint,
+    magma_v1_settings,
+    read_magma_settings,
+    resolve_checkpoint,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MLP_V1 = {"mlp": {"adapter_type": "normal", "downsample_factor": 4}}
+V2 = {
+    "mlp": {"adapter_type": "normal", "downsample_factor": 8},
+    "attention": {"adapter_type": "normal", "downsample_factor": 8},
+}
+PARALLEL_LN = {
+    "mlp": {"adapter_type": "parallel", "downsample_factor": 4, "add_layernorm": True},
+    "attention": {"adapter_type": "scaled_parallel", "downsample_factor": 8, "add_layernorm": True},
+}
+SCALED_MLP = {
+    "mlp": {"adapter_type": "scaled_parallel", "downsample_factor": 2},
+    "attention": {"adapter_type": "parallel"},
+}
+# name: (adapter_config, checkpoint dtype, DeepSpeed wrapper, image size, output dtype, max_shard_size)
+LAYOUTS = {
+    "v1-float16-deepspeed": (MLP_V1, torch.float16, True, 384, None, "2GB"),
+    "v2-float32-bare": (V2, torch.float32, False, 64, None, "2GB"),
+    "parallel-layernorm-sharded": (PARALLEL_LN, torch.float32, True, 64, None, "100KB"),
+    "scaled-parallel-to-bfloat16": (SCALED_MLP, torch.float32, True, 64, "bfloat16", "2GB"),
+}
+GREEDY_STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("tokenizer")
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_yaml(folder: Path, adapter_config: dict) -> Path:
+    """An original training YAML: the model keys, plus training keys the converter must ignore."""
+    path = folder / "magma.yml"
+    settings = {
+        "encoder_name": "clip_resnet_large",
+        "adapter_config": adapter_config,
+        "freeze_img_encoder": False,
+        "use_image_embed_layernorm": True,
+        "image_embed_dropout_prob": 0.1,
+        "batch_size": 256,
+        "lr": 8.0e-4,
+    }
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def configs(original) -> dict:
+    """--text-config / --vision-config for a tiny original model."""
+    return {
+        "text_config": {
+            "n_embd": 64,
+            "n_layer": 2,
+            "n_head": 4,
+            "rotary_dim": 8,
+            "n_positions": 256,
+            "vocab_size": original.vocab,
+        },
+        "vision_config": {"layers": [1, 1, 1, 1], "width": 8, "image_size": original.image_size},
+    }
+
+
+def save_checkpoint(folder: Path, state_dict: dict, wrapped: bool = True) -> Path:
+    path = folder / CHECKPOINT_FILENAME
+    torch.save(deepspeed_checkpoint(state_dict) if wrapped else state_dict, path)
+    return path
+
+
+class Conversions:
+    """Each layout converted once per module."""
+
+    def __init__(self, root: Path, tokenizer, tokenizer_dir: Path):
+        self.root, self.tokenizer, self.tokenizer_dir, self.done = root, tokenizer, tokenizer_dir, {}
+
+    def __call__(self, name: str):
+        if name not in self.done:
+            adapters, dtype, wrapped, image_size, out_dtype, shard = LAYOUTS[name]
+            folder = self.root / name
+            folder.mkdir()
+            original = tiny_original_model(len(self.tokenizer), image_size=image_size, adapter_config=adapters)
+            state_dict = original_state_dict(original, dtype, seed=list(LAYOUTS).index(name))
+            checkpoint = save_checkpoint(folder, state_dict, wrapped)
+            report = convert_magma_checkpoint(
+                checkpoint,
+                folder / "converted",
+                magma_config=write_yaml(folder, adapters),
+                tokenizer=self.tokenizer_dir,
+                dtype=out_dtype,
+                max_shard_size=shard,
+                **configs(original),
+            )
+            self.done[name] = (original, state_dict, report)
+        return self.done[name]
+
+
+@pytest.fixture(scope="module")
+def conversions(tmp_path_factory, tokenizer, tokenizer_dir):
+    return Conversions(tmp_path_factory.mktemp("conversions"), tokenizer, tokenizer_dir)
+
+
+def prompt(processor: MagmaProcessor, image_size: int):
+    image = sample_photos()[0]
+    inputs = processor(images=[image], text=["a photo of a"], return_tensors="pt")
+    n_image = (image_size // 32) ** 2
+    assert (inputs.input_ids[0, :n_image] == processor.image_token_id).all()
+    return inputs, inputs.input_ids[:, n_image:]
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_converted_model_matches_the_original_forward_pass(conversions, name):
+    original, state_dict, report = conversions(name)
+    out_dtype = LAYOUTS[name][4]
+    if out_dtype is not None:  # the reference reads the weights as the output stores them
+        state_dict = {k: v.to(getattr(torch, out_dtype)) if v.is_floating_point() else v for k, v in state_dict.items()}
+    reference = OriginalMagma(original, state_dict)
+    model, info = MagmaForConditionalGeneration.from_pretrained(
+        report.output, dtype=torch.float32, output_loading_info=True
+    )
+    assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+    processor = MagmaProcessor.from_pretrained(report.output)
+    inputs, text_ids = prompt(processor, original.image_size)
+
+    with torch.no_grad():
+        logits = model.eval()(**inputs).logits
+    expected = reference.logits(inputs.pixel_values, text_ids)
+    assert logits.shape == expected.shape == (1, inputs.input_ids.shape[1], original.vocab)
+    assert (logits - expected).abs().max() <= 1e-4
+
+    generated = model.generate(**inputs, do_sample=False, max_new_tokens=GREEDY_STEPS)[:, inputs.input_ids.shape[1] :]
+    assert generated.tolist() == reference.greedy(inputs.pixel_values, text_ids, GREEDY_STEPS).tolist()
+
+
+def test_every_tensor_is_written_or_accounted_for(conversions):
+    original, state_dict, report = conversions("v1-float16-deepspeed")
+    n_aliases = sum(key.startswith(("word_embedding.", "transformer.")) for key in state_dict)
+    n_buffers = sum(
+        key.rsplit(".", 1)[-1] in ("bias", "masked_bias", "scale_attn", "sin", "cos") and ".attention." in key
+        for key in state_dict
+        if key.startswith("lm.")
+    )
+    assert report.dropped_aliases == n_aliases > 0
+    assert report.dropped_buffers == n_buffers == 5 * original.layers
+    assert report.tensors == len(state_dict) - n_aliases - n_buffers
+    assert report.verify is not None and report.verify.tensors == report.tensors
+    assert not report.verify.mismatched and report.verify.max_abs_diff == 0
+    assert "all bitwise equal" in str(report)
+
+
+def test_input_embedding_is_padded_with_zero_rows_to_the_head_vocabulary(conversions):
+    original, state_dict, report = conversions("v1-float16-deepspeed")
+    with safe_open(report.output / "model.safetensors", framework="pt") as shard:
+        wte = shard.get_tensor("model.language_model.wte.weight")
+        head = shard.get_tensor("lm_head.weight")
+    source = state_dict["lm.transformer.wte.weight"]
+    assert wte.shape == head.shape[:1] + source.shape[1:] and wte.dtype == torch.float16
+    assert torch.equal(wte[: original.tokens], source)
+    assert not wte[original.tokens :].any()
+
+
+def test_output_is_a_hub_repo_that_loads_with_the_auto_classes_and_the_pipeline(conversions):
+    original, state_dict, report = conversions("v1-float16-deepspeed")
+    folder = report.output
+    names = sorted(os.listdir(folder))
+    for name in (
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "README.md",
+        "modeling_magma.py",
+        "processor_config.json",
+        "tokenizer.json",
+    ):
+        assert name in names
+    for path in folder.iterdir():  # no pickles, whatever their name
+        assert path.suffix not in (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+        head = path.read_bytes()[:2]
+        assert head != b"PK" and (path.suffix == ".safetensors" or head[:1] != b"\x80")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["dtype"] == "float16" and config["model_type"] == "magma"
+    assert config["adapter_config"] == {
+        "mlp": {"adapter_type": "normal", "downsample_factor": 4, "add_layernorm": False}
+    }
+    assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_magma.MagmaForConditionalGeneration"
+    assert "image-to-text" in config["custom_pipelines"]
+    generation = json.loads((folder / "generation_config.json").read_text())
+    assert (generation["do_sample"], generation["temperature"], generation["top_p"], generation["top_k"]) == (
+        True,
+        0.7,
+        0.9,
+        0,
+    )
+    assert "pipeline_tag: image-to-text" in (folder / "README.md").read_text()
+
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(folder)
+    assert isinstance(model, MagmaForConditionalGeneration) and isinstance(processor, MagmaProcessor)
+    base, info = AutoModel.from_pretrained(folder, output_loading_info=True)
+    assert isinstance(base, MagmaModel) and not info["missing_keys"]
+    assert processor.tokenizer.convert_ids_to_tokens(model.config.image_token_id) == "<|image|>"
+    assert processor.tokenizer.model_max_length == 256  # n_positions, as the original set it
+
+    inputs, text_ids = prompt(processor, original.image_size)
+    expected = OriginalMagma(original, state_dict).greedy(inputs.pixel_values, text_ids[:, :0], 4)
+    captioner = pipeline("image-to-text", model=str(folder), trust_remote_code=True, dtype=torch.float32)
+    caption = captioner(sample_photos()[0], generate_kwargs={"do_sample": False, "max_new_tokens": 4})
+    assert caption[0]["generated_text"] == processor.decode(expected[0])
+
+
+def test_written_processor_reproduces_the_original_preprocessing_on_photographs(conversions):
+    _, _, report = conversions("v1-float16-deepspeed")
+    image_processor = AutoProcessor.from_pretrained(report.output).image_processor
+    for image in photo_variants():
+        ours = image_processor(image, return_tensors="np")["pixel_values"][0]
+        assert ours.shape == (3, 384, 384)
+        assert abs(ours - original_preprocess(image, 384)).max() <= 1e-5, image.size
+
+
+def test_sharded_output_has_an_index_covering_every_tensor(conversions):
+    _, _, report = conversions("parallel-layernorm-sharded")
+    index = json.loads((report.output / "model.safetensors.index.json").read_text())
+    assert len(report.shards) > 1 and sorted(set(index["weight_map"].values())) == sorted(report.shards)
+    stored = {}
+    for shard in report.shards:
+        assert (report.output / shard).stat().st_size <= 100_000 + 50_000  # a tensor never splits: small overshoot
+        with safe_open(report.output / shard, framework="pt") as handle:
+            stored.update(dict.fromkeys(handle.keys(), shard))
+    assert stored == index["weight_map"] and len(stored) == report.tensors
+
+
+def test_dtype_cast_keeps_integer_buffers(conversions):
+    _, state_dict, report = conversions("scaled-parallel-to-bfloat16")
+    dtypes = {}
+    for shard in report.shards:
+        with safe_open(report.output / shard, framework="pt") as handle:
+            for name in handle.keys():
+                dtypes[name] = handle.get_slice(name).get_dtype()
+    assert {dtype for name, dtype in dtypes.items() if "num_batches_tracked" not in name} == {"BF16"}
+    assert {dtype for name, dtype in dtypes.items() if "num_batches_tracked" in name} == {"I64"}
+    assert json.loads((report.output / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_command_line_wrapper_converts(tmp_path, tokenizer, tokenizer_dir, monkeypatch, capsys):
+    original = tiny_original_model(len(tokenizer), adapter_config=MLP_V1)
+    checkpoint = save_checkpoint(tmp_path, original_state_dict(original, torch.float16))
+    sizes = configs(original)
+    argv = [
+        "convert_magma_checkpoint.py", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "out"),
+        "--magma-config", str(write_yaml(tmp_path, MLP_V1)), "--text-config", json.dumps(sizes["text_config"]),
+        "--vision-config", json.dumps(sizes["vision_config"]), "--tokenizer", str(tokenizer_dir),
+        "--dtype", "float32", "--max-shard-size", "300000", "--no-verify",
+    ]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO_ROOT / "conversion" / "convert_magma_checkpoint.py"), run_name="__main__")
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "float32" in printed and "verified" not in printed
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["dtype"] == "float32" and config["text_config"]["n_embd"] == 64
+    assert len(list((tmp_path / "out").glob("model-*.safetensors"))) > 1
+
+
+def test_default_magma_config_is_magma_v1():
+    assert (
+        read_magma_settings()
+        == magma_v1_settings()
+        == read_magma_settings(REPO_ROOT / "configuration" / "MAGMA_v1.yml")
+    )
+
+
+def test_hub_repo_ids_are_downloaded_with_huggingface_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    def fake_download(repo_id, filename, **kwargs):
+        calls.append((repo_id, filename))
+        path = tmp_path / filename
+        path.write_bytes(b"")
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    assert resolve_checkpoint("Aleph-Alpha/magma-research", download=False) is None and not calls
+    assert resolve_checkpoint("Aleph-Alpha/magma-research") == tmp_path / CHECKPOINT_FILENAME
+    assert calls == [("Aleph-Alpha/magma-research", CHECKPOINT_FILENAME)]
+
+    def offline(repo_id, filename, **kwargs):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("offline and not in the cache")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(MagmaConversionError, match="magma-research.*LocalEntryNotFoundError: offline"):
+        resolve_checkpoint("Aleph-Alpha/magma-research")
+
+
+def test_deepspeed_folders_resolve_through_latest(tmp_path):
+    (tmp_path / "global_step150000").mkdir()
+    (tmp_path / "global_step150000" / CHECKPOINT_FILENAME).write_bytes(b"")
+    (tmp_path / "latest").write_text("global_step150000\n")
+    assert resolve_checkpoint(tmp_path) == tmp_path / "global_step150000" / CHECKPOINT_FILENAME
+    with pytest.raises(MagmaConversionError, match="is not an existing file"):
+        resolve_checkpoint("./no/such.pt")
+
+
+def test_mapped_checkpoint_locates_tensors_in_the_file_and_releases_only_its_pages(tmp_path):
+    path = tmp_path / "t.pt"
+    torch.save({"a": torch.arange(5000.0), "b": torch.arange(7, dtype=torch.int64)}, path)
+    loaded = torch.load(path, mmap=True, weights_only=True)
+    in_memory = torch.arange(5000.0)
+    with MappedCheckpoint(path) as checkpoint:
+        for tensor in loaded.values():  # the bytes at the reported offset are the tensor's
+            found = checkpoint.slice_of(tensor)
+            with open(path, "rb") as stream:
+                stream.seek(found.offset)
+                assert stream.read(found.nbytes) == tensor.numpy().tobytes()
+        assert checkpoint.slice_of(in_memory) is None
+        checkpoint.release(loaded["a"], in_memory)
+    assert torch.equal(loaded["a"], torch.arange(5000.0)) and torch.equal(in_memory, torch.arange(5000.0))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Failures: a clear message, and nothing written
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small(tokenizer):
+    original = tiny_original_model(len(tokenizer), adapter_config=MLP_V1)
+    return original, original_state_dict(original, torch.float16, seed=7)
+
+
+def convert_small(
+    folder: Path, small, tokenizer_dir, state_dict=None, checkpoint=None, adapter_config=MLP_V1, **kwargs
+):
+    original, default = small
+    if checkpoint is None:
+        checkpoint = save_checkpoint(folder, default if state_dict is None else state_dict)
+    return convert_magma_checkpoint(
+        checkpoint,
+        folder / "out",
+        magma_config=write_yaml(folder, adapter_config),
+        tokenizer=tokenizer_dir,
+        **configs(original),
+        **kwargs,
+    )
+
+
+def assert_fails(folder: Path, pattern: str, run) -> str:
+    with pytest.raises(MagmaConversionError, match=pattern) as error:
+        run()
+    assert not (folder / "out").exists() or (folder / "out" / "mine.txt").is_file()  # nothing written or replaced
+    assert not [name for name in os.listdir(folder) if name.startswith(".")]  # no temporary folder left behind
+    return str(error.value)
+
+
+def edited(small, edit):
+    state_dict = dict(small[1])
+    edit(state_dict)
+    return state_dict
+
+
+def test_missing_key(tmp_path, small, tokenizer_dir):
+    state_dict = edited(small, lambda sd: sd.pop("lm.transformer.h.1.ln_1.bias"))
+    message = assert_fails(
+        tmp_path, "1 missing tensors", lambda: convert_small(tmp_path, small, tokenizer_dir, state_dict)
+    )
+    assert "lm.transformer.h.1.ln_1.bias" in message and "nothing was written" in message
+
+
+def test_unexpected_key(tmp_path, small, tokenizer_dir):
+    state_dict = edited(small, lambda sd: sd.update({"image_prefix.enc.attnpool.c_proj.weight": torch.zeros(2, 2)}))
+    message = assert_fails(tmp_path, "1 unexpected", lambda: convert_small(tmp_path, small, tokenizer_dir, state_dict))
+    assert "image_prefix.enc.attnpool.c_proj.weight" in message
+
+
+def test_wrong_shape(tmp_path, small, tokenizer_dir):
+    state_dict = edited(
+        small, lambda sd: sd.update({"image_prefix.proj.weight": torch.zeros(64, 128, dtype=torch.float16)})
+    )
+    message = assert_fails(
+        tmp_path, "shapes that disagree", lambda: convert_small(tmp_path, small, tokenizer_dir, state_dict)
+    )
+    assert "image_prefix.proj.weight: [64, 128]; the configs give [64, 256]" in message
+
+
+def test_alias_that_differs_from_its_original(tmp_path, small, tokenizer_dir):
+    def edit(sd):
+        sd["transformer.0.mlp.0.c_fc.bias"] = sd["transformer.0.mlp.0.c_fc.bias"] + 1
+
+    state_dict = edited(small, edit)
+    message = assert_fails(tmp_path, "alias", lambda: convert_small(tmp_path, small, tokenizer_dir, state_dict))
+    assert "transformer.0.mlp.0.c_fc.bias differs from lm.transformer.h.0.mlp.0.c_fc.bias" in message
+
+
+def test_buffer_that_does_not_hold_what_it_should(tmp_path, small, tokenizer_dir):
+    def edit(sd):
+        sd["lm.transformer.h.0.attn.attention.scale_attn"] = torch.tensor(8.0, dtype=torch.float16)
+        sd["lm.transformer.h.1.attn.attention.bias"] = torch.ones_like(sd["lm.transformer.h.1.attn.attention.bias"])
+
+    state_dict = edited(small, edit)
+    message = assert_fails(
+        tmp_path, "buffers that do not hold", lambda: convert_small(tmp_path, small, tokenizer_dir, state_dict)
+    )
+    assert "h.0.attn.attention.scale_attn expected the scalar sqrt(head size 16) = 4; got [8.0]" in message
+    assert "h.1.attn.attention.bias is not the lower-triangular causal mask" in message
+
+
+def test_adapter_layout_mismatch_names_the_keys_and_the_layout_found(tmp_path, small, tokenizer_dir):
+    message = assert_fails(
+        tmp_path, "missing", lambda: convert_small(tmp_path, small, tokenizer_dir, adapter_config=V2)
+    )
+    assert "lm.transformer.h.{0-1}.attn.attn_block.attention.q_proj.weight" in message  # grouped over the blocks
+    assert "lm.transformer.h.{0-1}.attn.attention.q_proj.weight" in message  # unexpected: the checkpoint's name
+    assert "look like adapter_config {'mlp': {'adapter_type': 'normal', 'downsample_factor': 4" in message
+
+
+def test_truncated_download(tmp_path, small, tokenizer_dir):
+    checkpoint = save_checkpoint(tmp_path, small[1])
+    data = checkpoint.read_bytes()
+    checkpoint.write_bytes(data[: len(data) // 2])
+    message = assert_fails(
+        tmp_path, "truncated", lambda: convert_small(tmp_path, small, tokenizer_dir, checkpoint=checkpoint)
+    )
+    assert str(checkpoint) in message
+
+
+def test_html_page_saved_as_the_checkpoint(tmp_path, small, tokenizer_dir):
+    checkpoint = tmp_path / CHECKPOINT_FILENAME
+    checkpoint.write_text("<!DOCTYPE html><html><body>Google Drive can't scan this file for viruses</body></html>")
+    assert_fails(tmp_path, "HTML page", lambda: convert_small(tmp_path, small, tokenizer_dir, checkpoint=checkpoint))
+
+
+class RunsCode:
+    """A pickled object whose unpickling creates a folder: what weights-only loading must refuse to do."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
+def test_unsafe_pickle_is_refused_unless_allowed(tmp_path, small, tokenizer_dir):
+    marker = tmp_path / "code-ran"
+    checkpoint = tmp_path / CHECKPOINT_FILENAME
+    torch.save({**deepspeed_checkpoint(small[1]), "config": RunsCode(str(marker))}, checkpoint)
+    message = assert_fails(
+        tmp_path,
+        "weights-only loading refuses: os.makedirs",
+        lambda: convert_small(tmp_path, small, tokenizer_dir, checkpoint=checkpoint),
+    )
+    assert "--allow-unsafe-pickle" in message and not marker.exists()
+
+    report = convert_small(tmp_path, small, tokenizer_dir, checkpoint=checkpoint, allow_unsafe_pickle=True)
+    assert marker.exists() and report.verify.tensors == report.tensors
+
+
+def test_namespace_in_the_bookkeeping_loads_weights_only(tmp_path, small, tokenizer_dir):
+    checkpoint = tmp_path / CHECKPOINT_FILENAME
+    torch.save({**deepspeed_checkpoint(small[1]), "args": argparse.Namespace(deepspeed=True, local_rank=0)}, checkpoint)
+    report = convert_small(tmp_path, small, tokenizer_dir, checkpoint=checkpoint, verify=False)
+    assert report.tensors > 0 and (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_existing_output_is_kept_unless_overwrite_and_a_complete_replacement(tmp_path, small, tokenizer_dir, capsys):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "mine.txt").write_text("keep me")
+    checkpoint = save_checkpoint(tmp_path, small[1])
+    assert_fails(tmp_path, "exists and is not empty", lambda: convert_small(tmp_path, small, tokenizer_dir))
+    assert (output / "mine.txt").read_text() == "keep me"
+
+    exit_code = cli_main(
+        ["convert", "--checkpoint", str(checkpoint), "--output", str(output), "--tokenizer", str(tokenizer_dir)]
+    )
+    assert exit_code == 1 and "--overwrite" in capsys.readouterr().err
+    assert (output / "mine.txt").read_text() == "keep me"
+
+    # --overwrite with a conversion that fails: the old folder is still all there
+    broken = edited(small, lambda sd: sd.pop("lm.lm_head.bias"))
+    assert_fails(tmp_path, "missing", lambda: convert_small(tmp_path, small, tokenizer_dir, broken, overwrite=True))
+    assert sorted(os.listdir(output)) == ["mine.txt"]
+
+    report = convert_small(tmp_path, small, tokenizer_dir, overwrite=True)
+    assert report.output == output and not (output / "mine.txt").exists() and (output / "config.json").is_file()
+    assert sorted(os.listdir(tmp_path)) == sorted([CHECKPOINT_FILENAME, "magma.yml", "out"])
+
+
+def test_verification_catches_a_corrupted_write(tmp_path, small, tokenizer_dir, monkeypatch):
+    write = converter.write_safetensors_file
+
+    def corrupting(path, entries, produce, done=lambda entry: None, metadata=None):
+        def produce_wrong(entry):
+            parts = produce(entry)
+            if entry.name != "lm_head.bias":
+                return parts
+            return [(part.tensor if isinstance(part, FileSlice) else part) + 1 for part in parts]
+
+        return write(path, entries, produce_wrong, done, metadata)
+
+    monkeypatch.setattr(converter, "write_safetensors_file", corrupting)
+    message = assert_fails(tmp_path, "verification failed", lambda: convert_small(tmp_path, small, tokenizer_dir))
+    assert "lm_head.bias" in message

@@ -1,0 +1,289 @@
+"""The evaluation harness end to end on a tiny random MAGMA: prompts, output files, resumption, batching."""
+
+import json
+
+import pytest
+import torch
+from helpers import make_processor, make_tokenizer, random_image, tiny_config
+
+from magma_hf import MagmaForConditionalGeneration
+from magma_hf.evaluation import build_prompt, clean_generation, evaluate, results_log_path
+from magma_hf.evaluation_data import draw_support, load_eval_set, parse_columns
+from magma_hf.vqa_metrics import gqa_accuracy, vqa_accuracy
+
+# (image, question, ten answers, answer type); images 0 and 1 carry two questions each.
+QUESTIONS = [
+    (0, "What is in the picture?", ["a cat"] * 6 + ["cat"] * 4, "other"),
+    (0, "Is it red?", ["yes"] * 10, "yes/no"),
+    (1, "How many dogs?", ["two"] * 5 + ["2"] * 5, "number"),
+    (1, "Is it a beach?", ["no"] * 7 + ["yes"] * 3, "yes/no"),
+    (2, "What is the number?", ["seven"] * 10, "other"),
+    (3, "What are they riding?", ["bicycles"] * 8 + ["bikes"] * 2, "other"),
+    (4, "Is it night?", ["yes"] * 9 + ["no"], "yes/no"),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models run far faster single-threaded on a shared 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    tokenizer = make_tokenizer()
+    # Larger weights than the default init: answers then differ from question to question and image to image.
+    model = MagmaForConditionalGeneration(tiny_config(tokenizer, text_config={"initializer_range": 0.3})).eval()
+    path = tmp_path_factory.mktemp("model")
+    model.save_pretrained(path)
+    make_processor(tokenizer).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_and_processor(model_dir):
+    from magma_hf.evaluation import load_model_and_processor
+
+    return load_model_and_processor(model_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def vqa_dir(tmp_path_factory):
+    """A VQA-style dataset in the original layout: images/0/*.png, image_data/0/*.json with the QA in metadata."""
+    root = tmp_path_factory.mktemp("vqa")
+    (root / "images" / "0").mkdir(parents=True)
+    (root / "image_data" / "0").mkdir(parents=True)
+    for image in {q[0] for q in QUESTIONS}:
+        random_image(image).save(root / "images" / "0" / f"img{image}.png")
+    for n, (image, question, answers, answer_type) in enumerate(QUESTIONS):
+        sample = {
+            "image_path": f"images/0/img{image}.png",
+            "captions": [f"Q: {question} A: {answers[0]}"],
+            "metadata": {
+                "question": question,
+                "answers": answers,
+                "question_id": 100 + n,
+                "image_id": image,
+                "answer_type": answer_type,
+            },
+        }
+        (root / "image_data" / "0" / f"{n}.json").write_text(json.dumps(sample))
+    return root
+
+
+def _essentials(records):
+    return [(r["id"], r["prompt"], r["answer"], r["score"], r["support_ids"]) for r in records]
+
+
+def test_prompts():
+    assert build_prompt("vqa", "Is it red?", []) == "<|image|>Q: Is it red? A:"
+    assert (
+        build_prompt("okvqa", "Is it red?", [("What is it?", "a cat"), ("How many?", "2")])
+        == "<|image|>Q: What is it? A: a cat\n<|image|>Q: How many? A: 2\n<|image|>Q: Is it red? A:"
+    )
+    assert build_prompt("caption", "", [("", "a dog on a beach")]) == "<|image|>a dog on a beach\n<|image|>"
+    assert (
+        build_prompt("caption", "", [("", "a dog")], "A picture of")
+        == "<|image|>A picture of a dog\n<|image|>A picture of"
+    )
+    assert clean_generation(" yes\nQ: what") == "yes"
+    assert clean_generation("\n yes") == ""
+
+
+def test_support_draw_is_seeded_and_excludes_the_query(vqa_dir):
+    eval_set = load_eval_set(vqa_dir, "vqa")
+    assert eval_set.ids == [100 + n for n in range(len(QUESTIONS))]
+    assert eval_set.targets[0] == "a cat" and eval_set.targets[2] in ("two", "2")  # most common human answer
+    for query in range(len(eval_set)):
+        rows = draw_support(eval_set, 3, 0, eval_set.ids[query], eval_set.image_keys[query], exclude_query=True)
+        assert rows == draw_support(eval_set, 3, 0, eval_set.ids[query], eval_set.image_keys[query], True)
+        assert len(set(rows)) == 3 and query not in rows
+        assert all(eval_set.image_keys[r] != eval_set.image_keys[query] for r in rows)
+    draws = {tuple(draw_support(eval_set, 2, seed, 100)) for seed in range(10)}
+    assert len(draws) > 1  # the seed matters
+    with pytest.raises(ValueError, match="only 5 usable"):
+        draw_support(eval_set, 6, 0, 100, eval_set.image_keys[0], exclude_query=True)
+
+
+def test_zero_shot_vqa_output_file(vqa_dir, model_and_processor, tmp_path):
+    model, processor = model_and_processor
+    output = tmp_path / "zero.json"
+    result = evaluate("vqa", model, processor, str(vqa_dir), batch_size=3, output=output, progress=False)
+
+    lines = results_log_path(output).read_text().splitlines()
+    header, records = json.loads(lines[0]), [json.loads(line) for line in lines[1:]]
+    assert header["settings"]["shots"] == 0 and header["settings"]["task"] == "vqa"
+    assert [r["id"] for r in records] == [100 + n for n in range(len(QUESTIONS))]
+    for record, (_, question, answers, _) in zip(records, QUESTIONS):
+        assert record["prompt"] == f"<|image|>Q: {question} A:"
+        assert "\n" not in record["answer"] and record["answer"] == record["answer"].strip()
+        assert record["score"] == vqa_accuracy(record["answer"], answers)
+        assert record["references"] == answers and record["support_ids"] == []
+
+    written = json.loads(output.read_text())
+    assert written["examples"] == records == result["examples"]
+    scores = [r["score"] for r in records]
+    assert written["metrics"]["accuracy"] == pytest.approx(100 * sum(scores) / len(scores))
+    assert written["metrics"]["num_questions"] == len(QUESTIONS)
+    assert set(written["metrics"]["accuracy_per_answer_type"]) == {"other", "yes/no", "number"}
+
+    one_by_one = evaluate("vqa", model, processor, str(vqa_dir), batch_size=1, progress=False)
+    assert _essentials(one_by_one["examples"]) == _essentials(records)
+
+
+def test_two_shot_resumes_and_batching_does_not_change_answers(vqa_dir, model_and_processor, tmp_path):
+    model, processor = model_and_processor
+    reference = evaluate("vqa", model, processor, str(vqa_dir), shots=2, batch_size=1, output=tmp_path / "ref.json")
+    for record in reference["examples"]:
+        assert record["prompt"].count("<|image|>") == 3 and record["prompt"].endswith(" A:")
+        assert len(record["support_ids"]) == 2 and record["id"] not in record["support_ids"]
+        for support_id in record["support_ids"]:
+            _, question, answers, _ = QUESTIONS[support_id - 100]
+            assert f"Q: {question} A: {max(answers, key=answers.count)}\n" in record["prompt"]
+
+    # Interrupted after 3 questions (and killed while writing a 4th line), then started again, batched by 4.
+    output = tmp_path / "resumed.json"
+    partial = evaluate("vqa", model, processor, str(vqa_dir), shots=2, batch_size=4, output=output, limit=3)
+    assert len(partial["examples"]) == 3
+    log = results_log_path(output)
+    with open(log, "a") as file:
+        file.write('{"id": 103, "prompt": "<|ima')
+    resumed = evaluate("vqa", model, processor, str(vqa_dir), shots=2, batch_size=4, output=output)
+
+    assert _essentials(resumed["examples"]) == _essentials(reference["examples"])
+    assert resumed["metrics"] == reference["metrics"]
+    assert len(log.read_text().splitlines()) == 1 + len(QUESTIONS)  # the torn line is gone, nothing doubled
+
+    with pytest.raises(ValueError, match="shots: 2 in the file, 1 now"):
+        evaluate("vqa", model, processor, str(vqa_dir), shots=1, output=output)
+    log.unlink()
+    with pytest.raises(ValueError, match="cannot resume"):  # results without their log are never overwritten
+        evaluate("vqa", model, processor, str(vqa_dir), shots=2, output=output)
+
+
+def test_cli_gqa_on_a_hf_dataset_with_a_column_mapping(model_dir, tmp_path, capsys):
+    import datasets
+
+    from magma_hf.cli import main
+
+    rows = {
+        "img": [random_image(10 + n) for n in range(3)],
+        "q": ["Is it red?", "What is it?", "How many?"],
+        "a": ["yes", "a table", "two"],
+        "qid": ["g1", "g2", "g3"],
+    }
+    datasets.Dataset.from_dict(rows).cast_column("img", datasets.Image()).save_to_disk(str(tmp_path / "gqa"))
+    output = tmp_path / "gqa.json"
+    argv = [
+        "eval",
+        "--task",
+        "gqa",
+        "--data",
+        str(tmp_path / "gqa"),
+        "--model",
+        str(model_dir),
+        "--output",
+        str(output),
+    ]
+    argv += ["--columns", "image=img,question=q,answers=a,question_id=qid", "--batch-size", "2", "--no-progress"]
+    assert main(argv) == 0
+    result = json.loads(output.read_text())
+    assert [r["id"] for r in result["examples"]] == ["g1", "g2", "g3"]
+    for record, answer in zip(result["examples"], rows["a"]):
+        assert record["score"] == gqa_accuracy(record["answer"], answer)
+    assert "gqa 0-shot" in capsys.readouterr().out
+
+
+def _skip_without_caption_tool():
+    from magma_hf.caption_metrics import CaptionMetricsUnavailable, check_caption_requirements
+
+    try:
+        check_caption_requirements()
+    except CaptionMetricsUnavailable:
+        pytest.skip("captioning needs the 'eval' extra and Java")
+
+
+def test_caption_task(model_and_processor, tmp_path):
+    _skip_without_caption_tool()
+    root = tmp_path / "captions"
+    (root / "images" / "0").mkdir(parents=True)
+    (root / "image_data" / "0").mkdir(parents=True)
+    captions = [["a cat on a red sofa", "a cat"], ["a dog on the beach"], ["two people riding bicycles"], ["a house"]]
+    for n, references in enumerate(captions):
+        random_image(20 + n).save(root / "images" / "0" / f"{n}.png")
+        sample = {"image_path": f"images/0/{n}.png", "captions": references, "metadata": {"image_id": f"im{n}"}}
+        (root / "image_data" / "0" / f"{n}.json").write_text(json.dumps(sample))
+    model, processor = model_and_processor
+    result = evaluate("caption", model, processor, str(root), shots=1, batch_size=2, progress=False)
+    metrics = result["metrics"]
+    assert set(metrics) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr-D", "num_images"}
+    assert metrics["num_images"] == 4
+    for record, references in zip(result["examples"], captions):
+        assert record["references"] == references
+        assert record["prompt"].count("<|image|>") == 2 and record["prompt"].endswith("\n<|image|>")
+        shown = captions[int(record["support_ids"][0][2:])][0]  # a support example shows its first caption
+        assert record["prompt"] == f"<|image|>{shown}\n<|image|>"
+        assert set(record["score"]) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr-D"}
+
+
+def test_data_errors_are_named(vqa_dir, tmp_path):
+    import datasets
+
+    with pytest.raises(ValueError, match="Unknown field"):
+        parse_columns("picture=img")
+    dataset = datasets.Dataset.from_dict({"image": [random_image(0)], "query": ["Is it red?"], "answers": [["yes"]]})
+    with pytest.raises(ValueError, match="no 'question' column"):
+        load_eval_set(dataset, "vqa")
+    assert load_eval_set(dataset, "vqa", columns={"question": "query"}).prompts == ["Is it red?"]
+    with pytest.raises(ValueError, match="one answer per question"):
+        load_eval_set(dataset.map(lambda row: {"answers": ["yes", "no"]}), "gqa", columns="question=query")
+
+    broken = tmp_path / "broken"
+    (broken / "image_data" / "0").mkdir(parents=True)
+    (broken / "image_data" / "0" / "0.json").write_text((vqa_dir / "image_data" / "0" / "0.json").read_text())
+    (broken / "images").symlink_to(vqa_dir / "images")
+    sample = json.loads((vqa_dir / "image_data" / "0" / "1.json").read_text())
+    sample["captions"] = []  # the reader drops samples without captions: evaluation must not lose them silently
+    (broken / "image_data" / "0" / "1.json").write_text(json.dumps(sample))
+    with pytest.raises(ValueError, match="1 of 2 samples were skipped"):
+        load_eval_set(broken, "vqa")
+
+
+def test_docs_examples_run(model_dir, tmp_path, monkeypatch):
+    """docs/evaluation.md's Python blocks, in order, on the official VQA file formats and a tiny model."""
+    import re
+    from pathlib import Path
+
+    import datasets
+
+    _skip_without_caption_tool()
+    doc = (Path(__file__).parents[1] / "docs" / "evaluation.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
+    assert len(blocks) == 3
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "val2014").mkdir()
+    questions, annotations = [], []
+    for n, (image, question, answers, answer_type) in enumerate(QUESTIONS[:4]):
+        random_image(image).save(tmp_path / "val2014" / f"COCO_val2014_{image:012d}.jpg")
+        questions.append({"question_id": 100 + n, "image_id": image, "question": question})
+        annotations.append({
+            "question_id": 100 + n, "image_id": image, "answer_type": answer_type, "question_type": "what",
+            "multiple_choice_answer": answers[0],
+            "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": k + 1} for k, a in enumerate(answers)],
+        })  # fmt: skip
+    Path("v2_OpenEnded_mscoco_val2014_questions.json").write_text(json.dumps({"questions": questions}))
+    Path("v2_mscoco_val2014_annotations.json").write_text(json.dumps({"annotations": annotations}))
+    coco = {"image": [random_image(30 + n) for n in range(3)], "captions": [["a cat"], ["a dog", "a puppy"], ["a car"]]}
+    datasets.Dataset.from_dict(coco).cast_column("image", datasets.Image()).save_to_disk("data/coco_captions_test")
+
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block.replace('"magma-v1"', f'"{model_dir}"'), "docs/evaluation.md", "exec"), namespace)
+    vqa = json.loads(Path("results/vqa-2shot.json").read_text())
+    assert [r["id"] for r in vqa["examples"]] == [100, 101, 102, 103]
+    assert all(r["prompt"].count("<|image|>") == 3 for r in vqa["examples"])
+    assert namespace["result"]["metrics"]["num_images"] == 3
