@@ -39,7 +39,13 @@ def _register_auto_classes() -> None:
     AutoConfig.register(MagmaVisionConfig.model_type, MagmaVisionConfig, exist_ok=True)
     AutoModel.register(MagmaConfig, MagmaModel, exist_ok=True)
     AutoModelForImageTextToText.register(MagmaConfig, MagmaForConditionalGeneration, exist_ok=True)
-    AutoImageProcessor.register(MagmaConfig, image_processor_classes={"pil": MagmaImageProcessor}, exist_ok=True)
+    # One image processor, the faithful PIL one, whichever backend is asked for (transformers asks for torchvision
+    # first, and would warn about falling back).
+    AutoImageProcessor.register(
+        MagmaConfig,
+        image_processor_classes={"pil": MagmaImageProcessor, "torchvision": MagmaImageProcessor},
+        exist_ok=True,
+    )
     AutoProcessor.register(MagmaConfig, MagmaProcessor, exist_ok=True)
     # Saved folders carry the code and an `auto_map`, so they load with trust_remote_code without this package.
     MagmaConfig.register_for_auto_class()

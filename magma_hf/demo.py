@@ -32,7 +32,6 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -350,25 +349,6 @@ def magma_training_config(size: DemoSize, seed: int, output_dir: Path) -> dict:
     }
 
 
-class _DropLoadReport(std_logging.Filter):
-    """The GPT-J weights load into a new MAGMA whose encoder, projection and adapters are new by intent; transformers'
-    list of those "missing" weights (a hundred lines) would bury the demo's output."""
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        return "LOAD REPORT" not in record.getMessage()
-
-
-@contextmanager
-def _without_load_report():
-    logger = std_logging.getLogger("transformers.modeling_utils")
-    report_filter = _DropLoadReport()
-    logger.addFilter(report_filter)
-    try:
-        yield
-    finally:
-        logger.removeFilter(report_filter)
-
-
 def train_magma(size: DemoSize, seed: int, output_dir: Path):
     """Train MAGMA as `magma-hf train output_dir/train_config.yml` would; returns the trainer."""
     import yaml
@@ -377,8 +357,7 @@ def train_magma(size: DemoSize, seed: int, output_dir: Path):
 
     values = magma_training_config(size, seed, output_dir)
     (output_dir / "train_config.yml").write_text(yaml.safe_dump(values, sort_keys=False))
-    with _without_load_report():
-        return train(MagmaTrainingConfig.from_dict(values))
+    return train(MagmaTrainingConfig.from_dict(values))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

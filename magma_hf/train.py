@@ -21,6 +21,7 @@ import json
 import logging as std_logging
 import os
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -450,10 +451,14 @@ def _new_model(config: MagmaTrainingConfig):
         visual = open_clip_visual_state_dict(open_clip_name, pretrained)
         state_dict.update({f"model.vision_tower.{k}": v for k, v in visual.items()})
     if state_dict:
-        model = MagmaForConditionalGeneration.from_pretrained(
-            None, config=magma_config, state_dict=state_dict, dtype=config.lm_dtype or "float32"
-        )
+        # Built on the meta device and filled from `state_dict`: no second copy of GPT-J, no random init of it.
+        with _without_load_report():
+            model = MagmaForConditionalGeneration.from_pretrained(
+                None, config=magma_config, state_dict=state_dict, dtype=config.lm_dtype or "float32"
+            )
         _check_loaded(model, state_dict)
+        n_new = sum(1 for name in model.state_dict() if name not in state_dict)
+        logger.info(f"Loaded {len(state_dict)} pretrained tensors; initialised {n_new} new ones (adapters, projection)")
     else:
         model = MagmaForConditionalGeneration(magma_config)
     image_processor = MagmaImageProcessor(image_size=magma_config.vision_config.image_size)
@@ -484,6 +489,25 @@ def _check_model_config(options: dict) -> None:
     unknown = sorted(set(options.get("vision_config") or {}) - set(VISION_CONFIG_KEYS))
     if unknown:
         raise ValueError(f"Unknown model_config.vision_config keys {unknown}; expected {list(VISION_CONFIG_KEYS)}")
+
+
+class _DropLoadReport(std_logging.Filter):
+    """A new MAGMA's encoder, projection and adapters are new by intent: transformers' load report would list each
+    of them as "missing" (a hundred lines); `_check_loaded` checks what matters instead."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
+@contextmanager
+def _without_load_report():
+    transformers_logger = std_logging.getLogger("transformers.modeling_utils")
+    report_filter = _DropLoadReport()
+    transformers_logger.addFilter(report_filter)
+    try:
+        yield
+    finally:
+        transformers_logger.removeFilter(report_filter)
 
 
 def _check_loaded(model, state_dict: dict) -> None:
