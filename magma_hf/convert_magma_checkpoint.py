@@ -57,7 +57,7 @@ from transformers.utils import logging as hf_logging
 from .configuration_magma import DEFAULT_TEXT_CONFIG, MagmaConfig, normalize_adapter_config
 from .image_processing_magma import MagmaImageProcessor
 from .modeling_magma import MagmaForConditionalGeneration
-from .processing_magma import IMAGE_TOKEN, MagmaProcessor
+from .processing_magma import IMAGE_TOKEN, MagmaProcessor, add_magma_special_tokens
 
 CHECKPOINT_FILENAME = "mp_rank_00_model_states.pt"  # DeepSpeed's model-states file of model-parallel rank 0
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -229,11 +229,7 @@ def load_tokenizer(tokenizer: str | os.PathLike | Any = "gpt2"):
                 f"cannot load the tokenizer {str(tokenizer)!r} ({type(error).__name__}: {error}); pass --tokenizer "
                 "with a local folder holding GPT-2's tokenizer files"
             ) from error
-    if IMAGE_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"cls_token": IMAGE_TOKEN})
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # MAGMA padded with <|endoftext|>
-    return tokenizer
+    return add_magma_special_tokens(tokenizer)
 
 
 def build_magma_config(settings: dict[str, Any], text_config: dict, vision_config: dict, tokenizer) -> MagmaConfig:

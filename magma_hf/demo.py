@@ -42,7 +42,6 @@ from tqdm.auto import tqdm
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 EOS = "<|endoftext|>"
-IMAGE = "<|image|>"
 VOCAB_SIZE = 400  # the corpus has a few dozen words: every one of them becomes a token
 LM_BLOCK_SIZE = 64  # tokens per pretraining sequence, and the language model's context
 MARKER = ".magma-demo"  # marks a folder this command wrote, so that a rerun may replace its outputs
@@ -242,6 +241,8 @@ def train_tokenizer(corpus: list[str]):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    from .processing_magma import add_magma_special_tokens
+
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -253,9 +254,7 @@ def train_tokenizer(corpus: list[str]):
     )
     tokenizer.train_from_iterator(corpus, trainer)
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=EOS, eos_token=EOS, unk_token=EOS)
-    wrapped.add_special_tokens({"cls_token": IMAGE})
-    wrapped.pad_token = EOS
-    return wrapped
+    return add_magma_special_tokens(wrapped)
 
 
 def pack_corpus(corpus: list[str], tokenizer, block_size: int) -> list[list[int]]:

@@ -33,11 +33,11 @@ from typing import Any
 import torch
 
 from .evaluation_data import QA_TASKS, TASKS, EvalSet, draw_support, load_eval_set
+from .processing_magma import IMAGE_TOKEN
 from .vqa_metrics import aggregate_accuracy, gqa_accuracy, vqa_accuracy
 
 logger = logging.getLogger(__name__)
 
-IMAGE_TOKEN = "<|image|>"
 EXAMPLE_SEPARATOR = "\n"
 QA_TEMPLATE = "Q: {question} A:"
 DEFAULT_MAX_NEW_TOKENS = {"vqa": 10, "okvqa": 10, "gqa": 10, "caption": 30}

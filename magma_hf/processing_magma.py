@@ -8,6 +8,16 @@ IMAGE_TOKEN = "<|image|>"
 FEATURE_STRIDE = 32  # the ResNet's total downsampling: one image token per 32x32 pixels of the crop
 
 
+def add_magma_special_tokens(tokenizer):
+    """Make a GPT-2 style tokenizer MAGMA's, in place: `<|image|>` added as the special cls token when absent (as
+    the original did: id 50257 for GPT-2) and end-of-text as the padding token. Returns the tokenizer."""
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"cls_token": IMAGE_TOKEN})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # MAGMA pads with <|endoftext|>
+    return tokenizer
+
+
 class MagmaProcessingKwargs(ProcessingKwargs, total=False):
     _defaults = {"text_kwargs": {"padding": False}}
 
@@ -47,7 +57,7 @@ class MagmaProcessor(ProcessorMixin):
             raise ValueError(
                 f"The tokenizer ({type(tokenizer).__name__}, {len(tokenizer)} tokens) has no {IMAGE_TOKEN!r} token. "
                 f"MAGMA's tokenizer is GPT-2's with {IMAGE_TOKEN!r} added as a special token: "
-                f"`tokenizer.add_special_tokens({{'cls_token': '{IMAGE_TOKEN}'}})` (id 50257 for GPT-2)."
+                "`magma_hf.processing_magma.add_magma_special_tokens(tokenizer)` adds it (id 50257 for GPT-2)."
             )
         return token_id
 
@@ -124,4 +134,4 @@ class MagmaProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "pixel_values"]
 
 
-__all__ = ["MagmaProcessor"]
+__all__ = ["MagmaProcessor", "add_magma_special_tokens"]

@@ -366,13 +366,9 @@ def load_tokenizer(source: str, model_max_length: int | None = None):
     """A tokenizer for MAGMA: `<|image|>` added as the cls token when missing (as the original did), eos as pad."""
     from transformers import AutoTokenizer
 
-    from .processing_magma import IMAGE_TOKEN
+    from .processing_magma import add_magma_special_tokens
 
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    if IMAGE_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"cls_token": IMAGE_TOKEN})
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = add_magma_special_tokens(AutoTokenizer.from_pretrained(source))
     if model_max_length:
         tokenizer.model_max_length = model_max_length
     return tokenizer
@@ -393,7 +389,7 @@ def _new_model(config: MagmaTrainingConfig):
     from .configuration_magma import DEFAULT_TEXT_CONFIG
     from .image_processing_magma import MagmaImageProcessor
     from .modeling_magma import MagmaForConditionalGeneration, gptj_name
-    from .processing_magma import MagmaProcessor
+    from .processing_magma import IMAGE_TOKEN, MagmaProcessor
 
     options = dict(config.model_config)
     lm_name = options.pop("lm_name", None)
@@ -430,7 +426,7 @@ def _new_model(config: MagmaTrainingConfig):
         image_embed_dropout_prob=settings["image_embed_dropout_prob"],
         use_image_embed_layernorm=settings["use_image_embed_layernorm"],
         freeze_image_encoder=settings["freeze_img_encoder"],
-        image_token_id=tokenizer.convert_tokens_to_ids("<|image|>"),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         **options,
     )
     state_dict = {}

@@ -9,6 +9,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from magma_hf import MagmaConfig, MagmaImageProcessor, MagmaProcessor
+from magma_hf.processing_magma import add_magma_special_tokens
 
 EOS = "<|endoftext|>"
 IMAGE = "<|image|>"
@@ -34,7 +35,7 @@ def make_tokenizer(
     tok.train_from_iterator(CORPUS + (extra_corpus or []), trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS)
     if with_image_token:
-        tokenizer.add_special_tokens({"cls_token": IMAGE})
+        add_magma_special_tokens(tokenizer)
     return tokenizer
 
 
