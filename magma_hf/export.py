@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from transformers import GPTJForCausalLM, PreTrainedModel
 
 from .configuration_magma import MagmaConfig
-from .modeling_magma import MagmaForConditionalGeneration, gptj_name
+from .modeling_magma import MagmaForConditionalGeneration
 
 IMAGE_PREFIX_FILE = "image_prefix.safetensors"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -86,10 +86,7 @@ def save_adapter_export(
     export_dir = Path(export_dir)
     export_dir.mkdir(parents=True, exist_ok=True)
     if model.config.adapter_config:
-        if state_dict is not None:
-            _save_peft_from_state_dict(model, state_dict, export_dir, base_model_name_or_path)
-        else:
-            model.save_peft_adapter(export_dir, base_model_name_or_path=base_model_name_or_path)
+        model.save_peft_adapter(export_dir, base_model_name_or_path=base_model_name_or_path, state_dict=state_dict)
     state_dict = model.state_dict() if state_dict is None else state_dict
     prefix = {
         name: tensor.detach().contiguous().cpu()
@@ -110,22 +107,6 @@ def save_adapter_export(
 def _export_files(model) -> list[str]:
     files = [IMAGE_PREFIX_FILE, "config.json"]
     return ([PEFT_WEIGHTS_FILE, "adapter_config.json"] if model.config.adapter_config else []) + files
-
-
-def _save_peft_from_state_dict(model, state_dict, export_dir: Path, base_model_name_or_path) -> None:
-    """Like `save_peft_adapter`, from a given (gathered) state dict."""
-    from .modeling_magma import adapter_peft_config
-
-    peft_config = adapter_peft_config(model.config)
-    peft_config.task_type = "CAUSAL_LM"
-    peft_config.base_model_name_or_path = base_model_name_or_path
-    weights = {}
-    for name, tensor in state_dict.items():
-        if ".magma_" in name and name.startswith("model.language_model."):
-            peft_name = _PEFT_PREFIX + name.removeprefix("model.language_model.").replace(".default", "")
-            weights[peft_name] = tensor.detach().contiguous().cpu()
-    save_file(weights, export_dir / PEFT_WEIGHTS_FILE, metadata={"format": "pt"})
-    peft_config.save_pretrained(export_dir)
 
 
 def _peft_name_to_model_name(name: str) -> str:
@@ -171,12 +152,7 @@ def load_adapter_export(
         skeleton = MagmaForConditionalGeneration(config)
     expected = skeleton.state_dict()
 
-    gptj = _gptj_state_dict(language_model, dtype)
-    state_dict = {}
-    for name, _ in skeleton.gptj_named_parameters():
-        if gptj_name(name) not in gptj:
-            raise ValueError(f"The language model has no weight {gptj_name(name)!r} (for {name})")
-        state_dict[name] = gptj[gptj_name(name)]
+    state_dict = skeleton.gptj_weights_by_name(_gptj_state_dict(language_model, dtype), source="The language model")
     state_dict.update(load_file(export_dir / IMAGE_PREFIX_FILE))
     if config.adapter_config:
         adapters = load_file(export_dir / PEFT_WEIGHTS_FILE)

@@ -80,6 +80,7 @@ class MagmaMultiModalProjector(nn.Module):
 
 
 GPTJ_BASE_PREFIX = "transformer"  # GPTJForCausalLM.base_model_prefix
+LANGUAGE_MODEL_PREFIX = "model.language_model."  # where GPT-J's transformer sits in MagmaForConditionalGeneration
 
 
 def gptj_name(name: str) -> str:
@@ -88,8 +89,8 @@ def gptj_name(name: str) -> str:
     `model.language_model.h.0.mlp.base_layer.fc_in.weight` -> `transformer.h.0.mlp.fc_in.weight`.
     """
     name = name.replace(".base_layer.", ".")
-    if name.startswith("model.language_model."):
-        return GPTJ_BASE_PREFIX + "." + name.removeprefix("model.language_model.")
+    if name.startswith(LANGUAGE_MODEL_PREFIX):
+        return GPTJ_BASE_PREFIX + "." + name.removeprefix(LANGUAGE_MODEL_PREFIX)
     return name
 
 
@@ -281,49 +282,75 @@ class MagmaForConditionalGeneration(MagmaPreTrainedModel, GenerationMixin):
         if exporting_code and kwargs.get("is_main_process", True):
             write_model_card(save_directory)
 
-    def save_peft_adapter(self, save_directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> None:
+    def save_peft_adapter(
+        self,
+        save_directory: str | os.PathLike,
+        base_model_name_or_path: str | None = None,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         """Export the adapters alone in PEFT format, for `PeftModel.from_pretrained(GPTJForCausalLM, ...)`.
 
         Writes `adapter_config.json` and `adapter_model.safetensors` (keys as peft names them on a
         `GPTJForCausalLM`); on a stock GPT-J with the same weights, text-only logits equal this model's.
+
+        Args:
+            state_dict: This model's full state dict, when its own parameters do not hold the values (e.g. gathered
+                from DeepSpeed ZeRO-3 shards); by default the model's parameters.
         """
         peft_config = adapter_peft_config(self.config)
         if peft_config is None:
             raise ValueError("This MAGMA model has no adapters (config.adapter_config is empty): nothing to export")
         peft_config.task_type = "CAUSAL_LM"
         peft_config.base_model_name_or_path = base_model_name_or_path
-        state_dict = get_peft_model_state_dict(self.language_model, adapter_name="default")
+        if state_dict is not None:  # peft selects from the language model's part, under its own names
+            state_dict = {
+                name.removeprefix(LANGUAGE_MODEL_PREFIX): tensor
+                for name, tensor in state_dict.items()
+                if name.startswith(LANGUAGE_MODEL_PREFIX)
+            }
+        adapter_state = get_peft_model_state_dict(self.language_model, state_dict=state_dict, adapter_name="default")
         # The language model here is GPTJForCausalLM's `transformer`; PeftModel's keys start at the causal LM.
         prefix = f"base_model.model.{GPTJ_BASE_PREFIX}."
-        state_dict = {prefix + key: tensor.detach().contiguous().cpu() for key, tensor in state_dict.items()}
+        adapter_state = {prefix + key: tensor.detach().contiguous().cpu() for key, tensor in adapter_state.items()}
         Path(save_directory).mkdir(parents=True, exist_ok=True)
-        save_file(state_dict, Path(save_directory) / "adapter_model.safetensors", metadata={"format": "pt"})
+        save_file(adapter_state, Path(save_directory) / "adapter_model.safetensors", metadata={"format": "pt"})
         peft_config.save_pretrained(save_directory)
 
-    def load_language_model_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Copy a `GPTJForCausalLM` state dict (`transformer.*`, `lm_head.*`) into the language model and LM head.
+    def gptj_weights_by_name(
+        self, gptj_state_dict: dict[str, torch.Tensor], source: str = "The GPT-J state dict"
+    ) -> dict[str, torch.Tensor]:
+        """A `GPTJForCausalLM` state dict (`transformer.*`, `lm_head.*`) under this model's names.
 
-        Every GPT-J weight of this model must be present with the same shape; the adapters are left as they are.
+        Every GPT-J weight of this model must be there with the same shape, or a `ValueError` names what is not
+        (works on a model built on the meta device: only names and shapes are read).
         """
-        targets = {gptj_name(name): param for name, param in self.gptj_named_parameters()}
-        missing = sorted(set(targets) - set(state_dict))
-        mismatched = [
-            f"{name}: {tuple(state_dict[name].shape)} != {tuple(param.shape)}"
-            for name, param in targets.items()
-            if name in state_dict and state_dict[name].shape != param.shape
-        ]
-        if missing or mismatched:
-            raise ValueError(
-                f"GPT-J state dict does not fit this model: missing {missing}, shape mismatch {mismatched}"
-            )
+        weights, missing, mismatched = {}, [], []
+        for name, param in self.gptj_named_parameters():
+            tensor = gptj_state_dict.get(gptj_name(name))
+            if tensor is None:
+                missing.append(gptj_name(name))
+            elif tensor.shape != param.shape:
+                mismatched.append(f"{gptj_name(name)}: {tuple(tensor.shape)} != {tuple(param.shape)}")
+            else:
+                weights[name] = tensor
+        problems = ([f"has no weight {', '.join(map(repr, missing))}"] if missing else []) + (
+            [f"has weights of the wrong shape: {mismatched}"] if mismatched else []
+        )
+        if problems:
+            raise ValueError(f"{source} {' and '.join(problems)}: this model needs every GPT-J weight, in its shape")
+        return weights
+
+    def load_language_model_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Copy a `GPTJForCausalLM` state dict (`transformer.*`, `lm_head.*`) into the language model and LM head;
+        the adapters are left as they are. See [`gptj_weights_by_name`] for what must be there."""
         with torch.no_grad():
-            for name, param in targets.items():
-                param.copy_(state_dict[name])
+            for name, tensor in self.gptj_weights_by_name(state_dict).items():
+                self.get_parameter(name).copy_(tensor)
 
     def gptj_named_parameters(self):
         """The GPT-J weights of this model (language model without adapters, LM head), with their names here."""
         for name, param in self.named_parameters():
-            if name.startswith(("model.language_model.", "lm_head.")) and ".magma_" not in name:
+            if name.startswith((LANGUAGE_MODEL_PREFIX, "lm_head.")) and ".magma_" not in name:
                 yield name, param
 
     def get_output_embeddings(self) -> nn.Module:

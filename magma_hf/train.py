@@ -388,7 +388,7 @@ def _new_model(config: MagmaTrainingConfig):
 
     from .configuration_magma import DEFAULT_TEXT_CONFIG
     from .image_processing_magma import MagmaImageProcessor
-    from .modeling_magma import MagmaForConditionalGeneration, gptj_name
+    from .modeling_magma import MagmaForConditionalGeneration
     from .processing_magma import IMAGE_TOKEN, MagmaProcessor
 
     options = dict(config.model_config)
@@ -437,10 +437,7 @@ def _new_model(config: MagmaTrainingConfig):
 
         with torch.device("meta"):
             skeleton = MagmaForConditionalGeneration(magma_config)
-        for name, _ in skeleton.gptj_named_parameters():
-            if gptj_name(name) not in gptj:
-                raise ValueError(f"{lm_name} has no weight {gptj_name(name)} (needed for {name})")
-            state_dict[name] = gptj[gptj_name(name)]
+        state_dict = skeleton.gptj_weights_by_name(gptj, source=lm_name)
         del gptj, skeleton
     if pretrained is not None:
         logger.info(f"Loading the image encoder from open_clip {open_clip_name} pretrained={pretrained}")

@@ -11,6 +11,7 @@ import torch
 import yaml
 from helpers import random_image, tiny_config
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -181,3 +182,9 @@ def test_adapters_export_in_peft_format_for_a_stock_gptj(saved, tmp_path):
     torch.testing.assert_close(adapted(input_ids=input_ids).logits, model(input_ids=input_ids).logits, rtol=0, atol=0)
     with adapted.disable_adapter():
         assert not torch.allclose(adapted(input_ids=input_ids).logits, model(input_ids=input_ids).logits)
+    # from a given full state dict (as gathered from ZeRO-3 shards), the same export
+    model.save_peft_adapter(tmp_path / "from_state_dict", state_dict=model.state_dict())
+    exported = load_file(tmp_path / "adapter_model.safetensors")
+    from_state_dict = load_file(tmp_path / "from_state_dict" / "adapter_model.safetensors")
+    assert exported.keys() == from_state_dict.keys()
+    assert all(torch.equal(exported[key], from_state_dict[key]) for key in exported)
