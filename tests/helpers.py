@@ -116,3 +116,69 @@ def photo_variants() -> list[Image.Image]:
             photo.resize((211, 157), Image.BICUBIC),  # smaller than the crop: upsampled
         ]
     return variants
+
+
+def file_checksums(*roots) -> dict[str, str]:
+    """sha256 of every regular file under `roots` (files or folders), keyed by path."""
+    import hashlib
+    from pathlib import Path
+
+    checksums = {}
+    for root in map(Path, roots):
+        paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+        for path in paths:
+            digest = hashlib.sha256()
+            with open(path, "rb") as stream:
+                for block in iter(lambda: stream.read(1 << 20), b""):
+                    digest.update(block)
+            checksums[str(path)] = digest.hexdigest()
+    return checksums
+
+
+class files_unchanged:  # noqa: N801 - used as a context manager, like pytest.raises
+    """Asserts that every file under `roots` that existed on entry is byte-identical on exit.
+
+    `may_change` names files (paths or names relative to a root) the command is allowed to replace; with
+    `no_new_files=True` the command must not add any file either (a failing command writes nothing). The check runs
+    also when the block raises, so it wraps `pytest.raises` around a failing command:
+
+        with files_unchanged(tmp_path), pytest.raises(ValueError, match="..."):
+            convert(...)
+    """
+
+    def __init__(self, *roots, may_change=(), no_new_files: bool = False):
+        from pathlib import Path
+
+        self.roots = [Path(root) for root in roots]
+        self.may_change = {str(Path(path)) for path in may_change}
+        self.no_new_files = no_new_files
+
+    def _allowed(self, path: str) -> bool:
+        from pathlib import Path
+
+        for root in self.roots:
+            try:
+                if str(Path(path).relative_to(root)) in self.may_change:
+                    return True
+            except ValueError:
+                pass
+        return path in self.may_change
+
+    def __enter__(self):
+        self.before = file_checksums(*self.roots)
+        assert self.before or self.no_new_files, f"nothing to protect under {self.roots}: the test is set up wrong"
+        return self
+
+    def __exit__(self, *exc_info):
+        after = file_checksums(*[root for root in self.roots if root.exists()])
+        lost = [path for path in self.before if path not in after and not self._allowed(path)]
+        changed = [
+            path for path, digest in self.before.items()
+            if path in after and after[path] != digest and not self._allowed(path)
+        ]
+        assert not lost, f"files deleted: {lost}"
+        assert not changed, f"files changed: {changed}"
+        if self.no_new_files:
+            added = sorted(set(after) - set(self.before))
+            assert not added, f"files written by a command that should write nothing: {added}"
+        return False
