@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from transformers import GPTJForCausalLM, PreTrainedModel
 
 from .configuration_magma import MagmaConfig
+from .io_utils import sync_path
 from .modeling_magma import MagmaForConditionalGeneration
 
 IMAGE_PREFIX_FILE = "image_prefix.safetensors"
@@ -84,24 +86,42 @@ def save_adapter_export(
             `model.state_dict()`.
     """
     export_dir = Path(export_dir)
-    export_dir.mkdir(parents=True, exist_ok=True)
-    if model.config.adapter_config:
-        model.save_peft_adapter(export_dir, base_model_name_or_path=base_model_name_or_path, state_dict=state_dict)
-    state_dict = model.state_dict() if state_dict is None else state_dict
-    prefix = {
-        name: tensor.detach().contiguous().cpu()
-        for name, tensor in state_dict.items()
-        if name.startswith(IMAGE_PREFIX_MODULES)
-    }
-    save_file(prefix, export_dir / IMAGE_PREFIX_FILE, metadata={"format": "pt"})
-    model.config.save_pretrained(export_dir)
-    (export_dir / EXPORT_INFO_FILE).write_text(
-        json.dumps({"base_language_model": base_model_name_or_path, "files": _export_files(model)}, indent=2) + "\n"
-    )
-    (export_dir / "README.md").write_text(EXPORT_README.format(base=base_model_name_or_path or "EleutherAI/gpt-j-6B"))
-    if processor is not None:
-        processor.save_pretrained(export_dir)
+    export_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Written whole in a hidden folder beside, then moved in file by file: a kill leaves the previous export's files
+    # complete, and files in `export_dir` that the export does not write (the user's) are never touched.
+    with tempfile.TemporaryDirectory(prefix=f".{export_dir.name}.exporting-", dir=export_dir.parent) as staging:
+        staging = Path(staging)
+        if model.config.adapter_config:
+            model.save_peft_adapter(staging, base_model_name_or_path=base_model_name_or_path, state_dict=state_dict)
+        state_dict = model.state_dict() if state_dict is None else state_dict
+        prefix = {
+            name: tensor.detach().contiguous().cpu()
+            for name, tensor in state_dict.items()
+            if name.startswith(IMAGE_PREFIX_MODULES)
+        }
+        save_file(prefix, staging / IMAGE_PREFIX_FILE, metadata={"format": "pt"})
+        model.config.save_pretrained(staging)
+        if processor is not None:
+            processor.save_pretrained(staging)
+        if not _is_users_readme(export_dir / "README.md"):
+            card = EXPORT_README.format(base=base_model_name_or_path or "EleutherAI/gpt-j-6B")
+            (staging / "README.md").write_text(card)
+        info = {"base_language_model": base_model_name_or_path, "files": _export_files(model)}
+        (staging / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        export_dir.mkdir(exist_ok=True)
+        for written in sorted(staging.iterdir(), key=lambda path: path.name == EXPORT_INFO_FILE):  # the index last
+            sync_path(written)
+            os.replace(written, export_dir / written.name)
+        sync_path(export_dir)
     return export_dir
+
+
+def _is_users_readme(path: Path) -> bool:
+    """A README.md there that the export did not write (its first line differs): kept as it is."""
+    if not path.is_file():
+        return False
+    with open(path, encoding="utf-8", errors="replace") as stream:
+        return stream.readline() != EXPORT_README.splitlines(keepends=True)[0]
 
 
 def _export_files(model) -> list[str]:

@@ -1,0 +1,47 @@
+"""Writing files so that nothing the user has is lost: a file appears complete under its name, or not at all."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def sync_path(path: str | os.PathLike) -> None:
+    """fsync a file or folder (a folder's entry list makes a rename durable); file systems that refuse it are fine."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; renamed onto `path` when the block completes, removed if it fails.
+
+    A kill midway leaves `path` as it was (absent or the previous complete file) and a hidden `.NAME.*.tmp` beside it.
+    """
+    path = Path(path)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(descriptor)
+    temporary = Path(temporary)
+    try:
+        yield temporary
+        sync_path(temporary)
+        os.replace(temporary, path)
+        sync_path(path.parent)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
