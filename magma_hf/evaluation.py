@@ -22,13 +22,11 @@ record with its score.
 from __future__ import annotations
 
 import argparse
-import glob
 import hashlib
 import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ from typing import Any
 import torch
 
 from .evaluation_data import QA_TASKS, TASKS, EvalSet, draw_support, load_eval_set
+from .io_utils import leftover_temporaries, write_text_atomically
 from .processing_magma import IMAGE_TOKEN
 from .vqa_metrics import aggregate_accuracy, gqa_accuracy, vqa_accuracy
 
@@ -47,7 +46,6 @@ DEFAULT_MAX_NEW_TOKENS = {"vqa": 10, "okvqa": 10, "gqa": 10, "caption": 30}
 # 2: the log records the model's weights and the data's questions (1 recorded names only).
 RESULTS_FORMAT = "magma_hf.evaluation/2"
 SUPPORT_FROM_DATA = "the evaluation data"  # few-shot examples drawn from the evaluated data itself
-TEMPORARY_SUFFIX = ".partial"
 # What produced a log's answers: a log written with other values is not resumed. The model's keys are known only
 # once it is loaded, so they are checked after the others (which a rerun can check before loading 12 GB).
 RUN_KEYS = ("task", "shots", "seed", "max_new_tokens", "prompt_template")
@@ -223,30 +221,9 @@ def _read_records(path: Path) -> dict[str, dict]:
     return records
 
 
-def _temporary_path(path: Path) -> Path:
-    """A new file beside `path` for an atomic write: hidden, unique, and recognisable as the harness's."""
-    descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
-    os.close(descriptor)
-    return Path(name)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write `text` to `path` as a whole or not at all: a temporary file beside it, synced, then renamed."""
-    temporary = _temporary_path(path)
-    try:
-        with open(temporary, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
 def _remove_leftover_temporaries(path: Path) -> None:
-    """Temporary files of an atomic write to `path` that a killed run left behind (only the harness names them so)."""
-    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*{TEMPORARY_SUFFIX}"):
+    """Temporary files of an atomic write to `path` that a killed run left behind."""
+    for leftover in leftover_temporaries(path):
         logger.warning("Removing %s, left by an interrupted write of %s", leftover, path)
         leftover.unlink(missing_ok=True)
 
@@ -413,7 +390,8 @@ def evaluate(
             )
     elif log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomically(log_path, json.dumps({"format": RESULTS_FORMAT, "settings": settings}) + "\n")
+        _remove_leftover_temporaries(log_path)
+        write_text_atomically(log_path, json.dumps({"format": RESULTS_FORMAT, "settings": settings}) + "\n")
 
     todo = [row for row in range(len(eval_set)) if str(eval_set.ids[row]) not in done]
     if done and todo:
@@ -431,7 +409,7 @@ def evaluate(
     if output is not None:
         result["results_log"] = str(log_path)
         _remove_leftover_temporaries(Path(output))
-        _write_atomically(
+        write_text_atomically(
             Path(output), json.dumps({"format": RESULTS_FORMAT, **result}, indent=1, ensure_ascii=False) + "\n"
         )
     return result

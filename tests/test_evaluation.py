@@ -381,9 +381,12 @@ def test_files_beside_the_output_are_never_touched(vqa_dir, model_and_processor,
     model, processor = model_and_processor
     output = tmp_path / "vqa.json"
     (tmp_path / "vqa.json.tmp").write_text("the user's own notes\n")  # the old fixed temporary name
-    with files_unchanged(tmp_path):
+    (tmp_path / ".vqa.json.backup.tmp").write_text("the user's\n")
+    (tmp_path / ".vqa.json.x1_9abcd.tmp").write_text('{"task": "vq')  # what a write killed midway leaves
+    with files_unchanged(tmp_path, may_change=[".vqa.json.x1_9abcd.tmp"]):
         evaluate("vqa", model, processor, str(vqa_dir), output=output, limit=1, progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["vqa.json", "vqa.json.tmp", "vqa.jsonl"]
+    names = [".vqa.json.backup.tmp", "vqa.json", "vqa.json.tmp", "vqa.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names  # the leftover is gone, nothing else
     (tmp_path / "folder.json").mkdir()
     with files_unchanged(tmp_path), pytest.raises(ValueError, match="folder.json is a folder"):
         evaluate("vqa", model, processor, str(vqa_dir), output=tmp_path / "folder.json", progress=False)
