@@ -261,6 +261,8 @@ def load_model_and_processor(path: str | os.PathLike, device: str | None = None,
     from .modeling_magma import MagmaForConditionalGeneration
     from .processing_magma import MagmaProcessor
 
+    if not Path(path).exists() and (Path(path).is_absolute() or str(path).startswith((".", "~"))):
+        raise FileNotFoundError(f"there is no model folder {path}")  # not a Hub id: transformers would say it is
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype in (None, "auto"):
         torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
