@@ -14,9 +14,12 @@ there); the few-shot examples thus show the model where an answer ends. Answers 
 per question from a support split with a seeded generator that depends only on `(seed, question id)`.
 
 Results: `OUTPUT.jsonl` gets one record per example as soon as its batch is done (`id`, `prompt`, `answer`,
-`score`, `references`, `support_ids`, ...); an interrupted run started again with the same output resumes after
-the examples already there. When all are done, `OUTPUT` (JSON) gets the aggregate metrics, the settings and every
-record with its score.
+`score`, `references`, `support_ids`, ...) after a header recording what produced them: the task, shots, seed,
+template and generation budget, the data (path, split, a fingerprint of its questions), the support data, and the
+model (a sha256 of its weights, its dtype). An interrupted run started again with the same output resumes after the
+examples already there; a run that differs in any of these is refused, naming the difference. When all are done,
+`OUTPUT` (JSON) gets the aggregate metrics, the settings and every record with its score. Both are written
+atomically, and a file the harness did not write is never replaced.
 """
 
 from __future__ import annotations
@@ -191,6 +194,8 @@ def _read_header(path: Path) -> dict[str, Any]:
 
 def _check_resumable(path: Path, recorded: Mapping[str, Any], settings: Mapping[str, Any], keys) -> None:
     details = _differences(recorded, settings, keys)
+    if details and "model_weights" in details:  # a hash alone does not say which models
+        details += f" (the file's model: {recorded.get('model')!r}; this run's: {settings.get('model')!r})"
     if details:
         raise ValueError(
             f"Cannot resume {path}: it was written by another run ({details}). Its results would be mixed with "
