@@ -172,7 +172,7 @@ def _differences(recorded: Mapping[str, Any], settings: Mapping[str, Any], keys)
 
 def _read_header(path: Path) -> dict[str, Any]:
     """The settings in a log's first line; an error naming the problem when it is not a log of this format."""
-    with open(path, encoding="utf-8") as file:
+    with open(path, encoding="utf-8", errors="replace") as file:
         first = file.readline()
     try:
         header = json.loads(first)
@@ -215,7 +215,7 @@ def _read_records(path: Path) -> dict[str, dict]:
         )
         os.truncate(path, complete)
     records: dict[str, dict] = {}
-    for number, line in enumerate(data[:complete].decode("utf-8").splitlines()[1:], start=2):
+    for number, line in enumerate(data[:complete].decode("utf-8", errors="replace").splitlines()[1:], start=2):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
@@ -451,6 +451,7 @@ def _check_output(output: Path, log_path: Path, settings: Mapping[str, Any]) -> 
     if output.is_dir() or log_path.is_dir():
         raise ValueError(f"--output {output}: {output if output.is_dir() else log_path} is a folder; give a file name")
     if not log_path.exists():
+        _check_writable_folder(output.parent)
         if output.exists():  # results whose log is gone: never overwrite them
             raise ValueError(
                 f"{output} exists but its per-example log {log_path} does not, so the run cannot resume; move "
@@ -474,6 +475,17 @@ def _check_output(output: Path, log_path: Path, settings: Mapping[str, Any]) -> 
                 f"{output} holds the results of another run than its log {log_path} ({details}); move one away"
             )
     return recorded
+
+
+def _check_writable_folder(folder: Path) -> None:
+    """An error naming the folder when results cannot be written into it (it, or the nearest existing parent)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"Cannot write the results into {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"Cannot write the results into {folder}: {existing} is not writable")
 
 
 def _run(

@@ -390,6 +390,11 @@ def test_files_beside_the_output_are_never_touched(vqa_dir, model_and_processor,
     (tmp_path / "folder.json").mkdir()
     with files_unchanged(tmp_path), pytest.raises(ValueError, match="folder.json is a folder"):
         evaluate("vqa", model, processor, str(vqa_dir), output=tmp_path / "folder.json", progress=False)
+    with files_unchanged(tmp_path), pytest.raises(ValueError, match="vqa.json is a file, not a folder"):
+        evaluate("vqa", model, processor, str(vqa_dir), output=tmp_path / "vqa.json" / "b.json", progress=False)
+    (tmp_path / "mine.jsonl").write_bytes(b"\xff\xfe user's log\n")  # a file that only shares the log's name
+    with files_unchanged(tmp_path), pytest.raises(ValueError, match="mine.jsonl is not a magma_hf evaluation log"):
+        evaluate("vqa", model, processor, str(vqa_dir), output=tmp_path / "mine.json", progress=False)
 
 
 # Evaluates with its log opened through a file that, at the second batch's flush, writes all of the batch but the
