@@ -334,6 +334,10 @@ def evaluate(
         check_caption_requirements()
     if dataset is None:
         raise ValueError("evaluate() needs a dataset")
+    if support_split is not None and support is None:  # it would be ignored: the support is the data itself
+        raise ValueError(f"support_split={support_split!r} (--support-split) is given without support data (--support)")
+    if support is not None and not shots:
+        logger.warning("Support data is given but shots is 0: no few-shot examples are shown")
     if processor is None and not isinstance(model, (str, os.PathLike)):
         raise ValueError("evaluate() needs the model's processor (or a model path to load both from)")
 

@@ -392,6 +392,11 @@ def test_files_beside_the_output_are_never_touched(vqa_dir, model_and_processor,
         evaluate("vqa", model, processor, str(vqa_dir), output=tmp_path / "folder.json", progress=False)
     with files_unchanged(tmp_path), pytest.raises(ValueError, match="vqa.json is a file, not a folder"):
         evaluate("vqa", model, processor, str(vqa_dir), output=tmp_path / "vqa.json" / "b.json", progress=False)
+    # a results file put beside another run's log (here: one of another seed) is not replaced by that run's results
+    evaluate("vqa", model, processor, str(vqa_dir), shots=1, seed=1, output=tmp_path / "s1.json", limit=1)
+    (tmp_path / "vqa.json").write_bytes((tmp_path / "s1.json").read_bytes())
+    with files_unchanged(tmp_path), pytest.raises(ValueError, match="vqa.json holds the results of another run"):
+        evaluate("vqa", model, processor, str(vqa_dir), output=output, limit=1, progress=False)
     (tmp_path / "mine.jsonl").write_bytes(b"\xff\xfe user's log\n")  # a file that only shares the log's name
     with files_unchanged(tmp_path), pytest.raises(ValueError, match="mine.jsonl is not a magma_hf evaluation log"):
         evaluate("vqa", model, processor, str(vqa_dir), output=tmp_path / "mine.json", progress=False)
@@ -481,6 +486,7 @@ def test_bad_settings_are_named_before_anything_is_written(vqa_dir, model_and_pr
     refused("6-shot prompts need 6 support examples; .* has only 5 usable for example 100", shots=6)
     small = load_eval_set(vqa_dir, "vqa").select(2)
     refused("3-shot prompts need 3 support examples; .* has only 2 usable", shots=3, support=small)
+    refused(r"support_split='train' \(--support-split\) is given without support data", support_split="train")
     refused("limit must be an integer >= 1, got 0", limit=0)
     refused("max_new_tokens must be an integer >= 1, got -1", max_new_tokens=-1)
     refused(
