@@ -426,7 +426,9 @@ def evaluate(
     return result
 
 
-def _check_arguments(task, shots, batch_size, max_new_tokens, limit, prompt_template) -> None:
+def _check_arguments(
+    task: str, shots: int, batch_size: int, max_new_tokens: int | None, limit: int | None, prompt_template: str | None
+) -> None:
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; tasks are {', '.join(TASKS)}")
     for name, value, least in (
