@@ -14,14 +14,18 @@ there); the few-shot examples thus show the model where an answer ends. Answers 
 per question from a support split with a seeded generator that depends only on `(seed, question id)`.
 
 Results: `OUTPUT.jsonl` gets one record per example as soon as its batch is done (`id`, `prompt`, `answer`,
-`score`, `references`, `support_ids`, ...); an interrupted run started again with the same output resumes after
-the examples already there. When all are done, `OUTPUT` (JSON) gets the aggregate metrics, the settings and every
-record with its score.
+`score`, `references`, `support_ids`, ...) after a header recording what produced them: the task, shots, seed,
+template and generation budget, the data (path, split, a fingerprint of its questions), the support data, and the
+model (a sha256 of its weights, its dtype). An interrupted run started again with the same output resumes after the
+examples already there; a run that differs in any of these is refused, naming the difference. When all are done,
+`OUTPUT` (JSON) gets the aggregate metrics, the settings and every record with its score. Both are written
+atomically, and a file the harness did not write is never replaced.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -33,6 +37,7 @@ from typing import Any
 import torch
 
 from .evaluation_data import QA_TASKS, TASKS, EvalSet, draw_support, load_eval_set
+from .io_utils import leftover_temporaries, write_text_atomically
 from .processing_magma import IMAGE_TOKEN
 from .vqa_metrics import aggregate_accuracy, gqa_accuracy, vqa_accuracy
 
@@ -41,10 +46,15 @@ logger = logging.getLogger(__name__)
 EXAMPLE_SEPARATOR = "\n"
 QA_TEMPLATE = "Q: {question} A:"
 DEFAULT_MAX_NEW_TOKENS = {"vqa": 10, "okvqa": 10, "gqa": 10, "caption": 30}
-RESULTS_FORMAT = "magma_hf.evaluation/1"
+# 2: the log records the model's weights and the data's questions (1 recorded names only).
+RESULTS_FORMAT = "magma_hf.evaluation/2"
 SUPPORT_FROM_DATA = "the evaluation data"  # few-shot examples drawn from the evaluated data itself
-# Settings that change the answers: a results file written with other values cannot be resumed.
-RESUME_KEYS = ("task", "shots", "seed", "max_new_tokens", "prompt_template", "support")
+# What produced a log's answers: a log written with other values is not resumed. The model's keys are known only
+# once it is loaded, so they are checked after the others (which a rerun can check before loading 12 GB).
+RUN_KEYS = ("task", "shots", "seed", "max_new_tokens", "prompt_template")
+DATA_KEYS = ("data", "split", "data_questions", "support", "support_split", "support_questions")
+MODEL_KEYS = ("model_weights", "dtype")
+RESUME_KEYS = RUN_KEYS + DATA_KEYS + MODEL_KEYS
 
 
 # ----------------------------------------------------------------------------------------------------------- prompts
@@ -117,46 +127,116 @@ def results_log_path(output: str | os.PathLike) -> Path:
     return output.with_suffix(".jsonl") if output.suffix == ".json" else output.with_name(output.name + ".jsonl")
 
 
-def _read_log(path: Path, settings: Mapping[str, Any]) -> dict[str, dict]:
-    """Records already in the log, by id. A log from other settings is an error; a torn last line is dropped."""
-    lines = path.read_text(encoding="utf-8").split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    if not lines:
-        return {}
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of the model's state dict (names, dtypes, shapes and bytes), the identity of what answers.
+
+    Exact: any changed weight changes it, and the same weights give the same value whatever folder, copy or device
+    they come from (a dtype is other bytes, hence another identity: it gives other answers too). Tensors are hashed
+    in threads (hashlib releases the GIL), so a 12 GB model takes seconds, against hours of generation.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    state = model.state_dict()
+
+    def tensor_digest(name: str) -> str:
+        tensor = state[name].detach()
+        digest = hashlib.sha256(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(memoryview(tensor.reshape(-1).contiguous().cpu().view(torch.uint8).numpy()))
+        return digest.hexdigest()
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(tensor_digest, sorted(state)))
+    return "sha256:" + hashlib.sha256("".join(digests).encode()).hexdigest()
+
+
+def questions_fingerprint(eval_set: EvalSet) -> str:
+    """sha256 of what a data set asks and expects: ids, prompts, references, few-shot targets and image keys."""
+    content = [eval_set.ids, eval_set.prompts, eval_set.references, eval_set.targets, eval_set.image_keys]
+    return "sha256:" + hashlib.sha256(json.dumps(content, ensure_ascii=False, default=str).encode()).hexdigest()
+
+
+def data_name(source, eval_set: EvalSet) -> str:
+    """A data argument as recorded: local paths made absolute (the same folder from any working directory)."""
+    if isinstance(source, (list, tuple)):
+        return ", ".join(data_name(item, eval_set) for item in source)
+    if isinstance(source, (str, os.PathLike)):
+        return str(Path(source).resolve()) if Path(source).exists() else str(source)
+    return eval_set.source  # a datasets.Dataset or an EvalSet: its questions' fingerprint identifies it
+
+
+def _differences(recorded: Mapping[str, Any], settings: Mapping[str, Any], keys) -> str:
+    """`key: X in the file, Y now` for each of `keys` on which a log's settings and this run's differ."""
+    differing = [key for key in keys if key in settings and recorded.get(key) != settings[key]]
+    return "; ".join(f"{key}: {recorded.get(key)!r} in the file, {settings[key]!r} now" for key in differing)
+
+
+def _read_header(path: Path) -> dict[str, Any]:
+    """The settings in a log's first line; an error naming the problem when it is not a log of this format."""
+    with open(path, encoding="utf-8", errors="replace") as file:
+        first = file.readline()
     try:
-        header = json.loads(lines[0])
+        header = json.loads(first)
     except json.JSONDecodeError:
         header = None
-    if not isinstance(header, dict) or header.get("format") != RESULTS_FORMAT:
-        raise ValueError(f"{path} is not a magma_hf evaluation log; choose another --output or move it")
-    differing = {
-        k: (header["settings"].get(k), settings[k]) for k in RESUME_KEYS if header["settings"].get(k) != settings[k]
-    }
-    if differing:
-        details = ", ".join(f"{k}: {old!r} in the file, {new!r} now" for k, (old, new) in differing.items())
+    if not isinstance(header, dict) or not str(header.get("format", "")).startswith("magma_hf.evaluation/"):
         raise ValueError(
-            f"Cannot resume {path}: it was written with other settings ({details}). "
-            "Choose another --output, or move the file away to start again."
+            f"{path} is not a magma_hf evaluation log (its first line is {first[:80]!r}); choose another --output "
+            "or move the file away"
         )
+    if header["format"] != RESULTS_FORMAT or not isinstance(header.get("settings"), dict):
+        raise ValueError(
+            f"Cannot resume {path}: it is in the format {header['format']!r}, written by an earlier magma_hf that "
+            f"did not record the model's weights and the data's questions (it records {header.get('settings')}), so "
+            "resuming it could mix two runs. Choose another --output (the file is left as it is), or move it away."
+        )
+    return header["settings"]
+
+
+def _check_resumable(path: Path, recorded: Mapping[str, Any], settings: Mapping[str, Any], keys) -> None:
+    details = _differences(recorded, settings, keys)
+    if details and "model_weights" in details:  # a hash alone does not say which models
+        details += f" (the file's model: {recorded.get('model')!r}; this run's: {settings.get('model')!r})"
+    if details:
+        raise ValueError(
+            f"Cannot resume {path}: it was written by another run ({details}). Its results would be mixed with "
+            "this run's. Choose another --output, or move the file away to start again."
+        )
+
+
+def _read_records(path: Path) -> dict[str, dict]:
+    """The records after a log's header, by id. A last line without its newline (a run killed while appending it)
+    is cut off the file, so that the run appends after complete lines only."""
+    with open(path, "rb") as file:
+        data = file.read()
+    complete = data.rfind(b"\n") + 1
+    if complete < len(data):
+        logger.warning(
+            "%s: dropping the incomplete last line (%d bytes) left by an interrupted run", path, len(data) - complete
+        )
+        os.truncate(path, complete)
     records: dict[str, dict] = {}
-    for number, line in enumerate(lines[1:], start=2):
+    for number, line in enumerate(data[:complete].decode("utf-8", errors="replace").splitlines()[1:], start=2):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            if number == len(lines):  # the run was killed while writing this line
-                logger.warning("%s: dropping the incomplete last line", path)
-                path.write_text("\n".join(lines[:-1]) + "\n", encoding="utf-8")
-                break
-            raise ValueError(f"{path}, line {number}, is not valid JSON; the log is damaged") from None
+            record = None
+        if not isinstance(record, dict) or "id" not in record:
+            raise ValueError(f"{path}, line {number}, is not a result record ({line[:80]!r}); the log is damaged")
         records[str(record["id"])] = record
     return records
 
 
-def _write_json_atomically(path: Path, payload: Mapping) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+def _remove_leftover_temporaries(path: Path) -> None:
+    """Temporary files of an atomic write to `path` that a killed run left behind."""
+    for leftover in leftover_temporaries(path):
+        logger.warning("Removing %s, left by an interrupted write of %s", leftover, path)
+        leftover.unlink(missing_ok=True)
+
+
+def _append_records(log, records: list[dict]) -> None:
+    """Append a batch's records to the open log, one JSON line each, and push them to the file."""
+    log.write("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+    log.flush()
 
 
 # ---------------------------------------------------------------------------------------------------------- scoring
@@ -186,6 +266,8 @@ def load_model_and_processor(path: str | os.PathLike, device: str | None = None,
     from .modeling_magma import MagmaForConditionalGeneration
     from .processing_magma import MagmaProcessor
 
+    if not Path(path).exists() and (Path(path).is_absolute() or str(path).startswith((".", "~"))):
+        raise FileNotFoundError(f"there is no model folder {path}")  # not a Hub id: transformers would say it is
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype in (None, "auto"):
         torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -214,6 +296,8 @@ def evaluate(
     columns: str | Mapping[str, str] | None = None,
     prompt_template: str | None = None,
     progress: bool = True,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a MAGMA model on a VQA-style or captioning dataset, zero- or few-shot.
 
@@ -236,33 +320,28 @@ def evaluate(
         prompt_template: question template with `{question}` (default `"Q: {question} A:"`), or the caption prompt
             (default none).
         progress: show a progress bar.
+        device / dtype: where and in which dtype a model given as a path is loaded (as `load_model_and_processor`).
 
     Returns:
         `{"task", "metrics", "settings", "examples"}`: for question answering `metrics` holds `accuracy` (percent)
         and per answer/question type accuracies when the data has those fields; for captioning BLEU-1..4 and
         CIDEr-D on the COCO tool's scale. `examples` are the per-example records with their `score`.
     """
-    if task not in TASKS:
-        raise ValueError(f"Unknown task {task!r}; tasks are {', '.join(TASKS)}")
-    if shots < 0 or batch_size < 1:
-        raise ValueError(f"shots must be >= 0 and batch_size >= 1 (got {shots}, {batch_size})")
-    if task in QA_TASKS and prompt_template is not None and "{question}" not in prompt_template:
-        raise ValueError(f"The question template {prompt_template!r} has no {{question}} field")
+    _check_arguments(task, shots, batch_size, max_new_tokens, limit, prompt_template)
     if task == "caption":  # fail before hours of generation, not after
         from .caption_metrics import check_caption_requirements
 
         check_caption_requirements()
-    if isinstance(model, (str, os.PathLike)):
-        model_name = str(model)
-        model, loaded_processor = load_model_and_processor(model)
-        processor = processor or loaded_processor
-    else:
-        model_name = getattr(model, "name_or_path", "") or type(model).__name__
-    if processor is None:
-        raise ValueError("evaluate() needs the model's processor (or a model path to load both from)")
     if dataset is None:
         raise ValueError("evaluate() needs a dataset")
+    if support_split is not None and support is None:  # it would be ignored: the support is the data itself
+        raise ValueError(f"support_split={support_split!r} (--support-split) is given without support data (--support)")
+    if support is not None and not shots:
+        logger.warning("Support data is given but shots is 0: no few-shot examples are shown")
+    if processor is None and not isinstance(model, (str, os.PathLike)):
+        raise ValueError("evaluate() needs the model's processor (or a model path to load both from)")
 
+    # Everything that can go wrong with the data or the output is found before the model is loaded or a file written.
     full_set = dataset if isinstance(dataset, EvalSet) else load_eval_set(dataset, task, split=split, columns=columns)
     eval_set = full_set.select(limit) if limit is not None else full_set
     if shots and support is not None:
@@ -271,26 +350,49 @@ def evaluate(
         support_set = full_set if shots else None  # all of it, so that `limit` does not change the draws
         if shots:
             logger.warning(
-                "No support split given: few-shot examples come from the evaluation data itself (never "
+                "No support split given: few-shot examples come from the evaluated data itself (never "
                 "the question itself or its image). Pass the training split as support for the usual protocol."
             )
-    max_new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task]
+    separate_support = bool(shots) and support is not None
+    # Drawn now, so that too few support examples is an error before anything is written.
+    support_rows = [
+        draw_support(support_set, shots, seed, eval_set.ids[row], eval_set.image_keys[row], not separate_support)
+        for row in range(len(eval_set))
+    ]
     settings = {
         "task": task,
         "shots": shots,
         "seed": seed,
-        "max_new_tokens": max_new_tokens,
+        "max_new_tokens": max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task],
         "prompt_template": prompt_template,
-        "support": None if not shots else (support_set.source if support is not None else SUPPORT_FROM_DATA),
-        "model": model_name,
-        "data": eval_set.source,
-        "batch_size": batch_size,
+        "data": data_name(dataset, full_set),
+        "split": split,
+        "data_questions": questions_fingerprint(full_set),
+        "support": None if not shots else data_name(support, support_set) if separate_support else SUPPORT_FROM_DATA,
+        "support_split": support_split if separate_support else None,
+        "support_questions": questions_fingerprint(support_set) if separate_support else None,
     }
-
     log_path = results_log_path(output) if output is not None else None
+    recorded = _check_output(Path(output), log_path, settings) if output is not None else None
+
+    if isinstance(model, (str, os.PathLike)):
+        model_name = str(model)
+        model, loaded_processor = load_model_and_processor(model, device=device, dtype=dtype)
+        processor = processor or loaded_processor
+    else:
+        model_name = getattr(model, "name_or_path", "") or type(model).__name__
+    settings.update(
+        model=model_name,
+        model_weights=weights_fingerprint(model),
+        dtype=str(model.dtype).removeprefix("torch."),
+        batch_size=batch_size,
+    )
+    generator = _Generator(model, processor, settings["max_new_tokens"])
+
     done: dict[str, dict] = {}
-    if log_path is not None and log_path.exists():
-        done = _read_log(log_path, settings)
+    if recorded is not None:
+        _check_resumable(log_path, recorded, settings, MODEL_KEYS)
+        done = _read_records(log_path)
         unknown = [key for key in done if full_set.index_of(key) is None]
         if unknown:
             raise ValueError(
@@ -298,22 +400,17 @@ def evaluate(
                 "other data. Choose another --output."
             )
     elif log_path is not None:
-        if Path(output).exists():  # results whose log is gone: never overwrite them
-            raise ValueError(
-                f"{output} exists but its per-example log {log_path} does not, so the run cannot resume; move "
-                f"{output} away or choose another --output."
-            )
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_path.write_text(json.dumps({"format": RESULTS_FORMAT, "settings": settings}) + "\n", encoding="utf-8")
+        _remove_leftover_temporaries(log_path)
+        write_text_atomically(log_path, json.dumps({"format": RESULTS_FORMAT, "settings": settings}) + "\n")
 
     todo = [row for row in range(len(eval_set)) if str(eval_set.ids[row]) not in done]
     if done and todo:
         logger.info("Resuming %s: %d of %d examples already done", log_path, len(eval_set) - len(todo), len(eval_set))
-    generator = _Generator(model, processor, max_new_tokens)
     was_training = model.training
     model.eval()
     try:
-        _run(task, eval_set, support_set, todo, generator, settings, done, log_path, batch_size, progress)
+        _run(task, eval_set, support_set, support_rows, todo, generator, settings, done, log_path, batch_size, progress)
     finally:
         model.train(was_training)
 
@@ -322,15 +419,87 @@ def evaluate(
     result = {"task": task, "metrics": metrics, "settings": settings, "examples": records}
     if output is not None:
         result["results_log"] = str(log_path)
-        _write_json_atomically(Path(output), result)
+        _remove_leftover_temporaries(Path(output))
+        write_text_atomically(
+            Path(output), json.dumps({"format": RESULTS_FORMAT, **result}, indent=1, ensure_ascii=False) + "\n"
+        )
     return result
 
 
-def _run(task, eval_set, support_set, todo, generator, settings, done, log_path, batch_size, progress) -> None:
+def _check_arguments(
+    task: str, shots: int, batch_size: int, max_new_tokens: int | None, limit: int | None, prompt_template: str | None
+) -> None:
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}; tasks are {', '.join(TASKS)}")
+    for name, value, least in (
+        ("shots", shots, 0),
+        ("batch_size", batch_size, 1),
+        ("max_new_tokens", max_new_tokens, 1),
+        ("limit", limit, 1),
+    ):
+        if value is not None and (not isinstance(value, int) or value < least):
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    if prompt_template is not None:
+        if task in QA_TASKS and "{question}" not in prompt_template:
+            raise ValueError(f"The question template {prompt_template!r} has no {{question}} field")
+        try:
+            prompt_template.format(question="")
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(
+                f"The prompt template {prompt_template!r} is not a format string with only a {{question}} field "
+                f"({type(error).__name__}: {error}); write a literal brace as {{{{ or }}}}"
+            ) from None
+
+
+def _check_output(output: Path, log_path: Path, settings: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The settings recorded in `output`'s log when this run resumes it (None for a new run), after checking that
+    neither the log nor a finished `output` belongs to another run: those are never continued or overwritten."""
+    if output.is_dir() or log_path.is_dir():
+        raise ValueError(f"--output {output}: {output if output.is_dir() else log_path} is a folder; give a file name")
+    if not log_path.exists():
+        _check_writable_folder(output.parent)
+        if output.exists():  # results whose log is gone: never overwrite them
+            raise ValueError(
+                f"{output} exists but its per-example log {log_path} does not, so the run cannot resume; move "
+                f"{output} away or choose another --output."
+            )
+        return None
+    recorded = _read_header(log_path)
+    _check_resumable(log_path, recorded, settings, RUN_KEYS + DATA_KEYS)
+    if output.exists():  # a finished run: the aggregate is rewritten only when it is this run's
+        try:
+            finished = json.loads(output.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            finished = None
+        if not isinstance(finished, dict) or finished.get("format") != RESULTS_FORMAT:
+            raise ValueError(
+                f"{output} is not a magma_hf results file of this format; move it or choose another --output"
+            )
+        details = _differences(finished.get("settings", {}), recorded, RESUME_KEYS)
+        if details:
+            raise ValueError(
+                f"{output} holds the results of another run than its log {log_path} ({details}); move one away"
+            )
+    return recorded
+
+
+def _check_writable_folder(folder: Path) -> None:
+    """An error naming the folder when results cannot be written into it (it, or the nearest existing parent)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"Cannot write the results into {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"Cannot write the results into {folder}: {existing} is not writable")
+
+
+def _run(
+    task, eval_set, support_set, support_rows, todo, generator, settings, done, log_path, batch_size, progress
+) -> None:
     from tqdm.auto import tqdm
 
-    shots, seed, template = settings["shots"], settings["seed"], settings["prompt_template"]
-    exclude_query = settings["support"] == SUPPORT_FROM_DATA
+    shots, template = settings["shots"], settings["prompt_template"]
     bar = tqdm(
         total=len(eval_set), initial=len(eval_set) - len(todo), desc=f"{task} {shots}-shot", disable=not progress
     )
@@ -338,23 +507,19 @@ def _run(task, eval_set, support_set, todo, generator, settings, done, log_path,
     try:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
-            prompts, images, support_rows = [], [], []
+            prompts, images = [], []
             for row in batch:
-                rows = draw_support(
-                    support_set, shots, seed, eval_set.ids[row], eval_set.image_keys[row], exclude_query
-                )
-                shot_pairs = [(support_set.prompts[r], support_set.targets[r]) for r in rows]
+                shot_pairs = [(support_set.prompts[r], support_set.targets[r]) for r in support_rows[row]]
                 prompts.append(build_prompt(task, eval_set.prompts[row], shot_pairs, template))
-                images.append([support_set.image(r) for r in rows] + [eval_set.image(row)])
-                support_rows.append(rows)
+                images.append([support_set.image(r) for r in support_rows[row]] + [eval_set.image(row)])
             answers = generator(prompts, images)
-            for row, prompt, answer, rows in zip(batch, prompts, answers, support_rows):
-                record = _record(task, eval_set, row, prompt, answer, [support_set.ids[r] for r in rows])
-                done[str(record["id"])] = record
-                if log is not None:
-                    log.write(json.dumps(record, ensure_ascii=False) + "\n")
+            records = [
+                _record(task, eval_set, row, prompt, answer, [support_set.ids[r] for r in support_rows[row]])
+                for row, prompt, answer in zip(batch, prompts, answers)
+            ]
+            done.update((str(record["id"]), record) for record in records)
             if log is not None:
-                log.flush()
+                _append_records(log, records)
             bar.update(len(batch))
     finally:
         bar.close()
@@ -421,12 +586,11 @@ def run(args: argparse.Namespace) -> int:
         except CaptionMetricsUnavailable as error:
             print(f"error: {error}")
             return 2
-    model, processor = load_model_and_processor(args.model, device=args.device, dtype=args.dtype)
-    try:
+    try:  # the model is loaded inside, once the data and the output are known to be usable
         result = evaluate(
             args.task,
-            model,
-            processor,
+            args.model,
+            None,
             data,
             shots=args.shots,
             support=support,
@@ -440,8 +604,10 @@ def run(args: argparse.Namespace) -> int:
             columns=args.columns,
             prompt_template=args.prompt_template,
             progress=not args.no_progress,
+            device=args.device,
+            dtype=args.dtype,
         )
-    except (ValueError, FileNotFoundError) as error:  # bad data or settings: the message says what to fix
+    except (ValueError, OSError) as error:  # bad data, settings, model folder or output: the message names it
         print(f"error: {error}")
         return 2
     print(format_metrics(result))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import glob
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,6 +42,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         sync_path(path.parent)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def leftover_temporaries(path: str | os.PathLike) -> list[Path]:
+    """The temporary files that killed `atomic_path(path)` writes left beside `path` (its exact naming, no others)."""
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
+    return sorted(p for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp") if pattern.fullmatch(p.name))
 
 
 def write_text_atomically(path: str | os.PathLike, text: str) -> None:

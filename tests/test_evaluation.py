@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from helpers import make_processor, make_tokenizer, random_image, tiny_config
+from helpers import files_unchanged, make_processor, make_tokenizer, random_image, tiny_config
 
 from magma_hf import MagmaForConditionalGeneration
 from magma_hf.evaluation import build_prompt, clean_generation, evaluate, results_log_path
@@ -287,3 +287,236 @@ def test_docs_examples_run(model_dir, tmp_path, monkeypatch):
     assert [r["id"] for r in vqa["examples"]] == [100, 101, 102, 103]
     assert all(r["prompt"].count("<|image|>") == 3 for r in vqa["examples"])
     assert namespace["result"]["metrics"]["num_images"] == 3
+
+
+# ------------------------------------------------------------------------------------------- the log and its resume
+def _log_lines(output) -> list[dict]:
+    return [json.loads(line) for line in results_log_path(output).read_text().splitlines()]
+
+
+def test_resume_with_another_model_or_dtype_is_refused(vqa_dir, model_dir, model_and_processor, tmp_path):
+    import shutil
+
+    model, processor = model_and_processor
+    output = tmp_path / "runs" / "vqa.json"
+    evaluate("vqa", model, processor, str(vqa_dir), output=output, limit=3, progress=False)
+
+    other = MagmaForConditionalGeneration.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        next(other.parameters()).view(-1)[0] += 1e-3  # one weight of 400 thousand
+    with (
+        files_unchanged(tmp_path / "runs"),
+        pytest.raises(ValueError, match=r"model_weights: 'sha256:\w+' in the file"),
+    ):
+        evaluate("vqa", other, processor, str(vqa_dir), output=output, progress=False)
+    with (
+        files_unchanged(tmp_path / "runs"),
+        pytest.raises(ValueError, match="dtype: 'float32' in the file, 'bfloat16'"),
+    ):
+        evaluate("vqa", other.to(torch.bfloat16), processor, str(vqa_dir), output=output, progress=False)
+
+    header = _log_lines(output)[0]["settings"]
+    assert header["model_weights"].startswith("sha256:") and header["dtype"] == "float32"
+    # The same weights from a copy of the folder (new mtimes, another path) are the same model: the run resumes.
+    shutil.copytree(model_dir, tmp_path / "copy")
+    resumed = evaluate("vqa", str(tmp_path / "copy"), None, str(vqa_dir), output=output, device="cpu", progress=False)
+    assert len(resumed["examples"]) == len(QUESTIONS) and len(_log_lines(output)) == 1 + len(QUESTIONS)
+
+
+def test_resume_with_other_data_seed_or_support_is_refused(vqa_dir, model_and_processor, tmp_path):
+    import shutil
+
+    import datasets
+
+    model, processor = model_and_processor
+    data = tmp_path / "vqa"
+    shutil.copytree(vqa_dir, data)
+    output = tmp_path / "runs" / "vqa.json"
+    evaluate("vqa", model, processor, str(data), shots=1, output=output, limit=2, progress=False)
+
+    def refused(match, **changes):
+        arguments = dict(dataset=str(data), shots=1, output=output, progress=False) | changes
+        with files_unchanged(tmp_path), pytest.raises(ValueError, match=match):
+            evaluate("vqa", model, processor, **arguments)
+
+    refused("seed: 0 in the file, 1 now", seed=1)
+    refused(f"data: '{data}' in the file, '{vqa_dir}' now", dataset=str(vqa_dir))  # the same questions elsewhere
+    refused("support: 'the evaluation data' in the file", support=str(vqa_dir))
+    refused("max_new_tokens: 10 in the file, 3 now", max_new_tokens=3)
+    # The same ids, one answer changed: the questions' fingerprint differs.
+    sample = data / "image_data" / "0" / "5.json"
+    sample.write_text(sample.read_text().replace('"bikes"', '"bicycle"'))
+    refused(r"data_questions: 'sha256:\w+' in the file, 'sha256:\w+' now")
+
+    # A split is part of the data: the same rows under another split are another data set.
+    rows = {
+        "image": [random_image(n) for n in range(2)],
+        "question": ["Is it red?", "How many?"],
+        "answers": ["a", "b"],
+    }
+    split = datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
+    datasets.DatasetDict(val=split, test=split).save_to_disk(str(tmp_path / "hf"))
+    hf_output = tmp_path / "runs" / "hf.json"
+    evaluate("gqa", model, processor, str(tmp_path / "hf"), split="val", output=hf_output, limit=1, progress=False)
+    with files_unchanged(tmp_path), pytest.raises(ValueError, match="split: 'val' in the file, 'test' now"):
+        evaluate("gqa", model, processor, str(tmp_path / "hf"), split="test", output=hf_output, progress=False)
+
+
+def test_a_log_of_the_previous_format_is_not_continued(vqa_dir, model_and_processor, tmp_path):
+    """magma_hf.evaluation/1 logs recorded names only: resuming one cannot tell whether it is the same model."""
+    model, processor = model_and_processor
+    output = tmp_path / "vqa.json"
+    evaluate("vqa", model, processor, str(vqa_dir), output=output, limit=2, progress=False)
+    records = _log_lines(output)[1:]
+    old_settings = {"task": "vqa", "shots": 0, "seed": 0, "max_new_tokens": 10, "prompt_template": None}
+    old_settings |= {"support": None, "model": str(model.name_or_path), "data": str(vqa_dir), "batch_size": 8}
+    lines = [{"format": "magma_hf.evaluation/1", "settings": old_settings}, *records]
+    results_log_path(output).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    output.unlink()
+    with files_unchanged(tmp_path), pytest.raises(ValueError, match="in the format 'magma_hf.evaluation/1'.*earlier"):
+        evaluate("vqa", model, processor, str(vqa_dir), output=output, progress=False)
+
+
+def test_files_beside_the_output_are_never_touched(vqa_dir, model_and_processor, tmp_path):
+    model, processor = model_and_processor
+    output = tmp_path / "vqa.json"
+    (tmp_path / "vqa.json.tmp").write_text("the user's own notes\n")  # the old fixed temporary name
+    (tmp_path / ".vqa.json.backup.tmp").write_text("the user's\n")
+    (tmp_path / ".vqa.json.x1_9abcd.tmp").write_text('{"task": "vq')  # what a write killed midway leaves
+    with files_unchanged(tmp_path, may_change=[".vqa.json.x1_9abcd.tmp"]):
+        evaluate("vqa", model, processor, str(vqa_dir), output=output, limit=1, progress=False)
+    names = [".vqa.json.backup.tmp", "vqa.json", "vqa.json.tmp", "vqa.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names  # the leftover is gone, nothing else
+    (tmp_path / "folder.json").mkdir()
+    with files_unchanged(tmp_path), pytest.raises(ValueError, match="folder.json is a folder"):
+        evaluate("vqa", model, processor, str(vqa_dir), output=tmp_path / "folder.json", progress=False)
+    with files_unchanged(tmp_path), pytest.raises(ValueError, match="vqa.json is a file, not a folder"):
+        evaluate("vqa", model, processor, str(vqa_dir), output=tmp_path / "vqa.json" / "b.json", progress=False)
+    # a results file put beside another run's log (here: one of another seed) is not replaced by that run's results
+    evaluate("vqa", model, processor, str(vqa_dir), shots=1, seed=1, output=tmp_path / "s1.json", limit=1)
+    (tmp_path / "vqa.json").write_bytes((tmp_path / "s1.json").read_bytes())
+    with files_unchanged(tmp_path), pytest.raises(ValueError, match="vqa.json holds the results of another run"):
+        evaluate("vqa", model, processor, str(vqa_dir), output=output, limit=1, progress=False)
+    (tmp_path / "mine.jsonl").write_bytes(b"\xff\xfe user's log\n")  # a file that only shares the log's name
+    with files_unchanged(tmp_path), pytest.raises(ValueError, match="mine.jsonl is not a magma_hf evaluation log"):
+        evaluate("vqa", model, processor, str(vqa_dir), output=tmp_path / "mine.json", progress=False)
+
+
+# Evaluates with its log opened through a file that, at the second batch's flush, writes all of the batch but the
+# last newline, and then SIGKILLs its own process: the kill lands mid-append at a known byte.
+CHILD = """
+import os, signal, sys
+import torch
+import magma_hf.evaluation as evaluation
+
+torch.set_num_threads(1)
+model_dir, data_dir, output = sys.argv[1:]
+
+
+class KilledAtSecondFlush:
+    def __init__(self, file):
+        self.file, self.pending, self.flushes = file, [], 0
+
+    def write(self, text):
+        self.pending.append(text)
+        return len(text)
+
+    def flush(self):
+        text, self.pending, self.flushes = "".join(self.pending), [], self.flushes + 1
+        if self.flushes == 2:
+            self.file.write(text[:-1])
+            self.file.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        self.file.write(text)
+        self.file.flush()
+
+    def close(self):
+        self.flush()
+        self.file.close()
+
+
+def open_log(path, mode="r", *args, **kwargs):
+    file = open(path, mode, *args, **kwargs)
+    return KilledAtSecondFlush(file) if mode == "a" and str(path).endswith(".jsonl") else file
+
+
+evaluation.open = open_log  # the module's `open`: only the harness's appends to its log go through it
+evaluation.evaluate("vqa", model_dir, dataset=data_dir, shots=2, batch_size=2, output=output, progress=False)
+"""
+
+
+def test_killed_while_appending_to_the_log_resumes(vqa_dir, model_dir, model_and_processor, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    model, processor = model_and_processor
+    output = tmp_path / "vqa.json"
+    (tmp_path / "child.py").write_text(CHILD)
+    command = [sys.executable, str(tmp_path / "child.py"), str(model_dir), str(vqa_dir), str(output)]
+    with files_unchanged(vqa_dir, model_dir):
+        child = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
+    killed = results_log_path(output).read_bytes()
+    complete = killed[: killed.rfind(b"\n") + 1]
+    assert complete.count(b"\n") == 1 + 3 and not killed.endswith(b"\n")  # header, 3 records, the 4th torn
+
+    resumed = evaluate("vqa", model, processor, str(vqa_dir), shots=2, batch_size=2, output=output, progress=False)
+    log = results_log_path(output).read_bytes()
+    assert log.startswith(complete)  # appended after the complete lines, nothing rewritten
+    lines = _log_lines(output)  # every line is one whole record
+    assert [line["id"] for line in lines[1:]] == [100 + n for n in range(len(QUESTIONS))]
+    reference = evaluate("vqa", model, processor, str(vqa_dir), shots=2, batch_size=1, progress=False)
+    assert _essentials(resumed["examples"]) == _essentials(reference["examples"])
+    with files_unchanged(tmp_path, may_change=["vqa.json"]):  # a finished run started again: the log stays
+        again = evaluate("vqa", model, processor, str(vqa_dir), shots=2, output=output, progress=False)
+    assert again["metrics"] == resumed["metrics"]
+
+
+# ----------------------------------------------------------------------------------------------------- bad inputs
+def test_bad_settings_are_named_before_anything_is_written(vqa_dir, model_and_processor, tmp_path):
+    model, processor = model_and_processor
+    output = tmp_path / "vqa.json"
+
+    def refused(match, task="vqa", dataset=str(vqa_dir), **arguments):
+        with files_unchanged(tmp_path, no_new_files=True), pytest.raises(ValueError, match=match):
+            evaluate(task, model, processor, dataset, output=output, progress=False, **arguments)
+
+    refused("Unknown task 'vqa2'; tasks are vqa, okvqa, gqa, caption", task="vqa2")
+    refused("6-shot prompts need 6 support examples; .* has only 5 usable for example 100", shots=6)
+    small = load_eval_set(vqa_dir, "vqa").select(2)
+    refused("3-shot prompts need 3 support examples; .* has only 2 usable", shots=3, support=small)
+    refused(r"support_split='train' \(--support-split\) is given without support data", support_split="train")
+    refused("limit must be an integer >= 1, got 0", limit=0)
+    refused("max_new_tokens must be an integer >= 1, got -1", max_new_tokens=-1)
+    refused(
+        r"template 'Q: \{question\} A: \{answer\}' is not a format string .*KeyError",
+        prompt_template="Q: {question} A: {answer}",
+    )
+    no_answers = tmp_path.parent / f"{tmp_path.name}-data"
+    import shutil
+
+    shutil.copytree(vqa_dir, no_answers)
+    sample = no_answers / "image_data" / "0" / "3.json"
+    sample.write_text(sample.read_text().replace('"answers"', '"responses"'))
+    refused(r"example 103 \(row 3\) has no answers", dataset=str(no_answers))
+    # the shots were too many: the corrected run is not blocked by a log of the failed one
+    evaluate("vqa", model, processor, str(vqa_dir), shots=2, output=output, limit=1, progress=False)
+
+
+def test_cli_reads_the_data_before_loading_the_model(vqa_dir, tmp_path, capsys):
+    import datasets
+
+    from magma_hf.cli import main
+
+    rows = {"image": [random_image(0)], "query": ["Is it red?"], "answers": [["yes"]]}
+    datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "data"))
+    argv = ["eval", "--task", "vqa", "--data", str(tmp_path / "data"), "--model", str(tmp_path / "no-model")]
+    with files_unchanged(tmp_path):
+        assert main(argv + ["--output", str(tmp_path / "out.json"), "--no-progress"]) == 2
+    assert "no 'question' column" in capsys.readouterr().out
+    argv[argv.index("--data") + 1] = str(vqa_dir)
+    with files_unchanged(tmp_path):
+        assert main(argv + ["--output", str(tmp_path / "out.json"), "--no-progress"]) == 2
+    out = capsys.readouterr().out
+    assert out == f"error: there is no model folder {tmp_path / 'no-model'}\n"
