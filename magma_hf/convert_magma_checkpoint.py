@@ -13,8 +13,11 @@ folder that loads with `from_pretrained`, the Auto classes and the `image-to-tex
 - Memory and time: the checkpoint stays memory-mapped; tensors are written one at a time straight into the shard files
   (copied file to file in the kernel where no cast is needed, as `cp` does), and mapped pages are handed back to the
   kernel once used, so the process holds at most a tensor or two whatever the shard size.
-- Nothing is written unless every tensor is accounted for; the folder is built next to `output` and moved into place
-  only when complete (and, with `verify`, checked tensor by tensor against the checkpoint).
+- Nothing is written unless every tensor is accounted for and every written value is finite; the folder is built
+  next to `output` and moved into place only when complete (and, with `verify`, checked tensor by tensor against the
+  checkpoint). Files in `output` that no conversion wrote (the checkpoint itself, the user's notes or model card) are
+  never replaced or deleted; `overwrite` replaces only the files an earlier conversion recorded in
+  `magma_conversion.json`. A killed conversion's temporary folder is cleaned up by the next one.
 
 The input embedding is padded from the tokenizer's rows (50258: GPT-2 + `<|image|>`) to the LM head's vocabulary
 (50400) with zero rows. No tokenizer id reaches those rows (the original model had none: its embedding stopped at

@@ -695,6 +695,19 @@ def test_output_parent_missing_or_read_only_is_one_line(tmp_path, small, tokeniz
     assert f"{tmp_path}: Permission denied" in error
 
 
+def test_a_full_disk_is_named_before_anything_is_written(tmp_path, small, tokenizer_dir, monkeypatch):
+    import collections
+
+    save_checkpoint(tmp_path, small[1])
+    write_yaml(tmp_path, MLP_V1)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(converter.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 5000, 5000))
+    with files_unchanged(tmp_path, no_new_files=True), pytest.raises(MagmaConversionError) as error:
+        convert_small(tmp_path, small, tokenizer_dir)
+    assert f"not enough space for --output {tmp_path / 'out'}" in str(error.value)
+    assert f"{tmp_path} has 0.00 GB free; nothing was written" in str(error.value)
+
+
 @pytest.mark.parametrize("verify", [True, False])
 def test_non_finite_weights_are_named_and_refused_unless_allowed(tmp_path, small, tokenizer_dir, verify):
     original = small[0]
