@@ -1098,12 +1098,21 @@ def is_weights_name(name: str) -> bool:
 
 
 def file_record(path: Path) -> dict[str, Any]:
-    """How the manifest recognises a file later: its size, and a sha256 except for the weights (verified against
-    the checkpoint; hashing 12 GB would double the conversion's reading)."""
-    record: dict[str, Any] = {"size": path.stat().st_size}
-    if not is_weights_name(path.name):
-        record["sha256"] = sha256_of(path)
-    return record
+    """How the manifest recognises a file later: its size, and its sha256, or for the weights (verified against the
+    checkpoint; hashing 12 GB would double the conversion's reading) its modification time."""
+    stat = path.stat()
+    if is_weights_name(path.name):
+        return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {"size": stat.st_size, "sha256": sha256_of(path)}
+
+
+def matches_record(path: Path, record: dict[str, Any]) -> bool:
+    stat = path.stat()
+    if stat.st_size != record.get("size"):
+        return False
+    if "sha256" in record:
+        return sha256_of(path) == record["sha256"]
+    return stat.st_mtime_ns == record.get("mtime_ns")
 
 
 def sha256_of(path: Path) -> str:
@@ -1128,10 +1137,9 @@ def written_by_a_conversion(output: Path) -> dict[str, dict[str, Any]]:
         path = output / name
         if Path(name).name != name or path.is_symlink() or not path.is_file():
             continue
-        if path.stat().st_size == record.get("size") and record.get("sha256") in (None, sha256_of(path)):
+        if isinstance(record, dict) and matches_record(path, record):
             unchanged[name] = record
-    if MANIFEST_NAME in records or (output / MANIFEST_NAME).is_file():
-        unchanged[MANIFEST_NAME] = {}
+    unchanged[MANIFEST_NAME] = {}  # it was read: it is a conversion's
     return unchanged
 
 
@@ -1199,9 +1207,14 @@ def may_be_written(name: str) -> bool:
     return name in always_written_names() or is_weights_name(name)
 
 
+def output_parent(output: Path) -> Path:
+    """Where the conversion is built, next to `output` on its file system (where a symlinked `output` points)."""
+    return (output.resolve() if output.is_dir() else output.absolute()).parent
+
+
 def check_output_parent(output: Path) -> None:
     """The folder that is to hold `output` exists and is writable: the conversion is built next to `output`."""
-    parent = output.absolute().parent
+    parent = output_parent(output)
     if not parent.is_dir():
         what = "is a file" if parent.exists() else "does not exist"
         raise MagmaConversionError(
@@ -1213,7 +1226,7 @@ def check_output_parent(output: Path) -> None:
 
 
 def check_free_space(output: Path, nbytes: int) -> None:
-    parent = output.absolute().parent
+    parent = output_parent(output)
     free = shutil.disk_usage(parent).free
     needed = nbytes + 64 * 2**20  # the shards, and room for the configs, tokenizer and code files
     if free < needed:
@@ -1234,8 +1247,7 @@ def write_json_atomically(path: Path, payload: dict) -> None:
 
 
 def leftover_workspaces(output: Path) -> list[Path]:
-    parent = output.absolute().parent
-    return sorted(path for path in parent.glob(f".{output.name}{WORKSPACE_INFIX}*") if path.is_dir())
+    return sorted(path for path in output_parent(output).glob(f".{output.name}{WORKSPACE_INFIX}*") if path.is_dir())
 
 
 def recover_interrupted_conversions(output: Path) -> list[str]:
@@ -1326,12 +1338,11 @@ def staged_folder(output: Path, overwrite: bool):
     """A folder named like `output`, inside a temporary folder next to it (same file system, locked while this
     conversion runs). Once the block completes, its files are installed (`install_files`); the `OutputChanges` it
     made are put into the list yielded with the folder."""
+    parent = output_parent(output)
     try:
-        workspace = Path(tempfile.mkdtemp(prefix=f".{output.name}{WORKSPACE_INFIX}", dir=output.absolute().parent))
+        workspace = Path(tempfile.mkdtemp(prefix=f".{output.name}{WORKSPACE_INFIX}", dir=parent))
     except OSError as error:
-        raise MagmaConversionError(
-            f"cannot write --output {output}: {output.absolute().parent}: {error.strerror}"
-        ) from error
+        raise MagmaConversionError(f"cannot write --output {output}: {parent}: {error.strerror}") from error
     lock = take_lock(workspace)
     staging = workspace / output.name  # the folder's own name: the model card shows it
     try:
@@ -1367,7 +1378,7 @@ def install_files(staging: Path, output: Path, overwrite: bool) -> OutputChanges
     sync_folder(staging)
     if not output.exists():
         os.rename(staging, output)
-        sync_path(output.absolute().parent)
+        sync_path(output_parent(output))
         return changes
     installing = sorted(path.name for path in staging.iterdir() if path.name != MANIFEST_NAME) + [MANIFEST_NAME]
     workspace = staging.parent
