@@ -1257,7 +1257,13 @@ def recover_interrupted_conversions(output: Path) -> list[str]:
     done = []
     for workspace in leftover_workspaces(output):
         lock = workspace / LOCK_NAME
-        if lock.is_file() and not lock_is_free(lock):
+        ours = {LOCK_NAME, output.name, INSTALL_JOURNAL, INSTALL_JOURNAL + ".tmp", "previous"}
+        if not lock.is_file() or not {path.name for path in workspace.iterdir()} <= ours:
+            raise MagmaConversionError(
+                f"{workspace} is named like the temporary folder of a conversion into {output} but does not look "
+                f"like one (no {LOCK_NAME}, or other files in it): check what it holds, then move or delete it"
+            )
+        if not lock_is_free(lock):
             raise MagmaConversionError(
                 f"another conversion into {output} is running ({lock.read_text().strip() or 'pid unknown'}, "
                 f"temporary folder {workspace}); wait for it to finish, or stop it"
@@ -1268,12 +1274,7 @@ def recover_interrupted_conversions(output: Path) -> list[str]:
                 f"rolled back the interrupted installation of a conversion into {output} ({restored} files of the "
                 f"earlier conversion moved back) and removed its temporary folder {workspace.name}"
             )
-        elif (workspace / "previous").exists():  # an older converter moved the whole earlier output aside
-            raise MagmaConversionError(
-                f"{workspace / 'previous'} holds the earlier --output {output}, moved aside by an interrupted "
-                f"conversion: move it back to {output} (or delete it), then delete {workspace}"
-            )
-        else:
+        else:  # killed before installing (or after a complete one: `previous` then holds replaced files)
             done.append(f"removed {workspace.name}, the temporary folder of an interrupted conversion into {output}")
         shutil.rmtree(workspace)
     for line in done:
@@ -1310,12 +1311,13 @@ def take_lock(workspace: Path) -> int:
 
 
 def roll_back_installation(workspace: Path, output: Path) -> int:
-    """Undo a cut-short `install_files`: delete the new files already moved into `output`, move the earlier back."""
+    """Undo a cut-short `install_files`: the new files already moved into `output` go back to the staging folder, the
+    earlier ones back into `output`. Moves only, so that a rollback cut short in turn can be run again."""
     journal = json.loads((workspace / INSTALL_JOURNAL).read_text())
     staging, previous = workspace / journal["staging"], workspace / "previous"
     for name in journal["installing"]:
         if not (staging / name).exists() and (output / name).is_file():
-            (output / name).unlink()  # moved in before the kill: this conversion's own file
+            os.rename(output / name, staging / name)  # moved in before the kill: this conversion's own file
     restored = 0
     for name in journal["moving_aside"]:
         if (previous / name).exists():

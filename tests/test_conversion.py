@@ -673,6 +673,11 @@ def test_a_running_conversion_is_not_taken_for_a_leftover(tmp_path, small, token
         os.close(descriptor)
     assert workspace.is_dir()
 
+    (workspace / converter.LOCK_NAME).unlink()
+    (workspace / "my-notes.txt").write_text("not a conversion's")  # named like one, but not a conversion's folder
+    with files_unchanged(tmp_path), pytest.raises(MagmaConversionError, match="does not look like one"):
+        convert_small(tmp_path, small, tokenizer_dir)
+
 
 def test_output_parent_missing_or_read_only_is_one_line(tmp_path, small, tokenizer_dir, capsys, monkeypatch):
     checkpoint = save_checkpoint(tmp_path, small[1])
