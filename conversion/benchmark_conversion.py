@@ -11,8 +11,9 @@
 3. Converts it in a subprocess (`python -m magma_hf convert`, default settings: MAGMA_v1, float16, 2GB shards,
    verification on) and reports its wall time and peak RSS (`ru_maxrss` of that process, from `wait4`).
 
-Needs about 26 GB free in --workdir (checkpoint + copy or output); all but results.json is deleted at the end
-unless --keep.
+Needs about 26 GB free in --workdir (checkpoint + copy or output). Everything is written into a new folder
+`magma-benchmark-XXXX` inside --workdir, so that a real checkpoint or anything else already there is never touched;
+all in it but results.json is deleted at the end unless --keep.
 The tokenizer is a GPT-2-sized stand-in (50257 tokens + <|image|>) built offline: only its size matters here.
 """
 
@@ -26,6 +27,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -177,6 +179,7 @@ def main() -> int:
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="magma-benchmark-", dir=workdir))  # its own: nothing there is overwritten
     model = OriginalModel()  # MAGMA_v1: GPT-J-6B + RN50x16
     expected_bytes = sum(
         math.prod(shape) * (1 if kind == "causal_mask" else 8 if kind == "count" else 2)

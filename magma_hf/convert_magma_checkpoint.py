@@ -13,8 +13,11 @@ folder that loads with `from_pretrained`, the Auto classes and the `image-to-tex
 - Memory and time: the checkpoint stays memory-mapped; tensors are written one at a time straight into the shard files
   (copied file to file in the kernel where no cast is needed, as `cp` does), and mapped pages are handed back to the
   kernel once used, so the process holds at most a tensor or two whatever the shard size.
-- Nothing is written unless every tensor is accounted for; the folder is built next to `output` and moved into place
-  only when complete (and, with `verify`, checked tensor by tensor against the checkpoint).
+- Nothing is written unless every tensor is accounted for and every written value is finite; the folder is built
+  next to `output` and moved into place only when complete (and, with `verify`, checked tensor by tensor against the
+  checkpoint). Files in `output` that no conversion wrote (the checkpoint itself, the user's notes or model card) are
+  never replaced or deleted; `overwrite` replaces only the files an earlier conversion recorded in
+  `magma_conversion.json`. A killed conversion's temporary folder is cleaned up by the next one.
 
 The input embedding is padded from the tokenizer's rows (50258: GPT-2 + `<|image|>`) to the LM head's vocabulary
 (50400) with zero rows. No tokenizer id reaches those rows (the original model had none: its embedding stopped at
@@ -42,7 +45,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +112,8 @@ ADAPTER_SCALE = {"attention": "attn.adapter_scale", "mlp": "mlp.adapter_scale"}
 GPT_NEO_MLP_NAMES = {"fc_in": "c_fc", "fc_out": "c_proj"}
 ATTENTION_BUFFERS = ("bias", "masked_bias", "scale_attn", "sin", "cos")
 MASKED_BIAS = -1e9  # the fork's `masked_bias`
+
+logger = hf_logging.get_logger(__name__)
 
 
 class MagmaConversionError(ValueError):
@@ -269,24 +274,63 @@ class OriginalCheckpoint:
 
 
 def check_zip_archive(path: Path) -> None:
-    """`torch.save` writes a zip archive; anything else is an interrupted download or not a checkpoint at all."""
+    """`torch.save` writes a zip archive; anything else is a failed download or not a checkpoint at all."""
     size = path.stat().st_size
     if zipfile.is_zipfile(path):
         return
     with open(path, "rb") as stream:
         head = stream.read(512)
-    if head.lstrip().lower().startswith((b"<!doctype html", b"<html")):
-        cause = "it is an HTML page (a download that saved a web page instead of the file)"
-    elif head.startswith(b"PK\x03\x04"):
-        cause = "it starts like a zip archive but has no central directory: it is truncated (interrupted download?)"
-    elif head[:1] == b"\x80":
-        cause = "it is a pickle in torch's legacy (non-zip) format, which cannot be memory-mapped"
-    else:
-        cause = "it is not a zip archive at all"
-    raise MagmaConversionError(
-        f"{path} ({size:,} bytes) is not a complete torch.save checkpoint: {cause}. The released checkpoint is a "
-        f"zip archive of about 12 GB; download it again (e.g. --checkpoint Aleph-Alpha/magma-research)."
-    )
+    raise MagmaConversionError(f"{path} ({size:,} bytes) is not a torch.save checkpoint: {not_a_checkpoint(head)}")
+
+
+DOWNLOAD_FAILED = (
+    "the download probably failed; download it again (e.g. --checkpoint Aleph-Alpha/magma-research, about 12 GB)"
+)
+
+
+def not_a_checkpoint(head: bytes) -> str:
+    """What a file that is not a zip archive is, from its first bytes, and what to do."""
+    if not head:
+        return f"it is empty: {DOWNLOAD_FAILED}"
+    start = head[:60].decode("utf-8", errors="replace").strip()
+    if head.lstrip().lower().startswith((b"<!doctype html", b"<html", b"<?xml", b"<head")):
+        return f"it is an HTML page (starts with {start!r}), a web page saved instead of the file: {DOWNLOAD_FAILED}"
+    if head.startswith(b"version https://git-lfs"):
+        return (
+            "it is a Git LFS pointer (the repository was cloned without git-lfs): run `git lfs pull` in it, or "
+            "pass the Hub repo id (--checkpoint Aleph-Alpha/magma-research)"
+        )
+    if head.startswith(b"PK\x03\x04"):
+        return f"it starts like a zip archive but has no central directory: it is truncated; {DOWNLOAD_FAILED}"
+    if head[:1] == b"\x80":
+        return "it is a pickle in torch's legacy (non-zip) format, which cannot be memory-mapped (torch.save it again)"
+    if len(head) >= 10 and head[8:10] == b'{"':
+        return (
+            "it is a safetensors file, not the original MAGMA checkpoint; a converted model folder loads with "
+            "MagmaForConditionalGeneration.from_pretrained"
+        )
+    if all(32 <= byte < 127 or byte in b"\t\r\n" for byte in head[:200]):
+        return f"it is a text file (starts with {start!r}), not the checkpoint: {DOWNLOAD_FAILED}"
+    return f"it starts with the bytes {head[:16]!r}, not a zip archive: {DOWNLOAD_FAILED}"
+
+
+def foreign_state_dict(state_dict: dict[str, Any]) -> str | None:
+    """What a state dict without MAGMA's top-level modules (`lm.`, `image_prefix.`) is, in a few words; `None` for a
+    MAGMA checkpoint."""
+    keys = list(state_dict)
+    if any(key.startswith(("lm.", "image_prefix.")) for key in keys):
+        return None
+    has = set(keys).__contains__
+    if any(key.startswith(("model.language_model.", "model.vision_tower.")) for key in keys):
+        return "already a magma_hf model's state dict (a converted folder loads with from_pretrained)"
+    if has("transformer.wte.weight") and any(".attn.q_proj." in key for key in keys):
+        return "a Hugging Face GPT-J state dict (transformer.h.*): a language model without MAGMA's image prefix"
+    if has("transformer.wte.weight") or has("wte.weight"):
+        return "a Hugging Face GPT-2/GPT-Neo style language model's state dict, without MAGMA's image prefix"
+    if any(key.startswith("visual.") for key in keys):
+        return "a CLIP state dict (visual.*)"
+    prefixes = sorted({key.split(".", 1)[0] for key in keys})
+    return f"a state dict of {len(keys)} entries under {', '.join(prefixes[:5])}{', ...' if len(prefixes) > 5 else ''}"
 
 
 def load_original_checkpoint(path: str | os.PathLike, allow_unsafe_pickle: bool = False) -> OriginalCheckpoint:
@@ -315,6 +359,11 @@ def load_original_checkpoint(path: str | os.PathLike, allow_unsafe_pickle: bool 
         state_dict, bookkeeping, wrapped = loaded, {}, False
     if not isinstance(state_dict, dict):
         raise MagmaConversionError(f"{path}: the 'module' entry is a {type(state_dict).__name__}, not a state dict")
+    if (what := foreign_state_dict(state_dict)) is not None:
+        raise MagmaConversionError(
+            f"{path} is not an original MAGMA checkpoint: it is {what}. The converter reads the original release "
+            f"({CHECKPOINT_FILENAME} of Aleph-Alpha/magma-research: keys lm.*, image_prefix.*)."
+        )
     not_tensors = sorted(key for key, value in state_dict.items() if not isinstance(value, torch.Tensor))
     if not_tensors:
         where = "its 'module' entry" if wrapped else "it (no 'module' entry, so read as a bare state dict)"
@@ -840,6 +889,30 @@ class VerifyReport:
     mismatched: list[str] = field(default_factory=list)
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or inf. The sum is finite only if every value is (inf and NaN propagate) and costs about a copy's
+    time; a sum that overflows while the values are finite falls back to the exact, slower test."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
+def non_finite_problem(entry: TensorEntry, written: torch.Tensor, source: torch.Tensor) -> str | None:
+    """`None` when every written value is finite; else how many are not, and whether the checkpoint holds them or
+    the cast to the output dtype made them (a value beyond the dtype's range becomes inf)."""
+    if all_finite(written):
+        return None
+    bad = int((~torch.isfinite(written)).sum())
+    dtype = str(entry.dtype).removeprefix("torch.")
+    if all_finite(source):
+        return (
+            f"{entry.name} ({entry.source}): {bad} values overflow {dtype} in the cast (largest |value| "
+            f"{source.abs().max().item():g}; {dtype} holds up to {torch.finfo(entry.dtype).max:g})"
+        )
+    nan, inf = int(torch.isnan(source).sum()), int(torch.isinf(source).sum())
+    return f"{entry.name} ({entry.source}): the checkpoint holds {nan} NaN and {inf} inf values"
+
+
 VERIFY_GROUP_BYTES = 256 * 2**20  # a shard is reopened after this many bytes: closing releases its mapped pages
 
 
@@ -850,10 +923,12 @@ def verify_shard(
     pages: MappedCheckpoint,
     report: VerifyReport,
     progress: Callable[[int], None] = lambda nbytes: None,
+    non_finite: list[str] | None = None,
 ) -> None:
     """Reload the shard's tensors with `safetensors.safe_open` and compare each bitwise with its source after the
-    dtype cast (and the zero padding of the input embedding). Run right after the shard is written, while its source
-    and output pages are still in the page cache."""
+    dtype cast (and the zero padding of the input embedding), and check that the values are finite (into
+    `non_finite`): the comparison alone would pass a value the cast turned into inf. Run right after the shard is
+    written, while its source and output pages are still in the page cache."""
     with safe_open(path, framework="pt") as handle:
         stored, metadata = set(handle.keys()), handle.metadata() or {}
     names = {entry.name for entry in entries}
@@ -870,7 +945,10 @@ def verify_shard(
         with safe_open(path, framework="pt") as handle:
             for entry in group:
                 source = state_dict[entry.source]
-                difference = written_difference(entry, handle.get_tensor(entry.name), source)
+                written = handle.get_tensor(entry.name)
+                difference = written_difference(entry, written, source)
+                if non_finite is not None and (problem := non_finite_problem(entry, written, source)):
+                    non_finite.append(problem)
                 if difference is not None:
                     report.mismatched.append(entry.name)
                     report.max_abs_diff = max(report.max_abs_diff, difference)
@@ -902,8 +980,18 @@ def written_difference(entry: TensorEntry, written: torch.Tensor, source: torch.
     return difference
 
 
-def produce_parts(entry: TensorEntry, state_dict: dict, locate: Callable) -> list[torch.Tensor | FileSlice]:
-    return output_parts(entry, state_dict[entry.source], locate)
+def produce_parts(
+    entry: TensorEntry, state_dict: dict, locate: Callable, non_finite: list[str] | None = None
+) -> list[torch.Tensor | FileSlice]:
+    """The parts `write_safetensors_file` writes; with `non_finite` (when no verification reads them back), their
+    values are checked for NaN and inf on the way."""
+    source = state_dict[entry.source]
+    parts = output_parts(entry, source, locate)
+    if non_finite is not None:
+        first = parts[0].tensor if isinstance(parts[0], FileSlice) else parts[0]  # the padding rows are zeros
+        if problem := non_finite_problem(entry, first, source):
+            non_finite.append(problem)
+    return parts
 
 
 def write_weights(
@@ -915,9 +1003,10 @@ def write_weights(
     pages: MappedCheckpoint,
     total_parameters: int,
     verify: bool,
-) -> tuple[dict[str, list[str]], VerifyReport | None]:
+) -> tuple[dict[str, list[str]], VerifyReport | None, list[str]]:
     """Write the shards (`model-0000i-of-0000n.safetensors` + index, or `model.safetensors`) as `save_pretrained`
-    names them; returns shard file -> tensor names, and the verification report when `verify`.
+    names them; returns shard file -> tensor names, the verification report when `verify`, and the tensors whose
+    written values are not all finite (checked by the verification, or while writing without it).
 
     Each shard is fsynced and (with `verify`) verified in a background thread while the next one is written: the
     writing waits on the disk, the verification reads the page cache, and the shard's pages are still cached.
@@ -928,6 +1017,7 @@ def write_weights(
     by_name = {entry.name: entry for entry in plan.entries}
     state_dict = checkpoint.state_dict
     report = VerifyReport() if verify else None
+    non_finite: list[str] = []
     total = sum(entry.nbytes for entry in plan.entries) * (2 if verify else 1)
     description = "Writing and verifying shards" if verify else "Writing shards"
     lock = threading.Lock()
@@ -947,12 +1037,14 @@ def write_weights(
         def finish(path: Path, entries: list[TensorEntry]) -> None:
             sync_path(path)
             if report is not None:
-                verify_shard(path, entries, state_dict, pages, report, advance)
+                verify_shard(path, entries, state_dict, pages, report, advance, non_finite)
 
         pending = None
         for filename, names in split.filename_to_tensors.items():
             entries = [by_name[name] for name in names]
-            produce = partial(produce_parts, state_dict=state_dict, locate=pages.slice_of)
+            produce = partial(
+                produce_parts, state_dict=state_dict, locate=pages.slice_of, non_finite=None if verify else non_finite
+            )
             write_safetensors_file(folder / filename, entries, produce, written)
             if pending is not None:
                 pending.result()  # one shard in flight at most: bounded memory, errors surface at once
@@ -965,49 +1057,359 @@ def write_weights(
             "weight_map": dict(split.tensor_to_filename),
         }
         (folder / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return split.filename_to_tensors, report
+    return split.filename_to_tensors, report, non_finite
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Output folder handling
+# Output folder handling: what a conversion writes, what it finds there, staging, installing, interrupted runs
 # --------------------------------------------------------------------------------------------------------------------
 
+MANIFEST_NAME = "magma_conversion.json"  # what the conversion wrote into the folder: what a later --overwrite replaces
+MODEL_CARD_NAME = "README.md"  # a card the user wrote is kept, as `write_model_card` keeps it
+WORKSPACE_INFIX = ".converting-"  # the temporary folder next to the output: `.{output name}.converting-XXXX`
+LOCK_NAME = "converting.lock"  # held (flock) while a conversion runs; the kernel drops it when the process dies
+INSTALL_JOURNAL = "install.json"  # written before files are moved into an existing output, for a rollback
+SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
-def check_output_available(output: Path, overwrite: bool) -> None:
+
+@lru_cache(maxsize=1)
+def always_written_names() -> frozenset[str]:
+    """Names every conversion writes (the shards aside): the configs, the processor, the code export, the card."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    from . import configuration_magma, image_processing_magma, modeling_magma, processing_magma
+
+    code = set()
+    for module in (configuration_magma, image_processing_magma, modeling_magma, processing_magma):
+        code |= {Path(module.__file__).name, *(Path(file).name for file in get_relative_import_files(module.__file__))}
+    return frozenset(code) | {
+        "config.json",
+        "generation_config.json",
+        "processor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        MODEL_CARD_NAME,
+        MANIFEST_NAME,
+    }
+
+
+def is_weights_name(name: str) -> bool:
+    return name in ("model.safetensors", SAFE_WEIGHTS_INDEX_NAME) or SHARD_NAME.fullmatch(name) is not None
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """How the manifest recognises a file later: its size, and its sha256, or for the weights (verified against the
+    checkpoint; hashing 12 GB would double the conversion's reading) its modification time."""
+    stat = path.stat()
+    if is_weights_name(path.name):
+        return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {"size": stat.st_size, "sha256": sha256_of(path)}
+
+
+def matches_record(path: Path, record: dict[str, Any]) -> bool:
+    stat = path.stat()
+    if stat.st_size != record.get("size"):
+        return False
+    if "sha256" in record:
+        return sha256_of(path) == record["sha256"]
+    return stat.st_mtime_ns == record.get("mtime_ns")
+
+
+def sha256_of(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def written_by_a_conversion(output: Path) -> dict[str, dict[str, Any]]:
+    """The files of `output` that a conversion wrote and that are unchanged since, as its manifest records them."""
+    try:
+        manifest = json.loads((output / MANIFEST_NAME).read_text())
+        records = dict(manifest["files"])
+    except (OSError, ValueError, KeyError, TypeError):  # no manifest (or a damaged one): nothing is known to be ours
+        return {}
+    unchanged = {}
+    for name, record in records.items():
+        path = output / name
+        if Path(name).name != name or path.is_symlink() or not path.is_file():
+            continue
+        if isinstance(record, dict) and matches_record(path, record):
+            unchanged[name] = record
+    unchanged[MANIFEST_NAME] = {}  # it was read: it is a conversion's
+    return unchanged
+
+
+@dataclass
+class OutputChanges:
+    """What installing a conversion does to the entries already in `output` (names in the folder)."""
+
+    replaced: list[str] = field(default_factory=list)  # an earlier conversion's (unchanged), written again: replaced
+    removed: list[str] = field(default_factory=list)  # an earlier conversion's, not written this time: removed
+    kept: list[str] = field(default_factory=list)  # not a conversion's: left as they are
+    conflicts: list[str] = field(default_factory=list)  # named like a file this conversion writes, not a conversion's
+
+    @property
+    def earlier_conversion(self) -> list[str]:
+        return self.replaced + self.removed
+
+    @property
+    def keeps_card(self) -> bool:
+        return MODEL_CARD_NAME in self.kept
+
+
+def output_changes(output: Path, writes: Callable[[str], bool]) -> OutputChanges:
+    """Sort what `output` holds: an earlier conversion's files, the user's files, and the user's files that a
+    conversion would have to replace (`writes(name)`: this conversion writes `name`)."""
+    changes = OutputChanges()
+    if not output.is_dir():
+        return changes
+    ours = written_by_a_conversion(output)
+    for path in sorted(output.iterdir()):
+        name = path.name
+        if name in ours:
+            (changes.replaced if writes(name) else changes.removed).append(name)
+        elif writes(name) and name != MODEL_CARD_NAME:
+            changes.conflicts.append(name)
+        else:  # the user's model card is kept, and this conversion's not installed
+            changes.kept.append(name)
+    return changes
+
+
+def check_output(output: Path, overwrite: bool, writes: Callable[[str], bool]) -> OutputChanges:
+    """What installing into `output` would change; raises when that would replace a file no conversion wrote, or an
+    earlier conversion without `overwrite`."""
     if output.is_file() or (output.is_symlink() and not output.is_dir()):
         raise MagmaConversionError(f"--output {output} is a file; give a folder")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
+    changes = output_changes(output, writes)
+    if changes.conflicts:
         raise MagmaConversionError(
-            f"--output {output} exists and is not empty; nothing was written. Pass --overwrite (overwrite=True) to "
-            "replace it once the new folder is complete, or choose another folder."
+            f"--output {output} holds {len(changes.conflicts)} files that a conversion writes but that no conversion "
+            f"wrote there (or that changed since it did, per {MANIFEST_NAME}): {', '.join(changes.conflicts)}. "
+            "Nothing was written; they are not replaced, even with --overwrite: move them away or choose another "
+            "folder."
         )
+    if changes.earlier_conversion and not overwrite:
+        kept = f"; the other {len(changes.kept)} entries there are kept either way" if changes.kept else ""
+        raise MagmaConversionError(
+            f"--output {output} holds an earlier conversion ({len(changes.earlier_conversion)} files, listed in "
+            f"{MANIFEST_NAME}); nothing was written. Pass --overwrite (overwrite=True) to replace those files once "
+            f"the new conversion is complete{kept}, or choose another folder."
+        )
+    return changes
+
+
+def may_be_written(name: str) -> bool:
+    """Before the conversion: the names it will surely write (the exact check follows once they are staged)."""
+    return name in always_written_names() or is_weights_name(name)
+
+
+def output_parent(output: Path) -> Path:
+    """Where the conversion is built, next to `output` on its file system (where a symlinked `output` points)."""
+    return (output.resolve() if output.is_dir() else output.absolute()).parent
+
+
+def check_output_parent(output: Path) -> None:
+    """The folder that is to hold `output` exists and is writable: the conversion is built next to `output`."""
+    parent = output_parent(output)
+    if not parent.is_dir():
+        what = "is a file" if parent.exists() else "does not exist"
+        raise MagmaConversionError(
+            f"cannot write --output {output}: the folder {parent} that should hold it {what}; create it (or fix the "
+            "path) first"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise MagmaConversionError(f"cannot write --output {output}: the folder {parent} is not writable")
+
+
+def check_free_space(output: Path, nbytes: int) -> None:
+    parent = output_parent(output)
+    free = shutil.disk_usage(parent).free
+    needed = nbytes + 64 * 2**20  # the shards, and room for the configs, tokenizer and code files
+    if free < needed:
+        raise MagmaConversionError(
+            f"not enough space for --output {output}: the conversion writes {needed / 1e9:.2f} GB, {parent} has "
+            f"{free / 1e9:.2f} GB free; nothing was written"
+        )
+
+
+def write_json_atomically(path: Path, payload: dict) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(payload, indent=2) + "\n")
+    sync_path(temporary)
+    os.replace(temporary, path)
+
+
+# Interrupted conversions ---------------------------------------------------------------------------------------------
+
+
+def leftover_workspaces(output: Path) -> list[Path]:
+    return sorted(path for path in output_parent(output).glob(f".{output.name}{WORKSPACE_INFIX}*") if path.is_dir())
+
+
+def recover_interrupted_conversions(output: Path) -> list[str]:
+    """Clean up after conversions into `output` that were killed: a temporary folder holding only a half-written
+    conversion is removed; an installation into an existing `output` that was cut short is rolled back (the earlier
+    files moved back). Returns what was done, one line each; raises naming the folder where it cannot tell."""
+    done = []
+    for workspace in leftover_workspaces(output):
+        lock = workspace / LOCK_NAME
+        ours = {LOCK_NAME, output.name, INSTALL_JOURNAL, INSTALL_JOURNAL + ".tmp", "previous"}
+        if not lock.is_file() or not {path.name for path in workspace.iterdir()} <= ours:
+            raise MagmaConversionError(
+                f"{workspace} is named like the temporary folder of a conversion into {output} but does not look "
+                f"like one (no {LOCK_NAME}, or other files in it): check what it holds, then move or delete it"
+            )
+        if not lock_is_free(lock):
+            raise MagmaConversionError(
+                f"another conversion into {output} is running ({lock.read_text().strip() or 'pid unknown'}, "
+                f"temporary folder {workspace}); wait for it to finish, or stop it"
+            )
+        if (workspace / INSTALL_JOURNAL).is_file():
+            restored = roll_back_installation(workspace, output)
+            done.append(
+                f"rolled back the interrupted installation of a conversion into {output} ({restored} files of the "
+                f"earlier conversion moved back) and removed its temporary folder {workspace.name}"
+            )
+        else:  # killed before installing (or after a complete one: `previous` then holds replaced files)
+            done.append(f"removed {workspace.name}, the temporary folder of an interrupted conversion into {output}")
+        shutil.rmtree(workspace)
+    for line in done:
+        logger.warning(line)
+    return done
+
+
+def lock_is_free(lock: Path) -> bool:
+    """Nobody holds the lock: the conversion that took it has ended (a SIGKILL too releases it)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: a leftover cannot be told from a running conversion
+        return False
+    descriptor = os.open(lock, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(descriptor)
+
+
+def take_lock(workspace: Path) -> int:
+    descriptor = os.open(workspace / LOCK_NAME, os.O_CREAT | os.O_WRONLY, 0o644)
+    os.write(descriptor, f"pid {os.getpid()}\n".encode())
+    try:
+        import fcntl
+
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:
+        pass
+    return descriptor
+
+
+def roll_back_installation(workspace: Path, output: Path) -> int:
+    """Undo a cut-short `install_files`: the new files already moved into `output` go back to the staging folder, the
+    earlier ones back into `output`. Moves only, so that a rollback cut short in turn can be run again."""
+    journal = json.loads((workspace / INSTALL_JOURNAL).read_text())
+    staging, previous = workspace / journal["staging"], workspace / "previous"
+    for name in journal["installing"]:
+        if not (staging / name).exists() and (output / name).is_file():
+            os.rename(output / name, staging / name)  # moved in before the kill: this conversion's own file
+    restored = 0
+    for name in journal["moving_aside"]:
+        if (previous / name).exists():
+            if (output / name).exists():
+                raise MagmaConversionError(
+                    f"cannot roll back the interrupted conversion into {output}: {output / name} exists and so does "
+                    f"the earlier {previous / name}; keep one of them, then delete {workspace}"
+                )
+            os.rename(previous / name, output / name)
+            restored += 1
+    sync_path(output)
+    return restored
+
+
+# Staging and installing ----------------------------------------------------------------------------------------------
 
 
 @contextmanager
 def staged_folder(output: Path, overwrite: bool):
-    """A folder named like `output`, inside a temporary folder next to it (same file system); moved into place when
-    the block completes. An existing `output` is moved aside only then, and deleted after the new one is in place."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    workspace = Path(tempfile.mkdtemp(prefix=f".{output.name}.converting-", dir=output.parent))
-    staging = workspace / output.name  # the folder's own name: the model card shows it
-    staging.mkdir()
+    """A folder named like `output`, inside a temporary folder next to it (same file system, locked while this
+    conversion runs). Once the block completes, its files are installed (`install_files`); the `OutputChanges` it
+    made are put into the list yielded with the folder."""
+    parent = output_parent(output)
     try:
-        yield staging
-        sync_folder(staging)
-        check_output_available(output, overwrite)  # again: something may have appeared meanwhile
-        if output.exists() or output.is_symlink():
-            previous = workspace / "previous"
-            os.rename(output, previous)
-            try:
-                os.rename(staging, output)
-            except BaseException:
-                os.rename(previous, output)
-                raise
-        else:
-            os.rename(staging, output)
-        sync_path(output.parent)
+        workspace = Path(tempfile.mkdtemp(prefix=f".{output.name}{WORKSPACE_INFIX}", dir=parent))
+    except OSError as error:
+        raise MagmaConversionError(f"cannot write --output {output}: {parent}: {error.strerror}") from error
+    lock = take_lock(workspace)
+    staging = workspace / output.name  # the folder's own name: the model card shows it
+    try:
+        staging.mkdir()
+        result: list[OutputChanges] = []
+        yield staging, result
+        result.append(install_files(staging, output, overwrite))
+    except OSError as error:  # disk full, permissions: the folder named, not a temporary path
+        raise MagmaConversionError(
+            f"writing the conversion for --output {output} failed: {error.strerror or error}; nothing was moved into "
+            f"{output}"
+        ) from error
     finally:
-        shutil.rmtree(workspace, ignore_errors=True)
+        if (workspace / INSTALL_JOURNAL).exists():  # a rollback that failed: the earlier files are in there
+            logger.warning(
+                f"the cut-short installation into {output} is kept in {workspace}; the next conversion into {output} "
+                "rolls it back"
+            )
+        else:
+            shutil.rmtree(workspace, ignore_errors=True)
+        os.close(lock)
+
+
+def install_files(staging: Path, output: Path, overwrite: bool) -> OutputChanges:
+    """Move the complete, synced conversion into place. A new `output` is the staging folder renamed (atomic);
+    into an existing one, the earlier conversion's files are moved aside, then the new ones moved in, under a journal
+    that lets the next run roll back a cut-short installation. Files no conversion wrote stay as they are."""
+    staged = {path.name for path in staging.iterdir()} | {MANIFEST_NAME}
+    changes = check_output(output, overwrite, lambda name: name in staged)  # again: the exact names, and the folder
+    if changes.keeps_card:  # may have changed since the first check
+        (staging / MODEL_CARD_NAME).unlink()
+    write_manifest(staging)
+    sync_folder(staging)
+    if not output.exists():
+        os.rename(staging, output)
+        sync_path(output_parent(output))
+        return changes
+    installing = sorted(path.name for path in staging.iterdir() if path.name != MANIFEST_NAME) + [MANIFEST_NAME]
+    workspace = staging.parent
+    journal = {"staging": staging.name, "moving_aside": changes.earlier_conversion, "installing": installing}
+    write_json_atomically(workspace / INSTALL_JOURNAL, journal)
+    previous = workspace / "previous"
+    try:
+        previous.mkdir()
+        for name in changes.earlier_conversion:
+            os.rename(output / name, previous / name)
+        for name in installing:  # the manifest last: until it is in place, the folder does not claim the new files
+            os.rename(staging / name, output / name)
+        sync_path(output)
+    except BaseException:
+        roll_back_installation(workspace, output)  # if this fails too, the journal stays for the next run
+        os.unlink(workspace / INSTALL_JOURNAL)
+        raise
+    os.unlink(workspace / INSTALL_JOURNAL)  # complete: nothing to roll back
+    return changes
+
+
+def write_manifest(folder: Path) -> None:
+    files = {path.name: file_record(path) for path in sorted(folder.iterdir()) if path.name != MANIFEST_NAME}
+    manifest = {
+        "written_by": "magma_hf.convert_magma_checkpoint",
+        "note": "The files a MAGMA conversion wrote here; a conversion with --overwrite replaces only these.",
+        "files": files,
+    }
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def sync_folder(folder: Path) -> None:
@@ -1062,6 +1464,9 @@ class ConversionReport:
     dropped_aliases: int
     bookkeeping: dict[str, Any]
     verify: VerifyReport | None
+    changes: OutputChanges = field(default_factory=OutputChanges)  # what happened to what `output` held before
+    recovered: list[str] = field(default_factory=list)  # interrupted conversions cleaned up first
+    non_finite: list[str] = field(default_factory=list)  # tensors with NaN/inf, written under `allow_non_finite`
 
     def __str__(self) -> str:
         steps = {
@@ -1085,6 +1490,22 @@ class ConversionReport:
                 f"reloaded and compared with the checkpoint after the cast: {status} "
                 f"(max abs diff {verify.max_abs_diff:g})"
             )
+        if self.non_finite:
+            lines.append(f"  NOT FINITE (written as they are: allow_non_finite): {len(self.non_finite)} tensors")
+            lines += [f"    {problem}" for problem in self.non_finite]
+        else:
+            lines.append("  every written value is finite (no NaN, no inf, no overflow in the cast)")
+        lines += [f"  {line}" for line in self.recovered]
+        changes = self.changes
+        for what, names in (
+            ("replaced (an earlier conversion's)", changes.replaced),
+            ("removed (an earlier conversion's, not written this time)", changes.removed),
+            ("kept (not written by a conversion)", changes.kept),
+        ):
+            if names:
+                lines.append(f"  {what}: {', '.join(names)}")
+        if changes.keeps_card:
+            lines.append(f"  {MODEL_CARD_NAME} is yours and was kept: the conversion's model card was not written")
         return "\n".join(lines)
 
 
@@ -1139,12 +1560,14 @@ def convert_magma_checkpoint(
     allow_unsafe_pickle: bool = False,
     overwrite: bool = False,
     verify: bool = True,
+    allow_non_finite: bool = False,
 ) -> ConversionReport:
     """Convert an original MAGMA checkpoint into a model folder for [`MagmaForConditionalGeneration`].
 
     Args:
         checkpoint: `mp_rank_00_model_states.pt`, a folder holding it, or a Hub repo id (`Aleph-Alpha/magma-research`).
-        output: The folder to create. It must not exist or be empty, unless `overwrite`.
+        output: The folder to write. An existing folder may hold other files (the checkpoint, notes, your own
+            `README.md`): they are kept. Files named like the conversion's that no conversion wrote there stop it.
         magma_config: The original training YAML (adapter_config, encoder_name, use_image_embed_layernorm,
             image_embed_dropout_prob, freeze_img_encoder). Default: `configuration/MAGMA_v1.yml`.
         text_config: `GPTJConfig` fields (dict, JSON file or inline JSON) over GPT-J-6B's.
@@ -1153,8 +1576,11 @@ def convert_magma_checkpoint(
         dtype: `"float16"`, `"bfloat16"` or `"float32"`; default: the checkpoint's own.
         max_shard_size: Largest safetensors file (`"2GB"`, or bytes).
         allow_unsafe_pickle: Load with `weights_only=False` (only for files you trust).
-        overwrite: Replace an existing non-empty `output` (only once the new folder is complete).
+        overwrite: Replace the files an earlier conversion wrote into `output` (as its `magma_conversion.json`
+            records them, unchanged since), once the new conversion is complete; nothing else is replaced.
         verify: Reload every written tensor and compare it bitwise with its source.
+        allow_non_finite: Write tensors holding NaN or inf (from the checkpoint, or from a cast that overflows the
+            output dtype) instead of failing; the report names them.
 
     Returns:
         A [`ConversionReport`]; `str(report)` summarises the conversion and the verification.
@@ -1163,7 +1589,9 @@ def convert_magma_checkpoint(
         MagmaConversionError: for anything that stops the conversion; `output` is then left as it was.
     """
     output = Path(output)
-    check_output_available(output, overwrite)
+    check_output_parent(output)
+    recovered = recover_interrupted_conversions(output)
+    check_output(output, overwrite, may_be_written)  # fails before any download or reading
     settings = read_magma_settings(magma_config)
     text_overrides = read_json_argument(text_config, "text config")
     vision_overrides = read_json_argument(vision_config, "vision config")
@@ -1178,15 +1606,24 @@ def convert_magma_checkpoint(
     targets = model.state_dict()
     with MappedCheckpoint(checkpoint_path) as pages:
         plan = plan_conversion(original, targets, config, len(tokenizer), pages)
-        with staged_folder(output, overwrite) as folder:
+        check_free_space(output, sum(entry.nbytes for entry in plan.entries))
+        with staged_folder(output, overwrite) as (folder, installed):
             save_model_files(model, folder)
             processor = MagmaProcessor(
                 image_processor=MagmaImageProcessor(image_size=config.vision_config.image_size), tokenizer=tokenizer
             )
             processor.save_pretrained(folder)
-            shards, verified = write_weights(
+            shards, verified, non_finite = write_weights(
                 plan, original, targets, folder, max_shard_size, pages, model.num_parameters(), verify
             )
+            if non_finite and not allow_non_finite:
+                raise MagmaConversionError(
+                    f"{len(non_finite)} tensors would hold values that are not finite (NaN or inf); nothing was "
+                    f"moved into {output}:\n  " + "\n  ".join(non_finite) + "\nA checkpoint holding NaN or inf is "
+                    "damaged: download it again. Where the cast overflows, choose another --dtype (float32, or "
+                    "bfloat16 with float32's range). --allow-non-finite (allow_non_finite=True) writes them as they "
+                    "are."
+                )
             if verified is not None and verified.mismatched:
                 raise MagmaConversionError(
                     f"verification failed: {len(verified.mismatched)} written tensors differ from the checkpoint "
@@ -1207,6 +1644,9 @@ def convert_magma_checkpoint(
         dropped_aliases=len(plan.dropped_aliases),
         bookkeeping={k: v for k, v in original.bookkeeping.items() if isinstance(v, (int, str))},
         verify=verified,
+        changes=installed[0],
+        recovered=recovered,
+        non_finite=non_finite,
     )
 
 
@@ -1219,7 +1659,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checkpoint", required=True, help=f"{CHECKPOINT_FILENAME}, a folder holding it, or a Hub repo id"
     )
-    parser.add_argument("--output", required=True, help="folder to create (must not exist or be empty)")
+    parser.add_argument(
+        "--output",
+        required=True,
+        help="folder to write; files in it that no conversion wrote are kept, or (named like the conversion's) stop it",
+    )
     parser.add_argument(
         "--magma-config", default=None, help="original MAGMA training YAML (default: configuration/MAGMA_v1.yml)"
     )
@@ -1238,7 +1682,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="load with weights_only=False: unpickling can run arbitrary code, only for files you trust",
     )
     parser.add_argument(
-        "--overwrite", action="store_true", help="replace a non-empty --output once the new one is done"
+        "--overwrite",
+        action="store_true",
+        help=f"replace the files an earlier conversion wrote into --output (listed in its {MANIFEST_NAME}), once "
+        "the new one is complete; nothing else",
+    )
+    parser.add_argument(
+        "--allow-non-finite",
+        action="store_true",
+        help="write tensors holding NaN or inf (from the checkpoint, or a --dtype cast that overflows) instead of "
+        "failing",
     )
     parser.add_argument(
         "--verify",
@@ -1263,6 +1716,7 @@ def run(args: argparse.Namespace) -> int:
             allow_unsafe_pickle=args.allow_unsafe_pickle,
             overwrite=args.overwrite,
             verify=args.verify,
+            allow_non_finite=args.allow_non_finite,
         )
     except MagmaConversionError as error:
         print(f"error: {error}", file=sys.stderr)

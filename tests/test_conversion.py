@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import original_preprocess, photo_variants, sample_photos
+from helpers import files_unchanged, original_preprocess, photo_variants, sample_photos
 from original_magma import OriginalMagma, deepspeed_checkpoint, original_state_dict, tiny_original_model
 from safetensors import safe_open
 from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor, pipeline
@@ -496,28 +496,296 @@ def test_namespace_in_the_bookkeeping_loads_weights_only(tmp_path, small, tokeni
     assert report.tensors > 0 and (tmp_path / "out" / "model.safetensors").is_file()
 
 
-def test_existing_output_is_kept_unless_overwrite_and_a_complete_replacement(tmp_path, small, tokenizer_dir, capsys):
+def conversion_names(output: Path, *user_files: str) -> list[str]:
+    """The files a conversion wrote into `output` (all but the user's)."""
+    return sorted(set(os.listdir(output)) - set(user_files))
+
+
+def test_output_holding_the_checkpoint_keeps_it_and_the_users_files(tmp_path, small, tokenizer_dir, capsys):
+    """The checkpoint downloaded into the folder it is converted into: with and without --overwrite, and twice."""
     output = tmp_path / "out"
     output.mkdir()
-    (output / "mine.txt").write_text("keep me")
-    checkpoint = save_checkpoint(tmp_path, small[1])
-    assert_fails(tmp_path, "exists and is not empty", lambda: convert_small(tmp_path, small, tokenizer_dir))
-    assert (output / "mine.txt").read_text() == "keep me"
+    checkpoint = save_checkpoint(output, small[1])
+    (output / "notes.txt").write_text("where I got it")
+    (output / "README.md").write_text("# my model card")
+    user_files = (CHECKPOINT_FILENAME, "notes.txt", "README.md")
+    with files_unchanged(output):  # nothing the user had is touched
+        report = convert_small(tmp_path, small, tokenizer_dir, checkpoint=checkpoint)
+    assert report.changes.kept == sorted(user_files) and not report.changes.replaced
+    assert "kept (not written by a conversion)" in str(report) and "README.md is yours and was kept" in str(report)
+    written = conversion_names(output, *user_files)
+    assert converter.MANIFEST_NAME in written and all(converter.may_be_written(name) for name in written)
+    MagmaForConditionalGeneration.from_pretrained(output)  # a model folder, the checkpoint beside it
 
-    exit_code = cli_main(
-        ["convert", "--checkpoint", str(checkpoint), "--output", str(output), "--tokenizer", str(tokenizer_dir)]
-    )
-    assert exit_code == 1 and "--overwrite" in capsys.readouterr().err
-    assert (output / "mine.txt").read_text() == "keep me"
+    argv = ["convert", "--checkpoint", str(checkpoint), "--output", str(output), "--tokenizer", str(tokenizer_dir)]
+    with files_unchanged(tmp_path, no_new_files=True):  # the same command twice: refused, nothing written
+        assert cli_main(argv) == 1
+    error = capsys.readouterr().err
+    assert "holds an earlier conversion" in error and "--overwrite" in error and "3 entries there are kept" in error
 
-    # --overwrite with a conversion that fails: the old folder is still all there
-    broken = edited(small, lambda sd: sd.pop("lm.lm_head.bias"))
-    assert_fails(tmp_path, "missing", lambda: convert_small(tmp_path, small, tokenizer_dir, broken, overwrite=True))
-    assert sorted(os.listdir(output)) == ["mine.txt"]
+    with files_unchanged(output, may_change=written):  # --overwrite replaces the conversion's files only
+        report = convert_small(tmp_path, small, tokenizer_dir, checkpoint=checkpoint, overwrite=True)
+    assert report.changes.replaced == written and report.changes.kept == sorted(user_files)
+    assert "replaced (an earlier conversion's): README.md" not in str(report) and "config.json" in str(report)
+    assert conversion_names(output, *user_files) == written
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]  # no temporary folder left
 
+
+def test_overwrite_replaces_only_unchanged_files_of_an_earlier_conversion(tmp_path, small, tokenizer_dir):
+    output = tmp_path / "out"
+    report = convert_small(tmp_path, small, tokenizer_dir, max_shard_size="100KB")
+    shards = report.shards
+    assert len(shards) > 1
+    # a new layout: the earlier shards are removed (a stale shard beside a new index would mislead a loader)
     report = convert_small(tmp_path, small, tokenizer_dir, overwrite=True)
-    assert report.output == output and not (output / "mine.txt").exists() and (output / "config.json").is_file()
-    assert sorted(os.listdir(tmp_path)) == sorted([CHECKPOINT_FILENAME, "magma.yml", "out"])
+    assert sorted(report.changes.removed) == sorted(shards + ["model.safetensors.index.json"])
+    assert report.shards == ["model.safetensors"] and not set(shards) & set(os.listdir(output))
+    MagmaForConditionalGeneration.from_pretrained(output)
+
+    # a file the user edited since, and files no conversion wrote (a folder converted by an older version)
+    generation = output / "generation_config.json"
+    generation.write_text(generation.read_text().replace("0.7", "0.5"))
+    (output / converter.MANIFEST_NAME).unlink()
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "config.json").write_text("{}")
+    for folder, named in ((output, "generation_config.json"), (tmp_path / "theirs", "config.json")):
+        with files_unchanged(tmp_path, no_new_files=True), pytest.raises(MagmaConversionError) as error:
+            convert_magma_checkpoint(
+                tmp_path / CHECKPOINT_FILENAME, folder, magma_config=tmp_path / "magma.yml", tokenizer=tokenizer_dir,
+                overwrite=True, **configs(small[0]),
+            )  # fmt: skip
+        message = str(error.value)
+        assert "that no conversion wrote there (or that changed since" in message and named in message
+        assert "not replaced, even with --overwrite" in message
+
+
+def test_a_failing_overwrite_leaves_the_earlier_conversion(tmp_path, small, tokenizer_dir):
+    output = tmp_path / "out"
+    convert_small(tmp_path, small, tokenizer_dir)
+    broken = edited(small, lambda sd: sd.pop("lm.lm_head.bias"))
+    with files_unchanged(output), pytest.raises(MagmaConversionError, match="missing"):
+        convert_small(tmp_path, small, tokenizer_dir, broken, overwrite=True)
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]
+
+
+KILLED_CONVERSION = """
+import json, os, signal, sys, time
+import magma_hf.convert_magma_checkpoint as converter
+marker, stop_at, argv = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+calls, produce, rename = [], converter.produce_parts, os.rename
+
+def produce_then_wait(entry, *args, **kwargs):  # in the middle of a shard: the file is half written
+    calls.append(entry.name)
+    if stop_at == "weights" and len(calls) == 12:
+        open(marker, "w").close()
+        time.sleep(60)
+    return produce(entry, *args, **kwargs)
+
+def rename_then_die(source, target):
+    rename(source, target)
+    if stop_at == "install" and "previous" not in str(target) and os.path.basename(str(target)) == "config.json":
+        os.kill(os.getpid(), signal.SIGKILL)  # some new files in place, the earlier ones moved aside
+
+converter.produce_parts, converter.os.rename = produce_then_wait, rename_then_die
+sys.exit(converter.main(argv))
+"""
+
+
+def kill_a_conversion(tmp_path, argv, stop_at: str) -> int:
+    import signal
+    import subprocess
+    import time
+
+    marker = tmp_path / "writing"
+    child = subprocess.Popen([sys.executable, "-c", KILLED_CONVERSION, str(marker), stop_at, json.dumps(argv)])
+    if stop_at == "weights":
+        deadline = time.monotonic() + 120
+        while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), "the conversion never reached the weights"
+        os.kill(child.pid, signal.SIGKILL)
+        marker.unlink()
+    return child.wait(timeout=120)
+
+
+def cli_arguments(tmp_path: Path, small, tokenizer_dir, checkpoint: Path, output: Path) -> list[str]:
+    """`magma-hf convert` arguments for the tiny model of `small` (after `convert_small` wrote magma.yml)."""
+    sizes = configs(small[0])
+    return [
+        "--checkpoint", str(checkpoint), "--output", str(output), "--magma-config", str(write_yaml(tmp_path, MLP_V1)),
+        "--tokenizer", str(tokenizer_dir), "--text-config", json.dumps(sizes["text_config"]),
+        "--vision-config", json.dumps(sizes["vision_config"]),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("stop_at", ["weights", "install"])
+def test_a_killed_conversion_leaves_the_output_and_the_next_run_cleans_up(tmp_path, small, tokenizer_dir, stop_at):
+    output = tmp_path / "out"
+    convert_small(tmp_path, small, tokenizer_dir, max_shard_size="100KB")  # an earlier conversion, to be replaced
+    (output / "notes.txt").write_text("mine")
+    argv = cli_arguments(tmp_path, small, tokenizer_dir, tmp_path / CHECKPOINT_FILENAME, output)
+    argv += ["--overwrite", "--max-shard-size", "200KB"]
+    with files_unchanged(output):  # a real SIGKILL (then, when cut short while installing, the rollback)
+        assert kill_a_conversion(tmp_path, argv, stop_at) == -9
+        (leftover,) = converter.leftover_workspaces(output)
+        assert leftover.name.startswith(".out.converting-")
+        if stop_at == "install":  # some files moved: a mixed folder until the next run rolls it back
+            assert (leftover / converter.INSTALL_JOURNAL).is_file()
+            assert {"config.json", "notes.txt"} < set(os.listdir(output))
+            recovered = converter.recover_interrupted_conversions(output)
+            assert len(recovered) == 1 and "rolled back" in recovered[0] and leftover.name in recovered[0]
+    if stop_at == "weights":  # the next run recognises the leftover, removes it and converts
+        report = convert_small(tmp_path, small, tokenizer_dir, overwrite=True)
+        assert len(report.recovered) == 1 and f"removed {leftover.name}" in str(report)
+        assert (output / "notes.txt").read_text() == "mine" and report.shards == ["model.safetensors"]
+    assert not leftover.exists() and not converter.leftover_workspaces(output)
+
+
+def test_a_failure_while_installing_rolls_back(tmp_path, small, tokenizer_dir, monkeypatch):
+    output = tmp_path / "out"
+    convert_small(tmp_path, small, tokenizer_dir, max_shard_size="100KB")
+    (output / "notes.txt").write_text("mine")
+    rename, failed = os.rename, []
+
+    def failing_rename(source, target):  # the new config.json cannot be moved in (once: the rollback can)
+        if Path(target) == output / "config.json" and not failed:
+            failed.append(target)
+            raise OSError(28, "No space left on device")
+        rename(source, target)
+
+    monkeypatch.setattr(converter.os, "rename", failing_rename)
+    with files_unchanged(output), pytest.raises(MagmaConversionError, match="No space left on device"):
+        convert_small(tmp_path, small, tokenizer_dir, overwrite=True)
+    assert not converter.leftover_workspaces(output)
+
+
+def test_a_running_conversion_is_not_taken_for_a_leftover(tmp_path, small, tokenizer_dir):
+    workspace = tmp_path / ".out.converting-abc123"
+    workspace.mkdir()
+    descriptor = converter.take_lock(workspace)  # held, as a running conversion holds it
+    try:
+        with (
+            files_unchanged(tmp_path),
+            pytest.raises(MagmaConversionError, match="another conversion into .* is running"),
+        ):
+            convert_small(tmp_path, small, tokenizer_dir)
+    finally:
+        os.close(descriptor)
+    assert workspace.is_dir()
+
+    (workspace / converter.LOCK_NAME).unlink()
+    (workspace / "my-notes.txt").write_text("not a conversion's")  # named like one, but not a conversion's folder
+    with files_unchanged(tmp_path), pytest.raises(MagmaConversionError, match="does not look like one"):
+        convert_small(tmp_path, small, tokenizer_dir)
+
+
+def test_output_parent_missing_or_read_only_is_one_line(tmp_path, small, tokenizer_dir, capsys, monkeypatch):
+    checkpoint = save_checkpoint(tmp_path, small[1])
+    missing = tmp_path / "no" / "such"
+    argv = ["convert", *cli_arguments(tmp_path, small, tokenizer_dir, checkpoint, missing / "out")]
+    with files_unchanged(tmp_path, no_new_files=True):
+        assert cli_main(argv) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"the folder {missing} that should hold it does not exist" in error
+
+    def read_only(*args, **kwargs):  # what a folder without write permission gives a user who is not root
+        raise PermissionError(13, "Permission denied", str(kwargs.get("dir")))
+
+    monkeypatch.setattr(converter.tempfile, "mkdtemp", read_only)
+    argv[argv.index("--output") + 1] = str(tmp_path / "out")
+    with files_unchanged(tmp_path, no_new_files=True):
+        assert cli_main(argv) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "Traceback" not in error and "converting" not in error
+    assert f"{tmp_path}: Permission denied" in error
+
+
+def test_a_full_disk_is_named_before_anything_is_written(tmp_path, small, tokenizer_dir, monkeypatch):
+    import collections
+
+    save_checkpoint(tmp_path, small[1])
+    write_yaml(tmp_path, MLP_V1)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(converter.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 5000, 5000))
+    with files_unchanged(tmp_path, no_new_files=True), pytest.raises(MagmaConversionError) as error:
+        convert_small(tmp_path, small, tokenizer_dir)
+    assert f"not enough space for --output {tmp_path / 'out'}" in str(error.value)
+    assert f"{tmp_path} has 0.00 GB free; nothing was written" in str(error.value)
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_non_finite_weights_are_named_and_refused_unless_allowed(tmp_path, small, tokenizer_dir, verify):
+    original = small[0]
+    state_dict = dict(original_state_dict(original, torch.float32, seed=7))
+    state_dict["image_prefix.proj.weight"] = state_dict["image_prefix.proj.weight"].clone()
+    state_dict["image_prefix.proj.weight"][0, :3] = 1e6  # finite in float32, beyond float16's 65504
+    state_dict["lm.lm_head.bias"] = state_dict["lm.lm_head.bias"].clone()
+    state_dict["lm.lm_head.bias"][5] = float("nan")
+    checkpoint = save_checkpoint(tmp_path, state_dict)
+    write_yaml(tmp_path, MLP_V1)
+    with files_unchanged(tmp_path, no_new_files=True), pytest.raises(MagmaConversionError) as error:
+        convert_small(tmp_path, small, tokenizer_dir, checkpoint=checkpoint, dtype="float16", verify=verify)
+    message = str(error.value)
+    assert "2 tensors would hold values that are not finite" in message and "--allow-non-finite" in message
+    assert "model.multi_modal_projector.proj.weight (image_prefix.proj.weight): 3 values overflow float16" in message
+    assert "lm_head.bias (lm.lm_head.bias): the checkpoint holds 1 NaN and 0 inf values" in message
+
+    report = convert_small(
+        tmp_path, small, tokenizer_dir, checkpoint=checkpoint, dtype="float16", verify=verify, allow_non_finite=True
+    )
+    assert len(report.non_finite) == 2 and "NOT FINITE" in str(report)
+    with safe_open(tmp_path / "out" / "model.safetensors", framework="pt") as shard:
+        assert torch.isinf(shard.get_tensor("model.multi_modal_projector.proj.weight")[0, :3]).all()
+
+
+def test_a_plain_gptj_state_dict_is_recognised_in_one_line(tmp_path, small, tokenizer_dir, capsys):
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    gptj = GPTJForCausalLM(GPTJConfig(n_embd=16, n_layer=2, n_head=2, rotary_dim=4, vocab_size=50, n_positions=32))
+    checkpoint = tmp_path / "pytorch_model.pt"
+    torch.save(gptj.state_dict(), checkpoint)
+    argv = [
+        "convert",
+        "--checkpoint",
+        str(checkpoint),
+        "--output",
+        str(tmp_path / "out"),
+        "--tokenizer",
+        str(tokenizer_dir),
+    ]
+    with files_unchanged(tmp_path, no_new_files=True):
+        assert cli_main(argv) == 1
+    error = capsys.readouterr().err
+    assert (
+        error.count("\n") == 1 and "is not an original MAGMA checkpoint: it is a Hugging Face GPT-J state dict" in error
+    )
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (b"", "it is empty: the download probably failed"),
+        (b"Entry not found", "(starts with 'Entry not found'), not the checkpoint: the download probably failed"),
+        (b"<!DOCTYPE html><html><title>Sign in</title>", "HTML page (starts with '<!DOCTYPE html><html><title>Sign in"),
+        (b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 12\n", "Git LFS pointer"),
+    ],
+)  # fmt: skip
+def test_a_failed_download_says_what_the_file_starts_with(tmp_path, small, tokenizer_dir, capsys, content, expected):
+    checkpoint = tmp_path / CHECKPOINT_FILENAME
+    checkpoint.write_bytes(content)
+    argv = [
+        "convert",
+        "--checkpoint",
+        str(checkpoint),
+        "--output",
+        str(tmp_path / "out"),
+        "--tokenizer",
+        str(tokenizer_dir),
+    ]
+    with files_unchanged(tmp_path, no_new_files=True):
+        assert cli_main(argv) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and str(checkpoint) in error and expected in error
 
 
 def test_verification_catches_a_corrupted_write(tmp_path, small, tokenizer_dir, monkeypatch):
