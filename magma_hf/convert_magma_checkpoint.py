@@ -59,6 +59,7 @@ from transformers.utils import logging as hf_logging
 
 from .configuration_magma import DEFAULT_TEXT_CONFIG, MagmaConfig, normalize_adapter_config
 from .image_processing_magma import MagmaImageProcessor
+from .io_utils import sync_folder, sync_path, write_text_atomically
 from .modeling_magma import MagmaForConditionalGeneration
 from .processing_magma import IMAGE_TOKEN, MagmaProcessor, add_magma_special_tokens
 
@@ -1236,13 +1237,6 @@ def check_free_space(output: Path, nbytes: int) -> None:
         )
 
 
-def write_json_atomically(path: Path, payload: dict) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(payload, indent=2) + "\n")
-    sync_path(temporary)
-    os.replace(temporary, path)
-
-
 # Interrupted conversions ---------------------------------------------------------------------------------------------
 
 
@@ -1385,7 +1379,7 @@ def install_files(staging: Path, output: Path, overwrite: bool) -> OutputChanges
     installing = sorted(path.name for path in staging.iterdir() if path.name != MANIFEST_NAME) + [MANIFEST_NAME]
     workspace = staging.parent
     journal = {"staging": staging.name, "moving_aside": changes.earlier_conversion, "installing": installing}
-    write_json_atomically(workspace / INSTALL_JOURNAL, journal)
+    write_text_atomically(workspace / INSTALL_JOURNAL, json.dumps(journal, indent=2) + "\n")
     previous = workspace / "previous"
     try:
         previous.mkdir()
@@ -1410,26 +1404,6 @@ def write_manifest(folder: Path) -> None:
         "files": files,
     }
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-
-
-def sync_folder(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            sync_path(path)
-    sync_path(folder)
-
-
-def sync_path(path: Path) -> None:
-    try:
-        descriptor = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:  # some file systems refuse fsync on folders
-        pass
-    finally:
-        os.close(descriptor)
 
 
 def pickle_files(folder: Path) -> list[str]:

@@ -25,6 +25,14 @@ def sync_path(path: str | os.PathLike) -> None:
         os.close(descriptor)
 
 
+def sync_folder(folder: str | os.PathLike) -> None:
+    """fsync every file under `folder`, then the folder: its contents are on disk before it is renamed into place."""
+    for path in Path(folder).rglob("*"):
+        if path.is_file():
+            sync_path(path)
+    sync_path(folder)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside `path` to write to; renamed onto `path` when the block completes, removed if it fails.
