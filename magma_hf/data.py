@@ -35,7 +35,6 @@ relative to `data_dir`. A json without `image_path` means the image with the jso
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -51,6 +50,8 @@ import PIL.Image
 from datasets import Dataset, Features, Value, concatenate_datasets
 from tqdm.auto import tqdm
 from transformers.utils import logging
+
+from .image_processing_magma import open_image
 
 try:  # datasets >= 4
     from datasets import List as _ListFeature
@@ -104,7 +105,8 @@ class SkipReport:
 
 
 def decode_image(value: dict | PIL.Image.Image | None) -> tuple[PIL.Image.Image | None, str | None]:
-    """Decode one `{"path", "bytes"}` image value fully (truncated files fail here, not later).
+    """Decode one `{"path", "bytes"}` image value with MAGMA's one decoder ([`open_image`]: read in full, so truncated
+    files fail here and not later; EXIF orientation applied; 16-bit and float images scaled to 8 bits).
 
     Returns `(image, None)` or `(None, reason)`; never raises for a bad image.
     """
@@ -113,13 +115,7 @@ def decode_image(value: dict | PIL.Image.Image | None) -> tuple[PIL.Image.Image 
     if not value:
         return None, "no image"
     try:
-        if value.get("bytes") is not None:
-            image = PIL.Image.open(io.BytesIO(value["bytes"]))
-            image.load()
-            return image, None
-        with PIL.Image.open(value["path"]) as image:
-            image.load()
-        return image, None
+        return open_image(value["bytes"] if value.get("bytes") is not None else value["path"]), None
     except Exception as error:  # PIL raises many types for bad files (OSError, ValueError, SyntaxError, ...)
         return None, f"{type(error).__name__}: {error}"
 
