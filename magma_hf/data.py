@@ -682,7 +682,7 @@ def _plan_conversion(
             names_in_folder.add(name.casefold())
             images_in_folder += 1
             new_locations[key] = (f"images/{image_folder}/{name}", image_hash)
-            transfers.append((key, new_locations[key][0]))
+            transfers.append((os.path.abspath(image_path), new_locations[key][0]))
         sample["image_path"], image_hash = new_locations[key]
         if image_hash is not None:
             sample["metadata"] = {**(sample.get("metadata") or {}), "image_hash": image_hash}

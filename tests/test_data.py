@@ -181,8 +181,8 @@ def test_convert_dataset_round_trip(tmp_path, mode):
     ds = load_magma_dataset(out)
     assert len(ds) == 9
     assert_pairs_match(ds)
-    with pytest.raises(FileExistsError, match="not empty"):
-        convert_dataset(out, samples, dir_size=3, mode="cp")
+    with files_unchanged(tmp_path, no_new_files=True), pytest.raises(FileExistsError, match="images is not empty"):
+        convert_dataset(out, samples, dir_size=3, mode="cp")  # the same command twice
 
 
 def test_convert_dataset_matches_original_numbering_for_full_chunks(tmp_path):
@@ -339,6 +339,21 @@ def test_convert_dataset_never_reuses_a_name_already_written(tmp_path):
     written = sorted(p.name for p in (tmp_path / "out" / "images" / "0").iterdir())
     # P.png too gets its own name: on a case-blind disk (macOS, Windows) it is the same file as p.png
     assert written == sorted(["p-5.png", "p.png", "q.png", "r.png", "s.png", "p-5-2.png", "P-6.png"])
+
+
+def test_convert_dataset_into_the_folder_holding_the_images(tmp_path):
+    """The user's photos in `out/raw/`, converted into `out` itself: moved into the dataset, the rest kept."""
+    samples = [
+        (tmp_path / "out" / "raw" / path.name, data) for path, data in seeded_sources(tmp_path, ["a.png", "b.png"])
+    ]
+    for path, _ in samples:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / path.name).rename(path)
+    (tmp_path / "out" / "README.md").write_text("the user's notes")
+    convert_dataset(tmp_path / "out", samples, mode="mv")
+    assert_converted(tmp_path / "out", samples)
+    assert (tmp_path / "out" / "README.md").read_text() == "the user's notes"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["README.md", "image_data", "images", "raw"]
 
 
 def failing_iterator(samples, at):
