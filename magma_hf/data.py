@@ -390,7 +390,14 @@ def from_hf_dataset(
 def load_imagefolder(data_dir: str | os.PathLike, caption_column: str | None = None, split: str = "train") -> Dataset:
     """`load_dataset("imagefolder", data_dir=...)` (captions in `metadata.jsonl` / `metadata.csv` beside the images),
     brought to the MAGMA columns by [`from_hf_dataset`]."""
-    dataset = datasets.load_dataset("imagefolder", data_dir=str(data_dir), split=split)
+    try:
+        dataset = datasets.load_dataset("imagefolder", data_dir=str(data_dir), split=split)
+    except datasets.exceptions.DatasetGenerationError as error:  # says only "An error occurred while generating"
+        if not isinstance(error.__cause__, UnicodeDecodeError):
+            raise
+        metadata = sorted(p for p in Path(data_dir).rglob("metadata.*") if p.suffix in (".jsonl", ".csv", ".json"))
+        problems = (_utf8_problem(path.read_bytes(), str(path)) for path in metadata)
+        raise ValueError(next((p for p in problems if p), f"{data_dir}: {error.__cause__}")) from None
     return from_hf_dataset(dataset, image_column="image", caption_column=caption_column, source=str(data_dir))
 
 
@@ -446,20 +453,26 @@ def iter_img2dataset(data_dir: str | os.PathLike) -> Iterator[tuple[Path, dict]]
     report.summarize(kept)
 
 
+def _utf8_problem(raw: bytes, name: str) -> str | None:
+    """`None` for valid UTF-8, else where it is not: the file, its line and byte, and the offending byte."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        byte = raw[error.start : error.start + 1]
+        return f"{name} is not valid UTF-8 (line {line}, byte {error.start}: {byte!r}): fix or remove that sample"
+    return None
+
+
 def _first_undecodable_text(tars: Sequence[str]) -> str | None:
     """The first `.txt` / `.json` member of the shards that is not valid UTF-8, named with its shard and byte."""
     for tar_path in tars:
         with tarfile.open(tar_path) as tar:
             for member in tar:
                 if member.isfile() and member.name.endswith((".txt", ".json")):
-                    raw = tar.extractfile(member).read()
-                    try:
-                        raw.decode("utf-8")
-                    except UnicodeDecodeError as error:
-                        return (
-                            f"{member.name} in {tar_path} is not valid UTF-8 (byte {error.start}: "
-                            f"{raw[error.start : error.start + 1]!r}): fix or remove that sample"
-                        )
+                    problem = _utf8_problem(tar.extractfile(member).read(), f"{member.name} in {tar_path}")
+                    if problem:
+                        return problem
     return None
 
 

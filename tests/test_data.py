@@ -539,5 +539,18 @@ def test_webdataset_shard_with_a_caption_that_is_not_utf8_is_named(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
-    with files_unchanged(root), pytest.raises(ValueError, match=r"000000001.txt in .*00000.tar is not valid UTF-8"):
+    message = r"000000001.txt in .*00000.tar is not valid UTF-8 \(line 1, byte 4: b'\\xff'\)"
+    with files_unchanged(root), pytest.raises(ValueError, match=message):
         load_img2dataset(root)
+
+
+def test_imagefolder_metadata_that_is_not_utf8_is_named(tmp_path):
+    folder = tmp_path / "photos"
+    write_png(folder / "a.png", 0)
+    write_png(folder / "b.png", 1)
+    (folder / "metadata.jsonl").write_bytes(
+        b'{"file_name": "a.png", "text": "ok"}\n{"file_name": "b.png", "text": "caf\xe9"}\n'
+    )
+    message = r"metadata.jsonl is not valid UTF-8 \(line 2, byte 72: b'\\xe9'\)"
+    with files_unchanged(folder), pytest.raises(ValueError, match=message):
+        load_imagefolder(folder)
