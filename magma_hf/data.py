@@ -421,11 +421,10 @@ def _img2dataset_sample(image_path: Path) -> tuple[dict, list[str] | None, str |
     captions = None
     if text_path.is_file():
         raw = text_path.read_bytes()
-        try:
-            captions = _clean_captions(raw.decode("utf-8"))
-        except UnicodeDecodeError as error:
-            byte = raw[error.start : error.start + 1]
-            return metadata, None, f"bad captions: {text_path} is not valid UTF-8 (byte {error.start}: {byte!r})"
+        problem = _utf8_problem(raw, str(text_path))
+        if problem:
+            return metadata, None, f"bad captions: {problem}"
+        captions = _clean_captions(raw.decode("utf-8"))
     if captions is None:
         problem = _caption_problem(metadata.get("caption"))
         if problem:

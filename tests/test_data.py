@@ -526,7 +526,7 @@ def test_readers_name_captions_that_are_not_text(tmp_path, caplog):
             )
     assert ds.with_format(None)["captions"] == [["image 1"]]  # not "caf\ufffd au lait"
     messages = [record.getMessage() for record in caplog.records]
-    assert any("000.txt is not valid UTF-8 (byte 3: b'\\xe9')" in message for message in messages)
+    assert any("000.txt is not valid UTF-8 (line 1, byte 3: b'\\xe9')" in message for message in messages)
     assert any("caption 0 is bytes (b'x')" in message for message in messages)
     assert any("kept 0 samples, skipped 2 (2 bad captions)" in message for message in messages)
 
