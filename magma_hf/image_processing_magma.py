@@ -15,6 +15,7 @@ DEFAULT_IMAGE_SIZE = 384  # CLIP RN50x16
 # Pillow's modes deeper than 8 bits per channel: its RGB conversion clips them at 255 (a 16-bit image turns white).
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 UINT16_MAX = 65535
+EXIF_ORIENTATION = 0x0112  # PIL.ExifTags.Base.Orientation
 
 
 def to_8bit(image: PIL.Image.Image) -> PIL.Image.Image:
@@ -58,8 +59,9 @@ def open_image(source: "str | os.PathLike | bytes | BinaryIO") -> PIL.Image.Imag
         source = io.BytesIO(source)
     with PIL.Image.open(source) as image:
         image.load()
-        upright = PIL.ImageOps.exif_transpose(image)  # a new image (a copy when there is nothing to turn)
-    return to_8bit(upright)
+        if image.getexif().get(EXIF_ORIENTATION, 1) not in (None, 1):  # exif_transpose would copy an upright image
+            image = PIL.ImageOps.exif_transpose(image)
+    return to_8bit(image)
 
 
 class MagmaImageProcessor(CLIPImageProcessorPil):

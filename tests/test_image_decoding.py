@@ -104,3 +104,18 @@ def test_ordinary_images_pass_the_decoder_unchanged(tmp_path):
         image.save(path)
         decoded = open_image(path)
         assert decoded.mode == mode and decoded.tobytes() == Image.open(path).convert(mode).tobytes()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_matches_transformers_load_image(tmp_path, orientation):
+    from transformers.image_utils import load_image
+
+    from magma_hf.image_processing_magma import open_image
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "photo.png"
+    random_image(orientation, size=(30, 20)).save(path, exif=exif.tobytes())
+    decoded = open_image(path)
+    assert decoded.size == ((30, 20) if orientation <= 4 else (20, 30))
+    assert np.array_equal(np.asarray(decoded), np.asarray(load_image(str(path))))
