@@ -3,7 +3,8 @@ and the original's `convert_dataset`.
 
 Every reader returns a `datasets.Dataset` with the same columns:
 
-- `image`: the image, decoded to a `PIL.Image.Image` when a row is read (lazily: only the rows you access are decoded).
+- `image`: the image, decoded to a `PIL.Image.Image` when a row is read (lazily: only the rows you access are decoded)
+  by MAGMA's one decoder, `image_processing_magma.open_image` (EXIF orientation applied, 16-bit images scaled to 8).
   A row whose image cannot be decoded (corrupt, truncated, not an image, deleted since loading) gives `None` there,
   with one warning per image; [`MagmaDataCollator`] skips such rows. Stored as a `datasets.Image(decode=False)` column
   (`{"path", "bytes"}`) under a format transform, so `select`, `shuffle` and `train_test_split` keep the decoding.

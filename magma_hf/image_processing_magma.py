@@ -44,7 +44,8 @@ def to_8bit(image: PIL.Image.Image) -> PIL.Image.Image:
             "Convert it to an 8-bit image yourself."
         )
     converted = PIL.Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8), mode="L")
-    converted.info = dict(image.info)
+    # A tRNS transparency value is in the source's 16-bit units: it would mark the wrong gray as transparent.
+    converted.info = {key: value for key, value in image.info.items() if key != "transparency"}
     return converted
 
 

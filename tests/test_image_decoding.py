@@ -119,3 +119,10 @@ def test_every_exif_orientation_matches_transformers_load_image(tmp_path, orient
     decoded = open_image(path)
     assert decoded.size == ((30, 20) if orientation <= 4 else (20, 30))
     assert np.array_equal(np.asarray(decoded), np.asarray(load_image(str(path))))
+
+
+def test_evaluation_names_an_image_that_cannot_be_decoded(tmp_path):
+    write_dataset(tmp_path / "data", "broken.jpg", lambda path: path.write_bytes(b"<html>not an image</html>"))
+    eval_set = load_eval_set(tmp_path / "data", "caption")
+    with pytest.raises(ValueError, match=r"cannot read the image of example 1 \(the image file cannot be decoded"):
+        eval_set.image(0)
