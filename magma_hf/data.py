@@ -36,11 +36,14 @@ relative to `data_dir`. A json without `image_path` means the image with the jso
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import tarfile
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -599,7 +602,7 @@ def load_image_caption_dataset(source: str | os.PathLike | dict | Dataset | Sequ
 
 STAGING_FOLDER = ".convert_dataset-partial"
 TRANSFERS_FILE = "transfers.jsonl"
-PARTIAL_SUFFIX = ".partial"  # an image being copied; renamed to its name once complete
+PARTIAL_SUFFIX = ".partial"  # a json or the transfer list being written; renamed to its name once complete
 
 
 @dataclass
@@ -766,11 +769,28 @@ def _transfer_image(source: Path, target: Path, mode: str) -> None:
         except OSError as error:
             if error.errno != errno.EXDEV:
                 raise
-    partial = target.with_name(target.name + PARTIAL_SUFFIX)
-    shutil.copy2(source, partial)
-    os.replace(partial, target)
+    _copy_into_place(source, target)
     if mode == "mv":
         source.unlink()
+
+
+def _copy_into_place(source: Path, target: Path) -> None:
+    """Copy under a unique temporary name beside `target` (never one of the dataset's names), then rename."""
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(descriptor)
+    try:
+        shutil.copy2(source, temporary)
+        os.replace(temporary, target)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+
+
+def _remove_cut_copies(target: Path) -> None:
+    """The temporary files a killed `_copy_into_place(..., target)` left: its exact naming only, no user file."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}\.tmp")
+    for path in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        if pattern.fullmatch(path.name):
+            path.unlink()
 
 
 def _transfer_images(staging: Path, transfers: list[tuple[str, str]], mode: str, done: list) -> None:
@@ -778,9 +798,9 @@ def _transfer_images(staging: Path, transfers: list[tuple[str, str]], mode: str,
     published = staging.parent / "images"
     if not (staging / "images").exists() and published.is_dir() and any(published.iterdir()):
         return  # killed after images/ was renamed into data_dir (it was empty or absent before): all transfers done
-    for partial in (staging / "images").rglob("*" + PARTIAL_SUFFIX):
-        partial.unlink()  # a copy cut short by a kill
     for source, target in tqdm(transfers, desc="Moving images" if mode == "mv" else "Copying images"):
+        if not (staging / target).exists() and (staging / target).parent.is_dir():
+            _remove_cut_copies(staging / target)  # a copy cut short by a kill
         _transfer_image(Path(source), staging / target, mode)
         done.append((source, target))
 

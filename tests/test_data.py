@@ -29,7 +29,7 @@ def pixels(image) -> np.ndarray:
 
 def write_png(path, seed):
     path.parent.mkdir(parents=True, exist_ok=True)
-    random_image(seed, size=(20, 16)).save(path)  # PNG: lossless, so pixels identify the image exactly
+    random_image(seed, size=(20, 16)).save(path, format="PNG")  # lossless, so pixels identify the image exactly
 
 
 def write_truncated_jpeg(path):
@@ -554,3 +554,32 @@ def test_imagefolder_metadata_that_is_not_utf8_is_named(tmp_path):
     message = r"metadata.jsonl is not valid UTF-8 \(line 2, byte 72: b'\\xe9'\)"
     with files_unchanged(folder), pytest.raises(ValueError, match=message):
         load_imagefolder(folder)
+
+
+def test_convert_dataset_killed_mid_copy_drops_only_its_own_temporary(tmp_path, monkeypatch):
+    """A copy cut by SIGKILL is removed by the rerun; a user's image named like a temporary (`b.png.partial`) stays."""
+    import os
+    import shutil
+    import signal
+
+    from magma_hf import data
+
+    samples = seeded_sources(tmp_path, ["a.png", "b.png.partial", "b.png"])
+    out = tmp_path / "out"
+    real_copy, calls = shutil.copy2, []
+
+    def copy_half_then_die(source, target):
+        calls.append(source)
+        if len(calls) == 3:
+            Path(target).write_bytes(Path(source).read_bytes()[:10])
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_copy(source, target)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(data.shutil, "copy2", copy_half_then_die)
+        assert run_killed(lambda: convert_dataset(out, samples, mode="cp")) == signal.SIGKILL
+    assert len(list((out / ".convert_dataset-partial").rglob("*.tmp"))) == 1
+    convert_dataset(out, samples, mode="cp")
+    assert_converted(out, samples)
+    assert not list(out.rglob("*.tmp"))
+    assert sorted(p.name for p in (out / "images" / "0").iterdir()) == ["a.png", "b.png", "b.png.partial"]
