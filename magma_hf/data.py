@@ -3,7 +3,8 @@ and the original's `convert_dataset`.
 
 Every reader returns a `datasets.Dataset` with the same columns:
 
-- `image`: the image, decoded to a `PIL.Image.Image` when a row is read (lazily: only the rows you access are decoded).
+- `image`: the image, decoded to a `PIL.Image.Image` when a row is read (lazily: only the rows you access are decoded)
+  by MAGMA's one decoder, `image_processing_magma.open_image` (EXIF orientation applied, 16-bit images scaled to 8).
   A row whose image cannot be decoded (corrupt, truncated, not an image, deleted since loading) gives `None` there,
   with one warning per image; [`MagmaDataCollator`] skips such rows. Stored as a `datasets.Image(decode=False)` column
   (`{"path", "bytes"}`) under a format transform, so `select`, `shuffle` and `train_test_split` keep the decoding.
@@ -34,11 +35,15 @@ relative to `data_dir`. A json without `image_path` means the image with the jso
 
 from __future__ import annotations
 
+import errno
+import glob
 import hashlib
-import io
 import json
 import os
+import re
 import shutil
+import tarfile
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +56,8 @@ import PIL.Image
 from datasets import Dataset, Features, Value, concatenate_datasets
 from tqdm.auto import tqdm
 from transformers.utils import logging
+
+from .image_processing_magma import open_image
 
 try:  # datasets >= 4
     from datasets import List as _ListFeature
@@ -95,7 +102,10 @@ class SkipReport:
     def summarize(self, kept: int) -> None:
         skipped = sum(self.reasons.values())
         if skipped and _is_main_local_process():
-            counts = ", ".join(f"{count} {reason.split(':')[0]}" for reason, count in self.reasons.most_common())
+            by_kind: Counter[str] = Counter()
+            for reason, count in self.reasons.items():
+                by_kind[reason.split(":")[0]] += count
+            counts = ", ".join(f"{count} {kind}" for kind, count in by_kind.most_common())
             logger.warning(f"{self.source}: kept {kept} samples, skipped {skipped} ({counts})")
 
 
@@ -104,7 +114,8 @@ class SkipReport:
 
 
 def decode_image(value: dict | PIL.Image.Image | None) -> tuple[PIL.Image.Image | None, str | None]:
-    """Decode one `{"path", "bytes"}` image value fully (truncated files fail here, not later).
+    """Decode one `{"path", "bytes"}` image value with MAGMA's one decoder ([`open_image`]: read in full, so truncated
+    files fail here and not later; EXIF orientation applied; 16-bit and float images scaled to 8 bits).
 
     Returns `(image, None)` or `(None, reason)`; never raises for a bad image.
     """
@@ -113,13 +124,7 @@ def decode_image(value: dict | PIL.Image.Image | None) -> tuple[PIL.Image.Image 
     if not value:
         return None, "no image"
     try:
-        if value.get("bytes") is not None:
-            image = PIL.Image.open(io.BytesIO(value["bytes"]))
-            image.load()
-            return image, None
-        with PIL.Image.open(value["path"]) as image:
-            image.load()
-        return image, None
+        return open_image(value["bytes"] if value.get("bytes") is not None else value["path"]), None
     except Exception as error:  # PIL raises many types for bad files (OSError, ValueError, SyntaxError, ...)
         return None, f"{type(error).__name__}: {error}"
 
@@ -166,6 +171,26 @@ def _clean_captions(captions: Any) -> list[str] | None:
     return cleaned or None
 
 
+def _caption_problem(captions: Any) -> str | None:
+    """What makes captions unusable as text beyond being empty: a caption that is bytes, or a string that is not valid
+    UTF-8 (lone surrogates, as `os.fsdecode` or `errors="surrogateescape"` leave them). `None` when there is none."""
+    items = [captions] if isinstance(captions, (str, bytes, bytearray)) else captions
+    if not isinstance(items, (list, tuple)):
+        return None
+    for index, caption in enumerate(items):
+        if isinstance(caption, (bytes, bytearray)):
+            return f"caption {index} is bytes ({bytes(caption[:40])!r}), not text: decode it, e.g. .decode('utf-8')"
+        if isinstance(caption, str):
+            try:
+                caption.encode("utf-8")
+            except UnicodeEncodeError as error:
+                return (
+                    f"caption {index} is not valid UTF-8 text: {caption[error.start]!r} at character {error.start} "
+                    f"of {caption[:40]!r}"
+                )
+    return None
+
+
 def _image_value(path: Path) -> dict:
     return {"path": str(path), "bytes": None}
 
@@ -194,6 +219,9 @@ def _read_sample_json(data_dir: Path, json_path: Path) -> dict | tuple[str, str]
         return str(json_path), f"unreadable json: {type(error).__name__}: {error}"
     if not isinstance(data, dict):
         return str(json_path), f"unreadable json: expected an object, got {type(data).__name__}"
+    problem = _caption_problem(data.get("captions"))
+    if problem:
+        return str(json_path), f"bad captions: {problem}"
     captions = _clean_captions(data.get("captions"))
     if captions is None:
         return str(json_path), "no captions: 'captions' must be a non-empty list of non-empty strings"
@@ -218,6 +246,11 @@ def _read_sample_json(data_dir: Path, json_path: Path) -> dict | tuple[str, str]
 def _read_original_layout(data_dir: str | os.PathLike) -> Dataset:
     data_dir = Path(data_dir).expanduser().resolve()
     image_data_dir = data_dir / "image_data"
+    if not image_data_dir.is_dir() and (data_dir / STAGING_FOLDER).is_dir():
+        raise FileNotFoundError(
+            f"{data_dir} holds no dataset yet: a convert_dataset into it was interrupted ({data_dir / STAGING_FOLDER} "
+            "is left). Call convert_dataset again with the same data_dir, mode and dir_size to finish it."
+        )
     if not image_data_dir.is_dir():
         raise FileNotFoundError(
             f"{data_dir} is not a dataset in the MAGMA layout: it has no image_data/ folder "
@@ -331,7 +364,10 @@ def from_hf_dataset(
         for offset, (image, captions) in enumerate(zip(batch[image_column], batch[caption_column])):
             index = start + offset
             what = _image_label(image, f"{source} row {index}")
-            if _clean_captions(captions) is None:
+            problem = _caption_problem(captions)
+            if problem:
+                report.skip(what, f"bad captions: {problem}")
+            elif _clean_captions(captions) is None:
                 report.skip(what, "no captions")
             elif not image or (
                 image.get("bytes") is None and not (image.get("path") and os.path.isfile(image["path"]))
@@ -340,6 +376,8 @@ def from_hf_dataset(
             else:
                 keep.append(index)
     report.summarize(len(keep))
+    if not keep:
+        raise ValueError(f"{source}: none of the {len(dataset)} rows is usable (see the warnings above)")
     if len(keep) < len(dataset):
         dataset = dataset.select(keep)
     extra_columns = [name for name in dataset.column_names if name not in (image_column, caption_column)]
@@ -356,7 +394,14 @@ def from_hf_dataset(
 def load_imagefolder(data_dir: str | os.PathLike, caption_column: str | None = None, split: str = "train") -> Dataset:
     """`load_dataset("imagefolder", data_dir=...)` (captions in `metadata.jsonl` / `metadata.csv` beside the images),
     brought to the MAGMA columns by [`from_hf_dataset`]."""
-    dataset = datasets.load_dataset("imagefolder", data_dir=str(data_dir), split=split)
+    try:
+        dataset = datasets.load_dataset("imagefolder", data_dir=str(data_dir), split=split)
+    except datasets.exceptions.DatasetGenerationError as error:  # says only "An error occurred while generating"
+        if not isinstance(error.__cause__, UnicodeDecodeError):
+            raise
+        metadata = sorted(p for p in Path(data_dir).rglob("metadata.*") if p.suffix in (".jsonl", ".csv", ".json"))
+        problems = (_utf8_problem(path.read_bytes(), str(path)) for path in metadata)
+        raise ValueError(next((p for p in problems if p), f"{data_dir}: {error.__cause__}")) from None
     return from_hf_dataset(dataset, image_column="image", caption_column=caption_column, source=str(data_dir))
 
 
@@ -364,8 +409,9 @@ def load_imagefolder(data_dir: str | os.PathLike, caption_column: str | None = N
 # img2dataset
 
 
-def _img2dataset_sample(image_path: Path) -> tuple[dict, list[str] | None]:
-    """Metadata (the `.json` beside the image) and captions (the `.txt`, else the json's `caption`)."""
+def _img2dataset_sample(image_path: Path) -> tuple[dict, list[str] | None, str | None]:
+    """Metadata (the `.json` beside the image), captions (the `.txt`, else the json's `caption`) and, when the
+    captions cannot be read as text, why."""
     metadata: dict = {}
     json_path = image_path.with_suffix(".json")
     if json_path.is_file():
@@ -378,10 +424,17 @@ def _img2dataset_sample(image_path: Path) -> tuple[dict, list[str] | None]:
     text_path = image_path.with_suffix(".txt")
     captions = None
     if text_path.is_file():
-        captions = _clean_captions(text_path.read_text(encoding="utf-8", errors="replace"))
+        raw = text_path.read_bytes()
+        problem = _utf8_problem(raw, str(text_path))
+        if problem:
+            return metadata, None, f"bad captions: {problem}"
+        captions = _clean_captions(raw.decode("utf-8"))
     if captions is None:
+        problem = _caption_problem(metadata.get("caption"))
+        if problem:
+            return metadata, None, f"bad captions: the 'caption' of {json_path}: {problem}"
         captions = _clean_captions(metadata.get("caption"))
-    return metadata, captions
+    return metadata, captions, None
 
 
 def iter_img2dataset(data_dir: str | os.PathLike) -> Iterator[tuple[Path, dict]]:
@@ -394,13 +447,36 @@ def iter_img2dataset(data_dir: str | os.PathLike) -> Iterator[tuple[Path, dict]]
     report = SkipReport(str(data_dir))
     kept = 0
     for image_path in sorted(p for p in data_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
-        metadata, captions = _img2dataset_sample(image_path)
+        metadata, captions, problem = _img2dataset_sample(image_path)
         if captions is None:
-            report.skip(str(image_path), "no captions: no .txt beside it and no 'caption' in its .json")
+            report.skip(str(image_path), problem or "no captions: no .txt beside it and no 'caption' in its .json")
             continue
         kept += 1
         yield image_path, {"captions": captions, "metadata": metadata}
     report.summarize(kept)
+
+
+def _utf8_problem(raw: bytes, name: str) -> str | None:
+    """`None` for valid UTF-8, else where it is not: the file, its line and byte, and the offending byte."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        byte = raw[error.start : error.start + 1]
+        return f"{name} is not valid UTF-8 (line {line}, byte {error.start}: {byte!r}): fix or remove that sample"
+    return None
+
+
+def _first_undecodable_text(tars: Sequence[str]) -> str | None:
+    """The first `.txt` / `.json` member of the shards that is not valid UTF-8, named with its shard and byte."""
+    for tar_path in tars:
+        with tarfile.open(tar_path) as tar:
+            for member in tar:
+                if member.isfile() and member.name.endswith((".txt", ".json")):
+                    problem = _utf8_problem(tar.extractfile(member).read(), f"{member.name} in {tar_path}")
+                    if problem:
+                        return problem
+    return None
 
 
 def load_img2dataset(data_dir: str | os.PathLike) -> Dataset:
@@ -409,7 +485,10 @@ def load_img2dataset(data_dir: str | os.PathLike) -> Dataset:
     data_dir = Path(data_dir).expanduser().resolve()
     tars = sorted(str(p) for p in data_dir.rglob("*.tar"))
     if tars:
-        dataset = datasets.load_dataset("webdataset", data_files={"train": tars}, split="train")
+        try:
+            dataset = datasets.load_dataset("webdataset", data_files={"train": tars}, split="train")
+        except UnicodeDecodeError as error:  # raised from deep inside the webdataset builder, naming no file
+            raise ValueError(f"{data_dir}: {_first_undecodable_text(tars) or error}") from None
         image_column = next((ext for ext in ("jpg", "jpeg", "png", "webp") if ext in dataset.column_names), None)
         if image_column is None:
             raise ValueError(f"{data_dir}: the tar shards hold no jpg/jpeg/png/webp entries: {dataset.column_names}")
@@ -509,6 +588,21 @@ def load_image_caption_dataset(source: str | os.PathLike | dict | Dataset | Sequ
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Conversion to the original layout
+#
+# A conversion never leaves a half-written dataset where a reader would take it for a whole one, and never leaves the
+# user's images half moved by a failure:
+# 1. plan: every sample is checked and its json written under `data_dir/.convert_dataset-partial/`; no image is
+#    touched yet, so any failure here (the iterator raises, a bad caption, hash_fn fails) removes that folder and
+#    leaves `data_dir` exactly as it was;
+# 2. the list of image transfers is written there (`transfers.jsonl`, atomically): from then on a rerun can finish;
+# 3. the images are moved (a rename within one file system) or copied (to a temporary name, then renamed); a failure
+#    moves the images moved so far back to their sources, then removes the folder;
+# 4. `images/` and `image_data/` are renamed into `data_dir`.
+# Only a kill during 3 or 4 leaves the folder with its transfer list; the next call finishes that conversion.
+
+STAGING_FOLDER = ".convert_dataset-partial"
+TRANSFERS_FILE = "transfers.jsonl"
+PARTIAL_SUFFIX = ".partial"  # a json or the transfer list being written; renamed to its name once complete
 
 
 @dataclass
@@ -538,6 +632,230 @@ def _refuse_non_empty(data_dir: Path) -> None:
             )
 
 
+def _unique_name(name: str, taken: set[str], sample_number: int) -> str:
+    """`name`, or `stem-<k>` (then `stem-<k>-<i>`) when a file of that name, in any letter case, is in the folder."""
+    path = Path(name)
+    candidate, attempt = name, 0
+    while candidate.casefold() in taken:
+        attempt += 1
+        suffix = f"-{sample_number}" if attempt == 1 else f"-{sample_number}-{attempt}"
+        candidate = f"{path.stem}{suffix}{path.suffix}"
+    return candidate
+
+
+def _write_json_atomically(path: Path, payload: Any) -> None:
+    temporary = path.with_name(path.name + PARTIAL_SUFFIX)
+    with open(temporary, "w", encoding="utf-8") as file:
+        json.dump(payload, file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def _plan_conversion(
+    staging: Path, ds_iterator: Iterable, dir_size: int, hash_fn: Callable | None, report: SkipReport
+) -> tuple[list[tuple[str, str]], int]:
+    """Step 1: check every sample and write its json under `staging`; returns the image transfers and the count.
+
+    No image is touched. Raises `ValueError` naming the sample for a caption that is bytes or not UTF-8 text, data
+    that cannot be written as JSON, or a `hash_fn` that fails.
+    """
+    new_locations: dict[str, tuple[str, str | None]] = {}  # resolved source -> (image_path in the dataset, hash)
+    transfers: list[tuple[str, str]] = []
+    names_in_folder: set[str] = set()
+    image_folder, images_in_folder, n_samples = 0, 0, 0
+    total = len(ds_iterator) if _is_sized(ds_iterator) else None  # type: ignore[arg-type]
+    for source_index, item in enumerate(tqdm(ds_iterator, total=total, desc="Converting to the MAGMA layout")):
+        image_path, data = item
+        image_path = Path(image_path)
+        what = f"sample {source_index} ({image_path})"
+        sample = dict(data)
+        problem = _caption_problem(sample.get("captions"))
+        if problem:
+            raise ValueError(f"{what}: {problem}")
+        if _clean_captions(sample.get("captions")) is None:
+            report.skip(what, "no captions")
+            continue
+        key = str(image_path.resolve())  # two spellings of one file are one image (moving it twice would fail)
+        if key not in new_locations:
+            if not image_path.is_file():
+                report.skip(f"sample {source_index}", f"missing image: {image_path} does not exist")
+                continue
+            image_hash = None
+            if hash_fn is not None:
+                image, error = decode_image({"path": str(image_path), "bytes": None})
+                if image is None:
+                    report.skip(what, f"corrupt image: {error}")
+                    continue
+                try:
+                    image_hash = str(hash_fn(image.convert("RGB")))
+                except Exception as hash_error:
+                    raise ValueError(f"{what}: hash_fn failed: {type(hash_error).__name__}: {hash_error}") from None
+            if images_in_folder == dir_size:
+                image_folder, images_in_folder = image_folder + 1, 0
+                names_in_folder = set()
+            name = _unique_name(image_path.name, names_in_folder, n_samples)
+            names_in_folder.add(name.casefold())
+            images_in_folder += 1
+            new_locations[key] = (f"images/{image_folder}/{name}", image_hash)
+            transfers.append((os.path.abspath(image_path), new_locations[key][0]))
+        sample["image_path"], image_hash = new_locations[key]
+        if image_hash is not None:
+            sample["metadata"] = {**(sample.get("metadata") or {}), "image_hash": image_hash}
+        try:
+            json.dumps(sample)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{what}: its data cannot be written as JSON: {error}") from None
+        json_folder = staging / "image_data" / str(n_samples // dir_size)
+        json_folder.mkdir(parents=True, exist_ok=True)
+        _write_json_atomically(json_folder / f"{n_samples}.json", sample)
+        n_samples += 1
+    return transfers, n_samples
+
+
+def _write_transfers(staging: Path, header: dict, transfers: list[tuple[str, str]]) -> None:
+    """Step 2: the transfer list, one `[source, target]` per line after a header; complete or absent."""
+    path = staging / TRANSFERS_FILE
+    temporary = path.with_name(path.name + PARTIAL_SUFFIX)
+    with open(temporary, "w", encoding="utf-8") as file:
+        file.write(json.dumps(header) + "\n")
+        for transfer in transfers:
+            file.write(json.dumps(transfer) + "\n")
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def _read_transfers(staging: Path) -> tuple[dict, list[tuple[str, str]]] | None:
+    path = staging / TRANSFERS_FILE
+    if not path.is_file():
+        return None
+    with open(path, encoding="utf-8") as file:
+        lines = file.read().splitlines()
+    return json.loads(lines[0]), [tuple(json.loads(line)) for line in lines[1:]]
+
+
+def _check_free_space(staging: Path, transfers: list[tuple[str, str]], mode: str) -> None:
+    """Copies (mode "cp", or moves to another file system) must fit: found out before any image is touched."""
+    device = staging.stat().st_dev
+    needed = sum(
+        os.stat(source).st_size
+        for source, _ in transfers
+        if os.path.isfile(source) and (mode == "cp" or os.stat(source).st_dev != device)
+    )
+    free = shutil.disk_usage(staging).free
+    if needed > free:
+        raise OSError(
+            f"convert_dataset must copy {needed / 1e9:.2f} GB of images into {staging.parent}, which has "
+            f"{free / 1e9:.2f} GB free; nothing was moved or copied"
+        )
+
+
+def _transfer_image(source: Path, target: Path, mode: str) -> None:
+    """Move or copy one image; a `target` that exists is complete (copies are renamed into place when whole)."""
+    if target.exists():
+        if mode == "mv" and source.exists():  # copied to another file system, killed before the source was removed
+            if source.stat().st_size != target.stat().st_size:
+                raise OSError(f"{target} and its source {source} differ in size: remove {target} and rerun")
+            source.unlink()
+        return
+    if not source.is_file():
+        raise FileNotFoundError(f"{source} is gone: it was to become {target}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "mv":
+        try:
+            os.rename(source, target)  # one file system: nothing copied, nothing half-written
+            return
+        except OSError as error:
+            if error.errno != errno.EXDEV:
+                raise
+    _copy_into_place(source, target)
+    if mode == "mv":
+        source.unlink()
+
+
+def _copy_into_place(source: Path, target: Path) -> None:
+    """Copy under a unique temporary name beside `target` (never one of the dataset's names), then rename."""
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(descriptor)
+    try:
+        shutil.copy2(source, temporary)
+        os.replace(temporary, target)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+
+
+def _remove_cut_copies(target: Path) -> None:
+    """The temporary files a killed `_copy_into_place(..., target)` left: its exact naming only, no user file."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}\.tmp")
+    for path in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        if pattern.fullmatch(path.name):
+            path.unlink()
+
+
+def _transfer_images(staging: Path, transfers: list[tuple[str, str]], mode: str, done: list) -> None:
+    """Step 3 (also when finishing an interrupted conversion: the transfers already done are skipped)."""
+    published = staging.parent / "images"
+    if not (staging / "images").exists() and published.is_dir() and any(published.iterdir()):
+        return  # killed after images/ was renamed into data_dir (it was empty or absent before): all transfers done
+    for source, target in tqdm(transfers, desc="Moving images" if mode == "mv" else "Copying images"):
+        if not (staging / target).exists() and (staging / target).parent.is_dir():
+            _remove_cut_copies(staging / target)  # a copy cut short by a kill
+        _transfer_image(Path(source), staging / target, mode)
+        done.append((source, target))
+
+
+def _undo_transfers(staging: Path, done: list[tuple[str, str]], mode: str) -> None:
+    """Put every image moved by this call back at its source (copies are simply dropped with the folder)."""
+    if mode == "mv":
+        for source, target in reversed(done):
+            if (staging / target).exists() and not os.path.exists(source):
+                shutil.move(str(staging / target), source)
+
+
+def _remove_staging(staging: Path) -> None:
+    """Remove the folder of a conversion, after checking that it holds none of the user's images."""
+    images = [path for path in (staging / "images").rglob("*") if path.is_file()] if staging.exists() else []
+    if images:
+        raise RuntimeError(f"{staging} still holds {len(images)} images (e.g. {images[0]}); it was not removed")
+    if staging.exists():
+        shutil.rmtree(staging)
+
+
+def _publish(data_dir: Path, staging: Path) -> None:
+    """Step 4: `images/` first, then `image_data/` (a reader sees a dataset only once its images are in place)."""
+    for sub in ("images", "image_data"):
+        if (staging / sub).exists():
+            if (data_dir / sub).exists():
+                (data_dir / sub).rmdir()  # empty: checked before the conversion started
+            os.rename(staging / sub, data_dir / sub)
+    (staging / TRANSFERS_FILE).unlink(missing_ok=True)
+    staging.rmdir()
+
+
+def _finish_interrupted(data_dir: Path, staging: Path, mode: str, dir_size: int) -> ConversionSummary | None:
+    """A conversion killed before: discard it if it had not touched an image yet, else finish it."""
+    recorded = _read_transfers(staging)
+    if recorded is None:
+        logger.warning(f"Removing {staging}: a conversion interrupted before it moved any image; starting again")
+        _remove_staging(staging)
+        return None
+    header, transfers = recorded
+    if (header["mode"], header["dir_size"]) != (mode, dir_size):
+        raise ValueError(
+            f"{data_dir} holds a conversion interrupted while transferring its images, started with "
+            f"mode={header['mode']!r}, dir_size={header['dir_size']}; rerun with those to finish it "
+            f"(this call has mode={mode!r}, dir_size={dir_size})"
+        )
+    logger.warning(
+        f"{data_dir} holds a conversion interrupted while transferring its {len(transfers)} images: finishing it "
+        "(ds_iterator is not read)"
+    )
+    _transfer_images(staging, transfers, mode, [])
+    _publish(data_dir, staging)
+    return ConversionSummary(**header["summary"])
+
+
 def convert_dataset(
     data_dir: str | os.PathLike,
     ds_iterator: Iterable[tuple[str | os.PathLike, dict]],
@@ -552,8 +870,8 @@ def convert_dataset(
         ds_iterator: Yields `(image_path, {"captions": [...], "metadata": {...}})`; any other keys of the dict are kept
             in the json.
         dir_size: At most this many images per `images/N/` folder and jsons per `image_data/N/` folder.
-        hash_fn: Called on each image (PIL, RGB); `str(hash_fn(image))` is stored as `metadata["image_hash"]`
-            (e.g. `imagehash.phash`).
+        hash_fn: Called on each image (PIL, RGB, decoded as training sees it: EXIF orientation applied);
+            `str(hash_fn(image))` is stored as `metadata["image_hash"]` (e.g. `imagehash.phash`).
         mode: `"mv"` moves the image files, `"cp"` copies them.
 
     Layout, as the original's:
@@ -562,70 +880,63 @@ def convert_dataset(
     - images go to `images/0/`, `images/1/`, ... in order of first appearance, `dir_size` distinct images per folder;
       a file named by several samples is written once and all of them point to it (and share its hash).
 
+    All or nothing: the dataset is written under `data_dir/.convert_dataset-partial/` and renamed into place when
+    complete, and images are moved only once every sample has been checked and written. A failure (the iterator
+    raises, a caption is bytes, `hash_fn` fails, an image cannot be moved) leaves `data_dir` and every source image
+    as they were: images already moved are moved back. A run killed while moving images leaves that folder with its
+    list of transfers; calling `convert_dataset` again with the same `data_dir`, `mode` and `dir_size` finishes it.
+
     Where this differs from the original, on purpose: the last, partial `image_data` folder is numbered like the others
     (the original named its files from `k + 1 - dir_size`), a sample whose image is missing or has no caption is
     skipped with a warning instead of failing or being written, an image that `hash_fn` cannot decode is skipped
-    instead of written without hash, two different images with the same file name in one folder get distinct names
-    (`name-<k>.jpg`) instead of one overwriting the other, and an existing dataset in `data_dir` is an error instead of
-    being overwritten.
+    instead of written without hash, a caption that is bytes or not valid UTF-8 is an error naming the sample, two
+    different images with the same file name in one folder get distinct names (`name-<k>.jpg`, never a name already
+    written) instead of one overwriting the other, and an existing dataset in `data_dir` is an error instead of being
+    overwritten.
     """
     if mode not in ("mv", "cp"):
         raise ValueError(f"mode must be 'mv' (move the images) or 'cp' (copy them), got {mode!r}")
     if not isinstance(dir_size, int) or dir_size < 1:
         raise ValueError(f"dir_size must be a positive integer, got {dir_size!r}")
     data_dir = Path(data_dir)
+    staging = data_dir / STAGING_FOLDER
+    if staging.exists():
+        finished = _finish_interrupted(data_dir, staging, mode, dir_size)
+        if finished is not None:
+            return finished
     _refuse_non_empty(data_dir)
-    (data_dir / "images").mkdir(parents=True, exist_ok=True)
-    (data_dir / "image_data").mkdir(parents=True, exist_ok=True)
-    transfer = shutil.move if mode == "mv" else shutil.copy2
-
-    new_locations: dict[str, tuple[str, str | None]] = {}  # source path -> (image_path in the new dataset, hash)
-    names_in_folder: set[str] = set()
-    image_folder, images_in_folder = 0, 0
+    created_data_dir = not data_dir.exists()
+    staging.mkdir(parents=True)
     report = SkipReport(f"convert_dataset({data_dir})")
-    n_samples = 0
-    total = len(ds_iterator) if _is_sized(ds_iterator) else None  # type: ignore[arg-type]
-    for source_index, item in enumerate(tqdm(ds_iterator, total=total, desc="Converting to the MAGMA layout")):
-        image_path, data = item
-        image_path = Path(image_path)
-        sample = dict(data)
-        if _clean_captions(sample.get("captions")) is None:
-            report.skip(f"sample {source_index} ({image_path})", "no captions")
-            continue
-        key = str(image_path)
-        if key not in new_locations:
-            if not image_path.is_file():
-                report.skip(f"sample {source_index}", f"missing image: {image_path} does not exist")
-                continue
-            image_hash = None
-            if hash_fn is not None:
-                image, error = decode_image({"path": str(image_path), "bytes": None})
-                if image is None:
-                    report.skip(f"sample {source_index} ({image_path})", f"corrupt image: {error}")
-                    continue
-                image_hash = str(hash_fn(image.convert("RGB")))
-            if images_in_folder == dir_size:
-                image_folder, images_in_folder = image_folder + 1, 0
-                names_in_folder = set()
-            name = image_path.name
-            if name in names_in_folder:
-                name = f"{image_path.stem}-{n_samples}{image_path.suffix}"
-            target = data_dir / "images" / str(image_folder)
-            target.mkdir(exist_ok=True)
-            transfer(str(image_path), str(target / name))
-            names_in_folder.add(name)
-            images_in_folder += 1
-            new_locations[key] = (f"images/{image_folder}/{name}", image_hash)
-        sample["image_path"], image_hash = new_locations[key]
-        if image_hash is not None:
-            sample["metadata"] = {**(sample.get("metadata") or {}), "image_hash": image_hash}
-        json_folder = data_dir / "image_data" / str(n_samples // dir_size)
-        json_folder.mkdir(exist_ok=True)
-        with open(json_folder / f"{n_samples}.json", "w", encoding="utf-8") as file:
-            json.dump(sample, file)
-        n_samples += 1
+    try:
+        transfers, n_samples = _plan_conversion(staging, ds_iterator, dir_size, hash_fn, report)
+        _check_free_space(staging, transfers, mode)
+        summary = ConversionSummary(samples=n_samples, images=len(transfers), skipped=sum(report.reasons.values()))
+        _write_transfers(staging, {"mode": mode, "dir_size": dir_size, "summary": vars(summary)}, transfers)
+    except BaseException as error:
+        _remove_staging(staging)
+        if created_data_dir and not any(data_dir.iterdir()):
+            data_dir.rmdir()
+        error.add_note(f"convert_dataset stopped before moving or copying any image: {data_dir} is as it was")
+        raise
+    done: list[tuple[str, str]] = []
+    try:
+        _transfer_images(staging, transfers, mode, done)
+    except BaseException as error:
+        try:
+            _undo_transfers(staging, done, mode)
+            _remove_staging(staging)
+        except Exception as undo_error:
+            error.add_note(
+                f"Putting the {len(done)} images back failed ({undo_error}): {staging} lists every transfer; "
+                "call convert_dataset again with the same data_dir, mode and dir_size to finish the conversion"
+            )
+            raise
+        error.add_note(f"convert_dataset moved the {len(done)} images it had transferred back: {data_dir} is as it was")
+        raise
+    _publish(data_dir, staging)
     report.summarize(n_samples)
-    return ConversionSummary(samples=n_samples, images=len(new_locations), skipped=sum(report.reasons.values()))
+    return summary
 
 
 __all__ = [

@@ -19,7 +19,6 @@ Examples without an id get their row number (stable only while the data does not
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import random
@@ -30,6 +29,7 @@ from typing import Any
 
 from PIL import Image
 
+from .image_processing_magma import open_image
 from .vqa_metrics import answer_strings, most_common_answer
 
 logger = logging.getLogger(__name__)
@@ -118,17 +118,20 @@ class EvalSet:
 
 
 def _to_pil(value, base_dir: Path | None) -> Image.Image:
+    """An image value of the data (PIL, datasets' `{"bytes", "path"}`, or a path) decoded by MAGMA's one decoder."""
     if isinstance(value, Image.Image):
         return value
+    if value is None:  # the MAGMA layout's reader gives None for an image it could not decode (and warned about)
+        raise ValueError("the image file cannot be decoded (see the warning above)")
     if isinstance(value, Mapping):  # datasets' undecoded Image: {"bytes": ..., "path": ...}
         if value.get("bytes"):
-            return Image.open(io.BytesIO(value["bytes"]))
+            return open_image(value["bytes"])
         value = value.get("path")
     if isinstance(value, (str, Path)):
         path = Path(value)
         if not path.is_absolute() and base_dir is not None:
             path = base_dir / path
-        return Image.open(path)
+        return open_image(path)
     raise TypeError(f"unsupported image value of type {type(value).__name__}")
 
 
@@ -223,6 +226,16 @@ def _find_column(names: Sequence[str], field_name: str, mapping: Mapping[str, st
     return None
 
 
+def _undecoded_images(dataset, image_column: str):
+    """An image column left as `{"bytes", "path"}`, so that MAGMA's own decoder reads it (`datasets` would not scale
+    16-bit images)."""
+    import datasets
+
+    if isinstance(dataset.features.get(image_column), datasets.Image) and dataset.features[image_column].decode:
+        return dataset.cast_column(image_column, datasets.Image(decode=False))
+    return dataset
+
+
 def _column_values(dataset, column: str | None) -> list | None:
     # Without the format (e.g. data.py's image-decoding transform), reading a text column decodes no image.
     return None if column is None else list(dataset.with_format(None).select_columns([column])[column])
@@ -232,6 +245,7 @@ def _from_columns(dataset, task: str, mapping: Mapping[str, str], base_dir: Path
     names = dataset.column_names
     qa = task in QA_TASKS
     image_column = _find_column(names, "image", mapping, required=True)
+    dataset = _undecoded_images(dataset, image_column)
     fields = {
         name: _column_values(dataset, _find_column(names, name, mapping, required=False))
         for name in ("question_id", "image_id", *GROUP_FIELDS, "multiple_choice_answer")

@@ -1,10 +1,68 @@
-"""MAGMA's image preprocessing: CLIP's, exactly as the original applied it with torchvision on PIL images."""
+"""MAGMA's image preprocessing: CLIP's, exactly as the original applied it with torchvision on PIL images, and the one
+image decoder every MAGMA path uses (training readers, evaluation, processor and pipeline)."""
+
+import io
+import os
+from typing import BinaryIO
 
 import numpy as np
+import PIL.Image
+import PIL.ImageOps
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 DEFAULT_IMAGE_SIZE = 384  # CLIP RN50x16
+# Pillow's modes deeper than 8 bits per channel: its RGB conversion clips them at 255 (a 16-bit image turns white).
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+UINT16_MAX = 65535
+EXIF_ORIENTATION = 0x0112  # PIL.ExifTags.Base.Orientation
+
+
+def to_8bit(image: PIL.Image.Image) -> PIL.Image.Image:
+    """An image in a mode deeper than 8 bits scaled to 8-bit grayscale (`L`); any other image returned as it is.
+
+    Integer modes (`I;16*`, and `I`, which is how Pillow holds 16-bit PNG/TIFF data once converted) are read as 16-bit
+    values, `0..65535` -> `0..255`. Float images (`F`) are read as `0..1` when all values lie there, else as `0..255`.
+    Values outside those ranges would need a guess, so they are an error naming the mode and the range found.
+    """
+    if image.mode not in (*SIXTEEN_BIT_MODES, "I", "F"):
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if not np.isfinite(values).all():
+        raise ValueError(f"A mode {image.mode} image of size {image.size} holds NaN or infinite values")
+    if image.mode == "F" and low >= 0.0 and high <= 1.0:
+        scaled = values * 255.0
+    elif image.mode == "F" and low >= 0.0 and high <= 255.0:
+        scaled = values
+    elif image.mode != "F" and low >= 0 and high <= UINT16_MAX:
+        scaled = values * (255.0 / UINT16_MAX)
+    else:
+        expected = "0..1 or 0..255" if image.mode == "F" else f"0..{UINT16_MAX} (16-bit)"
+        raise ValueError(
+            f"A mode {image.mode} image of size {image.size} holds values {low:g}..{high:g}; expected {expected}. "
+            "Convert it to an 8-bit image yourself."
+        )
+    converted = PIL.Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8), mode="L")
+    # A tRNS transparency value is in the source's 16-bit units: it would mark the wrong gray as transparent.
+    converted.info = {key: value for key, value in image.info.items() if key != "transparency"}
+    return converted
+
+
+def open_image(source: "str | os.PathLike | bytes | BinaryIO") -> PIL.Image.Image:
+    """Decode an image file (a path, its bytes or a binary stream) the way MAGMA sees it everywhere.
+
+    The pixels are read in full (a truncated file fails here, not in a later batch), the EXIF orientation is applied
+    (a phone photo comes out upright, as transformers' `load_image` shows it), and 16-bit, 32-bit and float images are
+    scaled to 8 bits (see [`to_8bit`]). Raises Pillow's error for a file that is not a decodable image.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(source)
+    with PIL.Image.open(source) as image:
+        image.load()
+        if image.getexif().get(EXIF_ORIENTATION, 1) not in (None, 1):  # exif_transpose would copy an upright image
+            image = PIL.ImageOps.exif_transpose(image)
+    return to_8bit(image)
 
 
 class MagmaImageProcessor(CLIPImageProcessorPil):
@@ -30,6 +88,20 @@ class MagmaImageProcessor(CLIPImageProcessorPil):
             kwargs.setdefault("crop_size", {"height": image_size, "width": image_size})
         super().__init__(**kwargs)
 
+    def process_image(self, image, *args, **kwargs) -> np.ndarray:
+        """Scale 16-bit, 32-bit and float PIL images to 8 bits before the RGB conversion, which would clip them."""
+        if isinstance(image, PIL.Image.Image):
+            image = to_8bit(image)
+        return super().process_image(image, *args, **kwargs)
+
+    def fetch_images(self, image_url_or_urls):
+        """Local image paths are decoded by [`open_image`] (EXIF orientation, 16-bit scaled); URLs by transformers."""
+        if isinstance(image_url_or_urls, (list, tuple)):
+            return [self.fetch_images(item) for item in image_url_or_urls]
+        if isinstance(image_url_or_urls, (str, os.PathLike)) and os.path.isfile(image_url_or_urls):
+            return open_image(image_url_or_urls)
+        return super().fetch_images(image_url_or_urls)
+
     def center_crop(self, image: np.ndarray, size, **kwargs) -> np.ndarray:
         """Crop a `[c, h, w]` array to `size` around its centre, offsets rounded as torchvision's `CenterCrop`."""
         height, width = image.shape[-2:]
@@ -40,4 +112,4 @@ class MagmaImageProcessor(CLIPImageProcessorPil):
         return image[..., top : top + size.height, left : left + size.width]
 
 
-__all__ = ["MagmaImageProcessor"]
+__all__ = ["MagmaImageProcessor", "open_image", "to_8bit"]

@@ -1,8 +1,12 @@
 """The `image-to-text` pipeline for MAGMA: captions for images alone, answers for images with a prompt."""
 
+import os
 from typing import Any
 
+import PIL.Image
 from transformers.pipelines.image_text_to_text import ImageTextToTextPipeline, ReturnType
+
+from .image_processing_magma import open_image, to_8bit
 
 
 class MagmaImageToTextPipeline(ImageTextToTextPipeline):
@@ -25,6 +29,14 @@ class MagmaImageToTextPipeline(ImageTextToTextPipeline):
         items = images if isinstance(images, (list, tuple)) else [images]
         return all(not isinstance(item, dict) for item in items)
 
+    def preprocess(self, inputs=None, timeout=None, continue_final_message=None, **processing_kwargs):
+        # transformers' `load_images` converts to RGB, which turns 16-bit images white: MAGMA's decoder goes first.
+        if isinstance(inputs, dict) and inputs.get("images") is not None:
+            inputs = {**inputs, "images": _decode_images(inputs["images"])}
+        return super().preprocess(
+            inputs, timeout=timeout, continue_final_message=continue_final_message, **processing_kwargs
+        )
+
     def _sanitize_parameters(self, return_full_text=None, **kwargs):
         preprocess_params, forward_params, postprocess_params = super()._sanitize_parameters(
             return_full_text=return_full_text, **kwargs
@@ -32,3 +44,14 @@ class MagmaImageToTextPipeline(ImageTextToTextPipeline):
         if return_full_text is None and "return_type" not in postprocess_params:
             postprocess_params["return_type"] = ReturnType.NEW_TEXT
         return preprocess_params, forward_params, postprocess_params
+
+
+def _decode_images(images):
+    """Local paths decoded by [`open_image`], PIL images scaled to 8 bits; URLs and the rest left to transformers."""
+    if isinstance(images, (list, tuple)):
+        return [_decode_images(image) for image in images]
+    if isinstance(images, (str, os.PathLike)) and os.path.isfile(images):
+        return open_image(images)
+    if isinstance(images, PIL.Image.Image):
+        return to_8bit(images)
+    return images

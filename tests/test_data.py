@@ -4,10 +4,11 @@ import io
 import json
 import logging
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import random_image
+from helpers import files_unchanged, random_image
 from PIL import Image
 
 from magma_hf.data import (
@@ -28,7 +29,7 @@ def pixels(image) -> np.ndarray:
 
 def write_png(path, seed):
     path.parent.mkdir(parents=True, exist_ok=True)
-    random_image(seed, size=(20, 16)).save(path)  # PNG: lossless, so pixels identify the image exactly
+    random_image(seed, size=(20, 16)).save(path, format="PNG")  # lossless, so pixels identify the image exactly
 
 
 def write_truncated_jpeg(path):
@@ -180,8 +181,8 @@ def test_convert_dataset_round_trip(tmp_path, mode):
     ds = load_magma_dataset(out)
     assert len(ds) == 9
     assert_pairs_match(ds)
-    with pytest.raises(FileExistsError, match="not empty"):
-        convert_dataset(out, samples, dir_size=3, mode="cp")
+    with files_unchanged(tmp_path, no_new_files=True), pytest.raises(FileExistsError, match="images is not empty"):
+        convert_dataset(out, samples, dir_size=3, mode="cp")  # the same command twice
 
 
 def test_convert_dataset_matches_original_numbering_for_full_chunks(tmp_path):
@@ -305,3 +306,280 @@ def test_img2dataset_webdataset_tars(tmp_path):
     ds = load_img2dataset(root)
     assert len(ds) == 3
     assert_pairs_match(ds)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# convert_dataset: nothing the user has is lost
+
+
+def seeded_sources(tmp_path, names):
+    """One PNG per (folder, name), drawn from seed = its position; its caption names the seed."""
+    samples = []
+    for seed, name in enumerate(names):
+        write_png(tmp_path / "src" / name, seed)
+        samples.append((tmp_path / "src" / name, {"captions": [f"image {seed}"], "metadata": {"seed": seed}}))
+    return samples
+
+
+def assert_converted(out, samples):
+    """Every sample is in the dataset with its own image, and under mv no source is left behind."""
+    dataset = load_magma_dataset(out)
+    assert len(dataset) == len(samples)
+    assert_pairs_match(dataset)
+    assert len({Path(path).name for path in dataset.with_format(None)["image_path"]}) == len(samples)
+
+
+def test_convert_dataset_never_reuses_a_name_already_written(tmp_path):
+    """The second `p.png` (sample 5) is renamed `p-5.png`: a name the first sample's image already has."""
+    names = ["a/p-5.png", "c/p.png", "d/q.png", "e/r.png", "f/s.png", "b/p.png", "g/P.png"]
+    samples = seeded_sources(tmp_path, names)
+    summary = convert_dataset(tmp_path / "out", samples, mode="mv")
+    assert_converted(tmp_path / "out", samples)
+    assert summary.images == 7 and not list((tmp_path / "src").rglob("*.png"))
+    written = sorted(p.name for p in (tmp_path / "out" / "images" / "0").iterdir())
+    # P.png too gets its own name: on a case-blind disk (macOS, Windows) it is the same file as p.png
+    assert written == sorted(["p-5.png", "p.png", "q.png", "r.png", "s.png", "p-5-2.png", "P-6.png"])
+
+
+def test_convert_dataset_into_the_folder_holding_the_images(tmp_path):
+    """The user's photos in `out/raw/`, converted into `out` itself: moved into the dataset, the rest kept."""
+    samples = [
+        (tmp_path / "out" / "raw" / path.name, data) for path, data in seeded_sources(tmp_path, ["a.png", "b.png"])
+    ]
+    for path, _ in samples:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / path.name).rename(path)
+    (tmp_path / "out" / "README.md").write_text("the user's notes")
+    convert_dataset(tmp_path / "out", samples, mode="mv")
+    assert_converted(tmp_path / "out", samples)
+    assert (tmp_path / "out" / "README.md").read_text() == "the user's notes"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["README.md", "image_data", "images", "raw"]
+
+
+def failing_iterator(samples, at):
+    for index, sample in enumerate(samples):
+        if index == at:
+            raise RuntimeError("the user's iterator broke")
+        yield sample
+
+
+def bytes_caption(samples, at):
+    samples = list(samples)
+    samples[at] = (samples[at][0], {"captions": [b"caf\xc3\xa9 au lait"]})
+    return samples
+
+
+def surrogate_caption(samples, at):
+    samples = list(samples)
+    samples[at] = (samples[at][0], {"captions": [b"caf\xe9".decode("utf-8", "surrogateescape")]})
+    return samples
+
+
+def failing_hash(image):
+    if image.getpixel((0, 0)) == random_image(3, size=(20, 16)).getpixel((0, 0)):
+        raise ValueError("cannot hash this one")
+    return 0
+
+
+def unserializable_metadata(samples, at):
+    samples = list(samples)
+    samples[at] = (samples[at][0], {"captions": ["image 3"], "metadata": {"raw": b"\x00"}})
+    return samples
+
+
+@pytest.mark.parametrize(
+    ("make", "hash_fn", "error", "message"),
+    [
+        (lambda s: failing_iterator(s, 3), None, RuntimeError, "the user's iterator broke"),
+        (lambda s: bytes_caption(s, 3), None, ValueError, r"sample 3 \(.*d\.png\): caption 0 is bytes"),
+        (lambda s: surrogate_caption(s, 3), None, ValueError, r"sample 3 \(.*d\.png\): caption 0 is not valid UTF-8"),
+        (lambda s: s, failing_hash, ValueError, r"sample 3 \(.*d\.png\): hash_fn failed: ValueError: cannot hash"),
+        (lambda s: unserializable_metadata(s, 3), None, ValueError, r"sample 3 .*cannot be written as JSON"),
+    ],
+    ids=["iterator-raises", "bytes-caption", "invalid-utf8-caption", "hash-fails", "metadata-not-json"],
+)
+def test_convert_dataset_failing_midway_leaves_everything_as_it_was(tmp_path, make, hash_fn, error, message):
+    samples = seeded_sources(tmp_path, ["a.png", "b.png", "c.png", "d.png", "e.png"])
+    with files_unchanged(tmp_path, no_new_files=True), pytest.raises(error, match=message) as raised:
+        convert_dataset(tmp_path / "out", make(samples), mode="mv", hash_fn=hash_fn)
+    assert not (tmp_path / "out").exists()
+    assert "is as it was" in "".join(getattr(raised.value, "__notes__", []))
+    convert_dataset(tmp_path / "out", samples, mode="mv")  # the rerun, once the cause is fixed, just works
+    assert_converted(tmp_path / "out", samples)
+
+
+def test_convert_dataset_failing_while_moving_puts_the_images_back(tmp_path, monkeypatch):
+    from magma_hf import data
+
+    samples = seeded_sources(tmp_path, ["a.png", "b.png", "c.png", "d.png"])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("the user's own file")
+    real_transfer, calls = data._transfer_image, []
+
+    def transfer_then_fail(source, target, mode):
+        calls.append(source)
+        if len(calls) == 3:
+            raise OSError(f"I/O error writing {target}")
+        real_transfer(source, target, mode)
+
+    monkeypatch.setattr(data, "_transfer_image", transfer_then_fail)
+    with files_unchanged(tmp_path, no_new_files=True), pytest.raises(OSError, match="I/O error") as raised:
+        convert_dataset(tmp_path / "out", samples, mode="mv")
+    assert "moved the 2 images it had transferred back" in "".join(raised.value.__notes__)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["notes.txt"]
+
+
+def run_killed(convert, timeout: float = 60.0) -> int:
+    """Run `convert()` in a forked child that SIGKILLs itself where the test says; returns the signal it died of."""
+    import os
+    import signal
+    import time
+
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            convert()
+        finally:
+            os._exit(1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.WTERMSIG(status) if os.WIFSIGNALED(status) else -os.WEXITSTATUS(status)
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError("the conversion did not reach the point where it is killed")
+
+
+@pytest.mark.parametrize(("stage", "mode"), [("planning", "mv"), ("moving", "mv"), ("moving", "cp")])
+def test_convert_dataset_killed_is_finished_by_the_rerun(tmp_path, stage, mode, caplog, monkeypatch):
+    import os
+    import signal
+
+    from magma_hf import data
+
+    samples = seeded_sources(tmp_path, ["a.png", "b.png", "c.png", "d.png", "e.png"])
+    out = tmp_path / "out"
+    real_transfer, calls = data._transfer_image, []
+
+    def transfer_then_die(source, target, mode):
+        calls.append(source)
+        if stage == "moving" and len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_transfer(source, target, mode)
+
+    def samples_then_die():
+        for index, sample in enumerate(samples):
+            if stage == "planning" and index == 3:
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield sample
+
+    with monkeypatch.context() as patch:
+        patch.setattr(data, "_transfer_image", transfer_then_die)
+        assert run_killed(lambda: convert_dataset(out, samples_then_die(), dir_size=2, mode=mode)) == signal.SIGKILL
+    with pytest.raises(FileNotFoundError, match="a convert_dataset into it was interrupted"):
+        load_magma_dataset(out)  # no reader takes the half-written dataset for a whole one
+    if stage == "planning":  # no image touched yet
+        assert len(list((tmp_path / "src").glob("*.png"))) == 5
+    else:  # two transferred, three still at their sources, none lost
+        on_disk = list((tmp_path / "src").glob("*.png")) + list((out / ".convert_dataset-partial").rglob("*.png"))
+        assert len(on_disk) == (5 if mode == "mv" else 7)
+    with caplog.at_level(logging.WARNING, logger="magma_hf.data"):
+        summary = convert_dataset(out, samples, dir_size=2, mode=mode)
+    expected = "starting again" if stage == "planning" else "interrupted while transferring its 5 images: finishing"
+    assert any(expected in record.getMessage() for record in caplog.records)
+    assert (summary.samples, summary.images) == (5, 5)
+    assert sorted(p.name for p in out.iterdir()) == ["image_data", "images"]
+    assert_converted(out, samples)
+    assert len(list((tmp_path / "src").glob("*.png"))) == (0 if mode == "mv" else 5)
+
+
+def test_convert_dataset_resume_with_other_options_is_refused(tmp_path):
+    from magma_hf.data import STAGING_FOLDER, TRANSFERS_FILE
+
+    staging = tmp_path / "out" / STAGING_FOLDER
+    staging.mkdir(parents=True)
+    header = {"mode": "mv", "dir_size": 2, "summary": {"samples": 0, "images": 0, "skipped": 0}}
+    (staging / TRANSFERS_FILE).write_text(json.dumps(header) + "\n")
+    with files_unchanged(tmp_path), pytest.raises(ValueError, match="started with mode='mv', dir_size=2; rerun"):
+        convert_dataset(tmp_path / "out", [], dir_size=10, mode="mv")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Captions that are not text, in every reader
+
+
+def test_readers_name_captions_that_are_not_text(tmp_path, caplog):
+    from datasets import Dataset
+
+    root = tmp_path / "i2d" / "00000"
+    write_png(root / "000.png", 0)
+    (root / "000.txt").write_bytes(b"caf\xe9 au lait")  # Latin-1, not UTF-8
+    write_png(root / "001.png", 1)
+    (root / "001.txt").write_text("image 1")
+    with caplog.at_level(logging.WARNING, logger="magma_hf.data"):
+        ds = load_img2dataset(tmp_path / "i2d")
+        with pytest.raises(ValueError, match="none of the 2 rows is usable"):
+            from_hf_dataset(
+                Dataset.from_dict({"image": [{"path": str(root / "001.png"), "bytes": None}] * 2, "text": [b"x", b"y"]})
+            )
+    assert ds.with_format(None)["captions"] == [["image 1"]]  # not "caf\ufffd au lait"
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("000.txt is not valid UTF-8 (line 1, byte 3: b'\\xe9')" in message for message in messages)
+    assert any("caption 0 is bytes (b'x')" in message for message in messages)
+    assert any("kept 0 samples, skipped 2 (2 bad captions)" in message for message in messages)
+
+
+def test_webdataset_shard_with_a_caption_that_is_not_utf8_is_named(tmp_path):
+    root = tmp_path / "wds"
+    root.mkdir()
+    with tarfile.open(root / "00000.tar", "w") as tar:
+        for name, payload in (("000000000.png", b"x"), ("000000000.txt", b"fine"), ("000000001.txt", b"bad \xff")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    message = r"000000001.txt in .*00000.tar is not valid UTF-8 \(line 1, byte 4: b'\\xff'\)"
+    with files_unchanged(root), pytest.raises(ValueError, match=message):
+        load_img2dataset(root)
+
+
+def test_imagefolder_metadata_that_is_not_utf8_is_named(tmp_path):
+    folder = tmp_path / "photos"
+    write_png(folder / "a.png", 0)
+    write_png(folder / "b.png", 1)
+    (folder / "metadata.jsonl").write_bytes(
+        b'{"file_name": "a.png", "text": "ok"}\n{"file_name": "b.png", "text": "caf\xe9"}\n'
+    )
+    message = r"metadata.jsonl is not valid UTF-8 \(line 2, byte 72: b'\\xe9'\)"
+    with files_unchanged(folder), pytest.raises(ValueError, match=message):
+        load_imagefolder(folder)
+
+
+def test_convert_dataset_killed_mid_copy_drops_only_its_own_temporary(tmp_path, monkeypatch):
+    """A copy cut by SIGKILL is removed by the rerun; a user's image named like a temporary (`b.png.partial`) stays."""
+    import os
+    import shutil
+    import signal
+
+    from magma_hf import data
+
+    samples = seeded_sources(tmp_path, ["a.png", "b.png.partial", "b.png"])
+    out = tmp_path / "out"
+    real_copy, calls = shutil.copy2, []
+
+    def copy_half_then_die(source, target):
+        calls.append(source)
+        if len(calls) == 3:
+            Path(target).write_bytes(Path(source).read_bytes()[:10])
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_copy(source, target)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(data.shutil, "copy2", copy_half_then_die)
+        assert run_killed(lambda: convert_dataset(out, samples, mode="cp")) == signal.SIGKILL
+    assert len(list((out / ".convert_dataset-partial").rglob("*.tmp"))) == 1
+    convert_dataset(out, samples, mode="cp")
+    assert_converted(out, samples)
+    assert not list(out.rglob("*.tmp"))
+    assert sorted(p.name for p in (out / "images" / "0").iterdir()) == ["a.png", "b.png", "b.png.partial"]
