@@ -36,14 +36,11 @@ relative to `data_dir`. A json without `image_path` means the image with the jso
 from __future__ import annotations
 
 import errno
-import glob
 import hashlib
 import json
 import os
-import re
 import shutil
 import tarfile
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -58,6 +55,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from .image_processing_magma import open_image
+from .io_utils import atomic_path, leftover_temporaries, write_text_atomically
 
 try:  # datasets >= 4
     from datasets import List as _ListFeature
@@ -602,7 +600,6 @@ def load_image_caption_dataset(source: str | os.PathLike | dict | Dataset | Sequ
 
 STAGING_FOLDER = ".convert_dataset-partial"
 TRANSFERS_FILE = "transfers.jsonl"
-PARTIAL_SUFFIX = ".partial"  # a json or the transfer list being written; renamed to its name once complete
 
 
 @dataclass
@@ -641,15 +638,6 @@ def _unique_name(name: str, taken: set[str], sample_number: int) -> str:
         suffix = f"-{sample_number}" if attempt == 1 else f"-{sample_number}-{attempt}"
         candidate = f"{path.stem}{suffix}{path.suffix}"
     return candidate
-
-
-def _write_json_atomically(path: Path, payload: Any) -> None:
-    temporary = path.with_name(path.name + PARTIAL_SUFFIX)
-    with open(temporary, "w", encoding="utf-8") as file:
-        json.dump(payload, file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
 
 
 def _plan_conversion(
@@ -708,22 +696,15 @@ def _plan_conversion(
             raise ValueError(f"{what}: its data cannot be written as JSON: {error}") from None
         json_folder = staging / "image_data" / str(n_samples // dir_size)
         json_folder.mkdir(parents=True, exist_ok=True)
-        _write_json_atomically(json_folder / f"{n_samples}.json", sample)
+        write_text_atomically(json_folder / f"{n_samples}.json", json.dumps(sample))
         n_samples += 1
     return transfers, n_samples
 
 
 def _write_transfers(staging: Path, header: dict, transfers: list[tuple[str, str]]) -> None:
     """Step 2: the transfer list, one `[source, target]` per line after a header; complete or absent."""
-    path = staging / TRANSFERS_FILE
-    temporary = path.with_name(path.name + PARTIAL_SUFFIX)
-    with open(temporary, "w", encoding="utf-8") as file:
-        file.write(json.dumps(header) + "\n")
-        for transfer in transfers:
-            file.write(json.dumps(transfer) + "\n")
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
+    lines = [json.dumps(header)] + [json.dumps(transfer) for transfer in transfers]
+    write_text_atomically(staging / TRANSFERS_FILE, "\n".join(lines) + "\n")
 
 
 def _read_transfers(staging: Path) -> tuple[dict, list[tuple[str, str]]] | None:
@@ -776,21 +757,14 @@ def _transfer_image(source: Path, target: Path, mode: str) -> None:
 
 def _copy_into_place(source: Path, target: Path) -> None:
     """Copy under a unique temporary name beside `target` (never one of the dataset's names), then rename."""
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(descriptor)
-    try:
+    with atomic_path(target) as temporary:
         shutil.copy2(source, temporary)
-        os.replace(temporary, target)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
 
 
 def _remove_cut_copies(target: Path) -> None:
     """The temporary files a killed `_copy_into_place(..., target)` left: its exact naming only, no user file."""
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}\.tmp")
-    for path in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
-        if pattern.fullmatch(path.name):
-            path.unlink()
+    for path in leftover_temporaries(target):
+        path.unlink()
 
 
 def _transfer_images(staging: Path, transfers: list[tuple[str, str]], mode: str, done: list) -> None:
