@@ -82,7 +82,7 @@ def _is_main_local_process() -> bool:
 
 
 # A training run stops when it skips more than this share of its samples (`max_skipped_share` in its config).
-MAX_SKIPPED_SHARE = 0.1
+MAX_SKIPPED_SHARE = 0.5  # more than half: the run trains on (almost) nothing; fewer are warned about only
 SKIP_EXAMPLES = 5  # bad samples an error names
 # The lists of `recording_skips()` blocks now open: each SkipReport made meanwhile joins them.
 _SKIP_RECORDERS: list[list[SkipReport]] = []

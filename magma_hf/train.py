@@ -80,7 +80,7 @@ class MagmaTrainingConfig:
     eval_dataset_dir: Any = None
     eval_dataset_pct: float = 0.1  # split off the training data when eval_dataset_dir is None
     seq_len: int | None = None  # longest sequence, image tokens included; None: the language model's context
-    max_skipped_share: float | None = None  # stop when more samples are skipped; None: data.MAX_SKIPPED_SHARE (0.1)
+    max_skipped_share: float | None = None  # stop when more samples are skipped; None: data.MAX_SKIPPED_SHARE (0.5)
     # model
     encoder_name: str | None = None
     image_size: int | None = None
@@ -800,10 +800,18 @@ def _input_folders(config: MagmaTrainingConfig) -> list[tuple[str, str]]:
     return [(key, str(path)) for key, path in named if isinstance(path, (str, os.PathLike))]
 
 
+EXPORT_DIR_NAME = "adapter_export"
 CHECKPOINT_FOLDER = re.compile(r"checkpoint-\d+")
 
 
+# What marks a finished run in `save` (Trainer.save_model, the adapter export): named first when refusing the folder.
+FINISHED_RUN_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json", EXPORT_DIR_NAME)
+
+
 def _listing(entries: list[Path], limit: int = 10) -> str:
+    """`a, b/, c and 7 more`: the marks of a finished run first, then the rest by name."""
+    rank = {name: index for index, name in enumerate(FINISHED_RUN_FILES)}
+    entries = sorted(entries, key=lambda entry: (rank.get(entry.name, len(rank)), entry.name))
     names = [entry.name + ("/" if entry.is_dir() else "") for entry in entries]
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
@@ -836,7 +844,7 @@ def check_output_dir(config: MagmaTrainingConfig, checkpoint: str | None) -> Non
             "folder; overwrite: true never replaces checkpoints"
         )
     if not config.overwrite:
-        finished = (output / "config.json").is_file() or (output / EXPORT_DIR_NAME).is_dir()
+        finished = any((output / name).exists() for name in FINISHED_RUN_FILES)
         what = "a finished run" if finished else "files"
         raise TrainingConfigError(
             f"save {output} is not empty: it holds {what} ({_listing(entries)}). Choose another save folder, or set "
@@ -846,8 +854,6 @@ def check_output_dir(config: MagmaTrainingConfig, checkpoint: str | None) -> Non
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The run
-
-EXPORT_DIR_NAME = "adapter_export"
 
 
 def train(config: MagmaTrainingConfig):

@@ -27,7 +27,7 @@ MAGMA_WEIGHTS_NAME = "magma_weights.safetensors"  # a checkpoint's model weights
 CAPTIONS_LOG_NAME = "eval_captions.jsonl"
 NO_DECAY_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 # A run stops early once its skipped share exceeds the limit beyond chance: Hoeffding's bound at this probability of
-# stopping a run whose share is really within it (with nothing decodable: after 13 samples at the default limit).
+# stopping a run whose share is really within it (with nothing decodable: after 42 samples at the default limit of 0.5).
 SKIP_CHECK_FALSE_ALARM = 1e-9
 
 
@@ -150,7 +150,7 @@ class MagmaTrainer(Trainer):
         num_caption_samples (`int`, defaults to 2): Evaluation images to caption at each evaluation (0: none).
         caption_max_new_tokens (`int`, defaults to 30): Length limit of those captions.
         run_blind (`bool`, defaults to `False`): Caption blank images (the collator's `blind` for the batches).
-        max_skipped_share (`float`, defaults to `magma_hf.data.MAX_SKIPPED_SHARE`, 0.1): The share of training
+        max_skipped_share (`float`, defaults to `magma_hf.data.MAX_SKIPPED_SHARE`, 0.5): The share of training
             samples that may be skipped; 1 never stops.
 
     The default collator is a [`MagmaDataCollator`] on `processing_class` (a [`MagmaProcessor`]); evaluation batches
@@ -255,7 +255,7 @@ class MagmaTrainer(Trainer):
         margin = math.sqrt(math.log(1 / SKIP_CHECK_FALSE_ALARM) / (2 * read)) if read else 0.0
         if read and skipped / read - margin > self.max_skipped_share:
             raise TooManySkippedError(
-                f"Training stopped at step {self.state.global_step}: {skipped} of the {read} samples read so far "
+                f"Training stopped after {self.state.global_step} steps: {skipped} of the {read} samples read so far "
                 f"(this process) were skipped, more than max_skipped_share {self.max_skipped_share:g}. First: "
                 + "; ".join(self.skipped_examples)
                 + ". Fix or remove these images, or raise max_skipped_share"
