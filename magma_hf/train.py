@@ -21,6 +21,7 @@ import json
 import logging as std_logging
 import os
 import re
+import shutil
 import socket
 import sys
 import types
@@ -919,7 +920,7 @@ def train(config: MagmaTrainingConfig):
         captions_log.write_text("")  # overwrite: true replaces the earlier run's log; never mix two runs in one
     trainer.train(resume_from_checkpoint=checkpoint)
 
-    trainer.save_model()  # the full model: loads with the Auto classes and the pipeline
+    save_final_model(trainer, Path(args.output_dir))  # the full model: loads with the Auto classes and the pipeline
     export_dir = Path(args.output_dir) / EXPORT_DIR_NAME
     if trainer.is_deepspeed_enabled and _is_zero3():
         if trainer.is_world_process_zero():
@@ -931,6 +932,43 @@ def train(config: MagmaTrainingConfig):
         save_adapter_export(trainer.accelerator.unwrap_model(trainer.model), export_dir, processor, base_model)
     trainer.accelerator.wait_for_everyone()
     return trainer
+
+
+FINAL_MODEL_STAGING = ".final-model.saving"
+# The weight files of a saved model: a previous save's that the new one does not write would be loaded instead of it.
+_WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
+
+
+def save_final_model(trainer, output_dir: Path) -> None:
+    """`trainer.save_model` into a hidden folder in `output_dir`, then moved in file by file: a kill midway leaves the
+    previous model's files complete (a resumed or overwriting run replaces them only once its own are whole). A
+    README.md already there (the user's card, or an earlier run's) is kept; files the save does not write are never
+    touched, except an earlier save's weight files that the new one lacks, which would load in its place."""
+    from .io_utils import sync_path
+
+    staging = output_dir / FINAL_MODEL_STAGING
+    if trainer.is_world_process_zero() and staging.exists():
+        shutil.rmtree(staging)  # a killed save's leftover: this function's own folder
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))  # a collective under ZeRO-3: every process calls it
+    if trainer.is_world_process_zero():
+        written = sorted(staging.iterdir())
+        indexes = [path for path in written if path.name.endswith(".index.json")]
+        for path in [path for path in written if path not in indexes]:
+            if path.name == "README.md" and (output_dir / "README.md").exists():
+                continue
+            sync_path(path)
+            os.replace(path, output_dir / path.name)
+        names = {path.name for path in written}
+        for stale in [path for path in output_dir.iterdir() if _WEIGHT_FILE.fullmatch(path.name)]:
+            if stale.name not in names:
+                stale.unlink()
+        for path in indexes:  # last: the index names the shards, which are all in place now
+            sync_path(path)
+            os.replace(path, output_dir / path.name)
+        shutil.rmtree(staging)
+        sync_path(output_dir)
+    trainer.accelerator.wait_for_everyone()
 
 
 def _is_zero3() -> bool:

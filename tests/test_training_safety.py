@@ -113,6 +113,37 @@ def test_save_that_is_an_input_is_refused_even_with_overwrite(assets, finished_r
         train(MagmaTrainingConfig.from_dict(values))
 
 
+def test_a_final_save_that_fails_midway_leaves_the_previous_model_whole(assets, finished_run, tmp_path, monkeypatch):
+    """Resuming a finished run for one more step, the final save dies after writing part of the weights (a full disk,
+    a kill): the earlier model in `save` stays complete; the next attempt saves."""
+    from magma_hf.trainer import MagmaTrainer
+
+    save = tmp_path / "run"
+    shutil.copytree(finished_run, save)
+    save_model = MagmaTrainer.save_model
+
+    def dies_midway(self, output_dir=None, _internal_call=False):
+        if _internal_call:  # checkpoints
+            return save_model(self, output_dir, _internal_call)
+        output_dir = Path(output_dir or self.args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "model.safetensors").write_bytes(b"the first bytes of a model")
+        raise OSError("No space left on device")
+
+    values = run_config(assets, save, load=str(save), train_steps=3)
+    monkeypatch.setattr(MagmaTrainer, "save_model", dies_midway)
+    with files_unchanged(save), pytest.raises(OSError, match="No space left"):
+        train(MagmaTrainingConfig.from_dict(values))
+    monkeypatch.setattr(MagmaTrainer, "save_model", save_model)
+    trained = ["model.safetensors", "training_args.bin", *(f"adapter_export/{name}.safetensors" for name in
+               ("adapter_model", "image_prefix"))]  # fmt: skip
+    trained.append(".final-model.saving/model.safetensors")  # the failed save's leftover, which the rerun removes
+    with files_unchanged(save, may_change=trained):
+        train(MagmaTrainingConfig.from_dict(values))
+    assert not (save / ".final-model.saving").exists()
+    assert json.loads((save / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3
+
+
 def test_load_that_does_not_exist_is_an_error_naming_it(assets, tmp_path):
     """A typo in `load` must not quietly train from step 0 (into a folder the user believes holds the resumed run)."""
     (tmp_path / "notes.txt").write_text("keep me\n")
