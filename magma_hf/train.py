@@ -169,6 +169,7 @@ class MagmaTrainingConfig:
                 "Set these through the config's own keys, not training_args: "
                 + ", ".join(f"training_args.{k} -> {TRAINING_ARGS_FROM_KEYS[k]}" for k in taken)
             )
+        self.training_args = _checked_training_args(self.training_args)
         if self.training_args.get("remove_unused_columns"):
             raise TrainingConfigError(
                 "training_args.remove_unused_columns must stay false: the collator needs every column"
@@ -201,10 +202,11 @@ _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 def _typed_value(key: str, value: Any, annotation: Any) -> Any:
     """`value` when it has the type of config key `key` (a float key takes an int, and a number YAML left a string:
-    `lr: 1e-4`); else an error naming the key, the type expected and the value given."""
-    if annotation is Any:
-        return value
+    `lr: 1e-4`); else an error naming the key, the type expected and the value given. Annotations other than unions of
+    int, float, bool, str, dict and None (enums, `list[str]`, `Any`) are not checked here."""
     allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if not set(allowed) <= {*_TYPE_NAMES, type(None)}:
+        return value
     if value is None and type(None) in allowed:
         return value
     for kind in allowed:
@@ -218,6 +220,22 @@ def _typed_value(key: str, value: Any, annotation: Any) -> Any:
             return value
     expected = " or ".join(_TYPE_NAMES.get(kind, "null") for kind in allowed)
     raise TrainingConfigError(f"Config key {key} must be {expected}, got {value!r} ({type(value).__name__})")
+
+
+def _checked_training_args(training_args: dict) -> dict:
+    """`training_args` keys must be `TrainingArguments` fields, and their values of the field's type: it takes any
+    value silently (`bf16: "no"` would turn bf16 on)."""
+    import difflib
+
+    from transformers import TrainingArguments
+
+    fields = typing.get_type_hints(TrainingArguments)
+    for key in training_args:
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise TrainingConfigError(f"training_args.{key} is not a TrainingArguments setting{hint}")
+    return {key: _typed_value(f"training_args.{key}", value, fields[key]) for key, value in training_args.items()}
 
 
 def _must_be(expected):

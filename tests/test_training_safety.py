@@ -259,6 +259,18 @@ def test_a_config_value_of_the_wrong_type_names_the_key_and_the_type(key, value,
         MagmaTrainingConfig.from_dict({**BASE, key: value})
 
 
+def test_training_args_are_checked_as_trainingarguments_does_not():
+    """`TrainingArguments(bf16="no")` turns bf16 on, and `bf17` is a TypeError from deep inside its __init__."""
+    with pytest.raises(ValueError, match=r"Config key training_args.bf16 must be true or false, got 'no' \(str\)"):
+        MagmaTrainingConfig.from_dict({**BASE, "training_args": {"bf16": "no"}})
+    with pytest.raises(
+        ValueError, match=r"training_args.bf17 is not a TrainingArguments setting \(did you mean bf16\?\)"
+    ):
+        MagmaTrainingConfig.from_dict({**BASE, "training_args": {"bf17": True}})
+    config = MagmaTrainingConfig.from_dict({**BASE, "training_args": {"adam_epsilon": "1e-8", "report_to": ["none"]}})
+    assert config.training_args == {"adam_epsilon": 1e-8, "report_to": ["none"]}
+
+
 def test_a_float_yaml_reads_as_a_string_is_taken_as_the_number(tmp_path):
     """YAML 1.1 wants a dot in a float: `lr: 1e-4` is the string '1e-4' to PyYAML, and meant as the number."""
     path = write_config(tmp_path / "c.yml", BASE)
