@@ -126,8 +126,13 @@ class MagmaTrainingConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, overrides: list[str] | None = None) -> MagmaTrainingConfig:
-        with open(path, encoding="utf-8") as file:
-            values = yaml.safe_load(file) or {}
+        if not Path(path).is_file():
+            raise TrainingConfigError(f"Config file {path} does not exist")
+        try:
+            with open(path, encoding="utf-8") as file:
+                values = yaml.safe_load(file) or {}
+        except yaml.YAMLError as error:  # names the line and column
+            raise TrainingConfigError(f"{path} is not valid YAML: {error}".replace("\n", " ")) from None
         if not isinstance(values, dict):
             raise TrainingConfigError(f"{path} must hold a mapping of config keys, got {type(values).__name__}")
         for override in overrides or []:

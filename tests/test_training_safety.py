@@ -285,3 +285,13 @@ def test_cli_names_the_bad_override_in_one_line(assets, tmp_path, capsys):
         assert cli.main(["train", str(config), "lr=fast"]) == 1
     error = capsys.readouterr().err
     assert error.strip() == "error: Config key lr must be a number, got 'fast' (str)"
+
+
+def test_cli_names_a_missing_or_broken_config_file(tmp_path, capsys):
+    broken = tmp_path / "broken.yml"
+    broken.write_text("batch_size: 8\ntrain_steps: [10\n")
+    assert cli.main(["train", str(tmp_path / "nope.yml")]) == 1
+    assert capsys.readouterr().err.strip() == f"error: Config file {tmp_path / 'nope.yml'} does not exist"
+    assert cli.main(["train", str(broken)]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {broken} is not valid YAML: ") and "line 3" in error
