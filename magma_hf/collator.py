@@ -13,6 +13,7 @@ logger = logging.get_logger(__name__)
 IGNORE_INDEX = -100
 # Keys the collator adds for MagmaTrainer when `report_skips` is on (the Trainer removes them before the forward).
 SKIPPED_KEY = "magma_num_skipped"
+SKIPPED_IMAGES_KEY = "magma_skipped_images"  # what each skipped sample was (its image path), for an error naming them
 EMPTY_KEY = "magma_empty_batch"
 
 
@@ -44,8 +45,9 @@ class MagmaDataCollator:
         blind (`bool`, defaults to `False`): Zero `pixel_values` (MAGMA's `run_blind` baseline: the image carries no
             information).
         pad_to_multiple_of (`int`, *optional*): Pad the sequence length to a multiple of this.
-        report_skips (`bool`, defaults to `False`): Add `magma_num_skipped` / `magma_empty_batch` entries to each batch
-            for [`MagmaTrainer`] (which counts skips across dataloader workers and processes).
+        report_skips (`bool`, defaults to `False`): Add `magma_num_skipped` / `magma_skipped_images` /
+            `magma_empty_batch` entries to each batch for [`MagmaTrainer`] (which counts skips across dataloader
+            workers and processes, and stops a run that skips too many).
 
     `__call__` returns `pixel_values` `[b, 3, s, s]` and `input_ids`, `attention_mask`, `labels`, each `[b, seq]`.
     """
@@ -96,11 +98,12 @@ class MagmaDataCollator:
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         pixel_values, captions = [], []
-        skipped = 0
+        skipped, skipped_images = 0, []
         for sample in samples:
             values = self._pixel_values(sample)
             if values is None:
                 skipped += 1
+                skipped_images.append(sample.get("image_path") or "an image stored as bytes")
                 continue
             pixel_values.append(values)
             captions.append(self._pick_caption(sample["captions"]))
@@ -118,6 +121,7 @@ class MagmaDataCollator:
             batch["pixel_values"] = torch.zeros_like(batch["pixel_values"])
         if self.report_skips:
             batch[SKIPPED_KEY] = skipped
+            batch[SKIPPED_IMAGES_KEY] = skipped_images
             batch[EMPTY_KEY] = empty
         return batch
 

@@ -44,6 +44,7 @@ import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,26 +86,69 @@ def _is_main_local_process() -> bool:
     return int(os.environ.get("LOCAL_RANK", "0")) == 0
 
 
+# A training run stops when it skips more than this share of its samples (`max_skipped_share` in its config).
+MAX_SKIPPED_SHARE = 0.5  # more than half: the run trains on (almost) nothing; fewer are warned about only
+SKIP_EXAMPLES = 5  # bad samples an error names
+# The lists of `recording_skips()` blocks now open: each SkipReport made meanwhile joins them.
+_SKIP_RECORDERS: list[list[SkipReport]] = []
+
+
 class SkipReport:
     """Collects the samples a reader drops: one warning each, then a summary with the counts per reason."""
 
     def __init__(self, source: str):
         self.source = source
         self.reasons: Counter[str] = Counter()
+        self.examples: list[str] = []  # the first SKIP_EXAMPLES dropped samples, for an error that names them
+        self.kept = 0
+        for recorder in _SKIP_RECORDERS:
+            recorder.append(self)
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.reasons.values())
 
     def skip(self, what: str, reason: str) -> None:
         self.reasons[reason] += 1
+        if len(self.examples) < SKIP_EXAMPLES:
+            self.examples.append(f"{what} ({reason})")
         if _is_main_local_process():
             logger.warning(f"Skipping {what}: {reason}")
 
     def summarize(self, kept: int) -> None:
-        skipped = sum(self.reasons.values())
+        self.kept = kept
+        skipped = self.skipped
         if skipped and _is_main_local_process():
             by_kind: Counter[str] = Counter()
             for reason, count in self.reasons.items():
                 by_kind[reason.split(":")[0]] += count
             counts = ", ".join(f"{count} {kind}" for kind, count in by_kind.most_common())
             logger.warning(f"{self.source}: kept {kept} samples, skipped {skipped} ({counts})")
+
+
+@contextmanager
+def recording_skips() -> Iterator[list[SkipReport]]:
+    """The SkipReports of every reader run inside the block, so that a caller can judge how much was dropped."""
+    reports: list[SkipReport] = []
+    _SKIP_RECORDERS.append(reports)
+    try:
+        yield reports
+    finally:
+        _SKIP_RECORDERS.remove(reports)
+
+
+class TooManySkippedError(ValueError):
+    """More than the allowed share of a run's samples was skipped: it would train on (almost) nothing."""
+
+
+def check_skipped_share(skipped: int, total: int, examples: Sequence[str], max_share: float, what: str) -> None:
+    """Raise [`TooManySkippedError`] naming the count and the first bad samples when `skipped / total > max_share`."""
+    if total and skipped > max_share * total:
+        raise TooManySkippedError(
+            f"{what}: {skipped} of {total} samples were skipped ({skipped / total:.0%}), more than max_skipped_share "
+            f"{max_share:g}. First: " + "; ".join(examples[:SKIP_EXAMPLES]) + ". Fix or remove these samples, or "
+            "raise max_skipped_share"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -20,7 +20,12 @@ import dataclasses
 import json
 import logging as std_logging
 import os
+import re
+import shutil
 import socket
+import sys
+import types
+import typing
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +35,11 @@ import yaml
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
+
+
+class TrainingConfigError(ValueError):
+    """A training config, or the folders it names, that cannot run as given; the message names the key or folder."""
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The config
@@ -56,6 +66,7 @@ class MagmaTrainingConfig:
     weight_decay: float = 0.0
     run_blind: bool = False
     load_optimizer: bool = True  # False: take only the weights of the checkpoint in `load`, start at step 0
+    overwrite: bool = False  # let a new run replace an earlier run's outputs in `save` (never other files)
     # checkpoints and logging
     save: str | None = None
     load: str | None = None
@@ -70,6 +81,7 @@ class MagmaTrainingConfig:
     eval_dataset_dir: Any = None
     eval_dataset_pct: float = 0.1  # split off the training data when eval_dataset_dir is None
     seq_len: int | None = None  # longest sequence, image tokens included; None: the language model's context
+    max_skipped_share: float | None = None  # stop when more samples are skipped; None: data.MAX_SKIPPED_SHARE (0.5)
     # model
     encoder_name: str | None = None
     image_size: int | None = None
@@ -95,28 +107,34 @@ class MagmaTrainingConfig:
             value = values.pop(key)
             problem = IGNORED_ORIGINAL_KEYS[key](value)
             if problem:
-                raise ValueError(f"Config key {key}: {problem}")
+                raise TrainingConfigError(f"Config key {key}: {problem}")
             logger.info(f"Config key {key}={value!r} is the original's and has no effect here")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(
+            raise TrainingConfigError(
                 f"Unknown config keys {unknown}. Known keys: {sorted(known)}; TrainingArguments settings go under "
                 "training_args:"
             )
         missing = [name for name in ("batch_size", "train_steps") if values.get(name) is None]
         if missing:
-            raise ValueError(f"Config keys {missing} are required")
+            raise TrainingConfigError(f"Config keys {missing} are required")
+        values = {key: _typed_value(key, value, CONFIG_TYPES[key]) for key, value in values.items()}
         config = cls(**values)
         config.validate()
         return config
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, overrides: list[str] | None = None) -> MagmaTrainingConfig:
-        with open(path, encoding="utf-8") as file:
-            values = yaml.safe_load(file) or {}
+        if not Path(path).is_file():
+            raise TrainingConfigError(f"Config file {path} does not exist")
+        try:
+            with open(path, encoding="utf-8") as file:
+                values = yaml.safe_load(file) or {}
+        except yaml.YAMLError as error:  # names the line and column
+            raise TrainingConfigError(f"{path} is not valid YAML: {error}".replace("\n", " ")) from None
         if not isinstance(values, dict):
-            raise ValueError(f"{path} must hold a mapping of config keys, got {type(values).__name__}")
+            raise TrainingConfigError(f"{path} must hold a mapping of config keys, got {type(values).__name__}")
         for override in overrides or []:
             apply_override(values, override)
         return cls.from_dict(values)
@@ -125,43 +143,50 @@ class MagmaTrainingConfig:
         def positive(name):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise TrainingConfigError(f"{name} must be a positive integer, got {value!r}")
 
         for name in ("batch_size", "train_steps", "gradient_accumulation_steps", "save_every", "eval_every"):
             positive(name)
         if self.zero_stage not in (None, 0, 1, 2, 3):
-            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
+            raise TrainingConfigError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
         if (self.model_name_or_path is None) == (self.model_config is None):
-            raise ValueError(
+            raise TrainingConfigError(
                 "Give exactly one of model_name_or_path (an existing MAGMA folder, e.g. a converted checkpoint) and "
                 "model_config (a new model)"
             )
         if self.model_config is not None:
             if not isinstance(self.model_config, dict):
-                raise ValueError(f"model_config must be a mapping, got {type(self.model_config).__name__}")
+                raise TrainingConfigError(f"model_config must be a mapping, got {type(self.model_config).__name__}")
             _check_model_config({k: v for k, v in self.model_config.items() if k not in ("lm_name", "pretrained")})
         if self.train_dataset_dir is None:
-            raise ValueError("train_dataset_dir is required (a dataset folder, or a list of them)")
+            raise TrainingConfigError("train_dataset_dir is required (a dataset folder, or a list of them)")
         if self.save is None and "output_dir" not in self.training_args:
-            raise ValueError("save is required: the folder for checkpoints and the trained model")
+            raise TrainingConfigError("save is required: the folder for checkpoints and the trained model")
+        if self.max_skipped_share is not None and not 0 <= self.max_skipped_share <= 1:
+            raise TrainingConfigError(f"max_skipped_share must be in [0, 1], got {self.max_skipped_share}")
         if not 0 <= self.eval_dataset_pct < 1:
-            raise ValueError(f"eval_dataset_pct must be in [0, 1), got {self.eval_dataset_pct}")
+            raise TrainingConfigError(f"eval_dataset_pct must be in [0, 1), got {self.eval_dataset_pct}")
         if not isinstance(self.training_args, dict):
-            raise ValueError(f"training_args must be a mapping, got {type(self.training_args).__name__}")
+            raise TrainingConfigError(f"training_args must be a mapping, got {type(self.training_args).__name__}")
         taken = sorted(set(self.training_args) & set(TRAINING_ARGS_FROM_KEYS))
         if taken:
-            raise ValueError(
+            raise TrainingConfigError(
                 "Set these through the config's own keys, not training_args: "
                 + ", ".join(f"training_args.{k} -> {TRAINING_ARGS_FROM_KEYS[k]}" for k in taken)
             )
+        self.training_args = _checked_training_args(self.training_args)
         if self.training_args.get("remove_unused_columns"):
-            raise ValueError("training_args.remove_unused_columns must stay false: the collator needs every column")
+            raise TrainingConfigError(
+                "training_args.remove_unused_columns must stay false: the collator needs every column"
+            )
         if self.training_args.get("load_best_model_at_end"):
-            raise ValueError("training_args.load_best_model_at_end is not supported (checkpoints hold MAGMA's weights)")
+            raise TrainingConfigError(
+                "training_args.load_best_model_at_end is not supported (checkpoints hold MAGMA's weights)"
+            )
         if self.lm_dtype not in (None, *LM_DTYPES):
-            raise ValueError(f"lm_dtype must be one of {list(LM_DTYPES)}, got {self.lm_dtype!r}")
+            raise TrainingConfigError(f"lm_dtype must be one of {list(LM_DTYPES)}, got {self.lm_dtype!r}")
         if self.tokenizer_name is not None and self.tokenizer_name_or_path is not None:
-            raise ValueError("Give tokenizer_name_or_path or the original's tokenizer_name, not both")
+            raise TrainingConfigError("Give tokenizer_name_or_path or the original's tokenizer_name, not both")
 
     @property
     def tokenizer_source(self) -> str | None:
@@ -173,6 +198,49 @@ class MagmaTrainingConfig:
 
 
 LM_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+# key -> its annotation (int, float | None, dict, Any, ...), which a YAML value must match
+CONFIG_TYPES = typing.get_type_hints(MagmaTrainingConfig)
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}
+# What PyYAML reads as a string but is a number: YAML 1.1 wants a dot in a float, so `1e-4` stays "1e-4".
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _typed_value(key: str, value: Any, annotation: Any) -> Any:
+    """`value` when it has the type of config key `key` (a float key takes an int, and a number YAML left a string:
+    `lr: 1e-4`); else an error naming the key, the type expected and the value given. Annotations other than unions of
+    int, float, bool, str, dict and None (enums, `list[str]`, `Any`) are not checked here."""
+    allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if not set(allowed) <= {*_TYPE_NAMES, type(None)}:
+        return value
+    if value is None and type(None) in allowed:
+        return value
+    for kind in allowed:
+        if kind is float and isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            return float(value)
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind in (bool, str, dict) and isinstance(value, kind):
+            return value
+    expected = " or ".join(_TYPE_NAMES.get(kind, "null") for kind in allowed)
+    raise TrainingConfigError(f"Config key {key} must be {expected}, got {value!r} ({type(value).__name__})")
+
+
+def _checked_training_args(training_args: dict) -> dict:
+    """`training_args` keys must be `TrainingArguments` fields, and their values of the field's type: it takes any
+    value silently (`bf16: "no"` would turn bf16 on)."""
+    import difflib
+
+    from transformers import TrainingArguments
+
+    fields = typing.get_type_hints(TrainingArguments)
+    for key in training_args:
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise TrainingConfigError(f"training_args.{key} is not a TrainingArguments setting{hint}")
+    return {key: _typed_value(f"training_args.{key}", value, fields[key]) for key, value in training_args.items()}
 
 
 def _must_be(expected):
@@ -216,14 +284,14 @@ TRAINING_ARGS_FROM_KEYS = {
 def apply_override(values: dict, override: str) -> None:
     """`key=value` (value parsed as YAML); dotted keys reach into mappings: `training_args.bf16=true`."""
     if "=" not in override:
-        raise ValueError(f"Override {override!r} must look like key=value (e.g. train_steps=100)")
+        raise TrainingConfigError(f"Override {override!r} must look like key=value (e.g. train_steps=100)")
     key, raw = override.split("=", 1)
     target = values
     *parents, leaf = key.strip().split(".")
     for parent in parents:
         target = target.setdefault(parent, {})
         if not isinstance(target, dict):
-            raise ValueError(f"Override {override!r}: {parent} is not a mapping")
+            raise TrainingConfigError(f"Override {override!r}: {parent} is not a mapping")
     target[leaf] = yaml.safe_load(raw)
 
 
@@ -354,7 +422,7 @@ NEW_MODEL_DEFAULTS = {
 def encoder_spec(encoder_name: str | None) -> tuple[str, dict]:
     name = encoder_name or DEFAULT_ENCODER
     if name not in ENCODERS:
-        raise ValueError(
+        raise TrainingConfigError(
             f"encoder_name {name!r} is not supported: MAGMA here uses CLIP's ResNet image encoders, one of "
             f"{sorted(ENCODERS)}"
         )
@@ -394,7 +462,7 @@ def _new_model(config: MagmaTrainingConfig):
     options = dict(config.model_config)
     lm_name = options.pop("lm_name", None)
     if lm_name is not None and config.lm_name is not None and lm_name != config.lm_name:
-        raise ValueError(f"lm_name is given twice: {config.lm_name!r} and model_config.lm_name {lm_name!r}")
+        raise TrainingConfigError(f"lm_name is given twice: {config.lm_name!r} and model_config.lm_name {lm_name!r}")
     lm_name = lm_name or config.lm_name
     pretrained = options.pop("pretrained", None)
     _check_model_config(options)
@@ -469,19 +537,25 @@ def _check_model_config(options: dict) -> None:
 
     top_level = sorted(set(options) & {"adapter_config", "image_embed_dropout_prob", "use_image_embed_layernorm"})
     if top_level:
-        raise ValueError(f"Set {top_level} at the top level of the config (the original's keys), not in model_config")
+        raise TrainingConfigError(
+            f"Set {top_level} at the top level of the config (the original's keys), not in model_config"
+        )
     if "image_token_id" in options:
-        raise ValueError("model_config.image_token_id comes from the tokenizer (its <|image|> token); remove it")
+        raise TrainingConfigError(
+            "model_config.image_token_id comes from the tokenizer (its <|image|> token); remove it"
+        )
     unknown = sorted(set(options) - {"text_config", "vision_config"})
     if unknown:
-        raise ValueError(f"Unknown model_config keys {unknown}; expected {list(MODEL_CONFIG_KEYS)}")
+        raise TrainingConfigError(f"Unknown model_config keys {unknown}; expected {list(MODEL_CONFIG_KEYS)}")
     defaults = GPTJConfig().to_dict()
     unknown = sorted(k for k in options.get("text_config") or {} if k not in defaults)
     if unknown:
-        raise ValueError(f"Unknown model_config.text_config keys {unknown}: not GPTJConfig fields")
+        raise TrainingConfigError(f"Unknown model_config.text_config keys {unknown}: not GPTJConfig fields")
     unknown = sorted(set(options.get("vision_config") or {}) - set(VISION_CONFIG_KEYS))
     if unknown:
-        raise ValueError(f"Unknown model_config.vision_config keys {unknown}; expected {list(VISION_CONFIG_KEYS)}")
+        raise TrainingConfigError(
+            f"Unknown model_config.vision_config keys {unknown}; expected {list(VISION_CONFIG_KEYS)}"
+        )
 
 
 class _DropLoadReport(std_logging.Filter):
@@ -547,7 +621,7 @@ def _existing_model(config: MagmaTrainingConfig):
     if config.model_config is not None or config.lm_name is not None:
         conflicts.append("model_config / lm_name (they describe a new model)")
     if conflicts:
-        raise ValueError(f"The config does not match the model in {path}: " + "; ".join(conflicts))
+        raise TrainingConfigError(f"The config does not match the model in {path}: " + "; ".join(conflicts))
     if config.image_embed_dropout_prob is not None:
         model_config.image_embed_dropout_prob = config.image_embed_dropout_prob
         model.multi_modal_projector.dropout.p = config.image_embed_dropout_prob
@@ -564,7 +638,7 @@ def _existing_model(config: MagmaTrainingConfig):
             tokenizer=load_tokenizer(source),
         )
     if processor.image_token_id != model_config.image_token_id:
-        raise ValueError(
+        raise TrainingConfigError(
             f"The tokenizer's <|image|> is id {processor.image_token_id}, the model's image_token_id "
             f"{model_config.image_token_id}"
         )
@@ -611,12 +685,11 @@ def magma_weights_to_float32(model) -> None:
 
 def build_datasets(config: MagmaTrainingConfig, seed: int, eval_samples: int):
     """Training and evaluation datasets: `eval_dataset_dir`, or `eval_dataset_pct` of the training data split off.
-    The evaluation set is cut to `eval_samples` (the original evaluated `eval_steps` batches)."""
-    from .data import load_image_caption_dataset
-
-    train = load_image_caption_dataset(config.train_dataset_dir)
+    The evaluation set is cut to `eval_samples` (the original evaluated `eval_steps` batches). Either one losing more
+    than `max_skipped_share` of its samples while it is read (missing images, no captions) is an error naming them."""
+    train = _load_checked(config.train_dataset_dir, "train_dataset_dir", config)
     if config.eval_dataset_dir is not None:
-        evaluation = load_image_caption_dataset(config.eval_dataset_dir)
+        evaluation = _load_checked(config.eval_dataset_dir, "eval_dataset_dir", config)
     elif config.eval_dataset_pct > 0 and len(train) > 1:
         split = train.train_test_split(test_size=config.eval_dataset_pct, seed=seed)
         train, evaluation = split["train"], split["test"]
@@ -625,6 +698,23 @@ def build_datasets(config: MagmaTrainingConfig, seed: int, eval_samples: int):
     if evaluation is not None and len(evaluation) > eval_samples:
         evaluation = evaluation.select(range(eval_samples))
     return train, evaluation
+
+
+def skipped_share_limit(config: MagmaTrainingConfig) -> float:
+    from .data import MAX_SKIPPED_SHARE
+
+    return MAX_SKIPPED_SHARE if config.max_skipped_share is None else config.max_skipped_share
+
+
+def _load_checked(source, key: str, config: MagmaTrainingConfig):
+    from .data import check_skipped_share, load_image_caption_dataset, recording_skips
+
+    with recording_skips() as reports:
+        dataset = load_image_caption_dataset(source)
+    skipped = sum(report.skipped for report in reports)
+    examples = [example for report in reports for example in report.examples]
+    check_skipped_share(skipped, len(dataset) + skipped, examples, skipped_share_limit(config), key)
+    return dataset
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -639,7 +729,7 @@ def micro_batch_size(config: MagmaTrainingConfig, processes: int) -> int:
     """Per-device batch: `batch_size` is the whole optimizer step's, as DeepSpeed's `train_batch_size` was."""
     per_step = config.gradient_accumulation_steps * processes
     if config.batch_size % per_step:
-        raise ValueError(
+        raise TrainingConfigError(
             f"batch_size {config.batch_size} is not divisible by gradient_accumulation_steps "
             f"({config.gradient_accumulation_steps}) x processes ({processes})"
         )
@@ -683,24 +773,111 @@ def training_arguments_kwargs(config: MagmaTrainingConfig, processes: int) -> di
 
 def resolve_checkpoint(config: MagmaTrainingConfig) -> str | None:
     """The checkpoint in `load`: the folder itself when it is one, else its last `checkpoint-N`; `None` when there is
-    none yet (the original started from step 0 then, so `load` may point at `save` from the first run on)."""
+    none yet and `load` is `save` (the original started from step 0 then, so `load` may point at `save` from the first
+    run on). Any other `load` without a checkpoint is an error naming it: the run would silently start afresh."""
     from transformers.trainer_utils import get_last_checkpoint
+
+    from .trainer import MAGMA_WEIGHTS_NAME
 
     if config.load is None:
         return None
     load = Path(config.load)
     if (load / "trainer_state.json").is_file():
         return str(load)
+    if not config.load_optimizer and (load / MAGMA_WEIGHTS_NAME).is_file():
+        return str(load)  # only the weights are taken
+    is_save = _same_folder(load, config.output_dir)
+    if not load.exists() and not is_save:
+        raise TrainingConfigError(f"load {load} does not exist")
+    if load.exists() and not load.is_dir():
+        raise TrainingConfigError(
+            f"load {load} is a file: expected a checkpoint folder (checkpoint-N/) or the folder holding them"
+        )
     last = get_last_checkpoint(str(load)) if load.is_dir() else None
     if last is None:
-        logger.warning(f"No checkpoint in {load}: starting from step 0")
+        if not is_save:
+            raise TrainingConfigError(
+                f"load {load} holds no checkpoint (no checkpoint-N/ folder, no trainer_state.json"
+                + ("" if config.load_optimizer else f", no {MAGMA_WEIGHTS_NAME}")
+                + "): point it at a checkpoint or at the save folder of the run to resume"
+            )
+        logger.warning(f"No checkpoint in {load} yet: starting from step 0")
     return last
+
+
+def _same_folder(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def _input_folders(config: MagmaTrainingConfig) -> list[tuple[str, str]]:
+    """`(key, path)` of the folders the run reads: what it must never write its outputs into."""
+    lm_name = config.lm_name or (config.model_config or {}).get("lm_name")
+    named = [
+        ("model_name_or_path", config.model_name_or_path),
+        ("tokenizer_name_or_path", config.tokenizer_source),
+        ("lm_name", lm_name),
+    ]
+    for key in ("train_dataset_dir", "eval_dataset_dir"):
+        sources = getattr(config, key)
+        for source in sources if isinstance(sources, (list, tuple)) else [sources]:
+            named.append((key, source.get("path") if isinstance(source, dict) else source))
+    return [(key, str(path)) for key, path in named if isinstance(path, (str, os.PathLike))]
+
+
+EXPORT_DIR_NAME = "adapter_export"
+CHECKPOINT_FOLDER = re.compile(r"checkpoint-\d+")
+
+
+# What marks a finished run in `save` (Trainer.save_model, the adapter export): named first when refusing the folder.
+FINISHED_RUN_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json", EXPORT_DIR_NAME)
+
+
+def _listing(entries: list[Path], limit: int = 10) -> str:
+    """`a, b/, c and 7 more`: the marks of a finished run first, then the rest by name."""
+    rank = {name: index for index, name in enumerate(FINISHED_RUN_FILES)}
+    entries = sorted(entries, key=lambda entry: (rank.get(entry.name, len(rank)), entry.name))
+    names = [entry.name + ("/" if entry.is_dir() else "") for entry in entries]
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def check_output_dir(config: MagmaTrainingConfig, checkpoint: str | None) -> None:
+    """`save` must hold nothing this run could overwrite. It may be new or empty; the run may resume a checkpoint in
+    it; `overwrite: true` lets it replace an earlier run's final outputs there. Never: `save` being one of the run's
+    inputs, or holding another run's checkpoints (this run would mix its own with them, replace or rotate them away).
+    Files the run does not write are never touched."""
+    output = Path(config.output_dir).expanduser().resolve()
+    for key, path in _input_folders(config):
+        if _same_folder(path, output):
+            raise TrainingConfigError(
+                f"save {output} is also the run's {key}: the trained model would be written over it. Choose "
+                "another save folder"
+            )
+    if output.exists() and not output.is_dir():
+        raise TrainingConfigError(f"save {output} is a file, not a folder")
+    if checkpoint is not None and config.load_optimizer and Path(checkpoint).resolve().is_relative_to(output):
+        return  # the run resumes its own checkpoint: it continues the run that is there
+    entries = sorted(output.iterdir()) if output.is_dir() else []
+    if not entries:
+        return
+    checkpoints = [entry for entry in entries if entry.is_dir() and CHECKPOINT_FOLDER.fullmatch(entry.name)]
+    if checkpoints:
+        raise TrainingConfigError(
+            f"save {output} holds checkpoints of another run ({_listing(checkpoints)}): this run would mix its "
+            f"checkpoints with them and replace them. Resume that run (load: {output}), or choose another save "
+            "folder; overwrite: true never replaces checkpoints"
+        )
+    if not config.overwrite:
+        finished = any((output / name).exists() for name in FINISHED_RUN_FILES)
+        what = "a finished run" if finished else "files"
+        raise TrainingConfigError(
+            f"save {output} is not empty: it holds {what} ({_listing(entries)}). Choose another save folder, or set "
+            "overwrite: true (magma-hf train --overwrite) to replace a run's outputs there; other files are kept"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The run
-
-EXPORT_DIR_NAME = "adapter_export"
 
 
 def train(config: MagmaTrainingConfig):
@@ -711,8 +888,11 @@ def train(config: MagmaTrainingConfig):
 
     from .collator import MagmaDataCollator
     from .export import save_adapter_export
-    from .trainer import MagmaLRSchedule, MagmaTrainer, load_magma_weights
+    from .trainer import CAPTIONS_LOG_NAME, MagmaLRSchedule, MagmaTrainer, load_magma_weights
 
+    # The folders first: a run that would overwrite a finished one, or resume nothing, stops before any work.
+    checkpoint = resolve_checkpoint(config)
+    check_output_dir(config, checkpoint)
     if config.wandb_project:
         os.environ.setdefault("WANDB_PROJECT", config.wandb_project)
     deepspeed = resolve_deepspeed(config)
@@ -733,7 +913,6 @@ def train(config: MagmaTrainingConfig):
     if eval_dataset is None:
         args.eval_strategy = IntervalStrategy.NO
 
-    checkpoint = resolve_checkpoint(config)
     if checkpoint is not None and not config.load_optimizer:
         logger.info(f"Finetuning from the weights of {checkpoint} (load_optimizer: false), from step 0")
         load_magma_weights(model, Path(checkpoint) / "magma_weights.safetensors")
@@ -741,7 +920,7 @@ def train(config: MagmaTrainingConfig):
 
     max_length = config.seq_len or model.config.text_config.n_positions
     if max_length > model.config.text_config.n_positions:
-        raise ValueError(
+        raise TrainingConfigError(
             f"seq_len {max_length} exceeds the language model's {model.config.text_config.n_positions} positions"
         )
     trainer = MagmaTrainer(
@@ -757,10 +936,14 @@ def train(config: MagmaTrainingConfig):
         else MagmaLRSchedule(config.min_lr, config.warmup_num_steps, config.lr_decay_iters),
         num_caption_samples=config.num_caption_samples,
         run_blind=config.run_blind,
+        max_skipped_share=skipped_share_limit(config),
     )
+    captions_log = Path(args.output_dir) / CAPTIONS_LOG_NAME
+    if checkpoint is None and captions_log.is_file() and trainer.is_world_process_zero():
+        captions_log.write_text("")  # overwrite: true replaces the earlier run's log; never mix two runs in one
     trainer.train(resume_from_checkpoint=checkpoint)
 
-    trainer.save_model()  # the full model: loads with the Auto classes and the pipeline
+    save_final_model(trainer, Path(args.output_dir))  # the full model: loads with the Auto classes and the pipeline
     export_dir = Path(args.output_dir) / EXPORT_DIR_NAME
     if trainer.is_deepspeed_enabled and _is_zero3():
         if trainer.is_world_process_zero():
@@ -772,6 +955,43 @@ def train(config: MagmaTrainingConfig):
         save_adapter_export(trainer.accelerator.unwrap_model(trainer.model), export_dir, processor, base_model)
     trainer.accelerator.wait_for_everyone()
     return trainer
+
+
+FINAL_MODEL_STAGING = ".final-model.saving"
+# The weight files of a saved model: a previous save's that the new one does not write would be loaded instead of it.
+_WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
+
+
+def save_final_model(trainer, output_dir: Path) -> None:
+    """`trainer.save_model` into a hidden folder in `output_dir`, then moved in file by file: a kill midway leaves the
+    previous model's files complete (a resumed or overwriting run replaces them only once its own are whole). A
+    README.md already there (the user's card, or an earlier run's) is kept; files the save does not write are never
+    touched, except an earlier save's weight files that the new one lacks, which would load in its place."""
+    from .io_utils import sync_path
+
+    staging = output_dir / FINAL_MODEL_STAGING
+    if trainer.is_world_process_zero() and staging.exists():
+        shutil.rmtree(staging)  # a killed save's leftover: this function's own folder
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))  # a collective under ZeRO-3: every process calls it
+    if trainer.is_world_process_zero():
+        written = sorted(staging.iterdir())
+        indexes = [path for path in written if path.name.endswith(".index.json")]
+        for path in [path for path in written if path not in indexes]:
+            if path.name == "README.md" and (output_dir / "README.md").exists():
+                continue
+            sync_path(path)
+            os.replace(path, output_dir / path.name)
+        names = {path.name for path in written}
+        for stale in [path for path in output_dir.iterdir() if _WEIGHT_FILE.fullmatch(path.name)]:
+            if stale.name not in names:
+                stale.unlink()
+        for path in indexes:  # last: the index names the shards, which are all in place now
+            sync_path(path)
+            os.replace(path, output_dir / path.name)
+        shutil.rmtree(staging)
+        sync_path(output_dir)
+    trainer.accelerator.wait_for_everyone()
 
 
 def _is_zero3() -> bool:
@@ -792,14 +1012,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="Override config keys (YAML values; dotted keys reach into mappings, e.g. training_args.bf16=true)",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Let the run replace an earlier run's final model, adapter export and captions log in `save` (the "
+        "config's overwrite: true); its checkpoints and any other file there are never replaced",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     std_logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if int(os.environ.get("RANK", "0")) == 0:
         std_logging.getLogger("magma_hf").setLevel(std_logging.INFO)
-    config = MagmaTrainingConfig.from_yaml(args.config, args.overrides)
-    train(config)
+    from .data import TooManySkippedError
+
+    overrides = [*args.overrides, *(["overwrite=true"] if args.overwrite else [])]
+    try:
+        config = MagmaTrainingConfig.from_yaml(args.config, overrides)
+        train(config)
+    except (TrainingConfigError, TooManySkippedError) as error:  # the user's to fix: one line, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

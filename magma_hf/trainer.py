@@ -17,7 +17,8 @@ from transformers.integrations.deepspeed import deepspeed_load_checkpoint, is_de
 from transformers.trainer import SCHEDULER_NAME, TRAINING_ARGS_NAME
 from transformers.utils import logging
 
-from .collator import EMPTY_KEY, SKIPPED_KEY, MagmaDataCollator
+from .collator import EMPTY_KEY, SKIPPED_IMAGES_KEY, SKIPPED_KEY, MagmaDataCollator
+from .data import MAX_SKIPPED_SHARE, SKIP_EXAMPLES, TooManySkippedError, check_skipped_share
 from .export import magma_state_dict
 
 logger = logging.get_logger(__name__)
@@ -25,6 +26,9 @@ logger = logging.get_logger(__name__)
 MAGMA_WEIGHTS_NAME = "magma_weights.safetensors"  # a checkpoint's model weights: everything but GPT-J
 CAPTIONS_LOG_NAME = "eval_captions.jsonl"
 NO_DECAY_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+# A run stops early once its skipped share exceeds the limit beyond chance: Hoeffding's bound at this probability of
+# stopping a run whose share is really within it (with nothing decodable: after 42 samples at the default limit of 0.5).
+SKIP_CHECK_FALSE_ALARM = 1e-9
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -135,7 +139,10 @@ class MagmaTrainer(Trainer):
     - each evaluation also generates captions for a few evaluation images (greedy) and appends them, with the
       reference captions, to `eval_captions.jsonl` in `output_dir` (and logs them at INFO);
     - samples the collator skipped (undecodable images) are counted across workers and processes and reported at the
-      end of training (`train_output.metrics["skipped_samples"]`, `trainer.total_skipped_samples`).
+      end of training (`train_output.metrics["skipped_samples"]`, `trainer.total_skipped_samples`). A run that skips
+      more than `max_skipped_share` of its training samples stops with a [`TooManySkippedError`] naming the count and
+      the first bad images: as soon as the samples read so far show it beyond chance, else at the end of training
+      (over all processes, before anything else is saved).
 
     Args (besides `Trainer`'s):
         image_enc_lr (`float`, *optional*): Learning rate of the image encoder; defaults to `args.learning_rate`.
@@ -143,6 +150,8 @@ class MagmaTrainer(Trainer):
         num_caption_samples (`int`, defaults to 2): Evaluation images to caption at each evaluation (0: none).
         caption_max_new_tokens (`int`, defaults to 30): Length limit of those captions.
         run_blind (`bool`, defaults to `False`): Caption blank images (the collator's `blind` for the batches).
+        max_skipped_share (`float`, defaults to `magma_hf.data.MAX_SKIPPED_SHARE`, 0.5): The share of training
+            samples that may be skipped; 1 never stops.
 
     The default collator is a [`MagmaDataCollator`] on `processing_class` (a [`MagmaProcessor`]); evaluation batches
     use the first caption of each sample instead of a random one, so that evaluation losses compare.
@@ -156,6 +165,7 @@ class MagmaTrainer(Trainer):
         num_caption_samples: int = 2,
         caption_max_new_tokens: int = 30,
         run_blind: bool = False,
+        max_skipped_share: float = MAX_SKIPPED_SHARE,
         **kwargs,
     ):
         model = kwargs.get("model", args[0] if args else None)
@@ -174,6 +184,10 @@ class MagmaTrainer(Trainer):
         self.run_blind = run_blind
         self.num_skipped_samples = 0  # this process's
         self.total_skipped_samples = 0  # all processes', after train()
+        self.max_skipped_share = max_skipped_share
+        self.training_samples_read = 0  # this process's training samples, skipped or not (evaluation not counted)
+        self.training_samples_skipped = 0
+        self.skipped_examples: list[str] = []  # this process's first skipped training images
 
     # ---- optimizer and schedule ----
 
@@ -206,8 +220,12 @@ class MagmaTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
-        self.num_skipped_samples += int(inputs.pop(SKIPPED_KEY, 0))
+        skipped = int(inputs.pop(SKIPPED_KEY, 0))
+        skipped_images = inputs.pop(SKIPPED_IMAGES_KEY, [])
+        self.num_skipped_samples += skipped
         empty = bool(inputs.pop(EMPTY_KEY, False))
+        if model.training:
+            self._count_training_samples(skipped, 0 if empty else len(inputs["input_ids"]), skipped_images)
         inputs.setdefault("use_cache", False)  # no KV cache in training
         if not empty:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -227,13 +245,39 @@ class MagmaTrainer(Trainer):
         finally:
             self.data_collator = collator
 
+    def _count_training_samples(self, skipped: int, kept: int, skipped_images: list[str]) -> None:
+        """Count a training batch's samples; stop once the skipped share is clearly over `max_skipped_share`."""
+        self.training_samples_read += skipped + kept
+        self.training_samples_skipped += skipped
+        room = SKIP_EXAMPLES - len(self.skipped_examples)
+        self.skipped_examples += [f"{image} (cannot decode or preprocess)" for image in skipped_images[:room]]
+        read, skipped = self.training_samples_read, self.training_samples_skipped
+        margin = math.sqrt(math.log(1 / SKIP_CHECK_FALSE_ALARM) / (2 * read)) if read else 0.0
+        if read and skipped / read - margin > self.max_skipped_share:
+            raise TooManySkippedError(
+                f"Training stopped after {self.state.global_step} steps: {skipped} of the {read} samples read so far "
+                f"(this process) were skipped, more than max_skipped_share {self.max_skipped_share:g}. First: "
+                + "; ".join(self.skipped_examples)
+                + ". Fix or remove these images, or raise max_skipped_share"
+            )
+
+    def _sum_over_processes(self, value: int) -> int:
+        count = torch.tensor(value, device=self.args.device)
+        return int(self.accelerator.reduce(count, reduction="sum")) if self.args.world_size > 1 else int(count)
+
     def train(self, *args, **kwargs):
         output = super().train(*args, **kwargs)
-        count = torch.tensor(self.num_skipped_samples, device=self.args.device)
-        total = int(self.accelerator.reduce(count, reduction="sum")) if self.args.world_size > 1 else int(count)
+        total = self._sum_over_processes(self.num_skipped_samples)
         output.metrics["skipped_samples"] = self.total_skipped_samples = total
         if total and self.is_world_process_zero():
             logger.warning(f"Skipped {total} samples whose image could not be decoded or preprocessed")
+        check_skipped_share(
+            self._sum_over_processes(self.training_samples_skipped),
+            self._sum_over_processes(self.training_samples_read),
+            self.skipped_examples,
+            self.max_skipped_share,
+            "Training",
+        )
         return output
 
     # ---- checkpoints: MAGMA's weights only ----
