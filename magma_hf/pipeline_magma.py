@@ -1,8 +1,12 @@
 """The `image-to-text` pipeline for MAGMA: captions for images alone, answers for images with a prompt."""
 
+import os
 from typing import Any
 
+from transformers.image_utils import load_image
 from transformers.pipelines.image_text_to_text import ImageTextToTextPipeline, ReturnType
+
+from .processing_magma import check_processor_matches_model
 
 
 class MagmaImageToTextPipeline(ImageTextToTextPipeline):
@@ -13,6 +17,10 @@ class MagmaImageToTextPipeline(ImageTextToTextPipeline):
     `<|image|>` in the text places several images. Generation follows the model's generation config (MAGMA's
     sampling defaults); pass `generate_kwargs={"do_sample": False}` for greedy captions.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        check_processor_matches_model(self.processor, self.model.config, self.model.config.name_or_path)
 
     def __call__(self, images=None, text=None, **kwargs: Any):
         if images is not None and text is None and self._is_plain_image_batch(images):
@@ -25,6 +33,11 @@ class MagmaImageToTextPipeline(ImageTextToTextPipeline):
         items = images if isinstance(images, (list, tuple)) else [images]
         return all(not isinstance(item, dict) for item in items)
 
+    def preprocess(self, inputs=None, timeout=None, **kwargs):
+        if isinstance(inputs, dict) and inputs.get("images") is not None:
+            inputs = {**inputs, "images": load_images_naming_the_source(inputs["images"], timeout)}
+        return super().preprocess(inputs, timeout=timeout, **kwargs)
+
     def _sanitize_parameters(self, return_full_text=None, **kwargs):
         preprocess_params, forward_params, postprocess_params = super()._sanitize_parameters(
             return_full_text=return_full_text, **kwargs
@@ -32,3 +45,29 @@ class MagmaImageToTextPipeline(ImageTextToTextPipeline):
         if return_full_text is None and "return_type" not in postprocess_params:
             postprocess_params["return_type"] = ReturnType.NEW_TEXT
         return preprocess_params, forward_params, postprocess_params
+
+
+def load_images_naming_the_source(images, timeout: float | None = None):
+    """transformers' `load_images` (same nesting, same decoding), but an image given as a string that cannot be
+    read is named: transformers says "Connection refused" without the URL, or "Incorrect padding" for a missing file."""
+    if isinstance(images, (list, tuple)):
+        return [load_images_naming_the_source(image, timeout) for image in images]
+    try:
+        return load_image(images, timeout=timeout)
+    except Exception as error:
+        if not isinstance(images, str):
+            raise
+        raise ValueError(f"The image {images[:200]!r} {image_source_problem(images, error)}") from error
+
+
+def image_source_problem(source: str, error: Exception) -> str:
+    """What went wrong with an image given as a URL, a file or base64 data, as far as can be told offline."""
+    if source.startswith(("http://", "https://")):
+        offline = " (HF_HUB_OFFLINE is set: pass a local file when offline)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        return f"could not be fetched as an image{offline}: {error}"
+    if source.startswith("data:image/"):
+        return f"is not valid base64 image data: {error}"
+    if os.path.exists(source):
+        return f"is not an image file PIL can read: {error}"
+    where = "" if os.path.isabs(source) else f" in {os.getcwd()}"
+    return f"is not a file{where} (nor a URL or base64 image data)"

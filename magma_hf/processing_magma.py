@@ -18,6 +18,41 @@ def add_magma_special_tokens(tokenizer):
     return tokenizer
 
 
+def check_processor_matches_model(processor, config, where: str = "") -> None:
+    """A processor and a model config that do not fit together fail late and obscurely ("0 image tokens", an
+    embedding IndexError, a wrong token count); call this wherever the two are paired. Raises a `ValueError` naming
+    both values of each disagreement: the `<|image|>` id, the tokenizer's size against the vocabulary, and the image
+    size (which sets the image token count).
+
+    Args:
+        where: Where they came from (e.g. a folder), for the message.
+    """
+    problems = []
+    if processor.image_token_id != config.image_token_id:
+        problems.append(
+            f"the tokenizer maps {IMAGE_TOKEN} to id {processor.image_token_id}, the model's config.image_token_id "
+            f"is {config.image_token_id}"
+        )
+    vocab_size = config.text_config.vocab_size
+    if len(processor.tokenizer) > vocab_size:
+        problems.append(
+            f"the tokenizer has {len(processor.tokenizer)} tokens, more than the model's vocabulary "
+            f"(text_config.vocab_size {vocab_size})"
+        )
+    crop = processor.image_processor.crop_size
+    image_size = config.vision_config.image_size
+    if (crop["height"], crop["width"]) != (image_size, image_size):
+        problems.append(
+            f"the image processor crops to {crop['height']}x{crop['width']}, the model takes "
+            f"{image_size}x{image_size} (vision_config.image_size)"
+        )
+    if problems:
+        raise ValueError(
+            f"The processor does not match the model{f' in {where}' if where else ''}: {'; '.join(problems)}. Use "
+            "the processor saved with the model (MagmaProcessor.from_pretrained of the model's folder)."
+        )
+
+
 class MagmaProcessingKwargs(ProcessingKwargs, total=False):
     _defaults = {"text_kwargs": {"padding": False}}
 
@@ -134,4 +169,4 @@ class MagmaProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "pixel_values"]
 
 
-__all__ = ["MagmaProcessor", "add_magma_special_tokens"]
+__all__ = ["MagmaProcessor", "add_magma_special_tokens", "check_processor_matches_model"]

@@ -1,11 +1,17 @@
 """Bad inputs to the model, the processor and the pipeline, as users make them: each gives an error naming the
 problem (the size, length, id or file, and what was expected), and leaves the user's files as they were."""
 
+import re
+import socket
+
 import pytest
 import torch
-from helpers import files_unchanged, random_image
+from helpers import files_unchanged, make_processor, make_tokenizer, random_image, tiny_config
+from transformers import pipeline
 
-from magma_hf import MagmaForConditionalGeneration
+from magma_hf import MagmaForConditionalGeneration, MagmaImageToTextPipeline
+from magma_hf.evaluation import load_model_and_processor
+from magma_hf.processing_magma import add_magma_special_tokens
 
 N_TOKENS = 4  # tiny config: 64 px images, (64 / 32) ** 2 image tokens
 
@@ -91,3 +97,104 @@ def test_a_missing_weight_shard_is_named(tmp_path, config):
     (tmp_path / "model-00003-of-00005.safetensors").unlink()
     with files_unchanged(tmp_path), pytest.raises(OSError, match="model-00003-of-00005.safetensors"):
         MagmaForConditionalGeneration.from_pretrained(tmp_path)
+
+
+# ---------------------------------------------------------------------------------- processor and model disagree
+def shifted_tokenizer():
+    """A tokenizer with one more token before `<|image|>`: its image id is one past the tiny config's."""
+    tokenizer = make_tokenizer(with_image_token=False)
+    tokenizer.add_tokens(["<|other|>"])
+    return add_magma_special_tokens(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def mismatched_folder(tmp_path_factory, tokenizer):
+    """A model folder whose saved processor maps `<|image|>` to another id than the model's config."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("mismatched")
+    MagmaForConditionalGeneration(tiny_config(tokenizer)).save_pretrained(folder)
+    make_processor(shifted_tokenizer()).save_pretrained(folder)
+    return folder
+
+
+MISMATCH = r"maps <\|image\|> to id 321, the model's config.image_token_id is 320"
+
+
+def test_pipeline_refuses_a_tokenizer_whose_image_id_differs(mismatched_folder):
+    with files_unchanged(mismatched_folder), pytest.raises(ValueError, match=MISMATCH):
+        pipeline("image-to-text", model=str(mismatched_folder), pipeline_class=MagmaImageToTextPipeline)
+
+
+def test_evaluation_loader_refuses_a_tokenizer_whose_image_id_differs(mismatched_folder):
+    with files_unchanged(mismatched_folder), pytest.raises(ValueError, match=MISMATCH):
+        load_model_and_processor(mismatched_folder, device="cpu")
+
+
+def test_no_image_token_at_all_hints_at_the_tokenizer(model):
+    processor = make_processor(shifted_tokenizer())
+    inputs = processor(images=[random_image(0)], text=["a cat"], return_tensors="pt")
+    with pytest.raises(ValueError, match=r"0 image tokens \(id 320\).*tokenizer probably maps <\|image\|> to another"):
+        model(**inputs)
+
+
+def folder_with_processor(folder, tokenizer, processor):
+    torch.manual_seed(0)
+    MagmaForConditionalGeneration(tiny_config(tokenizer)).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_processor_at_another_image_size_is_named(tmp_path, tokenizer):
+    folder = folder_with_processor(tmp_path, tokenizer, make_processor(tokenizer, image_size=96))
+    pattern = r"image processor crops to 96x96, the model takes 64x64 \(vision_config.image_size\)"
+    with files_unchanged(folder), pytest.raises(ValueError, match=pattern):
+        pipeline("image-to-text", model=str(folder), pipeline_class=MagmaImageToTextPipeline)
+
+
+def test_tokenizer_larger_than_the_vocabulary_is_named(tmp_path, tokenizer):
+    larger = make_tokenizer()
+    larger.add_tokens([f"<|extra{n}|>" for n in range(10)])
+    folder = folder_with_processor(tmp_path, tokenizer, make_processor(larger))
+    with pytest.raises(ValueError, match=r"the tokenizer has 331 tokens, more than the model's vocabulary .*327"):
+        load_model_and_processor(folder, device="cpu")
+
+
+# ------------------------------------------------------------------------------------------- pipeline image sources
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory, tokenizer, processor):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("pipeline_model")
+    MagmaForConditionalGeneration(tiny_config(tokenizer)).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return pipeline("image-to-text", model=str(folder), pipeline_class=MagmaImageToTextPipeline)
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:  # bound and closed again: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_pipeline_names_a_url_it_cannot_fetch_offline(pipe, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    url = f"http://127.0.0.1:{closed_port()}/cat.png"
+    with pytest.raises(ValueError, match=rf"The image '{re.escape(url)}' could not be fetched .*HF_HUB_OFFLINE is set"):
+        pipe(url, generate_kwargs={"max_new_tokens": 2})
+    with pytest.raises(ValueError, match=re.escape(url)):  # in a batch, and with a prompt, too
+        pipe([random_image(0), url], text=["a", "b"], generate_kwargs={"max_new_tokens": 2})
+
+
+def test_pipeline_names_a_missing_or_unreadable_image_file(pipe, tmp_path):
+    with pytest.raises(ValueError, match=r"The image 'no-such-cat.png' is not a file in "):
+        pipe("no-such-cat.png", generate_kwargs={"max_new_tokens": 2})
+    notes = tmp_path / "notes.png"
+    notes.write_text("not an image")
+    with files_unchanged(tmp_path), pytest.raises(ValueError, match=r"notes.png' is not an image file PIL can read"):
+        pipe(str(notes), generate_kwargs={"max_new_tokens": 2})
+
+
+def test_pipeline_still_reads_image_files(pipe, tmp_path):
+    random_image(1).save(tmp_path / "cat.png")
+    greedy = {"max_new_tokens": 2, "do_sample": False}
+    from_file = pipe(str(tmp_path / "cat.png"), generate_kwargs=greedy)
+    assert from_file == pipe(random_image(1), generate_kwargs=greedy)
