@@ -1,12 +1,12 @@
 """The `image-to-text` pipeline for MAGMA: captions for images alone, answers for images with a prompt."""
 
-import os
+from functools import partial
 from typing import Any
 
 from transformers.image_utils import load_image
 from transformers.pipelines.image_text_to_text import ImageTextToTextPipeline, ReturnType
 
-from .processing_magma import check_processor_matches_model
+from .processing_magma import check_processor_matches_model, load_images_naming_the_source
 
 
 class MagmaImageToTextPipeline(ImageTextToTextPipeline):
@@ -35,7 +35,9 @@ class MagmaImageToTextPipeline(ImageTextToTextPipeline):
 
     def preprocess(self, inputs=None, timeout=None, **kwargs):
         if isinstance(inputs, dict) and inputs.get("images") is not None:
-            inputs = {**inputs, "images": load_images_naming_the_source(inputs["images"], timeout)}
+            # loaded as the parent loads them (transformers' `load_image`), but a source that fails is named
+            images = load_images_naming_the_source(inputs["images"], partial(load_image, timeout=timeout))
+            inputs = {**inputs, "images": images}
         return super().preprocess(inputs, timeout=timeout, **kwargs)
 
     def _sanitize_parameters(self, return_full_text=None, **kwargs):
@@ -46,28 +48,3 @@ class MagmaImageToTextPipeline(ImageTextToTextPipeline):
             postprocess_params["return_type"] = ReturnType.NEW_TEXT
         return preprocess_params, forward_params, postprocess_params
 
-
-def load_images_naming_the_source(images, timeout: float | None = None):
-    """transformers' `load_images` (same nesting, same decoding), but an image given as a string that cannot be
-    read is named: transformers says "Connection refused" without the URL, or "Incorrect padding" for a missing file."""
-    if isinstance(images, (list, tuple)):
-        return [load_images_naming_the_source(image, timeout) for image in images]
-    try:
-        return load_image(images, timeout=timeout)
-    except Exception as error:
-        if not isinstance(images, str):
-            raise
-        raise ValueError(f"The image {images[:200]!r} {image_source_problem(images, error)}") from error
-
-
-def image_source_problem(source: str, error: Exception) -> str:
-    """What went wrong with an image given as a URL, a file or base64 data, as far as can be told offline."""
-    if source.startswith(("http://", "https://")):
-        offline = " (HF_HUB_OFFLINE is set: pass a local file when offline)" if os.environ.get("HF_HUB_OFFLINE") else ""
-        return f"could not be fetched as an image{offline}: {error}"
-    if source.startswith("data:image/"):
-        return f"is not valid base64 image data: {error}"
-    if os.path.exists(source):
-        return f"is not an image file PIL can read: {error}"
-    where = "" if os.path.isabs(source) else f" in {os.getcwd()}"
-    return f"is not a file{where} (nor a URL or base64 image data)"

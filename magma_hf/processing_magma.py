@@ -1,5 +1,8 @@
 """MAGMA's processor: CLIP image preprocessing plus the GPT-2 tokenizer with `<|image|>`."""
 
+import os
+from collections.abc import Callable
+
 from transformers import ProcessorMixin
 from transformers.image_utils import make_flat_list_of_images
 from transformers.processing_utils import ProcessingKwargs
@@ -51,6 +54,33 @@ def check_processor_matches_model(processor, config, where: str = "") -> None:
             f"The processor does not match the model{f' in {where}' if where else ''}: {'; '.join(problems)}. Use "
             "the processor saved with the model (MagmaProcessor.from_pretrained of the model's folder)."
         )
+
+
+def load_images_naming_the_source(images, load: Callable):
+    """`load` applied to each image of `images` (one, a list, or a list of lists), but an image given as a string (a
+    URL, path or base64 data) that cannot be read is named: transformers' `load_image` says "Connection refused"
+    without the URL, and "Incorrect padding" for a missing file."""
+    if isinstance(images, (list, tuple)):
+        return [load_images_naming_the_source(image, load) for image in images]
+    try:
+        return load(images)
+    except Exception as error:
+        if not isinstance(images, str):
+            raise
+        raise ValueError(f"The image {images[:200]!r} {image_source_problem(images, error)}") from error
+
+
+def image_source_problem(source: str, error: Exception) -> str:
+    """What went wrong with an image given as a URL, a file or base64 data, as far as can be told offline."""
+    if source.startswith(("http://", "https://")):
+        offline = " (HF_HUB_OFFLINE is set: pass a local file when offline)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        return f"could not be fetched as an image{offline}: {error}"
+    if source.startswith("data:image/"):
+        return f"is not valid base64 image data: {error}"
+    if os.path.exists(source):
+        return f"is not an image file PIL can read: {error}"
+    where = "" if os.path.isabs(source) else f" in {os.getcwd()}"
+    return f"is not a file{where} (nor a URL or base64 image data)"
 
 
 class MagmaProcessingKwargs(ProcessingKwargs, total=False):
@@ -106,12 +136,26 @@ class MagmaProcessor(ProcessorMixin):
         return self.image_token * self.num_image_tokens
 
     def prepare_inputs_layout(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        self._check_text(text)
+        if images is not None:  # the image processor's own loader, naming a URL or path it cannot read
+            images = load_images_naming_the_source(images, self.image_processor.fetch_images)
         images, text, videos, audio = super().prepare_inputs_layout(
             images=images, text=text, videos=videos, audio=audio, **kwargs
         )
         if images is not None:
             text = self._put_images_in_front(images, text)
         return images, text, videos, audio
+
+    @staticmethod
+    def _check_text(text) -> None:
+        """A string or a list of strings; anything else fails later as "'int' object is not iterable"."""
+        if text is None or isinstance(text, str):
+            return
+        if not isinstance(text, (list, tuple)):
+            raise TypeError(f"text must be a string or a list of strings, got {type(text).__name__}")
+        wrong = [f"text[{n}] is {type(item).__name__}" for n, item in enumerate(text) if not isinstance(item, str)]
+        if wrong:
+            raise TypeError(f"text must be a string or a list of strings: {', '.join(wrong[:5])}")
 
     def _put_images_in_front(self, images, text: list[str] | None) -> list[str]:
         """MAGMA's layout for text without placeholders: the sample's images come first."""
@@ -169,4 +213,9 @@ class MagmaProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "pixel_values"]
 
 
-__all__ = ["MagmaProcessor", "add_magma_special_tokens", "check_processor_matches_model"]
+__all__ = [
+    "MagmaProcessor",
+    "add_magma_special_tokens",
+    "check_processor_matches_model",
+    "load_images_naming_the_source",
+]

@@ -198,3 +198,19 @@ def test_pipeline_still_reads_image_files(pipe, tmp_path):
     greedy = {"max_new_tokens": 2, "do_sample": False}
     from_file = pipe(str(tmp_path / "cat.png"), generate_kwargs=greedy)
     assert from_file == pipe(random_image(1), generate_kwargs=greedy)
+
+
+def test_processor_names_an_image_source_it_cannot_read(processor, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    url = f"http://127.0.0.1:{closed_port()}/dog.jpg"
+    with pytest.raises(ValueError, match=rf"The image '{re.escape(url)}' could not be fetched"):
+        processor(images=[[random_image(0)], [url]], text=["a", "b"])
+    with pytest.raises(ValueError, match=r"The image 'missing/dog.jpg' is not a file in "):
+        processor(images=["missing/dog.jpg"], text=["a dog"])
+
+
+def test_text_that_is_not_strings_is_named(processor):
+    with pytest.raises(TypeError, match="text must be a string or a list of strings, got int"):
+        processor(images=[random_image(0)], text=5)
+    with pytest.raises(TypeError, match=r"text\[1\] is bytes"):
+        processor(images=[random_image(0), random_image(1)], text=["a cat", b"a dog"])
