@@ -71,8 +71,9 @@ def test_processor_output_longer_than_n_positions_names_the_images(model, proces
 
 
 def test_generation_past_n_positions_names_cache_and_new_tokens(model, processor):
-    inputs = processor(images=[random_image(0)], text=["a cat " * 100], return_tensors="pt")
+    inputs = processor(images=[random_image(0)], text=["a cat " * 168], return_tensors="pt")
     prompt = inputs.input_ids.shape[1]
+    assert 500 < prompt < 512  # a few steps from the limit
     with pytest.raises(ValueError, match=r"is 513 tokens long \(512 cached \+ 1 new\).*lower max_new_tokens"):
         model.generate(**inputs, max_new_tokens=600 - prompt, do_sample=False, eos_token_id=None)
     generated = model.generate(**inputs, max_new_tokens=512 - prompt, do_sample=False, eos_token_id=None)
