@@ -23,7 +23,7 @@ from transformers.utils import can_return_tuple
 
 from .adapters_magma import MagmaAdapterConfig, MagmaAdapterLayer
 from .configuration_magma import MagmaConfig, MagmaVisionConfig
-from .hub_magma import AUTO_MAP_EXTRAS, CUSTOM_PIPELINES, write_model_card
+from .hub_magma import AUTO_MAP_EXTRAS, CUSTOM_PIPELINES, MODEL_FILES_JSON, check_json_files, write_model_card
 from .pipeline_magma import MagmaImageToTextPipeline  # noqa: F401  (imported so the Hub code export carries it)
 
 # The original's sampling defaults (magma/sampling.py): temperature 0.7, nucleus 0.9, no top-k, 100 new tokens.
@@ -102,6 +102,17 @@ def adapter_peft_config(config: MagmaConfig) -> MagmaAdapterConfig | None:
     return MagmaAdapterConfig.from_magma_adapter_config(config.adapter_config)
 
 
+def check_model_folder(folder: Path, has_config: bool) -> None:
+    """What a local model folder must hold before loading: without config.json transformers builds the default
+    config (GPT-J-6B, 24 GB in float32) and only then finds that the weights do not fit."""
+    if not has_config and not (folder / "config.json").is_file():
+        raise OSError(
+            f"{folder} has no config.json: a MAGMA model folder holds config.json next to its weights "
+            "(model.safetensors, or the shards and model.safetensors.index.json)"
+        )
+    check_json_files(folder, MODEL_FILES_JSON)
+
+
 def broken_weight_files_message(folder: Path, error: Exception) -> str:
     """Which `.safetensors` files in `folder` cannot be opened, their sizes and safetensors' reason, in one line."""
     broken = []
@@ -132,6 +143,10 @@ class MagmaPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        if pretrained_model_name_or_path is not None:
+            folder = Path(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
+            if folder.is_dir():
+                check_model_folder(folder, has_config=bool(args) or kwargs.get("config") is not None)
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except SafetensorError as error:

@@ -7,6 +7,8 @@ from transformers import ProcessorMixin
 from transformers.image_utils import make_flat_list_of_images
 from transformers.processing_utils import ProcessingKwargs
 
+from .hub_magma import PROCESSOR_FILES_JSON, check_json_files
+
 IMAGE_TOKEN = "<|image|>"
 FEATURE_STRIDE = 32  # the ResNet's total downsampling: one image token per 32x32 pixels of the crop
 
@@ -114,6 +116,13 @@ class MagmaProcessor(ProcessorMixin):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token  # MAGMA pads with <|endoftext|>
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        folder = os.path.join(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
+        if os.path.isdir(folder):  # a truncated tokenizer.json is otherwise a bare JSONDecodeError
+            check_json_files(folder, PROCESSOR_FILES_JSON)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @staticmethod
     def _require_image_token(tokenizer) -> int:

@@ -2,14 +2,16 @@
 problem (the size, length, id or file, and what was expected), and leaves the user's files as they were."""
 
 import re
+import shutil
 import socket
+from pathlib import Path
 
 import pytest
 import torch
 from helpers import files_unchanged, make_processor, make_tokenizer, random_image, tiny_config
 from transformers import pipeline
 
-from magma_hf import MagmaForConditionalGeneration, MagmaImageToTextPipeline
+from magma_hf import MagmaForConditionalGeneration, MagmaImageToTextPipeline, MagmaProcessor
 from magma_hf.evaluation import load_model_and_processor
 from magma_hf.processing_magma import add_magma_special_tokens
 
@@ -215,3 +217,36 @@ def test_text_that_is_not_strings_is_named(processor):
         processor(images=[random_image(0)], text=5)
     with pytest.raises(TypeError, match=r"text\[1\] is bytes"):
         processor(images=[random_image(0), random_image(1)], text=["a cat", b"a dog"])
+
+
+# ------------------------------------------------------------------------------------------ model folder files
+@pytest.fixture(scope="module")
+def saved_folder(tmp_path_factory, tokenizer, processor):
+    folder = tmp_path_factory.mktemp("saved")
+    torch.manual_seed(0)
+    MagmaForConditionalGeneration(tiny_config(tokenizer)).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_model_folder_without_config_json_is_named(saved_folder, tmp_path):
+    folder = Path(shutil.copytree(saved_folder, tmp_path / "model"))
+    (folder / "config.json").unlink()  # today: the default config, GPT-J-6B, is built (24 GB) before anything fails
+    with files_unchanged(folder), pytest.raises(OSError, match=r"model has no config.json: a MAGMA model folder"):
+        MagmaForConditionalGeneration.from_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    "name, load",
+    [
+        ("generation_config.json", MagmaForConditionalGeneration.from_pretrained),  # today silently ignored
+        ("tokenizer.json", MagmaProcessor.from_pretrained),  # today a bare JSONDecodeError
+        ("tokenizer_config.json", MagmaProcessor.from_pretrained),
+    ],
+)
+def test_a_truncated_json_file_is_named(saved_folder, tmp_path, name, load):
+    folder = Path(shutil.copytree(saved_folder, tmp_path / "model"))
+    text = (folder / name).read_text()
+    (folder / name).write_text(text[: len(text) // 2])
+    with files_unchanged(folder), pytest.raises(OSError, match=rf"{re.escape(name)} \(\d+ bytes: .*not valid JSON"):
+        load(folder)
