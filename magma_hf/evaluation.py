@@ -264,7 +264,7 @@ def _aggregate(task: str, eval_set: EvalSet, records: list[dict]) -> dict[str, A
 def load_model_and_processor(path: str | os.PathLike, device: str | None = None, dtype: str | None = None):
     """A MAGMA folder's model (in eval mode, on `device`) and processor."""
     from .modeling_magma import MagmaForConditionalGeneration
-    from .processing_magma import MagmaProcessor
+    from .processing_magma import MagmaProcessor, check_processor_matches_model
 
     if not Path(path).exists() and (Path(path).is_absolute() or str(path).startswith((".", "~"))):
         raise FileNotFoundError(f"there is no model folder {path}")  # not a Hub id: transformers would say it is
@@ -275,6 +275,7 @@ def load_model_and_processor(path: str | os.PathLike, device: str | None = None,
         torch_dtype = getattr(torch, dtype)
     model = MagmaForConditionalGeneration.from_pretrained(str(path), dtype=torch_dtype).to(device).eval()
     processor = MagmaProcessor.from_pretrained(str(path))
+    check_processor_matches_model(processor, model.config, str(path))
     return model, processor
 
 

@@ -1,5 +1,6 @@
 """What makes a saved MAGMA folder a Hub repo: the custom pipeline entry and a model card."""
 
+import json
 import os
 from pathlib import Path
 
@@ -14,6 +15,36 @@ CUSTOM_PIPELINES = {
 }
 AUTO_MAP_EXTRAS = {"AutoModel": "modeling_magma.MagmaModel"}
 DEFAULT_BASE_MODELS = ("EleutherAI/gpt-j-6b",)
+
+MODEL_FILES_JSON = ("config.json", "generation_config.json", "model.safetensors.index.json")
+PROCESSOR_FILES_JSON = (
+    "processor_config.json",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+
+
+def check_json_files(folder: str | os.PathLike, names: tuple[str, ...]) -> None:
+    """Raise an `OSError` naming each of `names` in a local `folder` that exists but is not valid JSON (a truncated
+    download or copy): transformers reports some as a bare JSONDecodeError and silently skips a broken
+    generation_config.json."""
+    broken = []
+    for name in names:
+        path = Path(folder) / name
+        if not path.is_file():
+            continue
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            broken.append(f"{name} ({path.stat().st_size} bytes: {error})")
+    if broken:
+        raise OSError(
+            f"{', '.join(broken)} in {folder} is not valid JSON: probably an interrupted download or copy. "
+            "Download or copy it again."
+        )
+
 
 MODEL_CARD_BODY = """
 # MAGMA

@@ -8,7 +8,7 @@ from typing import BinaryIO
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling, load_image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 DEFAULT_IMAGE_SIZE = 384  # CLIP RN50x16
@@ -65,6 +65,18 @@ def open_image(source: "str | os.PathLike | bytes | BinaryIO") -> PIL.Image.Imag
     return to_8bit(image)
 
 
+def load_image_input(image, timeout: float | None = None):
+    """One image input as MAGMA sees it: a local file through [`open_image`], a PIL image scaled by [`to_8bit`], a URL
+    or base64 string through transformers' `load_image`; anything else is returned as it is."""
+    if isinstance(image, (str, os.PathLike)) and os.path.isfile(image):
+        return open_image(image)
+    if isinstance(image, PIL.Image.Image):
+        return to_8bit(image)
+    if isinstance(image, str):
+        return load_image(image, timeout=timeout)
+    return image
+
+
 class MagmaImageProcessor(CLIPImageProcessorPil):
     """CLIP preprocessing on PIL images: shortest side to `image_size` (bicubic), centre crop, scale to [0, 1], CLIP
     mean/std. RGBA, grayscale, palette and CMYK images are converted to RGB first (transparency over white).
@@ -98,8 +110,8 @@ class MagmaImageProcessor(CLIPImageProcessorPil):
         """Local image paths are decoded by [`open_image`] (EXIF orientation, 16-bit scaled); URLs by transformers."""
         if isinstance(image_url_or_urls, (list, tuple)):
             return [self.fetch_images(item) for item in image_url_or_urls]
-        if isinstance(image_url_or_urls, (str, os.PathLike)) and os.path.isfile(image_url_or_urls):
-            return open_image(image_url_or_urls)
+        if isinstance(image_url_or_urls, (str, os.PathLike)):
+            return load_image_input(image_url_or_urls)
         return super().fetch_images(image_url_or_urls)
 
     def center_crop(self, image: np.ndarray, size, **kwargs) -> np.ndarray:

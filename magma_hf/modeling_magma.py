@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from open_clip.modified_resnet import Bottleneck, ModifiedResNet
 from peft import get_peft_model_state_dict, inject_adapter_in_model
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModel, GenerationConfig, GenerationMixin, PreTrainedModel
@@ -22,7 +23,7 @@ from transformers.utils import can_return_tuple
 
 from .adapters_magma import MagmaAdapterConfig, MagmaAdapterLayer
 from .configuration_magma import MagmaConfig, MagmaVisionConfig
-from .hub_magma import AUTO_MAP_EXTRAS, CUSTOM_PIPELINES, write_model_card
+from .hub_magma import AUTO_MAP_EXTRAS, CUSTOM_PIPELINES, MODEL_FILES_JSON, check_json_files, write_model_card
 from .pipeline_magma import MagmaImageToTextPipeline  # noqa: F401  (imported so the Hub code export carries it)
 
 # The original's sampling defaults (magma/sampling.py): temperature 0.7, nucleus 0.9, no top-k, 100 new tokens.
@@ -101,6 +102,34 @@ def adapter_peft_config(config: MagmaConfig) -> MagmaAdapterConfig | None:
     return MagmaAdapterConfig.from_magma_adapter_config(config.adapter_config)
 
 
+def check_model_folder(folder: Path, has_config: bool) -> None:
+    """What a local model folder must hold before loading: without config.json transformers builds the default
+    config (GPT-J-6B, 24 GB in float32) and only then finds that the weights do not fit."""
+    if not has_config and not (folder / "config.json").is_file():
+        raise OSError(
+            f"{folder} has no config.json: a MAGMA model folder holds config.json next to its weights "
+            "(model.safetensors, or the shards and model.safetensors.index.json)"
+        )
+    check_json_files(folder, MODEL_FILES_JSON)
+
+
+def broken_weight_files_message(folder: Path, error: Exception) -> str:
+    """Which `.safetensors` files in `folder` cannot be opened, their sizes and safetensors' reason, in one line."""
+    broken = []
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as reason:
+            broken.append(f"{path.name} ({path.stat().st_size} bytes: {reason})")
+    if not broken:
+        return f"Loading the weights in {folder} failed: {error}"
+    return (
+        f"The weight file(s) {', '.join(broken)} in {folder} are not complete safetensors files: probably an "
+        "interrupted download or copy. Download or copy them again."
+    )
+
+
 class MagmaPreTrainedModel(PreTrainedModel):
     config: MagmaConfig
     base_model_prefix = "model"
@@ -111,6 +140,23 @@ class MagmaPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        if pretrained_model_name_or_path is not None:
+            folder = Path(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
+            if folder.is_dir():
+                check_model_folder(folder, has_config=bool(args) or kwargs.get("config") is not None)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except SafetensorError as error:
+            # safetensors says "incomplete metadata, file not fully covered", not which of the shards it was reading
+            if pretrained_model_name_or_path is None:
+                raise
+            folder = Path(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
+            if not folder.is_dir():
+                raise
+            raise OSError(broken_weight_files_message(folder, error)) from error
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Conv2d):
@@ -162,9 +208,42 @@ class MagmaModel(MagmaPreTrainedModel):
             `[n_images, n_tokens, feature_size]` and `pooler_output` the image embeddings the language model reads,
             `[n_images, n_tokens, hidden_size]`.
         """
+        self.check_pixel_values(pixel_values)
         features = self.vision_tower(pixel_values)
         embeddings = self.multi_modal_projector(features)
         return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=embeddings)
+
+    def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        """`pixel_values` must be `[n_images, 3, image_size, image_size]` floats, checked from the shape and dtype alone
+        (no device sync): at another size the encoder still runs, and its token count may even fit the text."""
+        size = self.config.vision_config.image_size
+        expected = f"[n_images, 3, {size}, {size}] (vision_config.image_size {size})"
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3 or tuple(pixel_values.shape[2:]) != (size, size):
+            raise ValueError(
+                f"pixel_values has shape {list(pixel_values.shape)}; this model takes {expected}. Preprocess the "
+                f"images with the model's processor, or MagmaImageProcessor(image_size={size})."
+            )
+        if not pixel_values.is_floating_point():
+            raise ValueError(
+                f"pixel_values are {pixel_values.dtype}; this model takes floating-point pixels normalised with "
+                f"CLIP's mean and std, as MagmaImageProcessor(image_size={size}) gives them"
+            )
+
+    def check_sequence_length(self, new_tokens: int, cache: Cache | None, pixel_values: torch.Tensor | None) -> None:
+        """Cached plus new tokens must fit GPT-J's `n_positions`; else GPT-J fails with an IndexError deep inside (a
+        device-side assert on CUDA). Read from shapes and the cache's length: no device sync."""
+        cached = cache.get_seq_length() if cache is not None else 0
+        limit = self.config.text_config.n_positions
+        if cached + new_tokens <= limit:
+            return
+        parts = [f"{cached} cached + {new_tokens} new"] if cached else []
+        if pixel_values is not None and pixel_values.ndim == 4:
+            parts.append(f"{pixel_values.shape[0]} image(s) of {self.config.num_image_tokens} tokens each")
+        detail = f" ({'; '.join(parts)})" if parts else ""
+        raise ValueError(
+            f"The sequence is {cached + new_tokens} tokens long{detail}, more than the {limit} positions of the "
+            "language model (text_config.n_positions): shorten the text, pass fewer images, or lower max_new_tokens"
+        )
 
     def get_placeholder_mask(
         self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, image_features: torch.Tensor
@@ -180,10 +259,16 @@ class MagmaModel(MagmaPreTrainedModel):
         n_image_tokens = int(mask.sum())
         n_feature_tokens = image_features.shape[0] * image_features.shape[1]
         if n_image_tokens != n_feature_tokens:
+            hint = ""
+            if n_image_tokens == 0:
+                hint = (
+                    f". With no image token at all, the tokenizer probably maps <|image|> to another id than the "
+                    f"model's image_token_id {self.config.image_token_id}: use the processor saved with the model"
+                )
             raise ValueError(
                 f"Image features and image tokens do not match: the input has {n_image_tokens} image tokens "
                 f"(id {self.config.image_token_id}) but {image_features.shape[0]} images give {n_feature_tokens} "
-                f"({image_features.shape[1]} per image)"
+                f"({image_features.shape[1]} per image){hint}"
             )
         return mask.unsqueeze(-1)
 
@@ -210,6 +295,8 @@ class MagmaModel(MagmaPreTrainedModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if pixel_values is not None and mm_encoder_outputs is not None and mm_encoder_outputs.get("image") is not None:
             raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
+        new_tokens = (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
+        self.check_sequence_length(new_tokens, cache, pixel_values)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 

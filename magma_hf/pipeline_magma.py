@@ -1,12 +1,12 @@
 """The `image-to-text` pipeline for MAGMA: captions for images alone, answers for images with a prompt."""
 
-import os
+from functools import partial
 from typing import Any
 
-import PIL.Image
 from transformers.pipelines.image_text_to_text import ImageTextToTextPipeline, ReturnType
 
-from .image_processing_magma import open_image, to_8bit
+from .image_processing_magma import load_image_input
+from .processing_magma import check_processor_matches_model, load_images_naming_the_source
 
 
 class MagmaImageToTextPipeline(ImageTextToTextPipeline):
@@ -17,6 +17,10 @@ class MagmaImageToTextPipeline(ImageTextToTextPipeline):
     `<|image|>` in the text places several images. Generation follows the model's generation config (MAGMA's
     sampling defaults); pass `generate_kwargs={"do_sample": False}` for greedy captions.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        check_processor_matches_model(self.processor, self.model.config, self.model.config.name_or_path)
 
     def __call__(self, images=None, text=None, **kwargs: Any):
         if images is not None and text is None and self._is_plain_image_batch(images):
@@ -30,9 +34,11 @@ class MagmaImageToTextPipeline(ImageTextToTextPipeline):
         return all(not isinstance(item, dict) for item in items)
 
     def preprocess(self, inputs=None, timeout=None, continue_final_message=None, **processing_kwargs):
-        # transformers' `load_images` converts to RGB, which turns 16-bit images white: MAGMA's decoder goes first.
+        # transformers' `load_images` converts to RGB, which turns 16-bit images white: MAGMA's decoder goes first,
+        # and a source that cannot be read is named.
         if isinstance(inputs, dict) and inputs.get("images") is not None:
-            inputs = {**inputs, "images": _decode_images(inputs["images"])}
+            images = load_images_naming_the_source(inputs["images"], partial(load_image_input, timeout=timeout))
+            inputs = {**inputs, "images": images}
         return super().preprocess(
             inputs, timeout=timeout, continue_final_message=continue_final_message, **processing_kwargs
         )
@@ -44,14 +50,3 @@ class MagmaImageToTextPipeline(ImageTextToTextPipeline):
         if return_full_text is None and "return_type" not in postprocess_params:
             postprocess_params["return_type"] = ReturnType.NEW_TEXT
         return preprocess_params, forward_params, postprocess_params
-
-
-def _decode_images(images):
-    """Local paths decoded by [`open_image`], PIL images scaled to 8 bits; URLs and the rest left to transformers."""
-    if isinstance(images, (list, tuple)):
-        return [_decode_images(image) for image in images]
-    if isinstance(images, (str, os.PathLike)) and os.path.isfile(images):
-        return open_image(images)
-    if isinstance(images, PIL.Image.Image):
-        return to_8bit(images)
-    return images

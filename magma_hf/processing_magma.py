@@ -1,8 +1,13 @@
 """MAGMA's processor: CLIP image preprocessing plus the GPT-2 tokenizer with `<|image|>`."""
 
+import os
+from collections.abc import Callable
+
 from transformers import ProcessorMixin
 from transformers.image_utils import make_flat_list_of_images
 from transformers.processing_utils import ProcessingKwargs
+
+from .hub_magma import PROCESSOR_FILES_JSON, check_json_files
 
 IMAGE_TOKEN = "<|image|>"
 FEATURE_STRIDE = 32  # the ResNet's total downsampling: one image token per 32x32 pixels of the crop
@@ -16,6 +21,68 @@ def add_magma_special_tokens(tokenizer):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # MAGMA pads with <|endoftext|>
     return tokenizer
+
+
+def check_processor_matches_model(processor, config, where: str = "") -> None:
+    """A processor and a model config that do not fit together fail late and obscurely ("0 image tokens", an
+    embedding IndexError, a wrong token count); call this wherever the two are paired. Raises a `ValueError` naming
+    both values of each disagreement: the `<|image|>` id, the tokenizer's size against the vocabulary, and the image
+    size (which sets the image token count).
+
+    Args:
+        where: Where they came from (e.g. a folder), for the message.
+    """
+    problems = []
+    if processor.image_token_id != config.image_token_id:
+        problems.append(
+            f"the tokenizer maps {IMAGE_TOKEN} to id {processor.image_token_id}, the model's config.image_token_id "
+            f"is {config.image_token_id}"
+        )
+    vocab_size = config.text_config.vocab_size
+    if len(processor.tokenizer) > vocab_size:
+        problems.append(
+            f"the tokenizer has {len(processor.tokenizer)} tokens, more than the model's vocabulary "
+            f"(text_config.vocab_size {vocab_size})"
+        )
+    crop = processor.image_processor.crop_size
+    image_size = config.vision_config.image_size
+    if (crop["height"], crop["width"]) != (image_size, image_size):
+        problems.append(
+            f"the image processor crops to {crop['height']}x{crop['width']}, the model takes "
+            f"{image_size}x{image_size} (vision_config.image_size)"
+        )
+    if problems:
+        raise ValueError(
+            f"The processor does not match the model{f' in {where}' if where else ''}: {'; '.join(problems)}. Use "
+            "the processor saved with the model (MagmaProcessor.from_pretrained of the model's folder)."
+        )
+
+
+def load_images_naming_the_source(images, load: Callable):
+    """`load` applied to each image of `images` (one, a list, or a list of lists), but an image given as a string (a
+    URL, path or base64 data) that cannot be read is named: transformers' `load_image` says "Connection refused"
+    without the URL, and "Incorrect padding" for a missing file."""
+    if isinstance(images, (list, tuple)):
+        return [load_images_naming_the_source(image, load) for image in images]
+    try:
+        return load(images)
+    except Exception as error:
+        if not isinstance(images, str):
+            raise
+        raise ValueError(f"The image {images[:200]!r} {image_source_problem(images, error)}") from error
+
+
+def image_source_problem(source: str, error: Exception) -> str:
+    """What went wrong with an image given as a URL, a file or base64 data, as far as can be told offline."""
+    if source.startswith(("http://", "https://")):
+        offline = " (HF_HUB_OFFLINE is set: pass a local file when offline)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        return f"could not be fetched as an image{offline}: {error}"
+    if source.startswith("data:image/"):
+        return f"is not valid base64 image data: {error}"
+    if os.path.exists(source):
+        return f"is not an image file PIL can read: {error}"
+    where = "" if os.path.isabs(source) else f" in {os.getcwd()}"
+    return f"is not a file{where} (nor a URL or base64 image data)"
 
 
 class MagmaProcessingKwargs(ProcessingKwargs, total=False):
@@ -50,6 +117,13 @@ class MagmaProcessor(ProcessorMixin):
             tokenizer.pad_token = tokenizer.eos_token  # MAGMA pads with <|endoftext|>
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        folder = os.path.join(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
+        if os.path.isdir(folder):  # a truncated tokenizer.json is otherwise a bare JSONDecodeError
+            check_json_files(folder, PROCESSOR_FILES_JSON)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
     @staticmethod
     def _require_image_token(tokenizer) -> int:
         token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -71,12 +145,26 @@ class MagmaProcessor(ProcessorMixin):
         return self.image_token * self.num_image_tokens
 
     def prepare_inputs_layout(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        self._check_text(text)
+        if images is not None:  # the image processor's own loader, naming a URL or path it cannot read
+            images = load_images_naming_the_source(images, self.image_processor.fetch_images)
         images, text, videos, audio = super().prepare_inputs_layout(
             images=images, text=text, videos=videos, audio=audio, **kwargs
         )
         if images is not None:
             text = self._put_images_in_front(images, text)
         return images, text, videos, audio
+
+    @staticmethod
+    def _check_text(text) -> None:
+        """A string or a list of strings; anything else fails later as "'int' object is not iterable"."""
+        if text is None or isinstance(text, str):
+            return
+        if not isinstance(text, (list, tuple)):
+            raise TypeError(f"text must be a string or a list of strings, got {type(text).__name__}")
+        wrong = [f"text[{n}] is {type(item).__name__}" for n, item in enumerate(text) if not isinstance(item, str)]
+        if wrong:
+            raise TypeError(f"text must be a string or a list of strings: {', '.join(wrong[:5])}")
 
     def _put_images_in_front(self, images, text: list[str] | None) -> list[str]:
         """MAGMA's layout for text without placeholders: the sample's images come first."""
@@ -134,4 +222,9 @@ class MagmaProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "pixel_values"]
 
 
-__all__ = ["MagmaProcessor", "add_magma_special_tokens"]
+__all__ = [
+    "MagmaProcessor",
+    "add_magma_special_tokens",
+    "check_processor_matches_model",
+    "load_images_naming_the_source",
+]

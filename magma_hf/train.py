@@ -594,7 +594,7 @@ def _existing_model(config: MagmaTrainingConfig):
     """A MAGMA folder (e.g. a converted checkpoint); architecture keys must agree with it."""
     from .image_processing_magma import MagmaImageProcessor
     from .modeling_magma import MagmaForConditionalGeneration
-    from .processing_magma import MagmaProcessor
+    from .processing_magma import MagmaProcessor, check_processor_matches_model
 
     path = config.model_name_or_path
     model = MagmaForConditionalGeneration.from_pretrained(path, dtype=config.lm_dtype or "auto")
@@ -637,11 +637,7 @@ def _existing_model(config: MagmaTrainingConfig):
             image_processor=MagmaImageProcessor(image_size=model_config.vision_config.image_size),
             tokenizer=load_tokenizer(source),
         )
-    if processor.image_token_id != model_config.image_token_id:
-        raise TrainingConfigError(
-            f"The tokenizer's <|image|> is id {processor.image_token_id}, the model's image_token_id "
-            f"{model_config.image_token_id}"
-        )
+    check_processor_matches_model(processor, model_config, path)
     return model, processor, _base_language_model(path)
 
 
