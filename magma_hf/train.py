@@ -325,6 +325,12 @@ def resolve_deepspeed(config: MagmaTrainingConfig) -> dict | str | None:
     if "deepspeed" in config.training_args:
         return config.training_args["deepspeed"]
     if _launcher_uses_deepspeed():
+        accumulation = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "auto")
+        if accumulation.isdigit() and int(accumulation) != config.gradient_accumulation_steps:
+            raise ValueError(
+                f"The accelerate config sets DeepSpeed's gradient_accumulation_steps: {accumulation}, the training "
+                f"config gradient_accumulation_steps: {config.gradient_accumulation_steps}: make them equal"
+            )
         launcher_stage = _launcher_zero_stage()
         if config.zero_stage and launcher_stage is not None and launcher_stage != config.zero_stage:
             logger.warning(

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,7 +21,13 @@ from helpers import files_unchanged, make_tokenizer
 from safetensors.torch import load_file
 from test_training import CONFIGS, REPO, write_magma_dataset
 
-from magma_hf.train import EXPORT_DIR_NAME, MagmaTrainingConfig, resolve_checkpoint, training_arguments_kwargs
+from magma_hf.train import (
+    EXPORT_DIR_NAME,
+    MagmaTrainingConfig,
+    resolve_checkpoint,
+    resolve_deepspeed,
+    training_arguments_kwargs,
+)
 from magma_hf.trainer import MAGMA_WEIGHTS_NAME, rotate_complete_checkpoints
 
 HOOKED_TRAIN = Path(__file__).parent / "train_with_test_hooks.py"
@@ -112,6 +119,11 @@ def test_accelerate_deepspeed_on_cpu_sets_use_cpu(monkeypatch):
     assert training_arguments_kwargs(run_config(Path("s")), processes=2)["use_cpu"] is True
     explicit = run_config(Path("s"), training_args={"use_cpu": False})
     assert training_arguments_kwargs(explicit, processes=2)["use_cpu"] is False  # the user's word stands
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
+    assert resolve_deepspeed(run_config(Path("s"))) is None  # the launcher's DeepSpeed config
+    with pytest.raises(ValueError, match="accelerate config sets DeepSpeed's gradient_accumulation_steps: 1, the "
+                                         "training config gradient_accumulation_steps: 2"):  # fmt: skip
+        resolve_deepspeed(run_config(Path("s"), gradient_accumulation_steps=2))
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     assert "use_cpu" not in training_arguments_kwargs(run_config(Path("s")), processes=2)
 
@@ -137,7 +149,11 @@ def read_losses(log: Path) -> dict[int, float]:
 def hooked_command(launcher: str | None) -> list[str]:
     if launcher is None:
         return [sys.executable, str(HOOKED_TRAIN)]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", launcher, str(HOOKED_TRAIN)]
+    with socket.socket() as sock:  # a port of its own: two launches on the default 29500 would meet
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", launcher,
+            "--main_process_port", str(port), str(HOOKED_TRAIN)]  # fmt: skip
 
 
 def train_killed_while_saving(command: list[str], root: Path, step: int, processes: int, env: dict) -> str:
