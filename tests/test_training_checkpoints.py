@@ -28,7 +28,7 @@ from magma_hf.train import (
     resolve_deepspeed,
     training_arguments_kwargs,
 )
-from magma_hf.trainer import MAGMA_WEIGHTS_NAME, rotate_complete_checkpoints
+from magma_hf.trainer import MAGMA_WEIGHTS_NAME
 
 HOOKED_TRAIN = Path(__file__).parent / "train_with_test_hooks.py"
 
@@ -97,6 +97,8 @@ def test_load_of_another_run_without_a_complete_checkpoint_is_an_error(tmp_path)
 
 
 def test_rotation_counts_and_deletes_complete_checkpoints_only(tmp_path):
+    from magma_hf.trainer import rotate_complete_checkpoints
+
     run = tmp_path / "run"
     old, kept, new = checkpoint(run, 2), checkpoint(run, 4), checkpoint(run, 6)
     stray = checkpoint(run, 8, complete=False)  # highest step, incomplete: Trainer's rotation would keep it, drop 6
