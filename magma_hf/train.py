@@ -364,6 +364,17 @@ def _launcher_zero_stage() -> int | None:
     return int(stage) if stage else None
 
 
+def _launcher_runs_deepspeed_on_cpu() -> bool:
+    """`accelerate launch` brings DeepSpeed, and DeepSpeed runs on the CPU (it found no GPU). Its DeepSpeed launcher
+    does not pass the config's `use_cpu: true` on (no `ACCELERATE_USE_CPU`, which every other launcher exports), so
+    `TrainingArguments` would look for a GPU, find none and count one process while DeepSpeed runs them all."""
+    if not _launcher_uses_deepspeed():
+        return False
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name() == "cpu"
+
+
 def _single_process_distributed_env() -> None:
     """DeepSpeed in a plain `python` process: give it the environment a launcher would (else it looks for MPI)."""
     if "WORLD_SIZE" in os.environ or "RANK" in os.environ:
@@ -382,6 +393,12 @@ def resolve_deepspeed(config: MagmaTrainingConfig) -> dict | str | None:
     if "deepspeed" in config.training_args:
         return config.training_args["deepspeed"]
     if _launcher_uses_deepspeed():
+        accumulation = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "auto")
+        if accumulation.isdigit() and int(accumulation) != config.gradient_accumulation_steps:
+            raise ValueError(
+                f"The accelerate config sets DeepSpeed's gradient_accumulation_steps: {accumulation}, the training "
+                f"config gradient_accumulation_steps: {config.gradient_accumulation_steps}: make them equal"
+            )
         launcher_stage = _launcher_zero_stage()
         if config.zero_stage and launcher_stage is not None and launcher_stage != config.zero_stage:
             logger.warning(
@@ -762,42 +779,49 @@ def training_arguments_kwargs(config: MagmaTrainingConfig, processes: int) -> di
     if "lr_scheduler_type" in config.training_args:  # Trainer's schedule instead of the original's
         kwargs["warmup_steps"] = config.warmup_num_steps
     kwargs.update({k: v for k, v in config.training_args.items() if k != "deepspeed"})
+    if "use_cpu" not in kwargs and _launcher_runs_deepspeed_on_cpu():
+        kwargs["use_cpu"] = True
     if kwargs.get("gradient_checkpointing") and "gradient_checkpointing_kwargs" not in kwargs:
         kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
     return kwargs
 
 
 def resolve_checkpoint(config: MagmaTrainingConfig) -> str | None:
-    """The checkpoint in `load`: the folder itself when it is one, else its last `checkpoint-N`; `None` when there is
-    none yet and `load` is `save` (the original started from step 0 then, so `load` may point at `save` from the first
-    run on). Any other `load` without a checkpoint is an error naming it: the run would silently start afresh."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """The checkpoint in `load`: the folder itself when it is one (it must be complete), else its last complete
+    `checkpoint-N` (incomplete ones, left by an interrupted save, are skipped with a warning naming each); `None` when
+    there is none yet and `load` is `save` (the original started from step 0 then, so `load` may point at `save` from
+    the first run on). Any other `load` without a complete checkpoint is an error naming it: the run would silently
+    start afresh."""
+    from .trainer import (
+        MAGMA_WEIGHTS_NAME,
+        checkpoint_folders,
+        checkpoint_step,
+        last_complete_checkpoint,
+        require_complete_checkpoint,
+    )
 
     from .trainer import MAGMA_WEIGHTS_NAME
 
     if config.load is None:
         return None
     load = Path(config.load)
-    if (load / "trainer_state.json").is_file():
+    if (load / "trainer_state.json").exists() or checkpoint_step(load) is not None:
+        require_complete_checkpoint(load)
         return str(load)
-    if not config.load_optimizer and (load / MAGMA_WEIGHTS_NAME).is_file():
-        return str(load)  # only the weights are taken
-    is_save = _same_folder(load, config.output_dir)
-    if not load.exists() and not is_save:
-        raise TrainingConfigError(f"load {load} does not exist")
-    if load.exists() and not load.is_dir():
-        raise TrainingConfigError(
-            f"load {load} is a file: expected a checkpoint folder (checkpoint-N/) or the folder holding them"
-        )
-    last = get_last_checkpoint(str(load)) if load.is_dir() else None
+    last = last_complete_checkpoint(load) if load.is_dir() else None
     if last is None:
         if not is_save:
+            incomplete = [str(path) for path in checkpoint_folders(load)] if load.is_dir() else []
+            if incomplete:
+                raise TrainingConfigError(
+                    f"No complete checkpoint in load={load} to resume from, only incomplete ones: {incomplete}"
+                )
             raise TrainingConfigError(
                 f"load {load} holds no checkpoint (no checkpoint-N/ folder, no trainer_state.json"
                 + ("" if config.load_optimizer else f", no {MAGMA_WEIGHTS_NAME}")
                 + "): point it at a checkpoint or at the save folder of the run to resume"
             )
-        logger.warning(f"No checkpoint in {load} yet: starting from step 0")
+        logger.warning(f"No complete checkpoint in {load} yet: starting from step 0")
     return last
 
 
@@ -941,14 +965,12 @@ def train(config: MagmaTrainingConfig):
 
     save_final_model(trainer, Path(args.output_dir))  # the full model: loads with the Auto classes and the pipeline
     export_dir = Path(args.output_dir) / EXPORT_DIR_NAME
-    if trainer.is_deepspeed_enabled and _is_zero3():
-        if trainer.is_world_process_zero():
-            from .modeling_magma import MagmaForConditionalGeneration
-
-            saved = MagmaForConditionalGeneration.from_pretrained(args.output_dir)
-            save_adapter_export(saved, export_dir, processor, base_model)
-    elif trainer.is_world_process_zero():
-        save_adapter_export(trainer.accelerator.unwrap_model(trainer.model), export_dir, processor, base_model)
+    # Under ZeRO-3 the parameters are shards: MAGMA's are gathered (a collective, on every process). Loading the saved
+    # model instead would run ZeRO-3's partitioned init on the main process alone, which waits for the others forever.
+    state_dict = trainer.magma_weights(frozen_too=True) if trainer.is_deepspeed_enabled and _is_zero3() else None
+    if trainer.is_world_process_zero():
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        save_adapter_export(model, export_dir, processor, base_model, state_dict=state_dict)
     trainer.accelerator.wait_for_everyone()
     return trainer
 

@@ -1,5 +1,5 @@
 """Training MAGMA with transformers' `Trainer`: parameter groups, the original's learning-rate schedule, checkpoints of
-MAGMA's own weights, and generated captions at evaluation."""
+MAGMA's own weights (each complete or absent), and generated captions at evaluation."""
 
 from __future__ import annotations
 
@@ -7,14 +7,18 @@ import dataclasses
 import json
 import math
 import os
+import re
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer
 from transformers.integrations.deepspeed import deepspeed_load_checkpoint, is_deepspeed_zero3_enabled
-from transformers.trainer import SCHEDULER_NAME, TRAINING_ARGS_NAME
+from transformers.trainer import SCHEDULER_NAME, TRAINER_STATE_NAME, TRAINING_ARGS_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
 from transformers.utils import logging
 
 from .collator import EMPTY_KEY, SKIPPED_IMAGES_KEY, SKIPPED_KEY, MagmaDataCollator
@@ -117,6 +121,121 @@ class MagmaLRSchedule:
             return lambda step: self.lr_at(step, peak_lr) / peak_lr if peak_lr > 0 else 0.0
 
         return torch.optim.lr_scheduler.LambdaLR(optimizer, [factor(group["lr"]) for group in optimizer.param_groups])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoint folders: complete or absent
+
+# A checkpoint is written as `tmp-checkpoint-N/checkpoint-N` and renamed to `checkpoint-N` once every process has
+# written its part; a rotated-out one is renamed to `tmp-deleted-checkpoint-N` before it is deleted. Neither name is
+# a checkpoint to `Trainer` (`get_last_checkpoint`, `sort_checkpoints`), so a kill leaves nothing a resume would pick.
+CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+STAGING_PREFIX = "tmp-"
+DELETING_PREFIX = "tmp-deleted-"
+INTERRUPTED_NAME = re.compile(rf"^({STAGING_PREFIX}|{DELETING_PREFIX}){PREFIX_CHECKPOINT_DIR}-\d+$")
+SUPERSEDED_PREFIX = "superseded-"
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """N for a folder named `checkpoint-N`, else `None`."""
+    match = CHECKPOINT_NAME.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why the folder `path` is not a complete checkpoint, or `None` when it is one. `trainer_state.json` is the last
+    file a save writes, so a checkpoint that has a readable one has everything else too."""
+    state_file = Path(path) / TRAINER_STATE_NAME
+    if not Path(path).is_dir():
+        return "it is not a folder"
+    if not state_file.is_file():
+        return f"it has no {TRAINER_STATE_NAME} (a save that was interrupted)"
+    try:
+        json.loads(state_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"its {TRAINER_STATE_NAME} cannot be read ({error})"
+    return None
+
+
+def checkpoint_folders(folder: str | os.PathLike) -> list[Path]:
+    """The `checkpoint-N` folders in `folder`, by step (oldest first)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [path for path in folder.iterdir() if checkpoint_step(path) is not None and path.is_dir()]
+    return sorted(found, key=checkpoint_step)
+
+
+def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
+    """The complete `checkpoint-N` of `folder` with the highest N, or `None`. Incomplete ones after it are skipped,
+    each with a warning naming it."""
+    for path in reversed(checkpoint_folders(folder)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return str(path)
+        logger.warning(f"Skipping the checkpoint {path}: {problem}. Resuming from an earlier one, if any")
+    return None
+
+
+def require_complete_checkpoint(path: str | os.PathLike) -> None:
+    """An error naming `path`, what is wrong with it and the last complete checkpoint beside it, unless complete."""
+    problem = checkpoint_problem(path)
+    if problem is None:
+        return
+    message = f"Cannot resume from {path}: {problem}"
+    if Path(path).parent.is_dir():
+        earlier = last_complete_checkpoint(Path(path).parent)
+        message += f". The last complete checkpoint beside it is {earlier}" if earlier else ""
+    raise ValueError(message)
+
+
+def remove_interrupted_saves(folder: str | os.PathLike) -> list[str]:
+    """Delete what interrupted checkpoint saves and deletions left in `folder` (`tmp-checkpoint-N`,
+    `tmp-deleted-checkpoint-N`: only ever written by this trainer); return their paths."""
+    folder = Path(folder)
+    leftovers = sorted(p for p in folder.iterdir() if INTERRUPTED_NAME.match(p.name)) if folder.is_dir() else []
+    for path in leftovers:
+        logger.warning(f"Removing {path}: an interrupted checkpoint save or deletion left it")
+        shutil.rmtree(path)
+    return [str(path) for path in leftovers]
+
+
+def _free_name(folder: Path, name: str) -> Path:
+    """`folder/name`, or `folder/name-2`, `-3`, ... for the first that does not exist."""
+    candidate, n = folder / name, 1
+    while candidate.exists():
+        n += 1
+        candidate = folder / f"{name}-{n}"
+    return candidate
+
+
+def commit_checkpoint(staged: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Rename the fully written `staged` folder to `final`. A folder already at `final` (a checkpoint of an earlier
+    run, or an incomplete one a resume skipped) is kept as `superseded-checkpoint-N` beside it, with a warning."""
+    staged, final = Path(staged), Path(final)
+    if final.exists():
+        kept = _free_name(final.parent, SUPERSEDED_PREFIX + final.name)
+        os.rename(final, kept)
+        logger.warning(f"{final} already existed ({checkpoint_problem(kept) or 'complete'}): kept as {kept}")
+    os.rename(staged, final)
+
+
+def rotate_complete_checkpoints(folder: str | os.PathLike, limit: int | None, keep: set[str]) -> None:
+    """`save_total_limit` for complete checkpoints: delete the oldest until `limit` remain, never one in `keep` (the
+    one just written, the best one). Incomplete folders are neither counted nor deleted. A deletion renames first, so
+    a kill midway leaves `tmp-deleted-checkpoint-N`, never a damaged `checkpoint-N`."""
+    if not limit or limit <= 0:
+        return
+    keep = {str(Path(path)) for path in keep}
+    complete = [path for path in checkpoint_folders(folder) if checkpoint_problem(path) is None]
+    excess = len(complete) - max(limit, len([path for path in complete if str(path) in keep]))
+    for path in [path for path in complete if str(path) not in keep][: max(excess, 0)]:
+        logger.info(f"Deleting the older checkpoint {path} (save_total_limit={limit})")
+        doomed = path.parent / (DELETING_PREFIX + path.name)
+        if doomed.exists():  # an interrupted deletion of the same name: ours
+            shutil.rmtree(doomed)
+        os.rename(path, doomed)
+        shutil.rmtree(doomed)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -265,8 +384,20 @@ class MagmaTrainer(Trainer):
         count = torch.tensor(value, device=self.args.device)
         return int(self.accelerator.reduce(count, reduction="sum")) if self.args.world_size > 1 else int(count)
 
-    def train(self, *args, **kwargs):
-        output = super().train(*args, **kwargs)
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """`Trainer.train`; `resume_from_checkpoint=True` takes the last *complete* checkpoint of `output_dir`
+        (incomplete ones are skipped with a warning), a path must be a complete checkpoint, and what interrupted saves
+        left in `output_dir` is removed first. A run that skipped more than `max_skipped_share` of its samples stops
+        with an error."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No complete checkpoint in {self.args.output_dir} to resume from")
+        elif resume_from_checkpoint:
+            require_complete_checkpoint(resume_from_checkpoint)
+        if self.args.should_save:
+            remove_interrupted_saves(self.args.output_dir)
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
         total = self._sum_over_processes(self.num_skipped_samples)
         output.metrics["skipped_samples"] = self.total_skipped_samples = total
         if total and self.is_world_process_zero():
@@ -280,21 +411,77 @@ class MagmaTrainer(Trainer):
         )
         return output
 
+    # ---- checkpoints: complete or absent ----
+
+    def _get_output_dir(self, trial) -> str:
+        # While a checkpoint is saved, Trainer writes it into the staging folder (see `_save_checkpoint`).
+        return getattr(self, "_staging_run_dir", None) or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Trainer's checkpoint, written as `tmp-checkpoint-N/checkpoint-N` by every process (DeepSpeed's engine writes
+        its shards there too) and renamed to `checkpoint-N` when all are done; then `save_total_limit` rotation,
+        which counts and deletes complete checkpoints only and never the new one."""
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging_run_dir = os.path.join(run_dir, STAGING_PREFIX + name)
+        staged, final = os.path.join(staging_run_dir, name), os.path.join(run_dir, name)
+        if self.args.should_save and os.path.exists(staging_run_dir):  # a save of this step, interrupted: ours
+            shutil.rmtree(staging_run_dir)
+        self.accelerator.wait_for_everyone()
+        self._staging_run_dir = staging_run_dir
+        try:
+            super()._save_checkpoint(model, trial)  # its rotation sees the staging folder only: nothing to delete
+        finally:
+            self._staging_run_dir = None
+        if self._point_best_checkpoint_at(run_dir) and self.args.should_save:
+            self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()  # every process's files are in `staged`
+        if self.args.should_save:
+            commit_checkpoint(staged, final)
+            os.rmdir(staging_run_dir)
+            keep = {final} | ({self.state.best_model_checkpoint} if self.state.best_model_checkpoint else set())
+            rotate_complete_checkpoints(run_dir, self.args.save_total_limit, keep)
+        self.accelerator.wait_for_everyone()
+
+    def _point_best_checkpoint_at(self, run_dir: str) -> bool:
+        """Trainer looked for the best checkpoint in the staging folder: point `best_model_checkpoint` at the real one
+        in `run_dir` (where the one being saved will be once renamed). Returns whether it changed."""
+        best_step = self.state.best_global_step
+        strategies = (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST)
+        if not best_step or self.args.save_strategy not in strategies:
+            return False
+        best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{best_step}")
+        if best == self.state.best_model_checkpoint or not (best_step == self.state.global_step or os.path.isdir(best)):
+            return False
+        self.state.best_model_checkpoint = best
+        return True
+
     # ---- checkpoints: MAGMA's weights only ----
 
-    def _magma_state_dict(self) -> dict[str, torch.Tensor]:
-        """MAGMA's own weights, complete on the main process (a collective under ZeRO-3: call on every process)."""
+    def magma_weights(self, frozen_too: bool = False) -> dict[str, torch.Tensor]:
+        """MAGMA's own weights, complete on the main process (a collective under ZeRO-3: call on every process).
+        Under ZeRO-3 a frozen image encoder is gathered only with `frozen_too` (checkpoints need the trained weights
+        only; the adapters-only export needs all)."""
         if self.is_deepspeed_enabled and is_deepspeed_zero3_enabled():
-            full = self.model_wrapped._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
+            full = self.model_wrapped._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=not frozen_too)
             return magma_state_dict(full or {})
         return magma_state_dict(self.accelerator.unwrap_model(self.model).state_dict())
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Checkpoints (`_internal_call`) save MAGMA's weights only; a direct call saves the full model."""
+        """Checkpoints (`_internal_call`) save MAGMA's weights only; a direct call saves the full model, under ZeRO-3
+        too (gathered whatever `stage3_gather_16bit_weights_on_model_save` says: without it Trainer would write a
+        DeepSpeed checkpoint of every parameter, GPT-J's included, and no model file; `accelerate config` leaves it
+        off by default)."""
+        if not _internal_call and self.is_deepspeed_enabled and is_deepspeed_zero3_enabled():
+            state_dict = self.model_wrapped._zero3_consolidated_16bit_state_dict()  # a collective: every process
+            self._save(output_dir or self.args.output_dir, state_dict=state_dict)
+            if self.args.push_to_hub:
+                self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+            return
         if not _internal_call:
             return super().save_model(output_dir, _internal_call)
         output_dir = output_dir or self.args.output_dir
-        state_dict = self._magma_state_dict()
+        state_dict = self.magma_weights()
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
@@ -403,4 +590,12 @@ def load_magma_weights(model: nn.Module, weights_file: str | os.PathLike) -> Non
     model.load_state_dict(state_dict, strict=False)
 
 
-__all__ = ["MagmaLRSchedule", "MagmaTrainer", "load_magma_weights", "magma_parameter_groups"]
+__all__ = [
+    "MagmaLRSchedule",
+    "MagmaTrainer",
+    "checkpoint_problem",
+    "last_complete_checkpoint",
+    "load_magma_weights",
+    "magma_parameter_groups",
+    "require_complete_checkpoint",
+]

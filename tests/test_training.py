@@ -1,11 +1,9 @@
 """Training: parameter groups, the original's schedule, MagmaTrainer end to end (frozen GPT-J, checkpoints, resume,
-final model, adapter export), the YAML config, and a 2-process DeepSpeed ZeRO-2 run through `accelerate launch`."""
+final model, adapter export) and the YAML config. Checkpoint safety and the 2-process DeepSpeed runs through
+`accelerate launch` are in test_training_checkpoints.py."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -393,49 +391,6 @@ def test_pretrained_image_encoder_comes_from_open_clip(assets, monkeypatch):
     expected = {k: v for k, v in visual.state_dict().items() if not k.startswith("attnpool.")}
     actual = model.vision_tower.state_dict()
     assert actual.keys() == expected.keys() and all(torch.equal(actual[k], expected[k]) for k in expected)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Continuous integration: accelerate launch, 2 CPU processes, DeepSpeed ZeRO-2
-
-
-def launch(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "accelerate.commands.launch",
-               "--config_file", str(CONFIGS / "accelerate" / "cpu_deepspeed_zero2.yaml"), "-m", "magma_hf", "train",
-               *args]  # fmt: skip
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
-
-
-def losses(trainer_state: Path) -> dict[int, float]:
-    history = json.loads(trainer_state.read_text())["log_history"]
-    return {h["step"]: h["loss"] for h in history if "loss" in h}
-
-
-def test_accelerate_deepspeed_zero2_two_cpu_processes(tmp_path):
-    root = tmp_path
-    write_magma_dataset(root / "data")
-    make_tokenizer().save_pretrained(root / "tokenizer")
-    common = [str(CONFIGS / "train_tiny_cpu.yml"), f"train_dataset_dir={root / 'data'}",
-              f"tokenizer_name_or_path={root / 'tokenizer'}"]  # fmt: skip
-    first = launch([*common, f"save={root / 'a'}"], cwd=REPO)
-    assert "Skipping sample: cannot decode image" in first.stderr + first.stdout
-    assert (root / "a" / "checkpoint-4" / "global_step4").is_dir()  # DeepSpeed's own checkpoint, without GPT-J
-    assert (root / "a" / "checkpoint-4" / MAGMA_WEIGHTS_NAME).is_file()
-    uninterrupted = losses(root / "a" / "checkpoint-8" / "trainer_state.json")
-    assert sorted(uninterrupted) == list(range(1, 9))
-    assert sum(uninterrupted[s] for s in (6, 7, 8)) / 3 < sum(uninterrupted[s] for s in (1, 2, 3)) / 3 - 0.05
-
-    (root / "b").mkdir()
-    shutil.copytree(root / "a" / "checkpoint-4", root / "b" / "checkpoint-4")
-    launch([*common, f"save={root / 'b'}", f"load={root / 'b'}"], cwd=REPO)
-    resumed = losses(root / "b" / "checkpoint-8" / "trainer_state.json")
-    assert json.loads((root / "b" / "checkpoint-8" / "trainer_state.json").read_text())["global_step"] == 8
-    assert resumed[5] == pytest.approx(uninterrupted[5], abs=1e-6)  # the step after the checkpoint
-    assert resumed[8] == pytest.approx(uninterrupted[8], abs=1e-5)
-    assert (root / "b" / "model.safetensors").is_file() and (root / "b" / EXPORT_DIR_NAME).is_dir()
 
 
 def test_docs_examples_run(trained, assets, tmp_path, monkeypatch):
