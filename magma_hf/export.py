@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from transformers import GPTJForCausalLM, PreTrainedModel
 
 from .configuration_magma import MagmaConfig
-from .io_utils import sync_path
+from .io_utils import move_files_into
 from .modeling_magma import MagmaForConditionalGeneration
 
 IMAGE_PREFIX_FILE = "image_prefix.safetensors"
@@ -109,10 +109,8 @@ def save_adapter_export(
         info = {"base_language_model": base_model_name_or_path, "files": _export_files(model)}
         (staging / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
         export_dir.mkdir(exist_ok=True)
-        for written in sorted(staging.iterdir(), key=lambda path: path.name == EXPORT_INFO_FILE):  # the index last
-            sync_path(written)
-            os.replace(written, export_dir / written.name)
-        sync_path(export_dir)
+        # the index of the export last: it lists the files, which are all in place then
+        move_files_into(sorted(staging.iterdir(), key=lambda path: path.name == EXPORT_INFO_FILE), export_dir)
     return export_dir
 
 

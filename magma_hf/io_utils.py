@@ -6,7 +6,7 @@ import glob
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,6 +30,15 @@ def sync_folder(folder: str | os.PathLike) -> None:
     for path in Path(folder).rglob("*"):
         if path.is_file():
             sync_path(path)
+    sync_path(folder)
+
+
+def move_files_into(files: Iterable[Path], folder: Path) -> None:
+    """Move each staged file into `folder` under its name, in the order given: each lands complete (fsync, then a rename
+    on the same file system); files of `folder` not among them are untouched."""
+    for path in files:
+        sync_path(path)
+        os.replace(path, folder / path.name)
     sync_path(folder)
 
 

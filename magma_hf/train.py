@@ -800,14 +800,21 @@ def resolve_checkpoint(config: MagmaTrainingConfig) -> str | None:
         require_complete_checkpoint,
     )
 
-    from .trainer import MAGMA_WEIGHTS_NAME
-
     if config.load is None:
         return None
     load = Path(config.load)
     if (load / "trainer_state.json").exists() or checkpoint_step(load) is not None:
         require_complete_checkpoint(load)
         return str(load)
+    if not config.load_optimizer and (load / MAGMA_WEIGHTS_NAME).is_file():
+        return str(load)  # only the weights are taken
+    is_save = _same_folder(load, config.output_dir)
+    if not load.exists() and not is_save:
+        raise TrainingConfigError(f"load {load} does not exist")
+    if load.exists() and not load.is_dir():
+        raise TrainingConfigError(
+            f"load {load} is a file: expected a checkpoint folder (checkpoint-N/) or the folder holding them"
+        )
     last = last_complete_checkpoint(load) if load.is_dir() else None
     if last is None:
         if not is_save:
@@ -985,7 +992,7 @@ def save_final_model(trainer, output_dir: Path) -> None:
     previous model's files complete (a resumed or overwriting run replaces them only once its own are whole). A
     README.md already there (the user's card, or an earlier run's) is kept; files the save does not write are never
     touched, except an earlier save's weight files that the new one lacks, which would load in its place."""
-    from .io_utils import sync_path
+    from .io_utils import move_files_into
 
     staging = output_dir / FINAL_MODEL_STAGING
     if trainer.is_world_process_zero() and staging.exists():
@@ -995,20 +1002,14 @@ def save_final_model(trainer, output_dir: Path) -> None:
     if trainer.is_world_process_zero():
         written = sorted(staging.iterdir())
         indexes = [path for path in written if path.name.endswith(".index.json")]
-        for path in [path for path in written if path not in indexes]:
-            if path.name == "README.md" and (output_dir / "README.md").exists():
-                continue
-            sync_path(path)
-            os.replace(path, output_dir / path.name)
+        keep = {"README.md"} & {path.name for path in output_dir.iterdir()}
+        move_files_into([path for path in written if path not in indexes and path.name not in keep], output_dir)
         names = {path.name for path in written}
         for stale in [path for path in output_dir.iterdir() if _WEIGHT_FILE.fullmatch(path.name)]:
             if stale.name not in names:
                 stale.unlink()
-        for path in indexes:  # last: the index names the shards, which are all in place now
-            sync_path(path)
-            os.replace(path, output_dir / path.name)
+        move_files_into(indexes, output_dir)  # last: the index names the shards, which are all in place now
         shutil.rmtree(staging)
-        sync_path(output_dir)
     trainer.accelerator.wait_for_everyone()
 
 
