@@ -852,9 +852,6 @@ def _input_folders(config: MagmaTrainingConfig) -> list[tuple[str, str]]:
 
 
 EXPORT_DIR_NAME = "adapter_export"
-CHECKPOINT_FOLDER = re.compile(r"checkpoint-\d+")
-
-
 # What marks a finished run in `save` (Trainer.save_model, the adapter export): named first when refusing the folder.
 FINISHED_RUN_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json", EXPORT_DIR_NAME)
 
@@ -873,6 +870,8 @@ def check_output_dir(config: MagmaTrainingConfig, checkpoint: str | None) -> Non
     it; `overwrite: true` lets it replace an earlier run's final outputs there. Never: `save` being one of the run's
     inputs, or holding another run's checkpoints (this run would mix its own with them, replace or rotate them away).
     Files the run does not write are never touched."""
+    from .trainer import CHECKPOINT_NAME, INTERRUPTED_NAME
+
     output = Path(config.output_dir).expanduser().resolve()
     for key, path in _input_folders(config):
         if _same_folder(path, output):
@@ -885,15 +884,26 @@ def check_output_dir(config: MagmaTrainingConfig, checkpoint: str | None) -> Non
     if checkpoint is not None and config.load_optimizer and Path(checkpoint).resolve().is_relative_to(output):
         return  # the run resumes its own checkpoint: it continues the run that is there
     entries = sorted(output.iterdir()) if output.is_dir() else []
-    if not entries:
-        return
-    checkpoints = [entry for entry in entries if entry.is_dir() and CHECKPOINT_FOLDER.fullmatch(entry.name)]
-    if checkpoints:
+    checkpoints = [entry for entry in entries if entry.is_dir() and CHECKPOINT_NAME.fullmatch(entry.name)]
+    # `load: save` with no complete checkpoint yet: this run continues that folder's run from step 0. Its incomplete
+    # checkpoints (skipped, never rotated) and the leftovers of its interrupted saves (removed) belong to that run.
+    continues_folder = config.load is not None and _same_folder(config.load, output)
+    if checkpoints and not continues_folder:
         raise TrainingConfigError(
             f"save {output} holds checkpoints of another run ({_listing(checkpoints)}): this run would mix its "
             f"checkpoints with them and replace them. Resume that run (load: {output}), or choose another save "
             "folder; overwrite: true never replaces checkpoints"
         )
+    if continues_folder:
+        entries = [
+            entry
+            for entry in entries
+            if entry not in checkpoints
+            and not INTERRUPTED_NAME.fullmatch(entry.name)
+            and entry.name != FINAL_MODEL_STAGING
+        ]
+    if not entries:
+        return
     if not config.overwrite:
         finished = any((output / name).exists() for name in FINISHED_RUN_FILES)
         what = "a finished run" if finished else "files"

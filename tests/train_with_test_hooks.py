@@ -33,8 +33,9 @@ def install_hooks() -> None:
         save_rng_state(self, output_dir)
         if hang_at and self.state.global_step == int(hang_at):
             marker = Path(f"{os.environ['MAGMA_TEST_HANG_MARKER']}.rank{self.args.process_index}")
-            marker.with_suffix(".tmp").write_text(str(os.getpid()))
-            marker.with_suffix(".tmp").rename(marker)  # the test reads a whole pid
+            temporary = marker.with_name(marker.name + ".tmp")  # one per rank: the ranks write at the same time
+            temporary.write_text(str(os.getpid()))
+            temporary.rename(marker)  # the test reads a whole pid
             while True:
                 time.sleep(1)
 
