@@ -738,24 +738,21 @@ def test_non_finite_weights_are_named_and_refused_unless_allowed(tmp_path, small
         assert torch.isinf(shard.get_tensor("model.multi_modal_projector.proj.weight")[0, :3]).all()
 
 
+def refused_conversion_error(checkpoint: Path, tmp_path: Path, tokenizer_dir: Path, capsys) -> str:
+    """`magma-hf convert` of `checkpoint` into `tmp_path/out` fails, writes nothing, changes nothing: its stderr."""
+    argv = ["convert", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "out")]
+    with files_unchanged(tmp_path, no_new_files=True):
+        assert cli_main(argv + ["--tokenizer", str(tokenizer_dir)]) == 1
+    return capsys.readouterr().err
+
+
 def test_a_plain_gptj_state_dict_is_recognised_in_one_line(tmp_path, small, tokenizer_dir, capsys):
     from transformers import GPTJConfig, GPTJForCausalLM
 
     gptj = GPTJForCausalLM(GPTJConfig(n_embd=16, n_layer=2, n_head=2, rotary_dim=4, vocab_size=50, n_positions=32))
     checkpoint = tmp_path / "pytorch_model.pt"
     torch.save(gptj.state_dict(), checkpoint)
-    argv = [
-        "convert",
-        "--checkpoint",
-        str(checkpoint),
-        "--output",
-        str(tmp_path / "out"),
-        "--tokenizer",
-        str(tokenizer_dir),
-    ]
-    with files_unchanged(tmp_path, no_new_files=True):
-        assert cli_main(argv) == 1
-    error = capsys.readouterr().err
+    error = refused_conversion_error(checkpoint, tmp_path, tokenizer_dir, capsys)
     assert (
         error.count("\n") == 1 and "is not an original MAGMA checkpoint: it is a Hugging Face GPT-J state dict" in error
     )
@@ -773,18 +770,7 @@ def test_a_plain_gptj_state_dict_is_recognised_in_one_line(tmp_path, small, toke
 def test_a_failed_download_says_what_the_file_starts_with(tmp_path, small, tokenizer_dir, capsys, content, expected):
     checkpoint = tmp_path / CHECKPOINT_FILENAME
     checkpoint.write_bytes(content)
-    argv = [
-        "convert",
-        "--checkpoint",
-        str(checkpoint),
-        "--output",
-        str(tmp_path / "out"),
-        "--tokenizer",
-        str(tokenizer_dir),
-    ]
-    with files_unchanged(tmp_path, no_new_files=True):
-        assert cli_main(argv) == 1
-    error = capsys.readouterr().err
+    error = refused_conversion_error(checkpoint, tmp_path, tokenizer_dir, capsys)
     assert error.count("\n") == 1 and str(checkpoint) in error and expected in error
 
 
