@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import glob
 import json
 import math
 import mmap
@@ -59,7 +60,7 @@ from transformers.utils import logging as hf_logging
 
 from .configuration_magma import DEFAULT_TEXT_CONFIG, MagmaConfig, normalize_adapter_config
 from .image_processing_magma import MagmaImageProcessor
-from .io_utils import sync_folder, sync_path, write_text_atomically
+from .io_utils import leftover_temporaries, move_files_into, sync_folder, sync_path, write_text_atomically
 from .modeling_magma import MagmaForConditionalGeneration
 from .processing_magma import IMAGE_TOKEN, MagmaProcessor, add_magma_special_tokens
 
@@ -1241,7 +1242,11 @@ def check_free_space(output: Path, nbytes: int) -> None:
 
 
 def leftover_workspaces(output: Path) -> list[Path]:
-    return sorted(path for path in output_parent(output).glob(f".{output.name}{WORKSPACE_INFIX}*") if path.is_dir())
+    """The temporary folders of conversions into `output`: exactly mkdtemp's `.{name}.converting-XXXXXXXX`, so that
+    another output's (`out.converting-x`, or `run1` for `run[1]`) is never taken for one."""
+    pattern = re.compile(rf"\.{re.escape(output.name)}{re.escape(WORKSPACE_INFIX)}[a-z0-9_]{{8}}")
+    candidates = output_parent(output).glob(f".{glob.escape(output.name)}{WORKSPACE_INFIX}*")
+    return sorted(path for path in candidates if path.is_dir() and pattern.fullmatch(path.name))
 
 
 def recover_interrupted_conversions(output: Path) -> list[str]:
@@ -1251,7 +1256,8 @@ def recover_interrupted_conversions(output: Path) -> list[str]:
     done = []
     for workspace in leftover_workspaces(output):
         lock = workspace / LOCK_NAME
-        ours = {LOCK_NAME, output.name, INSTALL_JOURNAL, INSTALL_JOURNAL + ".tmp", "previous"}
+        journal_writes = {path.name for path in leftover_temporaries(workspace / INSTALL_JOURNAL)}  # killed mid-write
+        ours = {LOCK_NAME, output.name, INSTALL_JOURNAL, "previous"} | journal_writes
         if not lock.is_file() or not {path.name for path in workspace.iterdir()} <= ours:
             raise MagmaConversionError(
                 f"{workspace} is named like the temporary folder of a conversion into {output} but does not look "
@@ -1294,13 +1300,13 @@ def lock_is_free(lock: Path) -> bool:
 
 def take_lock(workspace: Path) -> int:
     descriptor = os.open(workspace / LOCK_NAME, os.O_CREAT | os.O_WRONLY, 0o644)
-    os.write(descriptor, f"pid {os.getpid()}\n".encode())
-    try:
+    try:  # locked before anything else: another run's `lock_is_free` must never see this workspace unlocked
         import fcntl
 
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except ImportError:
         pass
+    os.write(descriptor, f"pid {os.getpid()}\n".encode())
     return descriptor
 
 
@@ -1347,9 +1353,13 @@ def staged_folder(output: Path, overwrite: bool):
         yield staging, result
         result.append(install_files(staging, output, overwrite))
     except OSError as error:  # disk full, permissions: the folder named, not a temporary path
+        outcome = (
+            f"the cut-short installation is kept in {workspace} and the next conversion into {output} rolls it back"
+            if (workspace / INSTALL_JOURNAL).exists()
+            else f"nothing was moved into {output}"
+        )
         raise MagmaConversionError(
-            f"writing the conversion for --output {output} failed: {error.strerror or error}; nothing was moved into "
-            f"{output}"
+            f"writing the conversion for --output {output} failed: {error.strerror or error}; {outcome}"
         ) from error
     finally:
         if (workspace / INSTALL_JOURNAL).exists():  # a rollback that failed: the earlier files are in there
@@ -1385,9 +1395,8 @@ def install_files(staging: Path, output: Path, overwrite: bool) -> OutputChanges
         previous.mkdir()
         for name in changes.earlier_conversion:
             os.rename(output / name, previous / name)
-        for name in installing:  # the manifest last: until it is in place, the folder does not claim the new files
-            os.rename(staging / name, output / name)
-        sync_path(output)
+        # the manifest last: until it is in place, the folder does not claim the new files
+        move_files_into([staging / name for name in installing], output)
     except BaseException:
         roll_back_installation(workspace, output)  # if this fails too, the journal stays for the next run
         os.unlink(workspace / INSTALL_JOURNAL)
@@ -1562,7 +1571,7 @@ def convert_magma_checkpoint(
     Raises:
         MagmaConversionError: for anything that stops the conversion; `output` is then left as it was.
     """
-    output = Path(output)
+    output = Path(os.path.abspath(output))  # `--output .` has a name (the folder's), which the staging folder takes
     check_output_parent(output)
     recovered = recover_interrupted_conversions(output)
     check_output(output, overwrite, may_be_written)  # fails before any download or reading

@@ -572,7 +572,7 @@ KILLED_CONVERSION = """
 import json, os, signal, sys, time
 import magma_hf.convert_magma_checkpoint as converter
 marker, stop_at, argv = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-calls, produce, rename = [], converter.produce_parts, os.rename
+calls, produce = [], converter.produce_parts
 
 def produce_then_wait(entry, *args, **kwargs):  # in the middle of a shard: the file is half written
     calls.append(entry.name)
@@ -581,12 +581,15 @@ def produce_then_wait(entry, *args, **kwargs):  # in the middle of a shard: the 
         time.sleep(60)
     return produce(entry, *args, **kwargs)
 
-def rename_then_die(source, target):
-    rename(source, target)
-    if stop_at == "install" and "previous" not in str(target) and os.path.basename(str(target)) == "config.json":
-        os.kill(os.getpid(), signal.SIGKILL)  # some new files in place, the earlier ones moved aside
+def moved_then_die(move):  # os.rename moves the earlier files aside, os.replace the new ones in
+    def moving(source, target):
+        move(source, target)
+        if stop_at == "install" and "previous" not in str(target) and os.path.basename(str(target)) == "config.json":
+            os.kill(os.getpid(), signal.SIGKILL)  # some new files in place, the earlier ones moved aside
+    return moving
 
-converter.produce_parts, converter.os.rename = produce_then_wait, rename_then_die
+converter.produce_parts = produce_then_wait
+os.rename, os.replace = moved_then_die(os.rename), moved_then_die(os.replace)
 sys.exit(converter.main(argv))
 """
 
@@ -645,22 +648,22 @@ def test_a_failure_while_installing_rolls_back(tmp_path, small, tokenizer_dir, m
     output = tmp_path / "out"
     convert_small(tmp_path, small, tokenizer_dir, max_shard_size="100KB")
     (output / "notes.txt").write_text("mine")
-    rename, failed = os.rename, []
+    replace, failed = os.replace, []
 
-    def failing_rename(source, target):  # the new config.json cannot be moved in (once: the rollback can)
+    def failing_replace(source, target):  # the new config.json cannot be moved in (once: the rollback can)
         if Path(target) == output / "config.json" and not failed:
             failed.append(target)
             raise OSError(28, "No space left on device")
-        rename(source, target)
+        replace(source, target)
 
-    monkeypatch.setattr(converter.os, "rename", failing_rename)
+    monkeypatch.setattr(os, "replace", failing_replace)
     with files_unchanged(output), pytest.raises(MagmaConversionError, match="No space left on device"):
         convert_small(tmp_path, small, tokenizer_dir, overwrite=True)
     assert not converter.leftover_workspaces(output)
 
 
 def test_a_running_conversion_is_not_taken_for_a_leftover(tmp_path, small, tokenizer_dir):
-    workspace = tmp_path / ".out.converting-abc123"
+    workspace = tmp_path / ".out.converting-abc12345"
     workspace.mkdir()
     descriptor = converter.take_lock(workspace)  # held, as a running conversion holds it
     try:
@@ -677,6 +680,43 @@ def test_a_running_conversion_is_not_taken_for_a_leftover(tmp_path, small, token
     (workspace / "my-notes.txt").write_text("not a conversion's")  # named like one, but not a conversion's folder
     with files_unchanged(tmp_path), pytest.raises(MagmaConversionError, match="does not look like one"):
         convert_small(tmp_path, small, tokenizer_dir)
+
+
+def test_a_kill_while_writing_the_install_journal_is_cleaned_up(tmp_path, small, tokenizer_dir):
+    workspace = tmp_path / ".out.converting-abcd1234"
+    (workspace / "out").mkdir(parents=True)
+    os.close(converter.take_lock(workspace))  # released, as a SIGKILL releases it
+    (workspace / f".{converter.INSTALL_JOURNAL}.k1ll3d_x.tmp").write_text('{"stag')  # the journal's atomic write
+    report = convert_small(tmp_path, small, tokenizer_dir)
+    assert f"removed {workspace.name}" in str(report) and not workspace.exists()
+
+
+def test_another_outputs_temporary_folder_is_never_taken_for_this_ones(tmp_path, small, tokenizer_dir):
+    theirs = [tmp_path / ".run1.converting-abcd1234", tmp_path / ".out.converting-x.converting-abcd1234"]
+    for folder in theirs:  # `run[1]` as a glob matches `run1`; `out` is a prefix of `out.converting-x`
+        folder.mkdir()
+        (folder / "converting.lock").write_text("pid 1\n")
+    checkpoint = save_checkpoint(tmp_path, small[1])
+    original = small[0]
+    with files_unchanged(*theirs):
+        for output in (tmp_path / "run[1]", tmp_path / "out"):
+            convert_magma_checkpoint(
+                checkpoint, output, magma_config=write_yaml(tmp_path, MLP_V1), tokenizer=tokenizer_dir,
+                **configs(original),
+            )  # fmt: skip
+            assert (output / "config.json").is_file()
+
+
+def test_output_dot_converts_into_the_folder_holding_the_checkpoint(tmp_path, small, tokenizer_dir, monkeypatch):
+    save_checkpoint(tmp_path, small[1])
+    magma_yaml = write_yaml(tmp_path, MLP_V1)
+    monkeypatch.chdir(tmp_path)
+    with files_unchanged(tmp_path):
+        report = convert_magma_checkpoint(
+            CHECKPOINT_FILENAME, ".", magma_config=magma_yaml, tokenizer=tokenizer_dir, **configs(small[0])
+        )
+    assert (tmp_path / "config.json").is_file() and report.shards == ["model.safetensors"]
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]
 
 
 def test_output_parent_missing_or_read_only_is_one_line(tmp_path, small, tokenizer_dir, capsys, monkeypatch):
