@@ -811,24 +811,30 @@ def _remove_cut_copies(target: Path) -> None:
         path.unlink()
 
 
-def _transfer_images(staging: Path, transfers: list[tuple[str, str]], mode: str, done: list) -> None:
-    """Step 3 (also when finishing an interrupted conversion: the transfers already done are skipped)."""
+def _transfer_images(
+    staging: Path, transfers: list[tuple[str, str]], mode: str, done: list, resuming: bool = False
+) -> None:
+    """Step 3 (also when finishing an interrupted conversion, `resuming`: the transfers already done are skipped, and
+    copies a kill cut short are removed)."""
     published = staging.parent / "images"
     if not (staging / "images").exists() and published.is_dir() and any(published.iterdir()):
         return  # killed after images/ was renamed into data_dir (it was empty or absent before): all transfers done
     for source, target in tqdm(transfers, desc="Moving images" if mode == "mv" else "Copying images"):
-        if not (staging / target).exists() and (staging / target).parent.is_dir():
+        if resuming and not (staging / target).exists() and (staging / target).parent.is_dir():
             _remove_cut_copies(staging / target)  # a copy cut short by a kill
         _transfer_image(Path(source), staging / target, mode)
         done.append((source, target))
 
 
 def _undo_transfers(staging: Path, done: list[tuple[str, str]], mode: str) -> None:
-    """Put every image moved by this call back at its source (copies are simply dropped with the folder)."""
-    if mode == "mv":
-        for source, target in reversed(done):
-            if (staging / target).exists() and not os.path.exists(source):
-                shutil.move(str(staging / target), source)
+    """Put every image moved by this call back at its source, and delete the copies it made (its own files)."""
+    for source, target in reversed(done):
+        if not (staging / target).exists():
+            continue
+        if mode == "mv" and not os.path.exists(source):
+            shutil.move(str(staging / target), source)
+        elif mode == "cp" and os.path.exists(source):
+            (staging / target).unlink()
 
 
 def _remove_staging(staging: Path) -> None:
@@ -869,7 +875,7 @@ def _finish_interrupted(data_dir: Path, staging: Path, mode: str, dir_size: int)
         f"{data_dir} holds a conversion interrupted while transferring its {len(transfers)} images: finishing it "
         "(ds_iterator is not read)"
     )
-    _transfer_images(staging, transfers, mode, [])
+    _transfer_images(staging, transfers, mode, [], resuming=True)
     _publish(data_dir, staging)
     return ConversionSummary(**header["summary"])
 
@@ -929,7 +935,7 @@ def convert_dataset(
     try:
         transfers, n_samples = _plan_conversion(staging, ds_iterator, dir_size, hash_fn, report)
         _check_free_space(staging, transfers, mode)
-        summary = ConversionSummary(samples=n_samples, images=len(transfers), skipped=sum(report.reasons.values()))
+        summary = ConversionSummary(samples=n_samples, images=len(transfers), skipped=report.skipped)
         _write_transfers(staging, {"mode": mode, "dir_size": dir_size, "summary": vars(summary)}, transfers)
     except BaseException as error:
         _remove_staging(staging)
@@ -949,8 +955,9 @@ def convert_dataset(
                 f"Putting the {len(done)} images back failed ({undo_error}): {staging} lists every transfer; "
                 "call convert_dataset again with the same data_dir, mode and dir_size to finish the conversion"
             )
-            raise
-        error.add_note(f"convert_dataset moved the {len(done)} images it had transferred back: {data_dir} is as it was")
+            raise error from undo_error
+        undone = "moved the" if mode == "mv" else "deleted the copies of the"
+        error.add_note(f"convert_dataset {undone} {len(done)} images it had transferred: {data_dir} is as it was")
         raise
     _publish(data_dir, staging)
     report.summarize(n_samples)

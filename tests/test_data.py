@@ -408,7 +408,8 @@ def test_convert_dataset_failing_midway_leaves_everything_as_it_was(tmp_path, ma
     assert_converted(tmp_path / "out", samples)
 
 
-def test_convert_dataset_failing_while_moving_puts_the_images_back(tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", ["mv", "cp"])
+def test_convert_dataset_failing_while_moving_puts_the_images_back(tmp_path, monkeypatch, mode):
     from magma_hf import data
 
     samples = seeded_sources(tmp_path, ["a.png", "b.png", "c.png", "d.png"])
@@ -424,8 +425,8 @@ def test_convert_dataset_failing_while_moving_puts_the_images_back(tmp_path, mon
 
     monkeypatch.setattr(data, "_transfer_image", transfer_then_fail)
     with files_unchanged(tmp_path, no_new_files=True), pytest.raises(OSError, match="I/O error") as raised:
-        convert_dataset(tmp_path / "out", samples, mode="mv")
-    assert "moved the 2 images it had transferred back" in "".join(raised.value.__notes__)
+        convert_dataset(tmp_path / "out", samples, mode=mode)
+    assert "the 2 images it had transferred" in "".join(raised.value.__notes__)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["notes.txt"]
 
 
