@@ -18,17 +18,21 @@ UINT16_MAX = 65535
 EXIF_ORIENTATION = 0x0112  # PIL.ExifTags.Base.Orientation
 
 
-def to_8bit(image: PIL.Image.Image) -> PIL.Image.Image:
+def to_8bit(image: PIL.Image.Image, decoded_from_file: bool = True) -> PIL.Image.Image:
     """An image in a mode deeper than 8 bits scaled to 8-bit grayscale (`L`); any other image returned as it is.
 
     Integer modes (`I;16*`, and `I`, which is how Pillow holds 16-bit PNG/TIFF data once converted) are read as 16-bit
-    values, `0..65535` -> `0..255`. Float images (`F`) are read as `0..1` when all values lie there, else as `0..255`.
-    Values outside those ranges would need a guess, so they are an error naming the mode and the range found.
+    values, `0..65535` -> `0..255`. An `I` image built in memory (`decoded_from_file=False`, e.g. `Image.fromarray` of
+    int32 pixels) whose values all fit in `0..255` is returned as it is: its RGB conversion is right, as it always was.
+    Float images (`F`) are read as `0..1` when all values lie there, else as `0..255`. Values outside those ranges
+    would need a guess, so they are an error naming the mode and the range found.
     """
     if image.mode not in (*SIXTEEN_BIT_MODES, "I", "F"):
         return image
     values = np.asarray(image, dtype=np.float64)
     low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode == "I" and not decoded_from_file and low >= 0 and high <= 255:
+        return image
     if not np.isfinite(values).all():
         raise ValueError(f"A mode {image.mode} image of size {image.size} holds NaN or infinite values")
     if image.mode == "F" and low >= 0.0 and high <= 1.0:
@@ -71,7 +75,7 @@ def load_image_input(image, timeout: float | None = None):
     if isinstance(image, (str, os.PathLike)) and os.path.isfile(image):
         return open_image(image)
     if isinstance(image, PIL.Image.Image):
-        return to_8bit(image)
+        return to_8bit(image, decoded_from_file=False)
     if isinstance(image, str):
         return load_image(image, timeout=timeout)
     return image
@@ -103,7 +107,7 @@ class MagmaImageProcessor(CLIPImageProcessorPil):
     def process_image(self, image, *args, **kwargs) -> np.ndarray:
         """Scale 16-bit, 32-bit and float PIL images to 8 bits before the RGB conversion, which would clip them."""
         if isinstance(image, PIL.Image.Image):
-            image = to_8bit(image)
+            image = to_8bit(image, decoded_from_file=False)
         return super().process_image(image, *args, **kwargs)
 
     def fetch_images(self, image_url_or_urls):

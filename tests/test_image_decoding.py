@@ -126,3 +126,16 @@ def test_evaluation_names_an_image_that_cannot_be_decoded(tmp_path):
     eval_set = load_eval_set(tmp_path / "data", "caption")
     with pytest.raises(ValueError, match=r"cannot read the image of example 1 \(the image file cannot be decoded"):
         eval_set.image(0)
+
+
+def test_an_in_memory_integer_image_of_8_bit_values_is_processed_as_before(processor):
+    """`Image.fromarray` of int32 pixels gives mode `I`: values that fit in 0..255 keep their RGB conversion."""
+    import numpy as np
+    from PIL import Image
+
+    values = np.random.default_rng(0).integers(0, 256, (70, 90), dtype=np.int32)
+    as_int = Image.fromarray(values)
+    assert as_int.mode == "I"
+    expected = processor.image_processor(Image.fromarray(values.astype(np.uint8)), return_tensors="np")
+    got = processor.image_processor(as_int, return_tensors="np")
+    assert np.array_equal(got["pixel_values"], expected["pixel_values"])
