@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
+import shutil
 from pathlib import Path
 
 import torch
@@ -89,8 +89,11 @@ def save_adapter_export(
     export_dir.parent.mkdir(parents=True, exist_ok=True)
     # Written whole in a hidden folder beside, then moved in file by file: a kill leaves the previous export's files
     # complete, and files in `export_dir` that the export does not write (the user's) are never touched.
-    with tempfile.TemporaryDirectory(prefix=f".{export_dir.name}.exporting-", dir=export_dir.parent) as staging:
-        staging = Path(staging)
+    staging = export_dir.parent / export_staging_name(export_dir.name)
+    if staging.is_dir():
+        shutil.rmtree(staging)  # left by a killed export: this function's own folder
+    staging.mkdir()
+    try:
         if model.config.adapter_config:
             model.save_peft_adapter(staging, base_model_name_or_path=base_model_name_or_path, state_dict=state_dict)
         state_dict = model.state_dict() if state_dict is None else state_dict
@@ -111,7 +114,14 @@ def save_adapter_export(
         export_dir.mkdir(exist_ok=True)
         # the index of the export last: it lists the files, which are all in place then
         move_files_into(sorted(staging.iterdir(), key=lambda path: path.name == EXPORT_INFO_FILE), export_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return export_dir
+
+
+def export_staging_name(export_dir_name: str) -> str:
+    """The hidden folder beside an export in which `save_adapter_export` writes it."""
+    return f".{export_dir_name}.exporting"
 
 
 def _is_users_readme(path: Path) -> bool:

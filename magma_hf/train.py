@@ -395,7 +395,7 @@ def resolve_deepspeed(config: MagmaTrainingConfig) -> dict | str | None:
     if _launcher_uses_deepspeed():
         accumulation = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "auto")
         if accumulation.isdigit() and int(accumulation) != config.gradient_accumulation_steps:
-            raise ValueError(
+            raise TrainingConfigError(
                 f"The accelerate config sets DeepSpeed's gradient_accumulation_steps: {accumulation}, the training "
                 f"config gradient_accumulation_steps: {config.gradient_accumulation_steps}: make them equal"
             )
@@ -804,7 +804,10 @@ def resolve_checkpoint(config: MagmaTrainingConfig) -> str | None:
         return None
     load = Path(config.load)
     if (load / "trainer_state.json").exists() or checkpoint_step(load) is not None:
-        require_complete_checkpoint(load)
+        try:
+            require_complete_checkpoint(load)
+        except ValueError as error:
+            raise TrainingConfigError(f"load: {error}") from None
         return str(load)
     if not config.load_optimizer and (load / MAGMA_WEIGHTS_NAME).is_file():
         return str(load)  # only the weights are taken
@@ -870,7 +873,8 @@ def check_output_dir(config: MagmaTrainingConfig, checkpoint: str | None) -> Non
     it; `overwrite: true` lets it replace an earlier run's final outputs there. Never: `save` being one of the run's
     inputs, or holding another run's checkpoints (this run would mix its own with them, replace or rotate them away).
     Files the run does not write are never touched."""
-    from .trainer import CHECKPOINT_NAME, INTERRUPTED_NAME
+    from .export import export_staging_name
+    from .trainer import CAPTIONS_LOG_NAME, CHECKPOINT_NAME, INTERRUPTED_NAME, SUPERSEDED_PREFIX
 
     output = Path(config.output_dir).expanduser().resolve()
     for key, path in _input_folders(config):
@@ -894,13 +898,15 @@ def check_output_dir(config: MagmaTrainingConfig, checkpoint: str | None) -> Non
             f"checkpoints with them and replace them. Resume that run (load: {output}), or choose another save "
             "folder; overwrite: true never replaces checkpoints"
         )
-    if continues_folder:
+    if continues_folder:  # what that run writes before its first complete checkpoint, or when a save is cut short
+        own_names = {CAPTIONS_LOG_NAME, FINAL_MODEL_STAGING, export_staging_name(EXPORT_DIR_NAME)}
         entries = [
             entry
             for entry in entries
             if entry not in checkpoints
+            and entry.name not in own_names
             and not INTERRUPTED_NAME.fullmatch(entry.name)
-            and entry.name != FINAL_MODEL_STAGING
+            and not CHECKPOINT_NAME.fullmatch(entry.name.removeprefix(SUPERSEDED_PREFIX))
         ]
     if not entries:
         return

@@ -166,14 +166,15 @@ def checkpoint_folders(folder: str | os.PathLike) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
-def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
+def last_complete_checkpoint(folder: str | os.PathLike, warn: bool = True) -> str | None:
     """The complete `checkpoint-N` of `folder` with the highest N, or `None`. Incomplete ones after it are skipped,
-    each with a warning naming it."""
+    each with a warning naming it (`warn`)."""
     for path in reversed(checkpoint_folders(folder)):
         problem = checkpoint_problem(path)
         if problem is None:
             return str(path)
-        logger.warning(f"Skipping the checkpoint {path}: {problem}. Resuming from an earlier one, if any")
+        if warn:
+            logger.warning(f"Skipping the checkpoint {path}: {problem}. Resuming from an earlier one, if any")
     return None
 
 
@@ -184,7 +185,7 @@ def require_complete_checkpoint(path: str | os.PathLike) -> None:
         return
     message = f"Cannot resume from {path}: {problem}"
     if Path(path).parent.is_dir():
-        earlier = last_complete_checkpoint(Path(path).parent)
+        earlier = last_complete_checkpoint(Path(path).parent, warn=False)  # named in the error, not resumed from
         message += f". The last complete checkpoint beside it is {earlier}" if earlier else ""
     raise ValueError(message)
 

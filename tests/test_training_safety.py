@@ -295,3 +295,30 @@ def test_cli_names_a_missing_or_broken_config_file(tmp_path, capsys):
     assert cli.main(["train", str(broken)]) == 1
     error = capsys.readouterr().err
     assert error.startswith(f"error: {broken} is not valid YAML: ") and "line 3" in error
+
+
+def test_load_save_continues_a_run_killed_before_its_first_checkpoint(assets, tmp_path):
+    """Killed after an evaluation logged captions and while a checkpoint and an export were being written, before any
+    checkpoint was complete: the same command (load: save) starts that run again at step 0 in its folder, no
+    overwrite needed, and leaves no leftover of its own."""
+    from magma_hf.export import export_staging_name
+    from magma_hf.trainer import CAPTIONS_LOG_NAME
+
+    save = tmp_path / "run"
+    (save / "tmp-checkpoint-250" / "checkpoint-250").mkdir(parents=True)
+    (save / export_staging_name("adapter_export")).mkdir()
+    (save / CAPTIONS_LOG_NAME).write_text('{"step": 1, "generated": "from the killed run"}\n')
+    train(MagmaTrainingConfig.from_dict(run_config(assets, save, load=str(save))))
+    assert (save / "checkpoint-2" / "trainer_state.json").is_file() and (save / "model.safetensors").is_file()
+    assert not (save / "tmp-checkpoint-250").exists() and not (save / export_staging_name("adapter_export")).exists()
+
+
+def test_load_of_an_incomplete_checkpoint_is_a_config_error_in_one_line(assets, tmp_path, capsys):
+    save = tmp_path / "run"
+    (save / "checkpoint-4").mkdir(parents=True)  # no trainer_state.json: a save that was cut short
+    config = write_config(tmp_path / "cfg.yml", run_config(assets, save, load=str(save / "checkpoint-4")))
+    with files_unchanged(tmp_path, no_new_files=True):
+        assert cli.main(["train", str(config)]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: load: Cannot resume from {save / 'checkpoint-4'}") and "Traceback" not in error
+    assert "Skipping" not in error  # no warning that contradicts the error
