@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from .image_processing_magma import open_image
-from .io_utils import atomic_path, leftover_temporaries, write_text_atomically
+from .io_utils import atomic_path, remove_leftover_temporaries, write_text_atomically
 
 try:  # datasets >= 4
     from datasets import List as _ListFeature
@@ -805,12 +805,6 @@ def _copy_into_place(source: Path, target: Path) -> None:
         shutil.copy2(source, temporary)
 
 
-def _remove_cut_copies(target: Path) -> None:
-    """The temporary files a killed `_copy_into_place(..., target)` left: its exact naming only, no user file."""
-    for path in leftover_temporaries(target):
-        path.unlink()
-
-
 def _transfer_images(
     staging: Path, transfers: list[tuple[str, str]], mode: str, done: list, resuming: bool = False
 ) -> None:
@@ -821,7 +815,7 @@ def _transfer_images(
         return  # killed after images/ was renamed into data_dir (it was empty or absent before): all transfers done
     for source, target in tqdm(transfers, desc="Moving images" if mode == "mv" else "Copying images"):
         if resuming and not (staging / target).exists() and (staging / target).parent.is_dir():
-            _remove_cut_copies(staging / target)  # a copy cut short by a kill
+            remove_leftover_temporaries(staging / target)  # a copy cut short by a kill
         _transfer_image(Path(source), staging / target, mode)
         done.append((source, target))
 

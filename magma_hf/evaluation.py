@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from .evaluation_data import QA_TASKS, TASKS, EvalSet, draw_support, load_eval_set
-from .io_utils import leftover_temporaries, write_text_atomically
+from .io_utils import remove_leftover_temporaries, write_text_atomically
 from .processing_magma import IMAGE_TOKEN
 from .vqa_metrics import aggregate_accuracy, gqa_accuracy, vqa_accuracy
 
@@ -194,7 +194,7 @@ def _read_header(path: Path) -> dict[str, Any]:
 
 def _check_resumable(path: Path, recorded: Mapping[str, Any], settings: Mapping[str, Any], keys) -> None:
     details = _differences(recorded, settings, keys)
-    if details and "model_weights" in details:  # a hash alone does not say which models
+    if details and recorded.get("model_weights") != settings.get("model_weights"):  # a hash does not say which models
         details += f" (the file's model: {recorded.get('model')!r}; this run's: {settings.get('model')!r})"
     if details:
         raise ValueError(
@@ -228,9 +228,8 @@ def _read_records(path: Path) -> dict[str, dict]:
 
 def _remove_leftover_temporaries(path: Path) -> None:
     """Temporary files of an atomic write to `path` that a killed run left behind."""
-    for leftover in leftover_temporaries(path):
-        logger.warning("Removing %s, left by an interrupted write of %s", leftover, path)
-        leftover.unlink(missing_ok=True)
+    for leftover in remove_leftover_temporaries(path):
+        logger.warning("Removed %s, left by an interrupted write of %s", leftover, path)
 
 
 def _append_records(log, records: list[dict]) -> None:
@@ -384,7 +383,7 @@ def evaluate(
         model_name = getattr(model, "name_or_path", "") or type(model).__name__
     settings.update(
         model=model_name,
-        model_weights=weights_fingerprint(model),
+        model_weights=weights_fingerprint(model) if output is not None else None,  # identifies a resumable run
         dtype=str(model.dtype).removeprefix("torch."),
         batch_size=batch_size,
     )

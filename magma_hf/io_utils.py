@@ -68,6 +68,14 @@ def leftover_temporaries(path: str | os.PathLike) -> list[Path]:
     return sorted(p for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp") if pattern.fullmatch(p.name))
 
 
+def remove_leftover_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete what killed `atomic_path(path)` writes left beside `path` (their exact naming: no other file)."""
+    leftovers = leftover_temporaries(path)
+    for leftover in leftovers:
+        leftover.unlink(missing_ok=True)
+    return leftovers
+
+
 def write_text_atomically(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as temporary:
         temporary.write_text(text, encoding="utf-8")
