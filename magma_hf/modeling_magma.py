@@ -143,18 +143,17 @@ class MagmaPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        folder = None  # a local model folder, checked here; a Hub repo id is transformers' to resolve
         if pretrained_model_name_or_path is not None:
             folder = Path(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
-            if folder.is_dir():
-                check_model_folder(folder, has_config=bool(args) or kwargs.get("config") is not None)
+            folder = folder if folder.is_dir() else None
+        if folder is not None:
+            check_model_folder(folder, has_config=bool(args) or kwargs.get("config") is not None)
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except SafetensorError as error:
             # safetensors says "incomplete metadata, file not fully covered", not which of the shards it was reading
-            if pretrained_model_name_or_path is None:
-                raise
-            folder = Path(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
-            if not folder.is_dir():
+            if folder is None:
                 raise
             raise OSError(broken_weight_files_message(folder, error)) from error
 
