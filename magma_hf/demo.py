@@ -385,7 +385,8 @@ def generate_answers(
         if blind:
             inputs["pixel_values"] = torch.zeros_like(inputs["pixel_values"])
         generated = model.generate(**inputs, do_sample=False, max_new_tokens=8)
-        answers += [first_line(text) for text in processor.batch_decode(generated[:, inputs["input_ids"].shape[1] :])]
+        texts = processor.post_process_image_text_to_text(generated[:, inputs["input_ids"].shape[1] :])
+        answers += [first_line(text) for text in texts]
     return answers
 
 

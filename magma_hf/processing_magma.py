@@ -1,5 +1,6 @@
 """MAGMA's processor: CLIP image preprocessing plus the GPT-2 tokenizer with `<|image|>`."""
 
+import copy
 import os
 from collections.abc import Callable
 
@@ -85,7 +86,7 @@ def image_source_problem(source: str, error: Exception) -> str:
     return f"is not a file{where} (nor a URL or base64 image data)"
 
 
-class MagmaProcessingKwargs(ProcessingKwargs, total=False):
+class MagmaProcessorKwargs(ProcessingKwargs, total=False):
     _defaults = {"text_kwargs": {"padding": False}}
 
 
@@ -98,14 +99,15 @@ class MagmaProcessor(ProcessorMixin):
       caption prompt of its own.
     - Batches are padded on the left, ready for `generate`; truncation that would cut into an image's tokens is an
       error, never a silent cut.
-    - Decoding drops the image tokens.
+    - `decode` and `batch_decode` are the tokenizer's; `post_process_image_text_to_text` is MAGMA's clean-up of
+      generated ids (image tokens dropped, cut at the first end-of-text).
 
     Args:
         image_processor ([`MagmaImageProcessor`]): CLIP preprocessing at the model's image size.
         tokenizer: GPT-2's tokenizer with the special token `<|image|>` (MAGMA used it as the cls token).
     """
 
-    valid_processor_kwargs = MagmaProcessingKwargs
+    valid_processor_kwargs = MagmaProcessorKwargs
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         if tokenizer is None or image_processor is None:
@@ -122,7 +124,29 @@ class MagmaProcessor(ProcessorMixin):
         folder = os.path.join(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
         if os.path.isdir(folder):  # a truncated tokenizer.json is otherwise a bare JSONDecodeError
             check_json_files(folder, PROCESSOR_FILES_JSON)
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        processor = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        # `auto_map` belongs to the saved files (saving writes it again), not to the live processor: without this the
+        # reloaded processor differs from the one that was saved.
+        for holder in processor._auto_map_holders():
+            holder.pop("auto_map", None)
+        return processor
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """transformers' saving, which writes `auto_map` into the saved files by setting it on the live processor,
+        its image processor and its tokenizer: here they are put back as they were, so saving changes nothing."""
+        saved = [(holder, copy.deepcopy(holder.get("auto_map"))) for holder in self._auto_map_holders()]
+        try:
+            return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        finally:
+            for holder, auto_map in saved:
+                holder.pop("auto_map", None)
+                if auto_map is not None:
+                    holder["auto_map"] = auto_map
+
+    def _auto_map_holders(self) -> list[dict]:
+        """Where saving records `auto_map`: the processor's and image processor's attributes, the tokenizer's
+        `init_kwargs`."""
+        return [vars(self), vars(self.image_processor), self.tokenizer.init_kwargs]
 
     @staticmethod
     def _require_image_token(tokenizer) -> int:
@@ -173,6 +197,14 @@ class MagmaProcessor(ProcessorMixin):
         per_sample = self._images_per_sample(images, text)
         if per_sample is None:
             return text  # explicit placeholders in a flat batch: `validate_inputs` checks the counts
+        for number, (count, sample) in enumerate(zip(per_sample, text)):
+            placeholders = sample.count(self.image_token)
+            if placeholders and placeholders != count:  # the totals may agree while images move between prompts
+                raise ValueError(
+                    f"The number of {self.image_token} tokens in each prompt should be the same as the number of "
+                    f"images passed for it: text[{number}] has {placeholders} {self.image_token} tokens and {count} "
+                    "images."
+                )
         return [
             sample if self.image_token in sample else self.image_token * count + sample
             for count, sample in zip(per_sample, text)
@@ -180,24 +212,36 @@ class MagmaProcessor(ProcessorMixin):
 
     def _images_per_sample(self, images, text: list[str]) -> list[int] | None:
         """How many images belong to each text: from nested lists, or one each (or all for a single text)."""
+        n_images = len(make_flat_list_of_images(images))
         if isinstance(images, (list, tuple)) and images and isinstance(images[0], (list, tuple)):
             if len(images) != len(text):
-                raise ValueError(f"Got {len(images)} lists of images for {len(text)} texts: pass one list per text")
+                raise self._count_mismatch(text, n_images, f"{len(images)} lists of images for {len(text)} texts")
             return [len(sample_images) for sample_images in images]
         if any(self.image_token in sample for sample in text):
             return None
-        n_images = len(make_flat_list_of_images(images))
         if len(text) == 1:
             return [n_images]
         if n_images == len(text):
             return [1] * n_images
-        raise ValueError(
-            f"Got {n_images} images for {len(text)} texts without {self.image_token}: pass one image (or one list "
-            f"of images) per text, or mark where each image goes with {self.image_token}."
+        raise self._count_mismatch(text, n_images, f"{n_images} images for {len(text)} texts")
+
+    def _count_mismatch(self, text: list[str], n_images: int, got: str) -> ValueError:
+        """transformers' message for images and placeholders that disagree, with MAGMA's rule for text without
+        placeholders (its images go in front)."""
+        n_placeholders = sum(sample.count(self.image_token) for sample in text)
+        return ValueError(
+            f"The total number of {self.image_token} tokens in the prompts should be the same as the number of images "
+            f"passed. Found total {n_placeholders} {self.image_token} tokens and {n_images} images. Got {got}: pass "
+            f"one image (or one list of images) per text, or mark where each image goes with {self.image_token}."
         )
 
     def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True, **kwargs):
-        """Decode generated ids; image tokens and everything from the first end-of-text on are dropped."""
+        """MAGMA's clean-up of generated ids, one text per sequence (a single sequence gives a list of one): image
+        tokens and everything from the first end-of-text on are dropped; `kwargs` go to the tokenizer's `decode`."""
+        if hasattr(generated_outputs, "tolist"):
+            generated_outputs = generated_outputs.tolist()
+        if generated_outputs and not isinstance(generated_outputs[0], (list, tuple)):
+            generated_outputs = [generated_outputs]
         return [
             self.tokenizer.decode(self._until_eos(ids), skip_special_tokens=skip_special_tokens, **kwargs)
             for ids in generated_outputs
@@ -210,12 +254,6 @@ class MagmaProcessor(ProcessorMixin):
         start = next((n for n, i in enumerate(ids) if i != eos), len(ids))
         end = next((n for n in range(start, len(ids)) if ids[n] == eos), len(ids))
         return [i for i in ids[start:end] if i != self.image_token_id]
-
-    def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs) -> list[str]:
-        return self.post_process_image_text_to_text(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
-
-    def decode(self, token_ids, skip_special_tokens: bool = True, **kwargs) -> str:
-        return self.post_process_image_text_to_text([token_ids], skip_special_tokens=skip_special_tokens, **kwargs)[0]
 
     @property
     def model_input_names(self) -> list[str]:

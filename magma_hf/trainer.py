@@ -560,7 +560,7 @@ class MagmaTrainer(Trainer):
                 )
         finally:
             model.train(was_training)
-        captions = self.processing_class.batch_decode(generated[:, inputs["input_ids"].shape[1] :])
+        captions = self.processing_class.post_process_image_text_to_text(generated[:, inputs["input_ids"].shape[1] :])
         if self.is_world_process_zero():
             os.makedirs(self.args.output_dir, exist_ok=True)
             with open(os.path.join(self.args.output_dir, CAPTIONS_LOG_NAME), "a", encoding="utf-8") as file:

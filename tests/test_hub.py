@@ -54,7 +54,7 @@ def expected_texts(model, processor, image, prompts):
     for prompt in prompts:
         inputs = processor(images=[image], text=[prompt], return_tensors="pt")
         generated = model.generate(**inputs, **GREEDY)[:, inputs.input_ids.shape[1] :]
-        texts.append(processor.decode(generated[0]))
+        texts.append(processor.post_process_image_text_to_text(generated)[0])
     return texts
 
 
@@ -122,7 +122,7 @@ REMOTE_SCRIPT = textwrap.dedent(
     print(json.dumps({
         "model_module": type(model).__module__,
         "processor_class": type(processor).__name__,
-        "generate": processor.decode(generated[0]),
+        "generate": processor.post_process_image_text_to_text(generated)[0],
         "caption": pipe(image, generate_kwargs=greedy),
         "answer": pipe(image, text="Q: What is in the picture? A:", generate_kwargs=greedy),
     }))

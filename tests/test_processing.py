@@ -130,17 +130,6 @@ def test_batches_pad_on_the_left(processor):
     assert (out.input_ids[0][mask[0] == 0] == processor.tokenizer.pad_token_id).all()
 
 
-def test_decoding_drops_image_tokens_and_what_follows_eos(processor):
-    tokenizer = processor.tokenizer
-    eos, image = tokenizer.eos_token_id, processor.image_token_id
-    caption = tokenizer("a dog on the beach", add_special_tokens=False).input_ids
-    after = tokenizer(" junk", add_special_tokens=False).input_ids
-    sequence = [eos, eos] + [image] * processor.num_image_tokens + caption + [eos] + after
-    assert processor.decode(sequence) == "a dog on the beach"
-    assert processor.batch_decode(torch.tensor([sequence, sequence])) == ["a dog on the beach"] * 2
-    assert processor.post_process_image_text_to_text([sequence]) == ["a dog on the beach"]
-
-
 def test_save_and_load_round_trip(processor, tmp_path):
     processor.save_pretrained(tmp_path)
     loaded = MagmaProcessor.from_pretrained(tmp_path)
