@@ -344,6 +344,7 @@ class MagmaModel(MagmaPreTrainedModel):
             position_ids=position_ids,
             cache=cache,
             inputs_embeds=inputs_embeds,
+            return_dict=True,  # read as an output below, whatever text_config.return_dict says
             **kwargs,
         )
         return MultimodalBaseModelOutputWithPast(

@@ -109,11 +109,14 @@ def test_get_image_features_returns_a_tuple_without_return_dict(model, inputs):
     assert isinstance(with_stages, tuple) and len(with_stages) == 3 and len(with_stages[2]) == 5
 
 
-def test_forward_reads_image_features_under_return_dict_false(model, inputs):
+@pytest.mark.parametrize("where", ["model", "text_config"])
+def test_forward_reads_its_parts_outputs_under_return_dict_false(model, inputs, where):
     with torch.no_grad():
         expected = model(**inputs).logits
-        model.config.return_dict = False
-        logits = model(**inputs)[0]
+        config = model.config if where == "model" else model.config.text_config
+        config.return_dict = False
+        outputs = model(**inputs)
+    logits = outputs[0] if where == "model" else outputs.logits
     torch.testing.assert_close(logits, expected)
 
 
@@ -146,3 +149,22 @@ def test_a_hidden_size_that_contradicts_width_is_refused():
         MagmaVisionConfig(width=8, hidden_size=300)
     with pytest.raises(ValueError, match="hidden_size 100 does not match width 96"):
         MagmaConfig(vision_config={"hidden_size": 100})
+
+
+def test_a_checkpoint_missing_every_weight_loads_as_init_builds(tokenizer, tmp_path):
+    """The same check over the whole model: encoder, projection, GPT-J, adapters and buffers."""
+    config = tiny_config(tokenizer)
+    original_initialize_weights = PreTrainedModel._initialize_weights
+
+    def seeded_initialize_weights(self, module, is_custom_code=False):
+        set_seed(0)
+        original_initialize_weights(self, module, is_custom_code)
+
+    with patch.object(PreTrainedModel, "_initialize_weights", seeded_initialize_weights):
+        built = MagmaForConditionalGeneration(config)
+        built.save_pretrained(tmp_path)
+        save_file({"lm_head.bias": built.lm_head.bias.detach()}, tmp_path / "model.safetensors")
+        loaded = MagmaForConditionalGeneration.from_pretrained(tmp_path)
+    loaded_state = loaded.state_dict()
+    different = [name for name, tensor in built.state_dict().items() if not torch.equal(tensor, loaded_state[name])]
+    assert different == []
