@@ -69,7 +69,8 @@ class MagmaVisionConfig(PreTrainedConfig):
         width (`int`, defaults to 96): Channels of the stem; stage `i` has `width * 2**i * 4` output channels.
         image_size (`int`, defaults to 384): Input resolution, a multiple of 32.
 
-    The encoder turns `[b, 3, image_size, image_size]` into `[b, (image_size // 32) ** 2, width * 32]`.
+    The encoder turns `[b, 3, image_size, image_size]` into `[b, (image_size // 32) ** 2, hidden_size]`, where
+    `hidden_size` is `width * 32` (derived, not stored).
     """
 
     model_type = "magma_vision"
@@ -90,9 +91,21 @@ class MagmaVisionConfig(PreTrainedConfig):
             raise ValueError(f"vision_config.image_size must be a multiple of 32, got {self.image_size}")
 
     @property
-    def feature_size(self) -> int:
-        """Channels of the last stage: the size of each image feature vector."""
+    def hidden_size(self) -> int:
+        """Channels of the last stage: the size of each image feature vector the encoder outputs.
+
+        Derived from `width` (never serialized), so every config.json, old or new, means the same encoder.
+        """
         return self.width * 32
+
+    @hidden_size.setter
+    def hidden_size(self, value: int) -> None:
+        # transformers sets common attributes by name; the feature size follows from `width` and cannot differ.
+        if value != self.width * 32:
+            raise ValueError(
+                f"vision_config.hidden_size {value} does not match width {self.width}: the encoder outputs "
+                f"width * 32 = {self.width * 32} features; change width (hidden_size / 32) instead"
+            )
 
     @property
     def num_image_tokens(self) -> int:

@@ -14,12 +14,14 @@ from transformers import AutoModel, GenerationConfig, GenerationMixin, PreTraine
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import (
+    BaseModelOutputWithNoAttention,
     BaseModelOutputWithPooling,
     MultimodalBaseModelOutputWithPast,
     MultimodalCausalLMOutputWithPast,
 )
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .adapters_magma import MagmaAdapterConfig, MagmaAdapterLayer
 from .configuration_magma import MagmaConfig, MagmaVisionConfig
@@ -49,7 +51,7 @@ class MagmaImageEncoder(ModifiedResNet):
     """
 
     def __init__(self, config: MagmaVisionConfig):
-        feature_size = config.feature_size
+        feature_size = config.hidden_size
         super().__init__(
             layers=config.layers,
             output_dim=feature_size,
@@ -59,20 +61,27 @@ class MagmaImageEncoder(ModifiedResNet):
         )
         del self.attnpool  # MAGMA replaced CLIP's attention pooling by a reshape: every position is a token
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """`[b, 3, s, s]` -> `[b, (s / 32) ** 2, width * 32]`."""
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> BaseModelOutputWithNoAttention:
+        """`[b, 3, s, s]` -> `last_hidden_state` `[b, (s / 32) ** 2, width * 32]`; with `output_hidden_states`,
+        `hidden_states` holds the feature maps `[b, c, h, w]` of the stem and of each of the four stages."""
         x = self.stem(pixel_values.to(self.conv1.weight.dtype))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return x.flatten(2).transpose(1, 2)
+        stages = [x]
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = stage(x)
+            stages.append(x)
+        return BaseModelOutputWithNoAttention(
+            last_hidden_state=x.flatten(2).transpose(1, 2),  # row-major: every position is an image token
+            hidden_states=tuple(stages) if output_hidden_states else None,
+        )
 
 
 class MagmaMultiModalProjector(nn.Module):
-    """MAGMA's image prefix head: `ln(dropout(proj(features)))`, `[b, n, feature_size]` -> `[b, n, hidden]`."""
+    """MAGMA's image prefix head: `ln(dropout(proj(features)))`, `[b, n, vision_hidden]` -> `[b, n, text_hidden]`."""
 
     def __init__(self, config: MagmaConfig):
         super().__init__()
         hidden_size = config.text_config.hidden_size
-        self.proj = nn.Linear(config.vision_config.feature_size, hidden_size)
+        self.proj = nn.Linear(config.vision_config.hidden_size, hidden_size)
         self.dropout = nn.Dropout(config.image_embed_dropout_prob)
         self.ln = nn.LayerNorm(hidden_size) if config.use_image_embed_layernorm else nn.Identity()
 
@@ -162,16 +171,21 @@ class MagmaPreTrainedModel(PreTrainedModel):
             init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
         elif isinstance(module, Bottleneck):
             init.zeros_(module.bn3.weight)  # as open_clip: each residual block starts as the identity
+        elif isinstance(module, MagmaAdapterLayer):
+            for adapter_name in module.magma_down:  # the original MAGMA init; skips weights loaded from a checkpoint
+                module.reset_adapter_parameters(adapter_name)
         else:
             super()._init_weights(module)
 
     def initialize_weights(self) -> None:
-        # The adapters live inside GPT-J, whose own `_init_weights` would claim them; give them MAGMA's init first
-        # and mark them done.
+        # The adapters live inside GPT-J, whose `_init_weights` transformers' dispatch would give them (and GPT-J's
+        # init to their Linear layers): initialise each adapter layer through this model's `_initialize_weights`
+        # first, and mark its adapter modules done so that the dispatch below leaves them alone.
         for module in self.modules():
             if isinstance(module, MagmaAdapterLayer):
-                for adapter_name in module.magma_down:
-                    module.reset_adapter_parameters(adapter_name)
+                # is_custom_code=False: the adapter init checks each tensor's "loaded" flag itself, so the Hub
+                # code export must not take the layer (which has no direct parameters) as already initialised.
+                self._initialize_weights(module, is_custom_code=False)
                 for container in MagmaAdapterLayer.adapter_layer_names:
                     for submodule in getattr(module, container).modules():
                         submodule._is_hf_initialized = True
@@ -196,21 +210,33 @@ class MagmaModel(MagmaPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
 
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+    @can_return_tuple
+    def get_image_features(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None, **kwargs
+    ) -> BaseModelOutputWithPooling | tuple:
         """Encode images.
 
         Args:
             pixel_values: `[n_images, 3, image_size, image_size]`.
+            output_hidden_states: Also return the encoder's stage outputs; defaults to `config.output_hidden_states`.
+            return_dict: `False` gives the output as a tuple (defaults to `config.return_dict`).
 
         Returns:
             `BaseModelOutputWithPooling` whose `last_hidden_state` holds the encoder features
-            `[n_images, n_tokens, feature_size]` and `pooler_output` the image embeddings the language model reads,
-            `[n_images, n_tokens, hidden_size]`.
+            `[n_images, n_tokens, vision_config.hidden_size]`, `pooler_output` the image embeddings the language model
+            reads, `[n_images, n_tokens, text hidden_size]`, and with `output_hidden_states` `hidden_states`: the
+            feature maps `[n_images, c, h, w]` of the stem and of each of the four stages (the last one is
+            `last_hidden_state` before flattening), as ResNets in transformers give them.
         """
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         self.check_pixel_values(pixel_values)
-        features = self.vision_tower(pixel_values)
-        embeddings = self.multi_modal_projector(features)
-        return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=embeddings)
+        encoded = self.vision_tower(pixel_values, output_hidden_states=output_hidden_states)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=encoded.last_hidden_state,
+            pooler_output=self.multi_modal_projector(encoded.last_hidden_state),
+            hidden_states=encoded.hidden_states,
+        )
 
     def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
         """`pixel_values` must be `[n_images, 3, image_size, image_size]` floats, checked from the shape and dtype alone
@@ -272,6 +298,9 @@ class MagmaModel(MagmaPreTrainedModel):
         return mask.unsqueeze(-1)
 
     @can_return_tuple
+    # The pre-5 name, renamed as transformers' own models do; given beside `cache=` (even `None`) it is an error,
+    # not dropped with a warning.
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -301,7 +330,7 @@ class MagmaModel(MagmaPreTrainedModel):
 
         image_outputs = (mm_encoder_outputs or {}).get("image")
         if image_outputs is None and pixel_values is not None:
-            image_outputs = self.get_image_features(pixel_values)
+            image_outputs = self.get_image_features(pixel_values, return_dict=True)
         if image_outputs is not None:
             image_embeddings = image_outputs.pooler_output
             if isinstance(image_embeddings, (list, tuple)):
@@ -315,6 +344,7 @@ class MagmaModel(MagmaPreTrainedModel):
             position_ids=position_ids,
             cache=cache,
             inputs_embeds=inputs_embeds,
+            return_dict=True,  # read as an output below, whatever text_config.return_dict says
             **kwargs,
         )
         return MultimodalBaseModelOutputWithPast(
@@ -480,11 +510,14 @@ class MagmaForConditionalGeneration(MagmaPreTrainedModel, GenerationMixin):
             self.vision_tower.eval()
         return self
 
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling | tuple:
         """See [`MagmaModel.get_image_features`]: embeddings `[n_images, n_tokens, hidden]` in `pooler_output`."""
         return self.model.get_image_features(pixel_values, **kwargs)
 
     @can_return_tuple
+    # The pre-5 name, renamed as transformers' own models do; given beside `cache=` (even `None`) it is an error,
+    # not dropped with a warning.
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -515,6 +548,7 @@ class MagmaForConditionalGeneration(MagmaPreTrainedModel, GenerationMixin):
             cache=cache,
             inputs_embeds=inputs_embeds,
             mm_encoder_outputs=mm_encoder_outputs,
+            return_dict=True,  # read as an output below, whatever config.return_dict says
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)

@@ -13,7 +13,7 @@ def test_defaults_reproduce_magma_v1():
     vision = config.vision_config
     assert isinstance(vision, MagmaVisionConfig)
     assert (vision.layers, vision.width, vision.image_size) == ([6, 8, 18, 8], 96, 384)
-    assert vision.feature_size == 3072 and config.num_image_tokens == 144
+    assert vision.hidden_size == 3072 and config.num_image_tokens == 144
     assert config.adapter_config == {"mlp": {"adapter_type": "normal", "downsample_factor": 4, "add_layernorm": False}}
     assert config.image_token_id == 50257
     assert config.use_image_embed_layernorm and config.image_embed_dropout_prob == 0.1
@@ -26,7 +26,7 @@ def test_another_size_is_a_few_keyword_arguments():
         adapter_config={"attention": {"adapter_type": "parallel", "downsample_factor": 8}},
     )
     assert config.text_config.hidden_size == 256
-    assert config.vision_config.feature_size == 512 and config.num_image_tokens == 49
+    assert config.vision_config.hidden_size == 512 and config.num_image_tokens == 49
     assert config.adapter_config == {
         "attention": {"adapter_type": "parallel", "downsample_factor": 8, "add_layernorm": False}
     }

@@ -42,7 +42,7 @@ def test_image_encoder_is_the_resnet_trunk_flattened_row_major(model):
     reference.load_state_dict(encoder.state_dict(), strict=False)
     images = pixels(3, size=96)  # a non-default size: 3x3 feature grid
     feature_map = reference.forward_intermediates(images, intermediates_only=True)["image_intermediates"][-1]
-    features = encoder(images)
+    features = encoder(images).last_hidden_state
     assert feature_map.shape == (3, 256, 3, 3) and features.shape == (3, 9, 256)
     for token in range(9):
         torch.testing.assert_close(features[:, token], feature_map[:, :, token // 3, token % 3])

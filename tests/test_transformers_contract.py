@@ -1,0 +1,170 @@
+"""MAGMA against the contract transformers' own models keep: deprecated argument names, weight initialisation of
+missing weights, the image-feature API and the common config attributes."""
+
+import json
+from unittest.mock import patch
+
+import pytest
+import torch
+from helpers import random_image, tiny_config
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel, set_seed
+
+from magma_hf import MagmaConfig, MagmaForConditionalGeneration, MagmaVisionConfig
+
+
+@pytest.fixture
+def inputs(processor):
+    return processor(text="<|image|> a photo of", images=[random_image(0)], return_tensors="pt")
+
+
+# 1. `past_key_values=`, the pre-5 name of `cache=`
+
+
+def test_a_cache_passed_as_past_key_values_continues_like_cache(model, inputs, tokenizer):
+    next_ids = torch.tensor([tokenizer.encode(" a cat")])
+    mask = torch.ones(1, inputs["input_ids"].shape[1] + next_ids.shape[1], dtype=torch.long)
+    with torch.no_grad():
+        first = model(**inputs, use_cache=True)
+        expected = model(input_ids=next_ids, attention_mask=mask, cache=first.cache).logits
+        first = model(**inputs, use_cache=True)  # a fresh cache: the one above now holds the continuation too
+        old_name = model(input_ids=next_ids, attention_mask=mask, past_key_values=first.cache).logits
+        without_cache = model(input_ids=next_ids).logits
+    assert not torch.allclose(without_cache, expected, atol=1e-4)  # the cache matters for these logits
+    torch.testing.assert_close(old_name, expected)
+
+
+def test_a_cache_beside_an_explicit_cache_none_is_refused(model, inputs):
+    with torch.no_grad():
+        cache = model(**inputs, use_cache=True).cache
+    for forward in (model, model.model):
+        with pytest.raises(ValueError, match="Both `past_key_values` and `cache` are set"):
+            forward(input_ids=inputs["input_ids"][:, -1:], cache=None, past_key_values=cache)
+
+
+# 2. Missing weights are initialised as `__init__` initialises them
+
+
+def test_adapters_missing_from_the_checkpoint_are_initialised_as_in_init(tokenizer, tmp_path):
+    """As transformers' own check: with the seed reset before each module's init, a model whose adapter weights are
+    missing from its checkpoint gets exactly the adapter weights `__init__` gives."""
+    config = tiny_config(
+        tokenizer,
+        adapter_config={
+            "mlp": {"adapter_type": "scaled_parallel", "downsample_factor": 4, "add_layernorm": True},
+            "attention": {"adapter_type": "normal", "downsample_factor": 8},
+        },
+    )
+    original_initialize_weights = PreTrainedModel._initialize_weights
+
+    def seeded_initialize_weights(self, module, is_custom_code=False):
+        set_seed(0)
+        original_initialize_weights(self, module, is_custom_code)
+
+    with patch.object(PreTrainedModel, "_initialize_weights", seeded_initialize_weights):
+        built = MagmaForConditionalGeneration(config)
+        built.save_pretrained(tmp_path)
+        weights = load_file(tmp_path / "model.safetensors")
+        save_file({k: v for k, v in weights.items() if ".magma_" not in k}, tmp_path / "model.safetensors")
+        loaded = MagmaForConditionalGeneration.from_pretrained(tmp_path)
+    adapter_weights = {name: p for name, p in built.named_parameters() if ".magma_" in name}
+    assert len(adapter_weights) == 2 * (7 + 4)  # per block: mlp down, up, norm (2 each) and scale; attn down, up
+    down = adapter_weights["model.language_model.h.0.mlp.magma_down.default.weight"]
+    assert float(down.abs().max()) <= 2.001e-3  # MAGMA's init (normal(0, 1e-3) clamped), not GPT-J's normal(0, 0.02)
+    loaded_parameters = dict(loaded.named_parameters())
+    for name, expected in adapter_weights.items():
+        torch.testing.assert_close(loaded_parameters[name], expected, rtol=0, atol=0, msg=name)
+
+
+# 3. `get_image_features`: hidden states and tuples as transformers' models give them
+
+
+def test_get_image_features_returns_the_encoder_stages_as_hidden_states(model, inputs):
+    with torch.no_grad():
+        plain = model.get_image_features(inputs["pixel_values"])
+        outputs = model.get_image_features(inputs["pixel_values"], output_hidden_states=True)
+    assert plain.hidden_states is None
+    stages = outputs.hidden_states
+    assert isinstance(stages, tuple) and len(stages) == 5  # the stem and the four stages
+    assert [tuple(s.shape[1:]) for s in stages] == [(8, 16, 16), (32, 16, 16), (64, 8, 8), (128, 4, 4), (256, 2, 2)]
+    torch.testing.assert_close(stages[-1].flatten(2).transpose(1, 2), outputs.last_hidden_state)
+    torch.testing.assert_close(outputs.pooler_output, plain.pooler_output)
+
+
+def test_get_image_features_follows_config_output_hidden_states(model, inputs):
+    model.config.output_hidden_states = True
+    with torch.no_grad():
+        outputs = model.model.get_image_features(inputs["pixel_values"])
+    assert isinstance(outputs.hidden_states, tuple) and len(outputs.hidden_states) == 5
+
+
+def test_get_image_features_returns_a_tuple_without_return_dict(model, inputs):
+    with torch.no_grad():
+        outputs = model.get_image_features(inputs["pixel_values"])
+        as_tuple = model.get_image_features(inputs["pixel_values"], return_dict=False)
+        with_stages = model.get_image_features(inputs["pixel_values"], return_dict=False, output_hidden_states=True)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 2
+    torch.testing.assert_close(as_tuple[0], outputs.last_hidden_state)
+    torch.testing.assert_close(as_tuple[1], outputs.pooler_output)
+    assert isinstance(with_stages, tuple) and len(with_stages) == 3 and len(with_stages[2]) == 5
+
+
+@pytest.mark.parametrize("where", ["model", "text_config"])
+def test_forward_reads_its_parts_outputs_under_return_dict_false(model, inputs, where):
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        config = model.config if where == "model" else model.config.text_config
+        config.return_dict = False
+        outputs = model(**inputs)
+    logits = outputs[0] if where == "model" else outputs.logits
+    torch.testing.assert_close(logits, expected)
+
+
+# 4. `vision_config.hidden_size`
+
+
+def test_vision_config_hidden_size_is_the_encoder_feature_size(model, inputs):
+    config = model.config.vision_config
+    assert config.hidden_size == 256 == config.width * 32
+    with torch.no_grad():
+        features = model.get_image_features(inputs["pixel_values"]).last_hidden_state
+    assert features.shape[-1] == config.hidden_size
+    assert MagmaVisionConfig().hidden_size == 3072  # CLIP RN50x16
+
+
+def test_a_config_json_without_hidden_size_loads_the_same_model(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "hidden_size" not in saved["vision_config"]  # derived from width: serialized configs keep their meaning
+    loaded = MagmaForConditionalGeneration.from_pretrained(tmp_path)
+    assert loaded.config.vision_config.hidden_size == model.config.vision_config.hidden_size
+    assert loaded.model.multi_modal_projector.proj.in_features == 256
+    for (name, expected), (_, actual) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        torch.testing.assert_close(actual, expected, msg=name)
+
+
+def test_a_hidden_size_that_contradicts_width_is_refused():
+    assert MagmaVisionConfig(width=8, hidden_size=256).hidden_size == 256
+    with pytest.raises(ValueError, match=r"hidden_size 300 does not match width 8.*width \* 32 = 256"):
+        MagmaVisionConfig(width=8, hidden_size=300)
+    with pytest.raises(ValueError, match="hidden_size 100 does not match width 96"):
+        MagmaConfig(vision_config={"hidden_size": 100})
+
+
+def test_a_checkpoint_missing_every_weight_loads_as_init_builds(tokenizer, tmp_path):
+    """The same check over the whole model: encoder, projection, GPT-J, adapters and buffers."""
+    config = tiny_config(tokenizer)
+    original_initialize_weights = PreTrainedModel._initialize_weights
+
+    def seeded_initialize_weights(self, module, is_custom_code=False):
+        set_seed(0)
+        original_initialize_weights(self, module, is_custom_code)
+
+    with patch.object(PreTrainedModel, "_initialize_weights", seeded_initialize_weights):
+        built = MagmaForConditionalGeneration(config)
+        built.save_pretrained(tmp_path)
+        save_file({"lm_head.bias": built.lm_head.bias.detach()}, tmp_path / "model.safetensors")
+        loaded = MagmaForConditionalGeneration.from_pretrained(tmp_path)
+    loaded_state = loaded.state_dict()
+    different = [name for name, tensor in built.state_dict().items() if not torch.equal(tensor, loaded_state[name])]
+    assert different == []
