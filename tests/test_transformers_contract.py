@@ -45,6 +45,18 @@ def test_a_cache_beside_an_explicit_cache_none_is_refused(model, inputs):
 # 2. Missing weights are initialised as `__init__` initialises them
 
 
+def seeded_initialisation():
+    """Every module initialised from the same seed, so that `__init__` and `from_pretrained` can be compared exactly
+    (transformers' own check of `_init_weights` does the same)."""
+    original_initialize_weights = PreTrainedModel._initialize_weights
+
+    def seeded_initialize_weights(self, module, is_custom_code=False):
+        set_seed(0)
+        original_initialize_weights(self, module, is_custom_code)
+
+    return patch.object(PreTrainedModel, "_initialize_weights", seeded_initialize_weights)
+
+
 def test_adapters_missing_from_the_checkpoint_are_initialised_as_in_init(tokenizer, tmp_path):
     """As transformers' own check: with the seed reset before each module's init, a model whose adapter weights are
     missing from its checkpoint gets exactly the adapter weights `__init__` gives."""
@@ -55,13 +67,7 @@ def test_adapters_missing_from_the_checkpoint_are_initialised_as_in_init(tokeniz
             "attention": {"adapter_type": "normal", "downsample_factor": 8},
         },
     )
-    original_initialize_weights = PreTrainedModel._initialize_weights
-
-    def seeded_initialize_weights(self, module, is_custom_code=False):
-        set_seed(0)
-        original_initialize_weights(self, module, is_custom_code)
-
-    with patch.object(PreTrainedModel, "_initialize_weights", seeded_initialize_weights):
+    with seeded_initialisation():
         built = MagmaForConditionalGeneration(config)
         built.save_pretrained(tmp_path)
         weights = load_file(tmp_path / "model.safetensors")
@@ -154,13 +160,7 @@ def test_a_hidden_size_that_contradicts_width_is_refused():
 def test_a_checkpoint_missing_every_weight_loads_as_init_builds(tokenizer, tmp_path):
     """The same check over the whole model: encoder, projection, GPT-J, adapters and buffers."""
     config = tiny_config(tokenizer)
-    original_initialize_weights = PreTrainedModel._initialize_weights
-
-    def seeded_initialize_weights(self, module, is_custom_code=False):
-        set_seed(0)
-        original_initialize_weights(self, module, is_custom_code)
-
-    with patch.object(PreTrainedModel, "_initialize_weights", seeded_initialize_weights):
+    with seeded_initialisation():
         built = MagmaForConditionalGeneration(config)
         built.save_pretrained(tmp_path)
         save_file({"lm_head.bias": built.lm_head.bias.detach()}, tmp_path / "model.safetensors")
