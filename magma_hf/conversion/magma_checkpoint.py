@@ -562,7 +562,7 @@ def plan_conversion(
         used.add(source)
         tensor = state_dict[source]
         entries.append(TensorEntry(name, source, tuple(target.shape), target.dtype))
-        if name == "model.language_model.wte.weight":
+        if name == f"{LANGUAGE_MODEL_PREFIX}wte.weight":
             rows, vocab = tensor.shape[0] if tensor.dim() == 2 else -1, target.shape[0]
             if tensor.dim() != 2 or tensor.shape[1] != target.shape[1] or not n_tokens <= rows <= vocab:
                 problems["shape"].append(
