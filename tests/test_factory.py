@@ -26,6 +26,7 @@ from magma_hf.factory import (
 )
 from magma_hf.modeling_magma import MagmaImageEncoder
 from magma_hf.training.run import MagmaTrainingConfig, TrainingConfigError, build_model_and_processor
+from magma_hf.weights_magma import gptj_name, is_magma_weight
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MAGMA_V1_YAML = REPO_ROOT / "configuration" / "MAGMA_v1.yml"
@@ -166,3 +167,40 @@ def test_an_unknown_encoder_names_the_supported_ones(assets):
     root, _ = assets
     with pytest.raises(TrainingConfigError, match=r"encoder_name 'RN51' is not known: .*'RN50x16'"):
         build_model_and_processor(MagmaTrainingConfig.from_dict(training_values(root, {"encoder_name": "RN51"})))
+
+
+def test_a_new_model_is_built_ready_to_train_without_a_load_report(assets, caplog):
+    """GPT-J's weights loaded, MAGMA's own new: transformers' report of the new weights (a hundred "missing" lines)
+    is not shown, with no filter on its text; the training policy is applied by the factory (GPT-J frozen)."""
+    import logging
+
+    root, _ = assets
+    values = training_values(root, MAGMA_V1_SETTINGS)
+    with caplog.at_level(logging.WARNING):
+        model, _, _ = build_model_and_processor(MagmaTrainingConfig.from_dict(values))
+    reports = [r for r in caplog.records if r.name == "transformers.modeling_utils" or "LOAD REPORT" in r.getMessage()]
+    assert not reports
+    assert not logging.getLogger("transformers.modeling_utils").filters
+    assert logging.getLogger("transformers.modeling_utils").level == logging.NOTSET  # as it was
+    gptj = GPTJForCausalLM.from_pretrained(root / "gptj").state_dict()
+    for name, param in model.gptj_named_parameters():
+        assert not param.requires_grad and torch.equal(param.detach(), gptj[gptj_name(name)]), name
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    assert trainable and all(is_magma_weight(name) for name in trainable)
+    assert any(name.startswith("model.vision_tower.") for name in trainable)  # MAGMA_v1 trains its encoder
+
+
+def test_pretrained_weights_that_do_not_fit_are_named(assets, monkeypatch):
+    """An open_clip tower of another shape is an error naming the weight and both shapes, not a silent re-init."""
+    import magma_hf.factory as factory
+
+    root, _ = assets
+    visual = ModifiedResNet([1, 1, 1, 1], 256, 4, 64, 16).state_dict()  # width 16, the model's is 8
+    monkeypatch.setattr(factory, "open_clip_visual_state_dict", lambda name, pretrained: visual)
+    values = training_values(root, MAGMA_V1_SETTINGS)
+    values["model_config"] = {**values["model_config"], "pretrained": "openai"}
+    with pytest.raises(
+        TrainingConfigError,
+        match=r"shape mismatch \['model\.vision_tower\.conv1\.weight: \(8, 3, 3, 3\) vs \(4, 3, 3, 3\)",
+    ):
+        build_model_and_processor(MagmaTrainingConfig.from_dict(values))
