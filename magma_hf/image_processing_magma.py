@@ -1,5 +1,6 @@
-"""MAGMA's image preprocessing: CLIP's, exactly as the original applied it with torchvision on PIL images, and the one
-image decoder every MAGMA path uses (training readers, evaluation, processor and pipeline)."""
+"""MAGMA's image preprocessing: CLIP's, as the original applied it with torchvision on PIL images (exactly so for RGB
+and grayscale; see [`MagmaImageProcessor`] for transparent, palette and CMYK images), its torchvision-backend
+variant, and the one image decoder every MAGMA path uses (training readers, evaluation, processor and pipeline)."""
 
 import io
 import os
