@@ -8,6 +8,8 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from .hub_magma import magma_pipeline_is_registered
+
 ADAPTER_LOCATIONS = ("mlp", "attention")
 ADAPTER_TYPES = ("normal", "parallel", "scaled_parallel")
 ADAPTER_KEYS = ("adapter_type", "downsample_factor", "add_layernorm")
@@ -158,6 +160,10 @@ class MagmaConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        # A saved folder's `custom_pipelines` serves trust_remote_code without this package. Where `import magma_hf`
+        # registered the pipeline, it is dropped: transformers would otherwise demand trust_remote_code for it.
+        if magma_pipeline_is_registered():
+            kwargs.pop("custom_pipelines", None)
         if self.adapter_config is None:
             self.adapter_config = copy.deepcopy(DEFAULT_ADAPTER_CONFIG)
         self.adapter_config = normalize_adapter_config(self.adapter_config)

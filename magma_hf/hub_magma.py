@@ -5,15 +5,27 @@ import os
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
+from transformers.pipelines import PIPELINE_REGISTRY
 
+# transformers 5 redirects `image-to-text` to `image-text-to-text`: `import magma_hf` registers MAGMA's pipeline there.
+PIPELINE_TASK = "image-text-to-text"
+PIPELINE_CLASS_NAME = "MagmaImageToTextPipeline"
+# For `trust_remote_code=True` without the package: the saved config names the pipeline under both task names
+# (transformers looks a custom task up by the name the user typed, before the redirect).
 CUSTOM_PIPELINES = {
-    "image-to-text": {
-        "impl": "pipeline_magma.MagmaImageToTextPipeline",
-        "pt": ["AutoModelForImageTextToText"],
-        "type": "multimodal",
-    }
+    task: {"impl": f"pipeline_magma.{PIPELINE_CLASS_NAME}", "pt": ["AutoModelForImageTextToText"], "type": "multimodal"}
+    for task in ("image-to-text", PIPELINE_TASK)
 }
 AUTO_MAP_EXTRAS = {"AutoModel": "modeling_magma.MagmaModel"}
+
+
+def magma_pipeline_is_registered() -> bool:
+    """Whether `import magma_hf` registered MAGMA's pipeline in this process (not so where only the code exported
+    into a saved folder runs)."""
+    impl = PIPELINE_REGISTRY.supported_tasks.get(PIPELINE_TASK, {}).get("impl")
+    return getattr(impl, "__name__", None) == PIPELINE_CLASS_NAME
+
+
 DEFAULT_BASE_MODELS = ("EleutherAI/gpt-j-6b",)
 
 MODEL_FILES_JSON = ("config.json", "generation_config.json", "model.safetensors.index.json")

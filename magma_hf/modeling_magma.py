@@ -1,6 +1,9 @@
 """MAGMA: a frozen GPT-J reading CLIP ResNet image features through a trained projection and bottleneck adapters."""
 
+import copy
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +13,7 @@ from peft import get_peft_model_state_dict, inject_adapter_in_model
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoModel, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, GenerationConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import (
@@ -41,6 +44,21 @@ def magma_generation_config(config: MagmaConfig) -> GenerationConfig:
         eos_token_id=text_config.eos_token_id,
         pad_token_id=text_config.pad_token_id if text_config.pad_token_id is not None else text_config.eos_token_id,
     )
+
+
+@contextmanager
+def config_left_unchanged(config: PreTrainedConfig) -> Iterator[None]:
+    """Puts the config's own attributes back as they were on entry, also when the block raises: transformers' saving
+    sets `architectures`, `dtype` and (code export) `auto_map` on the live config to write them."""
+    attributes = vars(config)
+    before = {key: copy.deepcopy(value) for key, value in attributes.items() if not isinstance(value, PreTrainedConfig)}
+    try:
+        yield
+    finally:
+        for key in set(attributes) - set(before):
+            if not isinstance(attributes[key], PreTrainedConfig):
+                del attributes[key]
+        attributes.update(before)
 
 
 class MagmaImageEncoder(ModifiedResNet):
@@ -377,7 +395,6 @@ class MagmaForConditionalGeneration(MagmaPreTrainedModel, GenerationMixin):
         # GPT-J's head has a bias, and in MAGMA it is not tied to the (shorter, resized) input embedding.
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=True)
         self.post_init()
-        self.generation_config = magma_generation_config(config)
         self.apply_training_policy()
 
     @classmethod
@@ -389,12 +406,15 @@ class MagmaForConditionalGeneration(MagmaPreTrainedModel, GenerationMixin):
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         """`PreTrainedModel.save_pretrained`; with the code export on (`import magma_hf` turns it on) the folder also
-        gets `custom_pipelines["image-to-text"]`, an `AutoModel` entry and a model card, and is a Hub repo."""
+        gets `custom_pipelines` (`image-to-text` and `image-text-to-text`), an `AutoModel` entry and a model card, and
+        is a Hub repo. What saving writes into config.json (these, `auto_map`, `architectures`, `dtype`) belongs to
+        the saved files: the live config is left as it was."""
         exporting_code = self._auto_class is not None
-        if exporting_code:
-            self.config.custom_pipelines = CUSTOM_PIPELINES
-            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP_EXTRAS}
-        super().save_pretrained(save_directory, *args, **kwargs)
+        with config_left_unchanged(self.config):
+            if exporting_code:
+                self.config.custom_pipelines = copy.deepcopy(CUSTOM_PIPELINES)
+                self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP_EXTRAS}
+            super().save_pretrained(save_directory, *args, **kwargs)
         if exporting_code and kwargs.get("is_main_process", True):
             write_model_card(save_directory)
 
