@@ -8,7 +8,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from .hub_magma import magma_pipeline_is_registered
+from .hub_magma import config_left_unchanged, magma_pipeline_is_registered
 
 ADAPTER_LOCATIONS = ("mlp", "attention")
 ADAPTER_TYPES = ("normal", "parallel", "scaled_parallel")
@@ -177,6 +177,12 @@ class MagmaConfig(PreTrainedConfig):
     @property
     def num_image_tokens(self) -> int:
         return self.vision_config.num_image_tokens
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs) -> None:
+        """transformers' saving, which records `auto_map` on the live config to write it (the code export): put back,
+        so saving changes nothing (trainer checkpoints and the adapter export save the config alone)."""
+        with config_left_unchanged(self):
+            super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
 
 __all__ = ["MagmaConfig", "MagmaVisionConfig"]

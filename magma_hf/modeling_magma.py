@@ -2,8 +2,6 @@
 
 import copy
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +11,7 @@ from peft import get_peft_model_state_dict, inject_adapter_in_model
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoModel, GenerationConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import AutoModel, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import (
@@ -28,10 +26,22 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .adapters_magma import MagmaAdapterConfig, MagmaAdapterLayer
 from .configuration_magma import MagmaConfig, MagmaVisionConfig
-from .hub_magma import AUTO_MAP_EXTRAS, CUSTOM_PIPELINES, MODEL_FILES_JSON, check_json_files, write_model_card
+from .hub_magma import (
+    AUTO_MAP_EXTRAS,
+    CUSTOM_PIPELINES,
+    MODEL_FILES_JSON,
+    check_json_files,
+    config_left_unchanged,
+    write_model_card,
+)
 from .pipeline_magma import MagmaImageToTextPipeline  # noqa: F401  (imported so the Hub code export carries it)
 
-# The original's sampling defaults (magma/sampling.py): temperature 0.7, nucleus 0.9, no top-k, 100 new tokens.
+# The original's settings (magma/sampling.py: temperature 0.7, top_p 0.9, no top-k, 100 new tokens), sampled here as a
+# true nucleus (temperature first, then the smallest head of tokens holding 90%). The original's filter was not one: on
+# the probabilities at temperature 1 it dropped the tokens ranked 2nd and lower while those above them held less than
+# 1 - top_p = 10%, then applied the temperature. Wherever the most likely token holds 10% or more it drops nothing,
+# and `top_p=1.0, temperature=0.7, top_k=0` gives exactly its distribution; where the top token holds less, it also
+# dropped the next most likely tokens, which no `generate` setting reproduces (tests/test_pipelines.py checks both).
 MAGMA_GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 0, "max_new_tokens": 100}
 
 
@@ -44,21 +54,6 @@ def magma_generation_config(config: MagmaConfig) -> GenerationConfig:
         eos_token_id=text_config.eos_token_id,
         pad_token_id=text_config.pad_token_id if text_config.pad_token_id is not None else text_config.eos_token_id,
     )
-
-
-@contextmanager
-def config_left_unchanged(config: PreTrainedConfig) -> Iterator[None]:
-    """Puts the config's own attributes back as they were on entry, also when the block raises: transformers' saving
-    sets `architectures`, `dtype` and (code export) `auto_map` on the live config to write them."""
-    attributes = vars(config)
-    before = {key: copy.deepcopy(value) for key, value in attributes.items() if not isinstance(value, PreTrainedConfig)}
-    try:
-        yield
-    finally:
-        for key in set(attributes) - set(before):
-            if not isinstance(attributes[key], PreTrainedConfig):
-                del attributes[key]
-        attributes.update(before)
 
 
 class MagmaImageEncoder(ModifiedResNet):

@@ -119,6 +119,13 @@ def test_saving_leaves_the_live_config_unchanged(saved, model, tmp_path):
     assert reloaded.config.to_dict() == before
     again = json.loads((tmp_path / "second" / "config.json").read_text())
     assert again["custom_pipelines"] == written["custom_pipelines"] and again["auto_map"] == written["auto_map"]
+    # the config saved alone (trainer checkpoints, the adapter export) is left as it was too
+    before = model.config.to_dict()
+    model.config.save_pretrained(tmp_path / "config_alone")
+    assert model.config.to_dict() == before
+    assert json.loads((tmp_path / "config_alone" / "config.json").read_text())["auto_map"] == {
+        "AutoConfig": "configuration_magma.MagmaConfig"
+    }
 
 
 def test_generation_defaults_come_from_generation_config_json(saved, model):
