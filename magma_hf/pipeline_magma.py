@@ -18,8 +18,9 @@ class MagmaImageToTextPipeline(ImageTextToTextPipeline):
 
     Returns `[{"generated_text": ...}]` per input holding only the newly generated text (pass
     `return_full_text=True` to get the prompt in front). Images may be PIL images, paths or URLs, alone or in lists;
-    `<|image|>` in the text places several images. Generation follows the model's generation config (MAGMA's
-    sampling defaults); pass `generate_kwargs={"do_sample": False}` for greedy captions.
+    `<|image|>` in the text places several images. Generation follows the model's generation config (from the
+    folder's generation_config.json: MAGMA's sampling settings in every folder this project writes); pass
+    `generate_kwargs={"do_sample": False}` for greedy captions.
 
     `import magma_hf` registers this class for `image-text-to-text` in transformers' `PIPELINE_REGISTRY`, which
     replaces the stock class for every model in the process: for a model that is not MAGMA, constructing it gives
