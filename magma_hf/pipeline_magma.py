@@ -7,6 +7,7 @@ from typing import Any
 from transformers.pipelines.image_text_to_text import ImageTextToTextPipeline, ReturnType
 
 from .configuration_magma import MagmaConfig
+from .hub_magma import config_left_unchanged
 from .image_processing_magma import load_image_input
 from .processing_magma import check_processor_matches_model, load_images_naming_the_source
 
@@ -57,6 +58,12 @@ class MagmaImageToTextPipeline(ImageTextToTextPipeline):
         return super().preprocess(
             inputs, timeout=timeout, continue_final_message=continue_final_message, **processing_kwargs
         )
+
+    def save_pretrained(self, save_directory, **kwargs: Any) -> None:
+        """transformers' pipeline saving, which sets `custom_pipelines` on the live model config to write it: left as
+        it was (the model's saving writes MAGMA's entries, under both task names)."""
+        with config_left_unchanged(self.model.config):
+            super().save_pretrained(save_directory, **kwargs)
 
     def _sanitize_parameters(self, return_full_text=None, **kwargs):
         preprocess_params, forward_params, postprocess_params = super()._sanitize_parameters(

@@ -14,7 +14,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopP
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.pipelines.image_text_to_text import ImageTextToTextPipeline
 
-from magma_hf import MagmaConfig, MagmaForConditionalGeneration, MagmaImageToTextPipeline
+from magma_hf import MagmaConfig, MagmaForConditionalGeneration, MagmaImageToTextPipeline, MagmaProcessor
 from magma_hf.modeling_magma import MAGMA_GENERATION_DEFAULTS, magma_generation_config
 
 TASKS = ("image-to-text", "image-text-to-text")
@@ -119,6 +119,12 @@ def test_saving_leaves_the_live_config_unchanged(saved, model, tmp_path):
     assert reloaded.config.to_dict() == before
     again = json.loads((tmp_path / "second" / "config.json").read_text())
     assert again["custom_pipelines"] == written["custom_pipelines"] and again["auto_map"] == written["auto_map"]
+    # and saved through the pipeline (transformers' Pipeline.save_pretrained sets custom_pipelines to write it)
+    pipe = pipeline("image-text-to-text", model=reloaded, processor=MagmaProcessor.from_pretrained(saved[0]))
+    pipe.save_pretrained(tmp_path / "from_pipeline")
+    assert reloaded.config.to_dict() == before
+    from_pipeline = json.loads((tmp_path / "from_pipeline" / "config.json").read_text())
+    assert from_pipeline["custom_pipelines"] == written["custom_pipelines"]
     # the config saved alone (trainer checkpoints, the adapter export) is left as it was too
     before = model.config.to_dict()
     model.config.save_pretrained(tmp_path / "config_alone")
