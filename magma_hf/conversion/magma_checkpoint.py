@@ -61,7 +61,7 @@ from transformers.utils import logging as hf_logging
 from ..configuration_magma import DEFAULT_TEXT_CONFIG, MagmaConfig, normalize_adapter_config
 from ..image_processing_magma import MagmaImageProcessor
 from ..io_utils import leftover_temporaries, move_files_into, sync_folder, sync_path, write_text_atomically
-from ..modeling_magma import MagmaForConditionalGeneration
+from ..modeling_magma import MagmaForConditionalGeneration, magma_generation_config
 from ..processing_magma import IMAGE_TOKEN, MagmaProcessor, add_magma_special_tokens
 
 CHECKPOINT_FILENAME = "mp_rank_00_model_states.pt"  # DeepSpeed's model-states file of model-parallel rank 0
@@ -1514,6 +1514,7 @@ def empty_model(config: MagmaConfig, dtype: torch.dtype) -> MagmaForConditionalG
     """The output model on the meta device: names, shapes and the Hub export, without memory."""
     with torch.device("meta"):
         model = MagmaForConditionalGeneration(config)
+    model.generation_config = magma_generation_config(config)  # written as generation_config.json
     return model.to(dtype)
 
 
