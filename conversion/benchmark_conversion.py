@@ -44,7 +44,7 @@ from original_magma import (  # noqa: E402
     rotary_tables,
 )
 
-from magma_hf.convert_magma_checkpoint import CHECKPOINT_FILENAME, MappedCheckpoint  # noqa: E402
+from magma_hf.conversion.magma_checkpoint import CHECKPOINT_FILENAME, MappedCheckpoint  # noqa: E402
 
 GB = 1e9
 

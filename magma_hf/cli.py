@@ -11,11 +11,11 @@ import sys
 # command -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": (
-        "magma_hf.train",
+        "magma_hf.training.run",
         "Train or finetune MAGMA from a YAML config (original MAGMA keys; Trainer/Accelerate/DeepSpeed)",
     ),
-    "eval": ("magma_hf.evaluation", "Evaluate a MAGMA model on VQA, OK-VQA, GQA or captioning, zero- or few-shot"),
-    "convert": ("magma_hf.convert_magma_checkpoint", "Convert the original MAGMA checkpoint into a model folder"),
+    "eval": ("magma_hf.evaluation.run", "Evaluate a MAGMA model on VQA, OK-VQA, GQA or captioning, zero- or few-shot"),
+    "convert": ("magma_hf.conversion.magma_checkpoint", "Convert the original MAGMA checkpoint into a model folder"),
     "demo": (
         "magma_hf.demo",
         "Train a small MAGMA on scikit-learn's handwritten digits on the CPU, then caption with it",

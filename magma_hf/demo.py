@@ -4,11 +4,11 @@ Nothing can be downloaded from the Hub on a fresh offline machine, so the demo m
 code paths a user of this package takes:
 
 1. an image-caption dataset from the handwritten digits scikit-learn ships (1797 real 8x8 scans, captioned "a
-   handwritten seven"), written in the original MAGMA layout by `magma_hf.data.convert_dataset` and read back by
+   handwritten seven"), written in the original MAGMA layout by `magma_hf.convert_dataset` and read back by
    `load_magma_dataset`, with a held-out split;
 2. a small byte-level BPE tokenizer (GPT-2's special tokens `<|endoftext|>` and `<|image|>`) and a small GPT-J
    pretrained on text alone, as GPT-J was before MAGMA: fact sheets about numbers, which hold the captions;
-3. MAGMA's training proper: `magma_hf.train.train` with a `MagmaTrainingConfig`, the path of `magma-hf train` (the
+3. MAGMA's training proper: `magma_hf.train` with a `MagmaTrainingConfig`, the path of `magma-hf train` (the
    config is written to `train_config.yml`). GPT-J is frozen; the adapters, image prefix and image encoder learn to
    caption the training images;
 4. evaluation on the held-out images: exact-match caption accuracy (greedy), the same on blank images (the blind
@@ -204,7 +204,7 @@ def build_datasets(data_dir: Path, size: DemoSize, seed: int):
             "magma-hf demo takes its images from scikit-learn: pip install 'magma-hf[demo]' (or scikit-learn)"
         ) from error
 
-    from .data import convert_dataset, load_magma_dataset
+    from .training.data import convert_dataset, load_magma_dataset
 
     digits = load_digits()
     indices = np.arange(len(digits.target))
@@ -352,7 +352,7 @@ def train_magma(size: DemoSize, seed: int, output_dir: Path):
     """Train MAGMA as `magma-hf train output_dir/train_config.yml` would; returns the trainer."""
     import yaml
 
-    from .train import MagmaTrainingConfig, train
+    from .training.run import MagmaTrainingConfig, train
 
     values = magma_training_config(size, seed, output_dir)
     (output_dir / "train_config.yml").write_text(yaml.safe_dump(values, sort_keys=False))

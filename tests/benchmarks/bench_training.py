@@ -47,7 +47,7 @@ def run_one(name: str, steps: int, warmup: int) -> dict:
     from transformers import TrainerCallback, TrainingArguments
 
     from magma_hf import MagmaConfig, MagmaForConditionalGeneration, MagmaImageProcessor, MagmaProcessor
-    from magma_hf.trainer import MagmaLRSchedule, MagmaTrainer
+    from magma_hf.training.trainer import MagmaLRSchedule, MagmaTrainer
 
     spec = CONFIGS[name]
     tokenizer = make_tokenizer()
@@ -114,7 +114,7 @@ def run_one(name: str, steps: int, warmup: int) -> dict:
 def magma_v1_sizes() -> dict:
     """Parameter counts of MAGMA_v1 at full size, on the meta device (no memory, no weights)."""
     from magma_hf import MagmaConfig, MagmaForConditionalGeneration
-    from magma_hf.export import magma_state_dict
+    from magma_hf.training.export import magma_state_dict
 
     with torch.device("meta"):
         model = MagmaForConditionalGeneration(MagmaConfig())

@@ -91,9 +91,9 @@ def main() -> None:
     from transformers import TrainingArguments
 
     from magma_hf import MagmaImageProcessor, MagmaProcessor
-    from magma_hf.collator import MagmaDataCollator
-    from magma_hf.train import _single_process_distributed_env, deepspeed_config
-    from magma_hf.trainer import MagmaLRSchedule, MagmaTrainer
+    from magma_hf.training.collator import MagmaDataCollator
+    from magma_hf.training.run import _single_process_distributed_env, deepspeed_config
+    from magma_hf.training.trainer import MagmaLRSchedule, MagmaTrainer
 
     cuda = not args.tiny
     if cuda and not torch.cuda.is_available():

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from magma_hf.vqa_metrics import (
+from magma_hf.evaluation.vqa_metrics import (
     aggregate_accuracy,
     gqa_accuracy,
     most_common_answer,
@@ -15,7 +15,7 @@ from magma_hf.vqa_metrics import (
     vqa_accuracy,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures" / "evaluation"
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.mark.parametrize(

@@ -36,9 +36,9 @@ from typing import Any
 
 import torch
 
-from .evaluation_data import QA_TASKS, TASKS, EvalSet, draw_support, load_eval_set
-from .io_utils import remove_leftover_temporaries, write_text_atomically
-from .processing_magma import IMAGE_TOKEN
+from ..io_utils import remove_leftover_temporaries, write_text_atomically
+from ..processing_magma import IMAGE_TOKEN
+from .data import QA_TASKS, TASKS, EvalSet, draw_support, load_eval_set
 from .vqa_metrics import aggregate_accuracy, gqa_accuracy, vqa_accuracy
 
 logger = logging.getLogger(__name__)
@@ -262,8 +262,8 @@ def _aggregate(task: str, eval_set: EvalSet, records: list[dict]) -> dict[str, A
 # --------------------------------------------------------------------------------------------------------- evaluate
 def load_model_and_processor(path: str | os.PathLike, device: str | None = None, dtype: str | None = None):
     """A MAGMA folder's model (in eval mode, on `device`) and processor."""
-    from .modeling_magma import MagmaForConditionalGeneration
-    from .processing_magma import MagmaProcessor, check_processor_matches_model
+    from ..modeling_magma import MagmaForConditionalGeneration
+    from ..processing_magma import MagmaProcessor, check_processor_matches_model
 
     if not Path(path).exists() and (Path(path).is_absolute() or str(path).startswith((".", "~"))):
         raise FileNotFoundError(f"there is no model folder {path}")  # not a Hub id: transformers would say it is
@@ -306,7 +306,7 @@ def evaluate(
         model: a `MagmaForConditionalGeneration`, or the path of a MAGMA folder (then `processor` may be None).
         processor: its `MagmaProcessor`.
         dataset: the evaluation data: a folder in the original layout, a 🤗 dataset or its path/name, or an
-            `EvalSet` (see `magma_hf.evaluation_data` for the fields).
+            `EvalSet` (see `magma_hf.evaluation.data` for the fields).
         shots: few-shot examples per prompt.
         support: where the few-shot examples come from (same forms as `dataset`); by default the evaluation data
             itself, never the question itself nor another question on its image.

@@ -270,7 +270,7 @@ class MagmaTrainer(Trainer):
         num_caption_samples (`int`, defaults to 2): Evaluation images to caption at each evaluation (0: none).
         caption_max_new_tokens (`int`, defaults to 30): Length limit of those captions.
         run_blind (`bool`, defaults to `False`): Caption blank images (the collator's `blind` for the batches).
-        max_skipped_share (`float`, defaults to `magma_hf.data.MAX_SKIPPED_SHARE`, 0.5): The share of training
+        max_skipped_share (`float`, defaults to `magma_hf.training.data.MAX_SKIPPED_SHARE`, 0.5): The share of training
             samples that may be skipped; 1 never stops.
 
     The default collator is a [`MagmaDataCollator`] on `processing_class` (a [`MagmaProcessor`]); evaluation batches

@@ -1,14 +1,14 @@
-"""Caption metrics against numbers from the COCO caption evaluation (see fixtures/evaluation/README.md)."""
+"""Caption metrics against numbers from the COCO caption evaluation (see fixtures/README.md)."""
 
 import json
 from pathlib import Path
 
 import pytest
 
-from magma_hf import caption_metrics
-from magma_hf.caption_metrics import CaptionMetricsUnavailable, caption_scores, check_caption_requirements
+from magma_hf.evaluation import caption_metrics
+from magma_hf.evaluation.caption_metrics import CaptionMetricsUnavailable, caption_scores, check_caption_requirements
 
-FIXTURES = Path(__file__).parent / "fixtures" / "evaluation"
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def _requirements_met() -> bool:

@@ -451,7 +451,7 @@ def load_tokenizer(source: str, model_max_length: int | None = None):
     """A tokenizer for MAGMA: `<|image|>` added as the cls token when missing (as the original did), eos as pad."""
     from transformers import AutoTokenizer
 
-    from .processing_magma import add_magma_special_tokens
+    from ..processing_magma import add_magma_special_tokens
 
     tokenizer = add_magma_special_tokens(AutoTokenizer.from_pretrained(source))
     if model_max_length:
@@ -471,10 +471,10 @@ def _new_model(config: MagmaTrainingConfig):
     """A new MAGMA: GPT-J weights from `lm_name`, CLIP weights from `pretrained`, random where not given."""
     from transformers import AutoConfig, GPTJForCausalLM
 
-    from .configuration_magma import DEFAULT_TEXT_CONFIG
-    from .image_processing_magma import MagmaImageProcessor
-    from .modeling_magma import MagmaForConditionalGeneration
-    from .processing_magma import IMAGE_TOKEN, MagmaProcessor
+    from ..configuration_magma import DEFAULT_TEXT_CONFIG
+    from ..image_processing_magma import MagmaImageProcessor
+    from ..modeling_magma import MagmaForConditionalGeneration, magma_generation_config
+    from ..processing_magma import IMAGE_TOKEN, MagmaProcessor
 
     options = dict(config.model_config)
     lm_name = options.pop("lm_name", None)
@@ -502,7 +502,7 @@ def _new_model(config: MagmaTrainingConfig):
 
     settings = {key: getattr(config, key) for key in NEW_MODEL_DEFAULTS}
     settings = {key: NEW_MODEL_DEFAULTS[key] if value is None else value for key, value in settings.items()}
-    from .configuration_magma import MagmaConfig
+    from ..configuration_magma import MagmaConfig
 
     magma_config = MagmaConfig(
         text_config=text_config,
@@ -539,6 +539,7 @@ def _new_model(config: MagmaTrainingConfig):
         logger.info(f"Loaded {len(state_dict)} pretrained tensors; initialised {n_new} new ones (adapters, projection)")
     else:
         model = MagmaForConditionalGeneration(magma_config)
+    model.generation_config = magma_generation_config(magma_config)  # saved with the model
     image_processor = MagmaImageProcessor(image_size=magma_config.vision_config.image_size)
     processor = MagmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
     return model, processor, lm_name
@@ -609,16 +610,16 @@ def _check_loaded(model, state_dict: dict) -> None:
 
 def _existing_model(config: MagmaTrainingConfig):
     """A MAGMA folder (e.g. a converted checkpoint); architecture keys must agree with it."""
-    from .image_processing_magma import MagmaImageProcessor
-    from .modeling_magma import MagmaForConditionalGeneration
-    from .processing_magma import MagmaProcessor, check_processor_matches_model
+    from ..image_processing_magma import MagmaImageProcessor
+    from ..modeling_magma import MagmaForConditionalGeneration
+    from ..processing_magma import MagmaProcessor, check_processor_matches_model
 
     path = config.model_name_or_path
     model = MagmaForConditionalGeneration.from_pretrained(path, dtype=config.lm_dtype or "auto")
     model_config = model.config
     conflicts = []
     if config.adapter_config is not None:
-        from .configuration_magma import normalize_adapter_config
+        from ..configuration_magma import normalize_adapter_config
 
         if normalize_adapter_config(config.adapter_config) != model_config.adapter_config:
             conflicts.append(f"adapter_config {config.adapter_config} vs {model_config.adapter_config}")
@@ -1008,7 +1009,7 @@ def save_final_model(trainer, output_dir: Path) -> None:
     previous model's files complete (a resumed or overwriting run replaces them only once its own are whole). A
     README.md already there (the user's card, or an earlier run's) is kept; files the save does not write are never
     touched, except an earlier save's weight files that the new one lacks, which would load in its place."""
-    from .io_utils import move_files_into
+    from ..io_utils import move_files_into
 
     staging = output_dir / FINAL_MODEL_STAGING
     if trainer.is_world_process_zero() and staging.exists():

@@ -55,8 +55,8 @@ from datasets import Dataset, Features, Value, concatenate_datasets
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .image_processing_magma import open_image
-from .io_utils import atomic_path, remove_leftover_temporaries, write_text_atomically
+from ..image_processing_magma import open_image
+from ..io_utils import atomic_path, remove_leftover_temporaries, write_text_atomically
 
 try:  # datasets >= 4
     from datasets import List as _ListFeature
@@ -331,7 +331,7 @@ def load_magma_dataset(data_dir: str | os.PathLike | Sequence[str | os.PathLike]
     Example:
 
     ```python
-    >>> from magma_hf.data import load_magma_dataset
+    >>> from magma_hf.training.data import load_magma_dataset
     >>> ds = load_magma_dataset("/data/coco_converted")
     >>> ds[0]["captions"], ds[0]["image"].size
     ```

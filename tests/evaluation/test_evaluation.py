@@ -7,9 +7,9 @@ import torch
 from helpers import files_unchanged, make_processor, make_tokenizer, random_image, tiny_config
 
 from magma_hf import MagmaForConditionalGeneration
-from magma_hf.evaluation import build_prompt, clean_generation, evaluate, results_log_path
-from magma_hf.evaluation_data import draw_support, load_eval_set, parse_columns
-from magma_hf.vqa_metrics import gqa_accuracy, vqa_accuracy
+from magma_hf.evaluation.data import draw_support, load_eval_set, parse_columns
+from magma_hf.evaluation.run import build_prompt, clean_generation, evaluate, results_log_path
+from magma_hf.evaluation.vqa_metrics import gqa_accuracy, vqa_accuracy
 
 # (image, question, ten answers, answer type); images 0 and 1 carry two questions each.
 QUESTIONS = [
@@ -46,7 +46,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_and_processor(model_dir):
-    from magma_hf.evaluation import load_model_and_processor
+    from magma_hf.evaluation.run import load_model_and_processor
 
     return load_model_and_processor(model_dir, device="cpu")
 
@@ -199,7 +199,7 @@ def test_cli_gqa_on_a_hf_dataset_with_a_column_mapping(model_dir, tmp_path, caps
 
 
 def _skip_without_caption_tool():
-    from magma_hf.caption_metrics import CaptionMetricsUnavailable, check_caption_requirements
+    from magma_hf.evaluation.caption_metrics import CaptionMetricsUnavailable, check_caption_requirements
 
     try:
         check_caption_requirements()
@@ -261,7 +261,7 @@ def test_docs_examples_run(model_dir, tmp_path, monkeypatch):
     import datasets
 
     _skip_without_caption_tool()
-    doc = (Path(__file__).parents[1] / "docs" / "evaluation.md").read_text()
+    doc = (Path(__file__).parents[2] / "docs" / "evaluation.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
     assert len(blocks) == 3
     monkeypatch.chdir(tmp_path)
@@ -407,7 +407,7 @@ def test_files_beside_the_output_are_never_touched(vqa_dir, model_and_processor,
 CHILD = """
 import os, signal, sys
 import torch
-import magma_hf.evaluation as evaluation
+import magma_hf.evaluation.run as evaluation
 
 torch.set_num_threads(1)
 model_dir, data_dir, output = sys.argv[1:]

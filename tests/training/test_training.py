@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 from transformers import GPTJConfig, GPTJForCausalLM, set_seed
 
 from magma_hf import MagmaForConditionalGeneration
-from magma_hf.export import magma_state_dict
-from magma_hf.modeling_magma import gptj_name
-from magma_hf.train import (
+from magma_hf.modeling_magma import gptj_name, magma_generation_config
+from magma_hf.training.export import magma_state_dict
+from magma_hf.training.run import (
     EXPORT_DIR_NAME,
     MagmaTrainingConfig,
     build_model_and_processor,
@@ -25,9 +25,9 @@ from magma_hf.train import (
     train,
     training_arguments_kwargs,
 )
-from magma_hf.trainer import MAGMA_WEIGHTS_NAME, MagmaLRSchedule, magma_parameter_groups
+from magma_hf.training.trainer import MAGMA_WEIGHTS_NAME, MagmaLRSchedule, magma_parameter_groups
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configuration"
 CAPTIONS = [
     "a photo of a cat sitting on a red sofa",
@@ -210,10 +210,12 @@ def test_final_model_loads_with_auto_classes_and_pipeline(trained, processor):
     captioner = pipeline("image-to-text", model=str(out), trust_remote_code=True)
     result = captioner(random_image(3), generate_kwargs={"do_sample": False, "max_new_tokens": 5})
     assert isinstance(result[0]["generated_text"], str)
+    # MAGMA's generation defaults travel in the folder (a model built from a bare config has transformers')
+    assert loaded.generation_config.to_diff_dict() == magma_generation_config(loaded.config).to_diff_dict()
 
 
 def test_adapter_export_rebuilds_the_model_from_stock_gptj(trained, assets):
-    from magma_hf.export import load_adapter_export
+    from magma_hf.training.export import load_adapter_export
 
     trainer, _, out = trained
     export = out / EXPORT_DIR_NAME
@@ -226,6 +228,7 @@ def test_adapter_export_rebuilds_the_model_from_stock_gptj(trained, assets):
     assert len(exported) == len(magma_state_dict(trainer.model.state_dict()))  # all of MAGMA's weights, nothing else
 
     rebuilt = load_adapter_export(export, str(assets / "gptj")).eval()
+    assert rebuilt.generation_config.to_diff_dict() == magma_generation_config(rebuilt.config).to_diff_dict()
     full = MagmaForConditionalGeneration.from_pretrained(out).eval()
     inputs = trainer.processing_class(images=random_image(1), text="a dog", return_tensors="pt")
     with torch.no_grad():
@@ -251,7 +254,7 @@ def test_frozen_encoder_stays_unchanged(assets, tmp_path):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(processor):
-    from magma_hf.collator import MagmaDataCollator
+    from magma_hf.training.collator import MagmaDataCollator
 
     torch.manual_seed(0)
     model = MagmaForConditionalGeneration(tiny_config(processor.tokenizer, image_embed_dropout_prob=0.0)).train()

@@ -11,7 +11,7 @@ from helpers import files_unchanged, make_tokenizer, random_image
 from test_training import tiny_run_config, write_magma_dataset
 
 from magma_hf import cli
-from magma_hf.train import MagmaTrainingConfig, resolve_checkpoint, train
+from magma_hf.training.run import MagmaTrainingConfig, resolve_checkpoint, train
 
 BAD_JPEG = b"\xff\xd8\xff not really a jpeg"
 
@@ -116,7 +116,7 @@ def test_save_that_is_an_input_is_refused_even_with_overwrite(assets, finished_r
 def test_a_final_save_that_fails_midway_leaves_the_previous_model_whole(assets, finished_run, tmp_path, monkeypatch):
     """Resuming a finished run for one more step, the final save dies after writing part of the weights (a full disk,
     a kill): the earlier model in `save` stays complete; the next attempt saves."""
-    from magma_hf.trainer import MagmaTrainer
+    from magma_hf.training.trainer import MagmaTrainer
 
     save = tmp_path / "run"
     shutil.copytree(finished_run, save)
@@ -301,8 +301,8 @@ def test_load_save_continues_a_run_killed_before_its_first_checkpoint(assets, tm
     """Killed after an evaluation logged captions and while a checkpoint and an export were being written, before any
     checkpoint was complete: the same command (load: save) starts that run again at step 0 in its folder, no
     overwrite needed, and leaves no leftover of its own."""
-    from magma_hf.export import export_staging_name
-    from magma_hf.trainer import CAPTIONS_LOG_NAME
+    from magma_hf.training.export import export_staging_name
+    from magma_hf.training.trainer import CAPTIONS_LOG_NAME
 
     save = tmp_path / "run"
     (save / "tmp-checkpoint-250" / "checkpoint-250").mkdir(parents=True)

@@ -2,7 +2,7 @@
 
 Two sources are read into one `EvalSet`:
 
-- The original layout (`DIR/images/**`, `DIR/image_data/**/*.json`, read by `magma_hf.data.load_magma_dataset`),
+- The original layout (`DIR/images/**`, `DIR/image_data/**/*.json`, read by `magma_hf.load_magma_dataset`),
   each json `{"image_path": ..., "captions": [...], "metadata": {...}}`. Question answering reads
   `metadata.question` (str), `metadata.answers` (list of str or of VQA's `{"answer": ...}` dicts: ten for VQA v2 and
   OK-VQA, one for GQA; `metadata.answer` (str) is accepted for GQA), and optionally `metadata.question_id`,
@@ -29,7 +29,7 @@ from typing import Any
 
 from PIL import Image
 
-from .image_processing_magma import open_image
+from ..image_processing_magma import open_image
 from .vqa_metrics import answer_strings, most_common_answer
 
 logger = logging.getLogger(__name__)
@@ -260,7 +260,7 @@ def _from_columns(dataset, task: str, mapping: Mapping[str, str], base_dir: Path
 
 
 def _from_original_layout(paths: list[Path], task: str) -> EvalSet:
-    from .data import load_magma_dataset
+    from ..training.data import load_magma_dataset
 
     data_dir = [str(p) for p in paths] if len(paths) > 1 else str(paths[0])
     dataset = load_magma_dataset(data_dir)

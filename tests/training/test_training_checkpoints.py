@@ -21,14 +21,14 @@ from helpers import files_unchanged, make_tokenizer
 from safetensors.torch import load_file
 from test_training import CONFIGS, REPO, write_magma_dataset
 
-from magma_hf.train import (
+from magma_hf.training.run import (
     EXPORT_DIR_NAME,
     MagmaTrainingConfig,
     resolve_checkpoint,
     resolve_deepspeed,
     training_arguments_kwargs,
 )
-from magma_hf.trainer import MAGMA_WEIGHTS_NAME
+from magma_hf.training.trainer import MAGMA_WEIGHTS_NAME
 
 HOOKED_TRAIN = Path(__file__).parent / "train_with_test_hooks.py"
 
@@ -97,7 +97,7 @@ def test_load_of_another_run_without_a_complete_checkpoint_is_an_error(tmp_path)
 
 
 def test_rotation_counts_and_deletes_complete_checkpoints_only(tmp_path):
-    from magma_hf.trainer import rotate_complete_checkpoints
+    from magma_hf.training.trainer import rotate_complete_checkpoints
 
     run = tmp_path / "run"
     old, kept, new = checkpoint(run, 2), checkpoint(run, 4), checkpoint(run, 6)

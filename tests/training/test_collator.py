@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import random_image
 
-from magma_hf.collator import EMPTY_KEY, SKIPPED_KEY, MagmaDataCollator
+from magma_hf.training.collator import EMPTY_KEY, SKIPPED_KEY, MagmaDataCollator
 
 N_IMAGE = 4  # 64 px / 32 = 2 x 2 image tokens
 

@@ -19,10 +19,10 @@ from original_magma import OriginalMagma, deepspeed_checkpoint, original_state_d
 from safetensors import safe_open
 from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor, pipeline
 
-import magma_hf.convert_magma_checkpoint as converter
+import magma_hf.conversion.magma_checkpoint as converter
 from magma_hf import MagmaForConditionalGeneration, MagmaModel, MagmaProcessor
 from magma_hf.cli import main as cli_main
-from magma_hf.convert_magma_checkpoint import (
+from magma_hf.conversion.magma_checkpoint import (
     CHECKPOINT_FILENAME,
     FileSlice,
     MagmaConversionError,
@@ -33,7 +33,7 @@ from magma_hf.convert_magma_checkpoint import (
     resolve_checkpoint,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 MLP_V1 = {"mlp": {"adapter_type": "normal", "downsample_factor": 4}}
 V2 = {
     "mlp": {"adapter_type": "normal", "downsample_factor": 8},
@@ -570,7 +570,7 @@ def test_a_failing_overwrite_leaves_the_earlier_conversion(tmp_path, small, toke
 
 KILLED_CONVERSION = """
 import json, os, signal, sys, time
-import magma_hf.convert_magma_checkpoint as converter
+import magma_hf.conversion.magma_checkpoint as converter
 marker, stop_at, argv = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 calls, produce = [], converter.produce_parts
 

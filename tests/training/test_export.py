@@ -6,7 +6,7 @@ import torch
 from helpers import files_unchanged
 from safetensors.torch import load_file
 
-from magma_hf.export import EXPORT_INFO_FILE, IMAGE_PREFIX_FILE, save_adapter_export
+from magma_hf.training.export import EXPORT_INFO_FILE, IMAGE_PREFIX_FILE, save_adapter_export
 
 
 def test_export_twice_keeps_the_users_files(model, processor, tmp_path):

@@ -1,5 +1,5 @@
-"""`magma-hf` with two test-only hooks, for the kill tests of tests/test_training_checkpoints.py (run as a script, also
-under `accelerate launch`):
+"""`magma-hf` with two test-only hooks, for the kill tests of tests/training/test_training_checkpoints.py (run as a
+script, also under `accelerate launch`):
 
 - `MAGMA_TEST_LOSS_LOG=PATH`: the main process appends every logged training loss, at full precision, to PATH as
   `{"step": N, "loss": L}` lines (Trainer's own `trainer_state.json` of a killed run is never written);
@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from magma_hf.cli import main
-from magma_hf.trainer import MagmaTrainer
+from magma_hf.training.trainer import MagmaTrainer
 
 
 def install_hooks() -> None:

@@ -1,0 +1,9 @@
+"""Converting the released MAGMA checkpoint (`mp_rank_00_model_states.pt`) into a safetensors model folder.
+
+`magma_checkpoint` holds MAGMA's side: the original key tables, the accounting of every tensor, the output folder's
+bookkeeping and the command line (`magma-hf convert`, `python -m magma_hf.convert_magma_checkpoint`).
+"""
+
+from .magma_checkpoint import ConversionReport, MagmaConversionError, convert_magma_checkpoint
+
+__all__ = ["ConversionReport", "MagmaConversionError", "convert_magma_checkpoint"]
