@@ -83,6 +83,24 @@ def load_image_input(image, timeout: float | None = None):
     return image
 
 
+def check_8bit_array(image) -> None:
+    """Refuse an integer array or tensor with values beyond 8 bits: its pixels are read as 0..255, so a 16-bit image
+    would come out far outside CLIP's range without any error. (PIL images are scaled by [`to_8bit`] instead.)"""
+    dtype = getattr(image, "dtype", None)
+    if dtype is None or str(dtype) in ("uint8", "torch.uint8", "bool", "torch.bool") or 0 in tuple(image.shape):
+        return
+    is_integer = np.issubdtype(dtype, np.integer) if isinstance(image, np.ndarray) else not image.is_floating_point()
+    if not is_integer:
+        return
+    low, high = int(image.min()), int(image.max())
+    if low < 0 or high > 255:
+        raise ValueError(
+            f"An image array of dtype {dtype} and shape {tuple(image.shape)} holds values {low}..{high}; expected "
+            "8-bit values 0..255. Scale it to uint8 (a 16-bit one: `(array // 257).astype('uint8')`) or pass a PIL "
+            "image."
+        )
+
+
 def torchvision_crop_offsets(height: int, width: int, crop_height: int, crop_width: int) -> tuple[int, int]:
     """Top and left offset of a centred crop as torchvision's `CenterCrop` rounds them (half to even), which is how
     MAGMA was trained; transformers' processors floor them, which moves an odd margin's extra pixel."""
@@ -109,6 +127,8 @@ class MagmaImageProcessingMixin:
         """Scale 16-bit, 32-bit and float PIL images to 8 bits before the RGB conversion, which would clip them."""
         if isinstance(image, PIL.Image.Image):
             image = to_8bit(image, decoded_from_file=False)
+        else:
+            check_8bit_array(image)
         return super().process_image(image, *args, **kwargs)
 
     def fetch_images(self, image_url_or_urls):

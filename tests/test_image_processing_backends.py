@@ -89,3 +89,17 @@ def test_auto_image_processor_gives_the_faithful_one_unless_the_torchvision_one_
     loaded = AutoImageProcessor.from_pretrained(tmp_path, **request_kwargs)
     assert type(loaded) is expected
     assert loaded.crop_size["height"] == 64
+
+
+@pytest.mark.parametrize("processor_class", [MagmaImageProcessor, MagmaImageProcessorTorchvision])
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_16_bit_arrays_are_refused_with_their_dtype_and_range(processor_class, as_tensor):
+    """A 16-bit array used to be read as 0..255: pixel values up to ~900 instead of CLIP's range, and no error."""
+    array = np.linspace(0, 65535, 70 * 90 * 3).reshape(70, 90, 3).astype(np.uint16)
+    image = torch.from_numpy(array.astype(np.int32)) if as_tensor else array
+    expected = r"(uint16|int32) and shape \(70, 90, 3\) holds values 0\.\.65535; expected 8-bit"
+    with pytest.raises(ValueError, match=expected):
+        processor_class(image_size=64)(image, return_tensors="np")
+    in_range = (array // 257).astype(np.uint16)  # 16-bit dtype, 8-bit values: read as before
+    pixel_values = processor_class(image_size=64)(in_range, return_tensors="np").pixel_values
+    assert np.isfinite(pixel_values).all() and np.abs(pixel_values).max() < 3
