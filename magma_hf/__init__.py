@@ -30,7 +30,7 @@ from .adapters_magma import (
 )
 from .configuration_magma import MagmaConfig, MagmaVisionConfig
 from .hub_magma import PIPELINE_TASK
-from .image_processing_magma import MagmaImageProcessor
+from .image_processing_magma import TORCHVISION_BACKEND, MagmaImageProcessor, MagmaImageProcessorTorchvision
 from .modeling_magma import (
     MagmaForConditionalGeneration,
     MagmaImageEncoder,
@@ -87,11 +87,15 @@ def _register_auto_classes() -> None:
     AutoConfig.register(MagmaVisionConfig.model_type, MagmaVisionConfig, exist_ok=True)
     AutoModel.register(MagmaConfig, MagmaModel, exist_ok=True)
     AutoModelForImageTextToText.register(MagmaConfig, MagmaForConditionalGeneration, exist_ok=True)
-    # One image processor, the faithful PIL one, whichever backend is asked for (transformers asks for torchvision
-    # first, and would warn about falling back).
+    # The faithful PIL processor for "pil" and "torchvision" (transformers asks for torchvision by default): the
+    # torchvision one differs from it by rounding (README), so it is only given when asked for by its own name.
     AutoImageProcessor.register(
         MagmaConfig,
-        image_processor_classes={"pil": MagmaImageProcessor, "torchvision": MagmaImageProcessor},
+        image_processor_classes={
+            "pil": MagmaImageProcessor,
+            "torchvision": MagmaImageProcessor,
+            TORCHVISION_BACKEND: MagmaImageProcessorTorchvision,
+        },
         exist_ok=True,
     )
     AutoProcessor.register(MagmaConfig, MagmaProcessor, exist_ok=True)
@@ -144,6 +148,7 @@ __all__ = [
     "MagmaForConditionalGeneration",
     "MagmaImageEncoder",
     "MagmaImageProcessor",
+    "MagmaImageProcessorTorchvision",
     "MagmaImageToTextPipeline",
     "MagmaModel",
     "MagmaMultiModalProjector",

@@ -92,16 +92,18 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def original_preprocess(image: Image.Image, size: int = 384) -> np.ndarray:
-    """MAGMA's clip_preprocess: torchvision on the PIL image."""
+    """MAGMA's clip_preprocess: torchvision on the PIL image, resized and cropped in the image's own mode and converted
+    to RGB only then (so a palette image is resized NEAREST, and RGBA loses its alpha without compositing)."""
     transform = T.Compose(
         [
             T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
             T.CenterCrop(size),
+            lambda cropped: cropped.convert("RGB"),
             T.ToTensor(),
             T.Normalize(CLIP_MEAN, CLIP_STD),
         ]
     )
-    return transform(image.convert("RGB")).numpy()
+    return transform(image).numpy()
 
 
 def photo_variants() -> list[Image.Image]:
