@@ -25,7 +25,7 @@ from transformers.utils import logging
 
 from .configuration_magma import DEFAULT_TEXT_CONFIG, MagmaConfig, normalize_adapter_config
 from .image_processing_magma import MagmaImageProcessor
-from .modeling_magma import MagmaForConditionalGeneration
+from .modeling_magma import MagmaForConditionalGeneration, magma_generation_config
 from .processing_magma import IMAGE_TOKEN, MagmaProcessor, add_magma_special_tokens
 from .weights_magma import is_magma_weight, vision_tower_name
 
@@ -199,6 +199,7 @@ def empty_model(config: MagmaConfig, dtype: torch.dtype = torch.float32) -> Magm
     """The model on the meta device: names, shapes and the Hub export, without memory."""
     with torch.device("meta"):
         model = MagmaForConditionalGeneration(config)
+    model.generation_config = magma_generation_config(config)  # the converter writes it as generation_config.json
     return model.to(dtype)
 
 
@@ -277,6 +278,7 @@ def load_model_from_state_dict(
         problems["missing_keys"] = sorted(missing)[:5]
     if problems:
         raise MagmaSettingsError(f"The weights do not load into the model: {problems}")
+    model.generation_config = magma_generation_config(config)  # no generation_config.json to load it from
     return model
 
 
@@ -292,6 +294,7 @@ def new_model(
     open_clip_name = open_clip_model_name(encoder_name) if pretrained is not None else None
     if lm_name is None and pretrained is None:
         model = MagmaForConditionalGeneration(config)
+        model.generation_config = magma_generation_config(config)  # saved with the model
     else:
         skeleton = empty_model(config)
         state_dict = pretrained_state_dict(skeleton, lm_name, open_clip_name, pretrained, dtype)
