@@ -414,7 +414,7 @@ def language_model_unchanged(model, language_model_dir: Path) -> bool:
     """Whether every GPT-J weight of `model` equals, bit for bit, the pretrained language model's."""
     from safetensors.torch import load_file
 
-    from .modeling_magma import gptj_name
+    from .weights_magma import gptj_name
 
     pretrained = load_file(str(language_model_dir / "model.safetensors"))
     weights = {gptj_name(name): param for name, param in model.gptj_named_parameters()}

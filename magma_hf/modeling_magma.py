@@ -35,6 +35,13 @@ from .hub_magma import (
     write_model_card,
 )
 from .pipeline_magma import MagmaImageToTextPipeline  # noqa: F401  (imported so the Hub code export carries it)
+from .weights_magma import (  # noqa: F401  (gptj_name: re-exported, its home is weights_magma)
+    PEFT_WEIGHTS_FILE,
+    gptj_name,
+    is_gptj_weight,
+    language_model_state_dict,
+    peft_state_dict,
+)
 
 # The original's settings (magma/sampling.py: temperature 0.7, top_p 0.9, no top-k, 100 new tokens), sampled here as a
 # true nucleus (temperature first, then the smallest head of tokens holding 90%). The original's filter was not one: on
@@ -100,21 +107,6 @@ class MagmaMultiModalProjector(nn.Module):
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         return self.ln(self.dropout(self.proj(image_features)))
-
-
-GPTJ_BASE_PREFIX = "transformer"  # GPTJForCausalLM.base_model_prefix
-LANGUAGE_MODEL_PREFIX = "model.language_model."  # where GPT-J's transformer sits in MagmaForConditionalGeneration
-
-
-def gptj_name(name: str) -> str:
-    """This model's name of a GPT-J weight -> `GPTJForCausalLM`'s name.
-
-    `model.language_model.h.0.mlp.base_layer.fc_in.weight` -> `transformer.h.0.mlp.fc_in.weight`.
-    """
-    name = name.replace(".base_layer.", ".")
-    if name.startswith(LANGUAGE_MODEL_PREFIX):
-        return GPTJ_BASE_PREFIX + "." + name.removeprefix(LANGUAGE_MODEL_PREFIX)
-    return name
 
 
 def adapter_peft_config(config: MagmaConfig) -> MagmaAdapterConfig | None:
@@ -434,17 +426,12 @@ class MagmaForConditionalGeneration(MagmaPreTrainedModel, GenerationMixin):
         peft_config.task_type = "CAUSAL_LM"
         peft_config.base_model_name_or_path = base_model_name_or_path
         if state_dict is not None:  # peft selects from the language model's part, under its own names
-            state_dict = {
-                name.removeprefix(LANGUAGE_MODEL_PREFIX): tensor
-                for name, tensor in state_dict.items()
-                if name.startswith(LANGUAGE_MODEL_PREFIX)
-            }
+            state_dict = language_model_state_dict(state_dict)
         adapter_state = get_peft_model_state_dict(self.language_model, state_dict=state_dict, adapter_name="default")
         # The language model here is GPTJForCausalLM's `transformer`; PeftModel's keys start at the causal LM.
-        prefix = f"base_model.model.{GPTJ_BASE_PREFIX}."
-        adapter_state = {prefix + key: tensor.detach().contiguous().cpu() for key, tensor in adapter_state.items()}
+        adapter_state = peft_state_dict({key: t.detach().contiguous().cpu() for key, t in adapter_state.items()})
         Path(save_directory).mkdir(parents=True, exist_ok=True)
-        save_file(adapter_state, Path(save_directory) / "adapter_model.safetensors", metadata={"format": "pt"})
+        save_file(adapter_state, Path(save_directory) / PEFT_WEIGHTS_FILE, metadata={"format": "pt"})
         peft_config.save_pretrained(save_directory)
 
     def gptj_weights_by_name(
@@ -481,7 +468,7 @@ class MagmaForConditionalGeneration(MagmaPreTrainedModel, GenerationMixin):
     def gptj_named_parameters(self):
         """The GPT-J weights of this model (language model without adapters, LM head), with their names here."""
         for name, param in self.named_parameters():
-            if name.startswith((LANGUAGE_MODEL_PREFIX, "lm_head.")) and ".magma_" not in name:
+            if is_gptj_weight(name):
                 yield name, param
 
     def get_output_embeddings(self) -> nn.Module:

@@ -58,7 +58,8 @@ def test_auto_classes_resolve_with_the_package_imported(saved):
 def test_saved_folder_is_a_hub_repo(saved):
     path, _ = saved
     names = set(os.listdir(path))
-    for module in ("configuration", "modeling", "adapters", "processing", "image_processing", "pipeline", "hub"):
+    modules = ("configuration", "modeling", "adapters", "processing", "image_processing", "pipeline", "hub", "weights")
+    for module in modules:
         assert f"{module}_magma.py" in names
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in names)
     config = json.loads((path / "config.json").read_text())

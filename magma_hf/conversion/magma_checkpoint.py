@@ -46,16 +46,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from transformers import AutoTokenizer
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 from transformers.utils import logging as hf_logging
 
-from ..configuration_magma import DEFAULT_TEXT_CONFIG, MagmaConfig, normalize_adapter_config
-from ..image_processing_magma import MagmaImageProcessor
+from ..configuration_magma import MagmaConfig
+from ..factory import (
+    MagmaSettingsError,
+    build_magma_config,
+    build_processor,
+    empty_model,
+    load_tokenizer,
+    read_magma_settings,
+)
 from ..io_utils import leftover_temporaries, move_files_into, sync_folder, sync_path, write_text_atomically
-from ..modeling_magma import MagmaForConditionalGeneration, magma_generation_config
-from ..processing_magma import IMAGE_TOKEN, MagmaProcessor, add_magma_special_tokens
+from ..modeling_magma import MagmaForConditionalGeneration
+from ..weights_magma import LANGUAGE_MODEL_PREFIX, LM_HEAD_PREFIX, PROJECTOR_PREFIX, VISION_TOWER_PREFIX
 from .safetensors_writer import (
     FileSlice,
     MappedFile,
@@ -66,23 +71,6 @@ from .safetensors_writer import (
 )
 
 CHECKPOINT_FILENAME = "mp_rank_00_model_states.pt"  # DeepSpeed's model-states file of model-parallel rank 0
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_MAGMA_CONFIG = REPO_ROOT / "configuration" / "MAGMA_v1.yml"
-
-# The original `MultimodalConfig` defaults (magma/config.py) for keys a training YAML leaves out.
-ORIGINAL_DEFAULTS = {
-    "encoder_name": "clip",
-    "adapter_config": None,
-    "use_image_embed_layernorm": False,
-    "image_embed_dropout_prob": 0.0,
-    "freeze_img_encoder": True,
-}
-# The original's CLIP ResNets (magma/image_encoders.py) at their input resolution, attention pooling removed.
-CLIP_RESNETS = {
-    "RN50x16": {"layers": [6, 8, 18, 8], "width": 96, "image_size": 384},
-    "RN50x4": {"layers": [4, 6, 10, 6], "width": 80, "image_size": 288},
-}
-ENCODER_ALIASES = {"clip_resnet_large": "RN50x16", "RN50x16": "RN50x16", "clip_resnet": "RN50x4", "RN50x4": "RN50x4"}
 # Data-only classes a DeepSpeed-era training script may leave in the bookkeeping entries; unpickling one only sets
 # attributes, so weights-only loading may accept them. Anything else needs --allow-unsafe-pickle.
 SAFE_BOOKKEEPING_GLOBALS = [argparse.Namespace]
@@ -148,56 +136,13 @@ def resolve_checkpoint(checkpoint: str | os.PathLike, download: bool = True) -> 
         ) from error
 
 
-def read_magma_settings(magma_config: str | os.PathLike | None = None) -> dict[str, Any]:
-    """The model-shaping keys of an original MAGMA training YAML, as [`MagmaConfig`] keyword arguments plus
-    `vision_config`. Keys the YAML leaves out take the original `MultimodalConfig` defaults.
-
-    Without a path, the repository's `configuration/MAGMA_v1.yml` is read; where that file is not shipped (an installed
-    package), [`MagmaConfig`]'s own defaults are used, which are MAGMA_v1's.
-    """
-    if magma_config is None:
-        if not DEFAULT_MAGMA_CONFIG.is_file():
-            return magma_v1_settings()
-        magma_config = DEFAULT_MAGMA_CONFIG
-    path = Path(magma_config)
+@contextmanager
+def settings_errors(hint: str = ""):
+    """The factory's errors (settings, tokenizer) as the converter's: nothing is written, one line for the CLI."""
     try:
-        with open(path) as stream:
-            original = yaml.safe_load(stream)
-    except (OSError, yaml.YAMLError) as error:
-        raise MagmaConversionError(f"cannot read the MAGMA config {path}: {error}") from error
-    if not isinstance(original, dict):
-        raise MagmaConversionError(f"the MAGMA config {path} is not a YAML mapping")
-    original = {**ORIGINAL_DEFAULTS, **original}
-    encoder = ENCODER_ALIASES.get(original["encoder_name"])
-    if encoder is None:
-        raise MagmaConversionError(
-            f"{path}: encoder_name {original['encoder_name']!r} is not supported; MAGMA checkpoints with CLIP ResNet "
-            f"encoders convert: {sorted(ENCODER_ALIASES)}"
-        )
-    try:
-        adapter_config = normalize_adapter_config(original["adapter_config"])
-    except ValueError as error:
-        raise MagmaConversionError(f"{path}: {error}") from error
-    return {
-        "adapter_config": adapter_config,
-        "use_image_embed_layernorm": bool(original["use_image_embed_layernorm"]),
-        "image_embed_dropout_prob": float(original["image_embed_dropout_prob"]),
-        "freeze_image_encoder": bool(original["freeze_img_encoder"]),
-        "vision_config": dict(CLIP_RESNETS[encoder]),
-    }
-
-
-def magma_v1_settings() -> dict[str, Any]:
-    """MAGMA_v1's settings from [`MagmaConfig`]'s defaults (the same as `configuration/MAGMA_v1.yml`)."""
-    defaults = MagmaConfig()
-    vision = defaults.vision_config
-    return {
-        "adapter_config": defaults.adapter_config,
-        "use_image_embed_layernorm": defaults.use_image_embed_layernorm,
-        "image_embed_dropout_prob": float(defaults.image_embed_dropout_prob),
-        "freeze_image_encoder": defaults.freeze_image_encoder,
-        "vision_config": {"layers": list(vision.layers), "width": vision.width, "image_size": vision.image_size},
-    }
+        yield
+    except MagmaSettingsError as error:
+        raise MagmaConversionError(f"{error}{hint}") from error
 
 
 def read_json_argument(value: str | os.PathLike | dict | None, what: str) -> dict:
@@ -214,43 +159,6 @@ def read_json_argument(value: str | os.PathLike | dict | None, what: str) -> dic
     if not isinstance(data, dict):
         raise MagmaConversionError(f"the {what} {text!r} is not a JSON object")
     return data
-
-
-def load_tokenizer(tokenizer: str | os.PathLike | Any = "gpt2"):
-    """GPT-2's tokenizer (by name or folder) with `<|image|>` added as the special cls token when absent, as the
-    original did; a tokenizer object is used as it is given."""
-    if isinstance(tokenizer, (str, os.PathLike)):
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-        except Exception as error:  # offline cache miss, missing folder, ...
-            raise MagmaConversionError(
-                f"cannot load the tokenizer {str(tokenizer)!r} ({type(error).__name__}: {error}); pass --tokenizer "
-                "with a local folder holding GPT-2's tokenizer files"
-            ) from error
-    return add_magma_special_tokens(tokenizer)
-
-
-def build_magma_config(settings: dict[str, Any], text_config: dict, vision_config: dict, tokenizer) -> MagmaConfig:
-    """The output model's config: GPT-J-6B unless `text_config` says otherwise, the encoder of the original YAML
-    (fields of `vision_config` override it), special tokens from the tokenizer."""
-    text = {**DEFAULT_TEXT_CONFIG, **text_config}
-    text.setdefault(
-        "bos_token_id", tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    )
-    text.setdefault("eos_token_id", tokenizer.eos_token_id)
-    text["pad_token_id"] = text_config.get("pad_token_id", tokenizer.pad_token_id)
-    vision = {**settings["vision_config"], **vision_config}
-    kwargs = {key: value for key, value in settings.items() if key != "vision_config"}
-    try:
-        config = MagmaConfig(
-            text_config=text,
-            vision_config=vision,
-            image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-            **kwargs,
-        )
-    except (TypeError, ValueError) as error:
-        raise MagmaConversionError(f"the configs do not make a MAGMA model: {error}") from error
-    return config
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -314,7 +222,7 @@ def foreign_state_dict(state_dict: dict[str, Any]) -> str | None:
     if any(key.startswith(("lm.", "image_prefix.")) for key in keys):
         return None
     has = set(keys).__contains__
-    if any(key.startswith(("model.language_model.", "model.vision_tower.")) for key in keys):
+    if any(key.startswith((LANGUAGE_MODEL_PREFIX, VISION_TOWER_PREFIX)) for key in keys):
         return "already a magma_hf model's state dict (a converted folder loads with from_pretrained)"
     if has("transformer.wte.weight") and any(".attn.q_proj." in key for key in keys):
         return "a Hugging Face GPT-J state dict (transformer.h.*): a language model without MAGMA's image prefix"
@@ -391,13 +299,13 @@ def source_key(target: str, adapter_config: dict) -> str:
     `model.language_model.h.3.mlp.base_layer.fc_in.weight` -> `lm.transformer.h.3.mlp.0.c_fc.weight` (MLP adapter
     `normal`), `model.vision_tower.layer1.0.bn1.running_mean` -> `image_prefix.enc.layer1.0.bn1.running_mean`.
     """
-    if target.startswith("model.vision_tower."):
-        return "image_prefix.enc." + target.removeprefix("model.vision_tower.")
-    if target.startswith("model.multi_modal_projector."):
-        return "image_prefix." + target.removeprefix("model.multi_modal_projector.")
-    if target.startswith("lm_head."):
+    if target.startswith(VISION_TOWER_PREFIX):
+        return "image_prefix.enc." + target.removeprefix(VISION_TOWER_PREFIX)
+    if target.startswith(PROJECTOR_PREFIX):
+        return "image_prefix." + target.removeprefix(PROJECTOR_PREFIX)
+    if target.startswith(LM_HEAD_PREFIX):
         return "lm." + target
-    name = target.removeprefix("model.language_model.")
+    name = target.removeprefix(LANGUAGE_MODEL_PREFIX)
     if name == "wte.weight" or name.startswith("ln_f."):
         return "lm.transformer." + name
     block = re.fullmatch(r"h\.(\d+)\.(.+)", name)
@@ -537,7 +445,7 @@ def plan_conversion(
         used.add(source)
         tensor = state_dict[source]
         entries.append(TensorEntry(name=name, shape=tuple(target.shape), dtype=target.dtype, source=source))
-        if name == "model.language_model.wte.weight":
+        if name == f"{LANGUAGE_MODEL_PREFIX}wte.weight":
             rows, vocab = tensor.shape[0] if tensor.dim() == 2 else -1, target.shape[0]
             if tensor.dim() != 2 or tensor.shape[1] != target.shape[1] or not n_tokens <= rows <= vocab:
                 problems["shape"].append(
@@ -1254,14 +1162,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, state_dict: dict[str, torch.T
     return torch.float32
 
 
-def empty_model(config: MagmaConfig, dtype: torch.dtype) -> MagmaForConditionalGeneration:
-    """The output model on the meta device: names, shapes and the Hub export, without memory."""
-    with torch.device("meta"):
-        model = MagmaForConditionalGeneration(config)
-    model.generation_config = magma_generation_config(config)  # written as generation_config.json
-    return model.to(dtype)
-
-
 def save_model_files(model: MagmaForConditionalGeneration, folder: Path) -> None:
     """Everything `model.save_pretrained` writes except the weights (written by `write_weights`): config.json,
     generation_config.json, with the code export on the code files, `auto_map`, `custom_pipelines` and README.md."""
@@ -1297,7 +1197,7 @@ def convert_magma_checkpoint(
         output: The folder to write. An existing folder may hold other files (the checkpoint, notes, your own
             `README.md`): they are kept. Files named like the conversion's that no conversion wrote there stop it.
         magma_config: The original training YAML (adapter_config, encoder_name, use_image_embed_layernorm,
-            image_embed_dropout_prob, freeze_img_encoder). Default: `configuration/MAGMA_v1.yml`.
+            image_embed_dropout_prob, freeze_img_encoder). Default: MAGMA_v1's settings (`configuration/MAGMA_v1.yml`).
         text_config: `GPTJConfig` fields (dict, JSON file or inline JSON) over GPT-J-6B's.
         vision_config: `{"layers": [...], "width": N, "image_size": N}` fields over the YAML encoder's.
         tokenizer: Name or folder of GPT-2's tokenizer (`<|image|>` is added when absent), or a tokenizer.
@@ -1320,15 +1220,18 @@ def convert_magma_checkpoint(
     check_output_parent(output)
     recovered = recover_interrupted_conversions(output)
     check_output(output, overwrite, may_be_written)  # fails before any download or reading
-    settings = read_magma_settings(magma_config)
+    with settings_errors():
+        settings = read_magma_settings(magma_config)
     text_overrides = read_json_argument(text_config, "text config")
     vision_overrides = read_json_argument(vision_config, "vision config")
     local_checkpoint = resolve_checkpoint(checkpoint, download=False)  # a wrong path fails before anything else
-    tokenizer = load_tokenizer(tokenizer)
+    with settings_errors(" (--tokenizer)"):
+        tokenizer = load_tokenizer(tokenizer)
     checkpoint_path = local_checkpoint or resolve_checkpoint(checkpoint)  # a Hub download only once the rest is fine
     original = load_original_checkpoint(checkpoint_path, allow_unsafe_pickle=allow_unsafe_pickle)
     out_dtype = resolve_dtype(dtype, original.state_dict)
-    config = build_magma_config(settings, text_overrides, vision_overrides, tokenizer)
+    with settings_errors():
+        config = build_magma_config(settings, text_overrides, vision_overrides, tokenizer)
     tokenizer.model_max_length = config.text_config.n_positions  # as the original set it
     model = empty_model(config, out_dtype)
     targets = model.state_dict()
@@ -1337,10 +1240,7 @@ def convert_magma_checkpoint(
         check_free_space(output, sum(entry.nbytes for entry in plan.entries))
         with staged_folder(output, overwrite) as (folder, installed):
             save_model_files(model, folder)
-            processor = MagmaProcessor(
-                image_processor=MagmaImageProcessor(image_size=config.vision_config.image_size), tokenizer=tokenizer
-            )
-            processor.save_pretrained(folder)
+            build_processor(config, tokenizer).save_pretrained(folder)
             shards, verified, non_finite = write_weights(
                 plan, original, folder, max_shard_size, pages, model.num_parameters(), verify
             )
@@ -1393,7 +1293,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="folder to write; files in it that no conversion wrote are kept, or (named like the conversion's) stop it",
     )
     parser.add_argument(
-        "--magma-config", default=None, help="original MAGMA training YAML (default: configuration/MAGMA_v1.yml)"
+        "--magma-config",
+        default=None,
+        help="original MAGMA training YAML (default: MAGMA_v1's settings, as configuration/MAGMA_v1.yml)",
     )
     parser.add_argument("--text-config", default=None, help="GPTJConfig fields, JSON file or inline (default GPT-J-6B)")
     parser.add_argument(

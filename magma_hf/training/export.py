@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -30,11 +29,18 @@ from safetensors.torch import load_file, save_file
 from transformers import GPTJForCausalLM, PreTrainedModel
 
 from ..configuration_magma import MagmaConfig
+from ..factory import empty_model, load_model_from_state_dict
 from ..io_utils import move_files_into
-from ..modeling_magma import MagmaForConditionalGeneration, magma_generation_config
+from ..modeling_magma import MagmaForConditionalGeneration
+from ..weights_magma import (
+    IMAGE_PREFIX_FILE,
+    PEFT_CONFIG_FILE,
+    PEFT_WEIGHTS_FILE,
+    is_image_prefix_weight,
+    magma_state_dict,
+    peft_name_to_model_name,
+)
 
-IMAGE_PREFIX_FILE = "image_prefix.safetensors"
-PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 EXPORT_INFO_FILE = "magma_export.json"
 EXPORT_README = """# MAGMA adapters, image encoder and projection
 
@@ -53,19 +59,6 @@ model = load_adapter_export("path/to/this/folder", "{base}", dtype=torch.bfloat1
 - `image_prefix.safetensors`: the image encoder (CLIP ResNet without attention pooling) and the image projection.
 - `config.json` and the processor files: the MAGMA config, tokenizer and image preprocessing.
 """
-IMAGE_PREFIX_MODULES = ("model.vision_tower.", "model.multi_modal_projector.")
-# PEFT's name of an adapter weight on GPTJForCausalLM -> this model's name (peft drops the adapter name "default").
-_PEFT_PREFIX = "base_model.model.transformer."
-_ADAPTER_CONTAINER = re.compile(r"\.(magma_[a-z]+)(?=\.|$)")
-
-
-def magma_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The MAGMA-specific entries of a full state dict: image encoder, projection and adapters (no GPT-J weight)."""
-    return {
-        name: tensor
-        for name, tensor in state_dict.items()
-        if name.startswith(IMAGE_PREFIX_MODULES) or ".magma_" in name
-    }
 
 
 def save_adapter_export(
@@ -100,7 +93,7 @@ def save_adapter_export(
         prefix = {
             name: tensor.detach().contiguous().cpu()
             for name, tensor in state_dict.items()
-            if name.startswith(IMAGE_PREFIX_MODULES)
+            if is_image_prefix_weight(name)
         }
         save_file(prefix, staging / IMAGE_PREFIX_FILE, metadata={"format": "pt"})
         model.config.save_pretrained(staging)
@@ -134,17 +127,7 @@ def _is_users_readme(path: Path) -> bool:
 
 def _export_files(model) -> list[str]:
     files = [IMAGE_PREFIX_FILE, "config.json"]
-    return ([PEFT_WEIGHTS_FILE, "adapter_config.json"] if model.config.adapter_config else []) + files
-
-
-def _peft_name_to_model_name(name: str) -> str:
-    """PEFT's name on GPT-J -> this model's.
-
-    `base_model.model.transformer.h.0.mlp.magma_down.weight` -> `model.language_model.h.0.mlp.magma_down.default.weight`
-    """
-    if not name.startswith(_PEFT_PREFIX):
-        raise ValueError(f"Unexpected adapter weight {name!r}: expected names starting with {_PEFT_PREFIX!r}")
-    return "model.language_model." + _ADAPTER_CONTAINER.sub(r".\1.default", name.removeprefix(_PEFT_PREFIX))
+    return ([PEFT_WEIGHTS_FILE, PEFT_CONFIG_FILE] if model.config.adapter_config else []) + files
 
 
 def _gptj_state_dict(language_model, dtype) -> dict[str, torch.Tensor]:
@@ -176,15 +159,14 @@ def load_adapter_export(
         language_model = json.loads((export_dir / EXPORT_INFO_FILE).read_text()).get("base_language_model")
     if language_model is None:
         raise ValueError(f"{export_dir} does not record its GPT-J: pass language_model= (e.g. EleutherAI/gpt-j-6B)")
-    with torch.device("meta"):
-        skeleton = MagmaForConditionalGeneration(config)
+    skeleton = empty_model(config)
     expected = skeleton.state_dict()
 
     state_dict = skeleton.gptj_weights_by_name(_gptj_state_dict(language_model, dtype), source="The language model")
     state_dict.update(load_file(export_dir / IMAGE_PREFIX_FILE))
     if config.adapter_config:
         adapters = load_file(export_dir / PEFT_WEIGHTS_FILE)
-        state_dict.update({_peft_name_to_model_name(name): tensor for name, tensor in adapters.items()})
+        state_dict.update({peft_name_to_model_name(name): tensor for name, tensor in adapters.items()})
 
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
@@ -200,9 +182,7 @@ def load_adapter_export(
         )
     if dtype is not None:
         state_dict = {n: t.to(dtype) if t.is_floating_point() else t for n, t in state_dict.items()}
-    model = MagmaForConditionalGeneration.from_pretrained(None, config=config, state_dict=state_dict, dtype=dtype)
-    model.generation_config = magma_generation_config(config)  # the export carries no generation_config.json
-    return model
+    return load_model_from_state_dict(config, state_dict, dtype, new_by_intent=lambda name: False)
 
 
 __all__ = ["load_adapter_export", "magma_state_dict", "save_adapter_export"]

@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import difflib
+import itertools
 import json
 import logging as std_logging
 import os
@@ -26,13 +28,55 @@ import socket
 import sys
 import types
 import typing
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+from transformers import AutoConfig, GPTJConfig, TrainingArguments, set_seed
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from transformers.trainer_utils import IntervalStrategy
 from transformers.utils import logging
+
+from ..configuration_magma import normalize_adapter_config
+from ..factory import (
+    DEFAULT_TOKENIZER,
+    MODEL_KEYS,
+    MagmaSettingsError,
+    build_magma_config,
+    build_processor,
+    encoder_vision_config,
+    load_tokenizer,
+    model_settings,
+    new_model,
+)
+from ..io_utils import move_files_into
+from ..modeling_magma import MagmaForConditionalGeneration
+from ..processing_magma import MagmaProcessor, check_processor_matches_model
+from ..weights_magma import MAGMA_WEIGHTS_NAME, is_magma_weight
+from .collator import MagmaDataCollator
+from .data import (
+    MAX_SKIPPED_SHARE,
+    TooManySkippedError,
+    check_skipped_share,
+    load_image_caption_dataset,
+    recording_skips,
+)
+from .export import export_staging_name, save_adapter_export
+from .trainer import (
+    CAPTIONS_LOG_NAME,
+    CHECKPOINT_NAME,
+    INTERRUPTED_NAME,
+    SUPERSEDED_PREFIX,
+    MagmaLRSchedule,
+    MagmaTrainer,
+    checkpoint_folders,
+    checkpoint_step,
+    last_complete_checkpoint,
+    load_magma_weights,
+    require_complete_checkpoint,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -230,10 +274,6 @@ def _typed_value(key: str, value: Any, annotation: Any) -> Any:
 def _checked_training_args(training_args: dict) -> dict:
     """`training_args` keys must be `TrainingArguments` fields, and their values of the field's type: it takes any
     value silently (`bf16: "no"` would turn bf16 on)."""
-    import difflib
-
-    from transformers import TrainingArguments
-
     fields = typing.get_type_hints(TrainingArguments)
     for key in training_args:
         if key not in fields:
@@ -415,67 +455,14 @@ def resolve_deepspeed(config: MagmaTrainingConfig) -> dict | str | None:
 # ---------------------------------------------------------------------------------------------------------------------
 # Model and processor
 
-# encoder_name (the original's names and open_clip's) -> (open_clip model, MagmaVisionConfig at native resolution)
-ENCODERS = {
-    "clip_resnet_large": ("RN50x16", {"layers": [6, 8, 18, 8], "width": 96, "image_size": 384}),
-    "RN50x16": ("RN50x16", {"layers": [6, 8, 18, 8], "width": 96, "image_size": 384}),
-    "clip_resnet": ("RN50x4", {"layers": [4, 6, 10, 6], "width": 80, "image_size": 288}),
-    "RN50x4": ("RN50x4", {"layers": [4, 6, 10, 6], "width": 80, "image_size": 288}),
-    "RN50": ("RN50", {"layers": [3, 4, 6, 3], "width": 64, "image_size": 224}),
-    "RN101": ("RN101", {"layers": [3, 4, 23, 3], "width": 64, "image_size": 224}),
-    "RN50x64": ("RN50x64", {"layers": [3, 15, 36, 10], "width": 128, "image_size": 448}),
-}
-DEFAULT_ENCODER = "clip_resnet_large"
-DEFAULT_TOKENIZER = "gpt2"  # the original's: GPT-2's tokenizer plus <|image|> (GPT-J's own has 143 extra tokens)
-# The original's defaults for a new model, where MagmaConfig's defaults (MAGMA_v1's values) differ.
-NEW_MODEL_DEFAULTS = {
-    "freeze_img_encoder": True,
-    "image_embed_dropout_prob": 0.0,
-    "use_image_embed_layernorm": False,
-    "adapter_config": {},
-}
 
-
-def encoder_spec(encoder_name: str | None) -> tuple[str, dict]:
-    name = encoder_name or DEFAULT_ENCODER
-    if name not in ENCODERS:
-        raise TrainingConfigError(
-            f"encoder_name {name!r} is not supported: MAGMA here uses CLIP's ResNet image encoders, one of "
-            f"{sorted(ENCODERS)}"
-        )
-    open_clip_name, vision = ENCODERS[name]
-    return open_clip_name, dict(vision)
-
-
-def load_tokenizer(source: str, model_max_length: int | None = None):
-    """A tokenizer for MAGMA: `<|image|>` added as the cls token when missing (as the original did), eos as pad."""
-    from transformers import AutoTokenizer
-
-    from ..processing_magma import add_magma_special_tokens
-
-    tokenizer = add_magma_special_tokens(AutoTokenizer.from_pretrained(source))
-    if model_max_length:
-        tokenizer.model_max_length = model_max_length
-    return tokenizer
-
-
-def open_clip_visual_state_dict(open_clip_name: str, pretrained: str) -> dict:
-    """open_clip's `create_model(name, pretrained=tag_or_file).visual` weights, without attention pooling."""
-    import open_clip
-
-    visual = open_clip.create_model(open_clip_name, pretrained=pretrained).visual
-    return {k: v for k, v in visual.state_dict().items() if not k.startswith("attnpool.")}
+def _original_settings(config: MagmaTrainingConfig) -> dict[str, Any]:
+    """The original's model keys as the config gives them (`None`: not set)."""
+    return {key: getattr(config, key) for key in MODEL_KEYS}
 
 
 def _new_model(config: MagmaTrainingConfig):
     """A new MAGMA: GPT-J weights from `lm_name`, CLIP weights from `pretrained`, random where not given."""
-    from transformers import AutoConfig, GPTJForCausalLM
-
-    from ..configuration_magma import DEFAULT_TEXT_CONFIG
-    from ..image_processing_magma import MagmaImageProcessor
-    from ..modeling_magma import MagmaForConditionalGeneration, magma_generation_config
-    from ..processing_magma import IMAGE_TOKEN, MagmaProcessor
-
     options = dict(config.model_config)
     lm_name = options.pop("lm_name", None)
     if lm_name is not None and config.lm_name is not None and lm_name != config.lm_name:
@@ -483,66 +470,21 @@ def _new_model(config: MagmaTrainingConfig):
     lm_name = lm_name or config.lm_name
     pretrained = options.pop("pretrained", None)
     _check_model_config(options)
-    text_config = dict(DEFAULT_TEXT_CONFIG)
-    if lm_name is not None:
-        text_config.update(AutoConfig.from_pretrained(lm_name).to_dict())
-        text_config["tie_word_embeddings"] = False
-    user_text_config = options.pop("text_config", None) or {}
-    tokenizer = load_tokenizer(
-        config.tokenizer_source or DEFAULT_TOKENIZER,
-        user_text_config.get("n_positions", text_config.get("n_positions")),
-    )
-    # the special tokens follow the tokenizer (GPT-2's: 50256), unless text_config says otherwise
-    text_config.update({f"{t}_token_id": tokenizer.eos_token_id for t in ("bos", "eos", "pad")})
-    text_config.update(user_text_config)
-    open_clip_name, vision_config = encoder_spec(config.encoder_name)
-    vision_config.update(options.pop("vision_config", None) or {})
+    vision_config = dict(options.pop("vision_config", None) or {})
     if config.image_size is not None:
         vision_config["image_size"] = config.image_size
-
-    settings = {key: getattr(config, key) for key in NEW_MODEL_DEFAULTS}
-    settings = {key: NEW_MODEL_DEFAULTS[key] if value is None else value for key, value in settings.items()}
-    from ..configuration_magma import MagmaConfig
-
-    magma_config = MagmaConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        adapter_config=settings["adapter_config"],
-        image_embed_dropout_prob=settings["image_embed_dropout_prob"],
-        use_image_embed_layernorm=settings["use_image_embed_layernorm"],
-        freeze_image_encoder=settings["freeze_img_encoder"],
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        **options,
-    )
-    state_dict = {}
-    if lm_name is not None:
-        logger.info(f"Loading GPT-J weights from {lm_name}")
-        gptj = GPTJForCausalLM.from_pretrained(lm_name, dtype=config.lm_dtype or "float32").state_dict()
-        import torch
-
-        with torch.device("meta"):
-            skeleton = MagmaForConditionalGeneration(magma_config)
-        state_dict = skeleton.gptj_weights_by_name(gptj, source=lm_name)
-        del gptj, skeleton
-    if pretrained is not None:
-        logger.info(f"Loading the image encoder from open_clip {open_clip_name} pretrained={pretrained}")
-        visual = open_clip_visual_state_dict(open_clip_name, pretrained)
-        state_dict.update({f"model.vision_tower.{k}": v for k, v in visual.items()})
-    if state_dict:
-        # Built on the meta device and filled from `state_dict`: no second copy of GPT-J, no random init of it.
-        with _without_load_report():
-            model = MagmaForConditionalGeneration.from_pretrained(
-                None, config=magma_config, state_dict=state_dict, dtype=config.lm_dtype or "float32"
-            )
-        _check_loaded(model, state_dict)
-        n_new = sum(1 for name in model.state_dict() if name not in state_dict)
-        logger.info(f"Loaded {len(state_dict)} pretrained tensors; initialised {n_new} new ones (adapters, projection)")
-    else:
-        model = MagmaForConditionalGeneration(magma_config)
-    model.generation_config = magma_generation_config(magma_config)  # saved with the model
-    image_processor = MagmaImageProcessor(image_size=magma_config.vision_config.image_size)
-    processor = MagmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    return model, processor, lm_name
+    try:
+        settings = model_settings(_original_settings(config))
+        tokenizer = load_tokenizer(config.tokenizer_source or DEFAULT_TOKENIZER)
+        language_model_config = AutoConfig.from_pretrained(lm_name).to_dict() if lm_name is not None else None
+        magma_config = build_magma_config(
+            settings, options.pop("text_config", None), vision_config, tokenizer, language_model_config
+        )
+        tokenizer.model_max_length = magma_config.text_config.n_positions
+        model = new_model(magma_config, lm_name, config.encoder_name, pretrained, config.lm_dtype or "float32")
+    except MagmaSettingsError as error:
+        raise TrainingConfigError(str(error)) from None
+    return model, build_processor(magma_config, tokenizer), lm_name
 
 
 MODEL_CONFIG_KEYS = ("lm_name", "pretrained", "text_config", "vision_config")
@@ -551,8 +493,6 @@ VISION_CONFIG_KEYS = ("layers", "width", "image_size")
 
 def _check_model_config(options: dict) -> None:
     """`model_config` keys, and those of its `text_config` / `vision_config`: configs accept any name silently."""
-    from transformers import GPTJConfig
-
     top_level = sorted(set(options) & {"adapter_config", "image_embed_dropout_prob", "use_image_embed_layernorm"})
     if top_level:
         raise TrainingConfigError(
@@ -576,57 +516,22 @@ def _check_model_config(options: dict) -> None:
         )
 
 
-class _DropLoadReport(std_logging.Filter):
-    """A new MAGMA's encoder, projection and adapters are new by intent: transformers' load report would list each
-    of them as "missing" (a hundred lines); `_check_loaded` checks what matters instead."""
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        return "LOAD REPORT" not in record.getMessage()
-
-
-@contextmanager
-def _without_load_report():
-    transformers_logger = std_logging.getLogger("transformers.modeling_utils")
-    report_filter = _DropLoadReport()
-    transformers_logger.addFilter(report_filter)
-    try:
-        yield
-    finally:
-        transformers_logger.removeFilter(report_filter)
-
-
-def _check_loaded(model, state_dict: dict) -> None:
-    """`from_pretrained(None, state_dict=...)` initialises what it cannot load; make sure that is only by intent."""
-    own = model.state_dict()
-    wrong = [
-        f"{name}: {tuple(t.shape)} vs {tuple(own[name].shape)}"
-        for name, t in state_dict.items()
-        if name in own and own[name].shape != t.shape
-    ]
-    unknown = [name for name in state_dict if name not in own]
-    if wrong or unknown:
-        raise ValueError(f"Pretrained weights do not fit the model: shape mismatch {wrong[:5]}, unknown {unknown[:5]}")
-
-
 def _existing_model(config: MagmaTrainingConfig):
     """A MAGMA folder (e.g. a converted checkpoint); architecture keys must agree with it."""
-    from ..image_processing_magma import MagmaImageProcessor
-    from ..modeling_magma import MagmaForConditionalGeneration
-    from ..processing_magma import MagmaProcessor, check_processor_matches_model
-
     path = config.model_name_or_path
     model = MagmaForConditionalGeneration.from_pretrained(path, dtype=config.lm_dtype or "auto")
     model_config = model.config
     conflicts = []
     if config.adapter_config is not None:
-        from ..configuration_magma import normalize_adapter_config
-
         if normalize_adapter_config(config.adapter_config) != model_config.adapter_config:
             conflicts.append(f"adapter_config {config.adapter_config} vs {model_config.adapter_config}")
     if config.image_size is not None and config.image_size != model_config.vision_config.image_size:
         conflicts.append(f"image_size {config.image_size} vs {model_config.vision_config.image_size}")
     if config.encoder_name is not None:
-        _, vision = encoder_spec(config.encoder_name)
+        try:
+            vision = encoder_vision_config(config.encoder_name)
+        except MagmaSettingsError as error:
+            raise TrainingConfigError(str(error)) from None
         if (vision["layers"], vision["width"]) != (
             list(model_config.vision_config.layers),
             model_config.vision_config.width,
@@ -645,16 +550,16 @@ def _existing_model(config: MagmaTrainingConfig):
         model.multi_modal_projector.dropout.p = config.image_embed_dropout_prob
     if config.freeze_img_encoder is not None:
         model_config.freeze_image_encoder = config.freeze_img_encoder
-        model.apply_training_policy()
+    model.apply_training_policy()  # the trainer's too; applied here so the model is ready to train as built
     try:
         processor = MagmaProcessor.from_pretrained(path)
     except (OSError, ValueError, TypeError):
         source = config.tokenizer_source or DEFAULT_TOKENIZER
         logger.warning(f"{path} has no processor files: using the tokenizer {source}")
-        processor = MagmaProcessor(
-            image_processor=MagmaImageProcessor(image_size=model_config.vision_config.image_size),
-            tokenizer=load_tokenizer(source),
-        )
+        try:
+            processor = build_processor(model_config, load_tokenizer(source))
+        except MagmaSettingsError as error:
+            raise TrainingConfigError(str(error)) from None
     check_processor_matches_model(processor, model_config, path)
     return model, processor, _base_language_model(path)
 
@@ -681,15 +586,8 @@ def build_model_and_processor(config: MagmaTrainingConfig):
 
 def magma_weights_to_float32(model) -> None:
     """Adapters, projection and image encoder (with its BatchNorm statistics) in float32; GPT-J untouched."""
-    import itertools
-
-    import torch
-
-    from .export import IMAGE_PREFIX_MODULES
-
     for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
-        is_magma = name.startswith(IMAGE_PREFIX_MODULES) or ".magma_" in name
-        if is_magma and tensor.is_floating_point() and tensor.dtype != torch.float32:
+        if is_magma_weight(name) and tensor.is_floating_point() and tensor.dtype != torch.float32:
             tensor.data = tensor.data.float()
 
 
@@ -715,14 +613,10 @@ def build_datasets(config: MagmaTrainingConfig, seed: int, eval_samples: int):
 
 
 def skipped_share_limit(config: MagmaTrainingConfig) -> float:
-    from .data import MAX_SKIPPED_SHARE
-
     return MAX_SKIPPED_SHARE if config.max_skipped_share is None else config.max_skipped_share
 
 
 def _load_checked(source, key: str, config: MagmaTrainingConfig):
-    from .data import check_skipped_share, load_image_caption_dataset, recording_skips
-
     with recording_skips() as reports:
         dataset = load_image_caption_dataset(source)
     skipped = sum(report.skipped for report in reports)
@@ -793,14 +687,6 @@ def resolve_checkpoint(config: MagmaTrainingConfig) -> str | None:
     there is none yet and `load` is `save` (the original started from step 0 then, so `load` may point at `save` from
     the first run on). Any other `load` without a complete checkpoint is an error naming it: the run would silently
     start afresh."""
-    from .trainer import (
-        MAGMA_WEIGHTS_NAME,
-        checkpoint_folders,
-        checkpoint_step,
-        last_complete_checkpoint,
-        require_complete_checkpoint,
-    )
-
     if config.load is None:
         return None
     load = Path(config.load)
@@ -874,9 +760,6 @@ def check_output_dir(config: MagmaTrainingConfig, checkpoint: str | None) -> Non
     it; `overwrite: true` lets it replace an earlier run's final outputs there. Never: `save` being one of the run's
     inputs, or holding another run's checkpoints (this run would mix its own with them, replace or rotate them away).
     Files the run does not write are never touched."""
-    from .export import export_staging_name
-    from .trainer import CAPTIONS_LOG_NAME, CHECKPOINT_NAME, INTERRUPTED_NAME, SUPERSEDED_PREFIX
-
     output = Path(config.output_dir).expanduser().resolve()
     for key, path in _input_folders(config):
         if _same_folder(path, output):
@@ -927,13 +810,6 @@ def check_output_dir(config: MagmaTrainingConfig, checkpoint: str | None) -> Non
 def train(config: MagmaTrainingConfig):
     """Train as the config says; returns the trainer. Saves the full model to `save` and the adapters-only export to
     `save/adapter_export` at the end."""
-    from transformers import TrainingArguments, set_seed
-    from transformers.trainer_utils import IntervalStrategy
-
-    from .collator import MagmaDataCollator
-    from .export import save_adapter_export
-    from .trainer import CAPTIONS_LOG_NAME, MagmaLRSchedule, MagmaTrainer, load_magma_weights
-
     # The folders first: a run that would overwrite a finished one, or resume nothing, stops before any work.
     checkpoint = resolve_checkpoint(config)
     check_output_dir(config, checkpoint)
@@ -959,7 +835,7 @@ def train(config: MagmaTrainingConfig):
 
     if checkpoint is not None and not config.load_optimizer:
         logger.info(f"Finetuning from the weights of {checkpoint} (load_optimizer: false), from step 0")
-        load_magma_weights(model, Path(checkpoint) / "magma_weights.safetensors")
+        load_magma_weights(model, Path(checkpoint) / MAGMA_WEIGHTS_NAME)
         checkpoint = None
 
     max_length = config.seq_len or model.config.text_config.n_positions
@@ -1009,8 +885,6 @@ def save_final_model(trainer, output_dir: Path) -> None:
     previous model's files complete (a resumed or overwriting run replaces them only once its own are whole). A
     README.md already there (the user's card, or an earlier run's) is kept; files the save does not write are never
     touched, except an earlier save's weight files that the new one lacks, which would load in its place."""
-    from ..io_utils import move_files_into
-
     staging = output_dir / FINAL_MODEL_STAGING
     if trainer.is_world_process_zero() and staging.exists():
         shutil.rmtree(staging)  # a killed save's leftover: this function's own folder
@@ -1031,8 +905,6 @@ def save_final_model(trainer, output_dir: Path) -> None:
 
 
 def _is_zero3() -> bool:
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
     return is_deepspeed_zero3_enabled()
 
 
@@ -1060,8 +932,6 @@ def run(args: argparse.Namespace) -> int:
     std_logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if int(os.environ.get("RANK", "0")) == 0:
         std_logging.getLogger("magma_hf").setLevel(std_logging.INFO)
-    from .data import TooManySkippedError
-
     overrides = [*args.overrides, *(["overwrite=true"] if args.overwrite else [])]
     try:
         config = MagmaTrainingConfig.from_yaml(args.config, overrides)

@@ -21,13 +21,12 @@ from transformers.trainer import SCHEDULER_NAME, TRAINER_STATE_NAME, TRAINING_AR
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
 from transformers.utils import logging
 
+from ..weights_magma import MAGMA_WEIGHTS_NAME, magma_state_dict
 from .collator import EMPTY_KEY, SKIPPED_IMAGES_KEY, SKIPPED_KEY, MagmaDataCollator
 from .data import MAX_SKIPPED_SHARE, SKIP_EXAMPLES, TooManySkippedError, check_skipped_share
-from .export import magma_state_dict
 
 logger = logging.get_logger(__name__)
 
-MAGMA_WEIGHTS_NAME = "magma_weights.safetensors"  # a checkpoint's model weights: everything but GPT-J
 CAPTIONS_LOG_NAME = "eval_captions.jsonl"
 NO_DECAY_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 # A run stops early once its skipped share exceeds the limit beyond chance: Hoeffding's bound at this probability of

@@ -20,7 +20,8 @@ from transformers import GPTJForCausalLM
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from magma_hf import MagmaConfig, MagmaForConditionalGeneration
-from magma_hf.modeling_magma import adapter_peft_config, gptj_name
+from magma_hf.modeling_magma import adapter_peft_config
+from magma_hf.weights_magma import gptj_name, is_adapter_weight
 
 
 def build(hidden: int, layers: int) -> tuple[MagmaForConditionalGeneration, GPTJForCausalLM, GPTJForCausalLM]:
@@ -35,13 +36,9 @@ def build(hidden: int, layers: int) -> tuple[MagmaForConditionalGeneration, GPTJ
     adapted = GPTJForCausalLM(config.text_config).eval()
     adapted.load_state_dict(gptj_weights)
     inject_adapter_in_model(adapter_peft_config(config), adapted)
-    adapter_weights = {
-        name.replace("model.language_model.", "transformer."): param
-        for name, param in magma.named_parameters()
-        if ".magma_" in name
-    }
+    adapter_weights = {gptj_name(name): param for name, param in magma.named_parameters() if is_adapter_weight(name)}
     missing = adapted.load_state_dict(adapter_weights, strict=False)
-    assert not missing.unexpected_keys and not [k for k in missing.missing_keys if ".magma_" in k]
+    assert not missing.unexpected_keys and not [k for k in missing.missing_keys if is_adapter_weight(k)]
     return magma, adapted, plain
 
 

@@ -114,16 +114,16 @@ def run_one(name: str, steps: int, warmup: int) -> dict:
 def magma_v1_sizes() -> dict:
     """Parameter counts of MAGMA_v1 at full size, on the meta device (no memory, no weights)."""
     from magma_hf import MagmaConfig, MagmaForConditionalGeneration
-    from magma_hf.training.export import magma_state_dict
+    from magma_hf.weights_magma import PROJECTOR_PREFIX, VISION_TOWER_PREFIX, is_adapter_weight, magma_state_dict
 
     with torch.device("meta"):
         model = MagmaForConditionalGeneration(MagmaConfig())
     state = model.state_dict()
     own = magma_state_dict(state)
     gptj = sum(t.numel() for n, t in state.items() if n not in own)
-    adapters = sum(t.numel() for n, t in own.items() if ".magma_" in n)
-    encoder = sum(t.numel() for n, t in own.items() if n.startswith("model.vision_tower."))
-    projection = sum(t.numel() for n, t in own.items() if n.startswith("model.multi_modal_projector."))
+    adapters = sum(t.numel() for n, t in own.items() if is_adapter_weight(n))
+    encoder = sum(t.numel() for n, t in own.items() if n.startswith(VISION_TOWER_PREFIX))
+    projection = sum(t.numel() for n, t in own.items() if n.startswith(PROJECTOR_PREFIX))
     return {"gptj": gptj, "adapters": adapters, "image_encoder": encoder, "projection": projection}
 
 

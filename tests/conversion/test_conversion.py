@@ -27,8 +27,6 @@ from magma_hf.conversion.magma_checkpoint import (
     CHECKPOINT_FILENAME,
     MagmaConversionError,
     convert_magma_checkpoint,
-    magma_v1_settings,
-    read_magma_settings,
     resolve_checkpoint,
 )
 
@@ -292,14 +290,6 @@ def test_command_line_wrapper_converts(tmp_path, tokenizer, tokenizer_dir, monke
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["dtype"] == "float32" and config["text_config"]["n_embd"] == 64
     assert len(list((tmp_path / "out").glob("model-*.safetensors"))) > 1
-
-
-def test_default_magma_config_is_magma_v1():
-    assert (
-        read_magma_settings()
-        == magma_v1_settings()
-        == read_magma_settings(REPO_ROOT / "configuration" / "MAGMA_v1.yml")
-    )
 
 
 def test_hub_repo_ids_are_downloaded_with_huggingface_hub(tmp_path, monkeypatch):

@@ -1,0 +1,92 @@
+"""MAGMA's weight names: GPT-J's <-> MAGMA's <-> PEFT's, which weights are MAGMA's own, and its weight files.
+
+A flat sibling of `modeling_magma.py`, which imports it, so the Hub code export carries it (`trust_remote_code`
+folders); it imports nothing of the package. Everything that maps, selects or names weights goes through here.
+"""
+
+from __future__ import annotations
+
+import re
+
+# Where each part sits in `MagmaForConditionalGeneration`'s state dict.
+LANGUAGE_MODEL_PREFIX = "model.language_model."  # GPT-J's transformer
+LM_HEAD_PREFIX = "lm_head."
+VISION_TOWER_PREFIX = "model.vision_tower."  # open_clip's ModifiedResNet, its own names, no attention pooling
+PROJECTOR_PREFIX = "model.multi_modal_projector."
+IMAGE_PREFIX_MODULES = (VISION_TOWER_PREFIX, PROJECTOR_PREFIX)  # the image prefix: encoder and projection
+ADAPTER_MARKER = ".magma_"  # the adapters' containers inside GPT-J's layers: `.mlp.magma_down.default.weight`
+
+GPTJ_BASE_PREFIX = "transformer"  # GPTJForCausalLM.base_model_prefix
+# PEFT's names on GPTJForCausalLM (`PeftModel` wraps it as `base_model.model`; the adapter name "default" dropped).
+PEFT_PREFIX = f"base_model.model.{GPTJ_BASE_PREFIX}."
+_ADAPTER_CONTAINER = re.compile(r"\.(magma_[a-z]+)(?=\.|$)")
+
+# MAGMA-only weight files (no GPT-J weight in them).
+MAGMA_WEIGHTS_NAME = "magma_weights.safetensors"  # a training checkpoint's model weights
+IMAGE_PREFIX_FILE = "image_prefix.safetensors"  # the adapter export's image encoder and projection
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"  # the adapter export's adapters, PEFT format
+PEFT_CONFIG_FILE = "adapter_config.json"
+
+
+def is_adapter_weight(name: str) -> bool:
+    return ADAPTER_MARKER in name
+
+
+def is_image_prefix_weight(name: str) -> bool:
+    return name.startswith(IMAGE_PREFIX_MODULES)
+
+
+def is_magma_weight(name: str) -> bool:
+    """MAGMA's own weights (image encoder, projection, adapters): everything that is not GPT-J's."""
+    return is_image_prefix_weight(name) or is_adapter_weight(name)
+
+
+def is_gptj_weight(name: str) -> bool:
+    """A weight of the frozen GPT-J: the language model without its adapters, and the LM head."""
+    return name.startswith((LANGUAGE_MODEL_PREFIX, LM_HEAD_PREFIX)) and not is_adapter_weight(name)
+
+
+def magma_state_dict(state_dict: dict) -> dict:
+    """The MAGMA-specific entries of a full state dict: image encoder, projection and adapters (no GPT-J weight)."""
+    return {name: tensor for name, tensor in state_dict.items() if is_magma_weight(name)}
+
+
+def gptj_name(name: str) -> str:
+    """This model's name of a GPT-J weight -> `GPTJForCausalLM`'s name.
+
+    `model.language_model.h.0.mlp.base_layer.fc_in.weight` -> `transformer.h.0.mlp.fc_in.weight`.
+    """
+    name = name.replace(".base_layer.", ".")
+    if name.startswith(LANGUAGE_MODEL_PREFIX):
+        return GPTJ_BASE_PREFIX + "." + name.removeprefix(LANGUAGE_MODEL_PREFIX)
+    return name
+
+
+def vision_tower_name(open_clip_name: str) -> str:
+    """open_clip's visual tower name -> this model's: `layer1.0.conv1.weight` -> `model.vision_tower.layer1...`."""
+    return VISION_TOWER_PREFIX + open_clip_name
+
+
+def peft_name_to_model_name(name: str) -> str:
+    """PEFT's name on GPT-J -> this model's.
+
+    `base_model.model.transformer.h.0.mlp.magma_down.weight` -> `model.language_model.h.0.mlp.magma_down.default.weight`
+    """
+    if not name.startswith(PEFT_PREFIX):
+        raise ValueError(f"Unexpected adapter weight {name!r}: expected names starting with {PEFT_PREFIX!r}")
+    return LANGUAGE_MODEL_PREFIX + _ADAPTER_CONTAINER.sub(r".\1.default", name.removeprefix(PEFT_PREFIX))
+
+
+def language_model_state_dict(state_dict: dict) -> dict:
+    """The language model's entries of a full state dict, under the language model's own names (what PEFT reads)."""
+    return {
+        name.removeprefix(LANGUAGE_MODEL_PREFIX): tensor
+        for name, tensor in state_dict.items()
+        if name.startswith(LANGUAGE_MODEL_PREFIX)
+    }
+
+
+def peft_state_dict(language_model_adapter_state: dict) -> dict:
+    """PEFT's adapter state of the language model (`h.0.mlp.magma_down.weight`) under `PeftModel`'s names on
+    `GPTJForCausalLM` (`base_model.model.transformer.h.0...`)."""
+    return {PEFT_PREFIX + key: tensor for key, tensor in language_model_adapter_state.items()}
