@@ -33,6 +33,7 @@ from .modeling_magma import (
     MagmaModel,
     MagmaMultiModalProjector,
     MagmaPreTrainedModel,
+    MagmaVisionModel,
 )
 from .pipeline_magma import MagmaImageToTextPipeline
 from .processing_magma import MagmaProcessor
@@ -82,6 +83,7 @@ def _register_auto_classes() -> None:
     AutoConfig.register(MagmaConfig.model_type, MagmaConfig, exist_ok=True)
     AutoConfig.register(MagmaVisionConfig.model_type, MagmaVisionConfig, exist_ok=True)
     AutoModel.register(MagmaConfig, MagmaModel, exist_ok=True)
+    AutoModel.register(MagmaVisionConfig, MagmaVisionModel, exist_ok=True)
     AutoModelForImageTextToText.register(MagmaConfig, MagmaForConditionalGeneration, exist_ok=True)
     # One image processor, the faithful PIL one, whichever backend is asked for (transformers asks for torchvision
     # first, and would warn about falling back).
@@ -108,6 +110,7 @@ __all__ = [
     "MagmaConfig",
     "MagmaForConditionalGeneration",
     "MagmaImageEncoder",
+    "MagmaVisionModel",
     "MagmaImageProcessor",
     "MagmaImageToTextPipeline",
     "MagmaModel",
