@@ -255,6 +255,8 @@ class MagmaModel(MagmaPreTrainedModel):
         self.language_model = AutoModel.from_config(config.text_config)
         if (peft_config := adapter_peft_config(config)) is not None:
             inject_adapter_in_model(peft_config, self.language_model)
+            # peft freezes all but the adapters: a training policy, applied explicitly (`apply_training_policy`)
+            self.language_model.requires_grad_(True)
             self.language_model._tp_plan = tp_plan_with_adapters(self.language_model)
         self.post_init()  # collects the language model's plan under `language_model.*`
 

@@ -284,3 +284,12 @@ def test_compiled_generation_gives_the_eager_tokens(model, inputs):
         compiled = model.generate(**inputs, **settings, compile_config=compile_config)
     assert counters["stats"]["unique_graphs"] >= 1  # the decoding steps did run compiled
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+# The training policy is applied explicitly, not by building or loading
+
+
+def test_a_built_model_is_all_trainable_as_any_transformers_model(model):
+    assert [name for name, param in model.named_parameters() if not param.requires_grad] == []
+    model.apply_training_policy()
+    assert not any(param.requires_grad for _, param in model.gptj_named_parameters())
