@@ -10,6 +10,9 @@
    source read once beforehand so that both the copy and the conversion start from the same page-cache state.
 3. Converts it in a subprocess (`python -m magma_hf convert`, default settings: MAGMA_v1, float16, 2GB shards,
    verification on) and reports its wall time and peak RSS (`ru_maxrss` of that process, from `wait4`).
+4. With --also-save-file, converts it again with each shard written by `safetensors.torch.save_file` instead of the
+   streaming writer (the shard's tensors materialised from the memory map: views of it where no cast or padding is
+   needed, the rest in memory; their pages released once the shard is written), all else the same.
 
 Needs about 26 GB free in --workdir (checkpoint + copy or output). Everything is written into a new folder
 `magma-benchmark-XXXX` inside --workdir, so that a real checkpoint or anything else already there is never touched;
@@ -44,7 +47,8 @@ from original_magma import (  # noqa: E402
     rotary_tables,
 )
 
-from magma_hf.conversion.magma_checkpoint import CHECKPOINT_FILENAME, MappedCheckpoint  # noqa: E402
+from magma_hf.conversion.magma_checkpoint import CHECKPOINT_FILENAME  # noqa: E402
+from magma_hf.conversion.safetensors_writer import MappedFile  # noqa: E402
 
 GB = 1e9
 
@@ -94,7 +98,7 @@ def write_synthetic_checkpoint(path: Path, model: OriginalModel) -> int:
         mapped = torch.load(path, mmap=True, weights_only=True)["module"]
     finally:
         torch.serialization.set_default_mmap_options(previous)
-    pages = MappedCheckpoint(path)  # closed with the process
+    pages = MappedFile(path)  # closed with the process
     sin, cos = rotary_tables(model)
     causal = torch.ones(model.positions, model.positions, dtype=torch.bool).tril().view(1, 1, *[model.positions] * 2)
     generator = torch.Generator().manual_seed(0)
@@ -148,10 +152,36 @@ def timed_copy(source: Path, target: Path) -> tuple[float, float]:
     return copied - start, time.perf_counter() - start
 
 
-def timed_conversion(checkpoint: Path, output: Path, tokenizer: Path, verify: bool) -> dict:
-    """Run `python -m magma_hf convert` and return its wall time, peak RSS and printed report."""
+# `magma-hf convert` with each shard written by `safetensors.torch.save_file` (the comparison of --also-save-file)
+SAVE_FILE_CONVERSION = """
+import sys
+import torch
+from safetensors.torch import save_file
+import magma_hf.conversion.safetensors_writer as writer
+from magma_hf.cli import main
+
+def write_with_save_file(path, specs, produce, done=lambda spec: None, metadata=None):
+    tensors = {}
+    for spec in specs:
+        parts = [writer.part_tensor(part).reshape(-1) for part in produce(spec)]
+        flat = parts[0] if len(parts) == 1 else torch.cat(parts)
+        tensors[spec.name] = flat.view(spec.shape)
+    save_file(tensors, path, metadata=metadata or {"format": "pt"})
+    del tensors
+    for spec in specs:
+        done(spec)
+
+writer.write_safetensors_file = write_with_save_file
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def timed_conversion(checkpoint: Path, output: Path, tokenizer: Path, verify: bool, save_file: bool = False) -> dict:
+    """Run `python -m magma_hf convert` (with `save_file`: shards by safetensors' `save_file`) and return its wall
+    time, peak RSS and printed report."""
+    program = ["-c", SAVE_FILE_CONVERSION] if save_file else ["-m", "magma_hf"]
     command = [
-        sys.executable, "-m", "magma_hf", "convert", "--checkpoint", str(checkpoint), "--output", str(output),
+        sys.executable, *program, "convert", "--checkpoint", str(checkpoint), "--output", str(output),
         "--tokenizer", str(tokenizer), "--verify" if verify else "--no-verify",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
@@ -175,6 +205,9 @@ def main() -> int:
     parser.add_argument("--workdir", default="/tmp/magma-conversion-benchmark")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint and the output")
     parser.add_argument("--also-without-verify", action="store_true", help="time a second conversion with --no-verify")
+    parser.add_argument(
+        "--also-save-file", action="store_true", help="time a conversion writing each shard with safetensors' save_file"
+    )
     args = parser.parse_args()
 
     workdir = Path(args.workdir)
@@ -221,6 +254,11 @@ def main() -> int:
             shutil.rmtree(output)
             read_through(checkpoint)
             results["convert_no_verify"] = timed_conversion(checkpoint, output, tokenizer, verify=False)
+        if args.also_save_file:
+            shutil.rmtree(output)
+            read_through(checkpoint)
+            results["convert_save_file"] = timed_conversion(checkpoint, output, tokenizer, verify=True, save_file=True)
+            print(results["convert_save_file"]["report"], flush=True)
 
         convert = results["convert"]
         print("\n== results ==")
@@ -237,6 +275,11 @@ def main() -> int:
             print(f"convert (no verify)    {other['seconds']:.1f} s = "
                   f"{other['seconds'] / results['copy_fsync_seconds']:.2f}x copy + fsync; "
                   f"peak RSS {other['peak_rss_gb']:.2f} GB")  # fmt: skip
+        if "convert_save_file" in results:
+            other = results["convert_save_file"]
+            print(f"convert (save_file)    {other['seconds']:.1f} s = "
+                  f"{other['seconds'] / results['copy_fsync_seconds']:.2f}x copy + fsync, "
+                  f"{other['seconds'] / copy_seconds:.2f}x copy; peak RSS {other['peak_rss_gb']:.2f} GB")  # fmt: skip
         (workdir / "results.json").write_text(json.dumps(results, indent=2))
     finally:
         if not args.keep:

@@ -1,7 +1,8 @@
 """magma_hf: MAGMA (multimodal augmentation of GPT-J through adapters) as a native transformers model.
 
-Importing the package registers the model with the Auto classes and with peft, and turns on the Hub code export of
-`save_pretrained` (the saved folder then loads with `trust_remote_code=True` where this package is not installed).
+Importing the package registers the model with the Auto classes, the `image-to-text` / `image-text-to-text`
+pipeline and peft, and turns on the Hub code export of `save_pretrained` (the saved folder then loads with
+`trust_remote_code=True` where this package is not installed).
 
 Layout: the model is the flat `*_magma.py` modules (exported with a saved folder, so they import only each other);
 `training/` and `evaluation/` hold the training and evaluation code, `conversion/` the converter of the
@@ -17,6 +18,8 @@ from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
 )
+from transformers.pipelines import PIPELINE_REGISTRY
+from transformers.utils import logging
 
 from .adapters_magma import (
     MagmaAdapterConfig,
@@ -26,7 +29,8 @@ from .adapters_magma import (
     register_magma_peft_method,
 )
 from .configuration_magma import MagmaConfig, MagmaVisionConfig
-from .image_processing_magma import MagmaImageProcessor
+from .hub_magma import PIPELINE_TASK
+from .image_processing_magma import TORCHVISION_BACKEND, MagmaImageProcessor, MagmaImageProcessorTorchvision
 from .modeling_magma import (
     MagmaForConditionalGeneration,
     MagmaImageEncoder,
@@ -85,11 +89,15 @@ def _register_auto_classes() -> None:
     AutoModel.register(MagmaConfig, MagmaModel, exist_ok=True)
     AutoModel.register(MagmaVisionConfig, MagmaVisionModel, exist_ok=True)
     AutoModelForImageTextToText.register(MagmaConfig, MagmaForConditionalGeneration, exist_ok=True)
-    # One image processor, the faithful PIL one, whichever backend is asked for (transformers asks for torchvision
-    # first, and would warn about falling back).
+    # The faithful PIL processor for "pil" and "torchvision" (transformers asks for torchvision by default): the
+    # torchvision one differs from it by rounding (README), so it is only given when asked for by its own name.
     AutoImageProcessor.register(
         MagmaConfig,
-        image_processor_classes={"pil": MagmaImageProcessor, "torchvision": MagmaImageProcessor},
+        image_processor_classes={
+            "pil": MagmaImageProcessor,
+            "torchvision": MagmaImageProcessor,
+            TORCHVISION_BACKEND: MagmaImageProcessorTorchvision,
+        },
         exist_ok=True,
     )
     AutoProcessor.register(MagmaConfig, MagmaProcessor, exist_ok=True)
@@ -100,7 +108,38 @@ def _register_auto_classes() -> None:
     MagmaProcessor.register_for_auto_class("AutoProcessor")
 
 
+def _drop_warning_category(record) -> bool:
+    """transformers passes `UserWarning` to `logger.warning_once` as a %-argument when it redirects `image-to-text`,
+    which makes logging print a "--- Logging error ---" traceback (and fail under pytest): the message alone stays."""
+    if len(record.args or ()) == 1 and isinstance(record.args[0], type) and issubclass(record.args[0], Warning):
+        record.args = ()
+    return True
+
+
+def _register_pipeline() -> None:
+    """`pipeline("image-to-text" | "image-text-to-text", model=<MAGMA folder>)` without trust_remote_code: transformers
+    redirects the first name to the second, where MAGMA's class replaces the stock one (which it builds for any other
+    model), keeping the task's default model."""
+    stock = PIPELINE_REGISTRY.supported_tasks[PIPELINE_TASK]
+    registry_logger = logging.get_logger("transformers.pipelines.base")
+    level = registry_logger.level
+    registry_logger.setLevel(logging.ERROR)  # the deliberate overwrite would log a warning at every import
+    try:
+        PIPELINE_REGISTRY.register_pipeline(
+            PIPELINE_TASK,
+            pipeline_class=MagmaImageToTextPipeline,
+            pt_model=AutoModelForImageTextToText,
+            default=stock.get("default"),
+            type=stock.get("type"),
+        )
+    finally:
+        registry_logger.setLevel(level)
+    if _drop_warning_category not in logging.get_logger("transformers.pipelines").filters:
+        logging.get_logger("transformers.pipelines").addFilter(_drop_warning_category)
+
+
 _register_auto_classes()
+_register_pipeline()
 
 __all__ = [
     *_LAZY_API,
@@ -112,6 +151,7 @@ __all__ = [
     "MagmaImageEncoder",
     "MagmaVisionModel",
     "MagmaImageProcessor",
+    "MagmaImageProcessorTorchvision",
     "MagmaImageToTextPipeline",
     "MagmaModel",
     "MagmaMultiModalProjector",

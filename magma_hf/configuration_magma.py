@@ -8,6 +8,8 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from .hub_magma import config_left_unchanged, magma_pipeline_is_registered
+
 ADAPTER_LOCATIONS = ("mlp", "attention")
 ADAPTER_TYPES = ("normal", "parallel", "scaled_parallel")
 ADAPTER_KEYS = ("adapter_type", "downsample_factor", "add_layernorm")
@@ -158,6 +160,10 @@ class MagmaConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        # A saved folder's `custom_pipelines` serves trust_remote_code without this package. Where `import magma_hf`
+        # registered the pipeline, it is dropped: transformers would otherwise demand trust_remote_code for it.
+        if magma_pipeline_is_registered():
+            kwargs.pop("custom_pipelines", None)
         if self.adapter_config is None:
             self.adapter_config = copy.deepcopy(DEFAULT_ADAPTER_CONFIG)
         self.adapter_config = normalize_adapter_config(self.adapter_config)
@@ -171,6 +177,12 @@ class MagmaConfig(PreTrainedConfig):
     @property
     def num_image_tokens(self) -> int:
         return self.vision_config.num_image_tokens
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs) -> None:
+        """transformers' saving, which records `auto_map` on the live config to write it (the code export): put back,
+        so saving changes nothing (trainer checkpoints and the adapter export save the config alone)."""
+        with config_left_unchanged(self):
+            super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
 
 __all__ = ["MagmaConfig", "MagmaVisionConfig"]

@@ -1,19 +1,52 @@
-"""What makes a saved MAGMA folder a Hub repo: the custom pipeline entry and a model card."""
+"""What makes a saved MAGMA folder a Hub repo: the custom pipeline entry, a model card, and saving that leaves the live
+objects as they were."""
 
+import copy
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
+from transformers import PreTrainedConfig
+from transformers.pipelines import PIPELINE_REGISTRY
 
+# transformers 5 redirects `image-to-text` to `image-text-to-text`: `import magma_hf` registers MAGMA's pipeline there.
+PIPELINE_TASK = "image-text-to-text"
+PIPELINE_CLASS_NAME = "MagmaImageToTextPipeline"
+# For `trust_remote_code=True` without the package: the saved config names the pipeline under both task names
+# (transformers looks a custom task up by the name the user typed, before the redirect).
 CUSTOM_PIPELINES = {
-    "image-to-text": {
-        "impl": "pipeline_magma.MagmaImageToTextPipeline",
-        "pt": ["AutoModelForImageTextToText"],
-        "type": "multimodal",
-    }
+    task: {"impl": f"pipeline_magma.{PIPELINE_CLASS_NAME}", "pt": ["AutoModelForImageTextToText"], "type": "multimodal"}
+    for task in ("image-to-text", PIPELINE_TASK)
 }
 AUTO_MAP_EXTRAS = {"AutoModel": "modeling_magma.MagmaModel"}
+
+
+def magma_pipeline_is_registered() -> bool:
+    """Whether `import magma_hf` registered MAGMA's pipeline in this process (not so where only the code exported
+    into a saved folder runs)."""
+    impl = PIPELINE_REGISTRY.supported_tasks.get(PIPELINE_TASK, {}).get("impl")
+    return getattr(impl, "__name__", None) == PIPELINE_CLASS_NAME
+
+
+@contextmanager
+def config_left_unchanged(config: PreTrainedConfig) -> Iterator[None]:
+    """Puts the config's own attributes back as they were on entry, also when the block raises: transformers' saving
+    sets `architectures`, `dtype` and (code export) `auto_map` on the live config to write them, and they belong to
+    the saved files."""
+    attributes = vars(config)
+    before = {key: copy.deepcopy(value) for key, value in attributes.items() if not isinstance(value, PreTrainedConfig)}
+    try:
+        yield
+    finally:
+        for key in set(attributes) - set(before):
+            if not isinstance(attributes[key], PreTrainedConfig):
+                del attributes[key]
+        attributes.update(before)
+
+
 DEFAULT_BASE_MODELS = ("EleutherAI/gpt-j-6b",)
 
 MODEL_FILES_JSON = ("config.json", "generation_config.json", "model.safetensors.index.json")
@@ -64,7 +97,11 @@ captioner("photo.jpg", generate_kwargs={{"do_sample": False}})              # a 
 captioner("photo.jpg", text="Q: What is in the picture? A:")               # an answer
 ```
 
-The shipped generation config samples as the original did (temperature 0.7, top-p 0.9).
+With `import magma_hf`, `trust_remote_code` is not needed, and `"image-text-to-text"` names the same pipeline.
+
+The shipped generation config uses the original's settings (temperature 0.7, top-p 0.9) as true nucleus sampling;
+the original's filter in effect sampled at temperature 0.7 without a nucleus (`top_p=1.0, temperature=0.7, top_k=0`
+reproduces it wherever the most likely token holds at least 10%).
 """
 
 

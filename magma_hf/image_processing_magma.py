@@ -1,5 +1,6 @@
-"""MAGMA's image preprocessing: CLIP's, exactly as the original applied it with torchvision on PIL images, and the one
-image decoder every MAGMA path uses (training readers, evaluation, processor and pipeline)."""
+"""MAGMA's image preprocessing: CLIP's, as the original applied it with torchvision on PIL images (exactly so for RGB
+and grayscale; see [`MagmaImageProcessor`] for transparent, palette and CMYK images), its torchvision-backend
+variant, and the one image decoder every MAGMA path uses (training readers, evaluation, processor and pipeline)."""
 
 import io
 import os
@@ -9,6 +10,7 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling, load_image
+from transformers.models.clip.image_processing_clip import CLIPImageProcessor
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 DEFAULT_IMAGE_SIZE = 384  # CLIP RN50x16
@@ -81,16 +83,33 @@ def load_image_input(image, timeout: float | None = None):
     return image
 
 
-class MagmaImageProcessor(CLIPImageProcessorPil):
-    """CLIP preprocessing on PIL images: shortest side to `image_size` (bicubic), centre crop, scale to [0, 1], CLIP
-    mean/std. RGBA, grayscale, palette and CMYK images are converted to RGB first (transparency over white).
+def check_8bit_array(image) -> None:
+    """Refuse an integer array or tensor with values beyond 8 bits: its pixels are read as 0..255, so a 16-bit image
+    would come out far outside CLIP's range without any error. (PIL images are scaled by [`to_8bit`] instead.)"""
+    dtype = getattr(image, "dtype", None)
+    if dtype is None or str(dtype) in ("uint8", "torch.uint8", "bool", "torch.bool") or 0 in tuple(image.shape):
+        return
+    is_integer = np.issubdtype(dtype, np.integer) if isinstance(image, np.ndarray) else not image.is_floating_point()
+    if not is_integer:
+        return
+    low, high = int(image.min()), int(image.max())
+    if low < 0 or high > 255:
+        raise ValueError(
+            f"An image array of dtype {dtype} and shape {tuple(image.shape)} holds values {low}..{high}; expected "
+            "8-bit values 0..255. Scale it to uint8 (a 16-bit one: `(array // 257).astype('uint8')`) or pass a PIL "
+            "image."
+        )
 
-    It matches torchvision's `Resize(image_size, BICUBIC)`, `CenterCrop`, `ToTensor`, `Normalize` on the PIL image,
-    which is what MAGMA was trained with: the one difference from CLIP's processor in transformers is where an odd
-    crop margin puts the extra pixel (torchvision rounds half to even, transformers floors).
 
-    Output `pixel_values`: `[n_images, 3, image_size, image_size]`.
-    """
+def torchvision_crop_offsets(height: int, width: int, crop_height: int, crop_width: int) -> tuple[int, int]:
+    """Top and left offset of a centred crop as torchvision's `CenterCrop` rounds them (half to even), which is how
+    MAGMA was trained; transformers' processors floor them, which moves an odd margin's extra pixel."""
+    return int(round((height - crop_height) / 2.0)), int(round((width - crop_width) / 2.0))
+
+
+class MagmaImageProcessingMixin:
+    """What MAGMA's two image processors share: CLIP's settings at the model's image size, MAGMA's one decoder for
+    paths and PIL images ([`load_image_input`], [`to_8bit`]) and torchvision's crop offsets."""
 
     resample = PILImageResampling.BICUBIC
     image_mean = OPENAI_CLIP_MEAN
@@ -104,10 +123,12 @@ class MagmaImageProcessor(CLIPImageProcessorPil):
             kwargs.setdefault("crop_size", {"height": image_size, "width": image_size})
         super().__init__(**kwargs)
 
-    def process_image(self, image, *args, **kwargs) -> np.ndarray:
+    def process_image(self, image, *args, **kwargs):
         """Scale 16-bit, 32-bit and float PIL images to 8 bits before the RGB conversion, which would clip them."""
         if isinstance(image, PIL.Image.Image):
             image = to_8bit(image, decoded_from_file=False)
+        else:
+            check_8bit_array(image)
         return super().process_image(image, *args, **kwargs)
 
     def fetch_images(self, image_url_or_urls):
@@ -118,14 +139,55 @@ class MagmaImageProcessor(CLIPImageProcessorPil):
             return load_image_input(image_url_or_urls)
         return super().fetch_images(image_url_or_urls)
 
-    def center_crop(self, image: np.ndarray, size, **kwargs) -> np.ndarray:
-        """Crop a `[c, h, w]` array to `size` around its centre, offsets rounded as torchvision's `CenterCrop`."""
+    def center_crop(self, image, size, **kwargs):
+        """Crop a `[..., h, w]` array or tensor to `size` around its centre, offsets rounded as torchvision's."""
         height, width = image.shape[-2:]
         if size.height > height or size.width > width:
             return super().center_crop(image, size, **kwargs)  # padding needed: never the case after the resize
-        top = int(round((height - size.height) / 2.0))
-        left = int(round((width - size.width) / 2.0))
+        top, left = torchvision_crop_offsets(height, width, size.height, size.width)
         return image[..., top : top + size.height, left : left + size.width]
 
 
-__all__ = ["MagmaImageProcessor", "open_image", "to_8bit"]
+class MagmaImageProcessor(MagmaImageProcessingMixin, CLIPImageProcessorPil):
+    """CLIP preprocessing on PIL images: shortest side to `image_size` (bicubic), centre crop, scale to [0, 1], CLIP
+    mean/std. The faithful one, and what `AutoImageProcessor` gives for every backend request.
+
+    On RGB and grayscale images it matches torchvision's `Resize(image_size, BICUBIC)`, `CenterCrop`, `ToTensor`,
+    `Normalize` on the PIL image, which is what MAGMA was trained with: the one difference from CLIP's processor in
+    transformers is where an odd crop margin puts the extra pixel (torchvision rounds half to even, transformers
+    floors).
+
+    Other modes are converted to RGB *before* the resize, transparency composited over white (transformers'
+    `convert_to_rgb`). The original converted *after* the resize and crop, in the image's own mode, so it differs there:
+    - RGBA / LA with transparent pixels: the original dropped the alpha channel. Pillow resizes these modes with
+      premultiplied alpha, so where the original resized, fully transparent pixels came out black; where no resize
+      was needed (shortest side already `image_size`) the colour stored under them showed. This processor shows them
+      white, as an image viewer does: dark text on a transparent background (a typical screenshot) stays readable
+      instead of turning black on black. Opaque RGBA / LA images give the original's values.
+    - P (palette) and 1 (bilevel): Pillow resizes these modes with NEAREST whatever is asked, so the original sampled
+      them nearest-neighbour; this processor resizes their RGB conversion bicubically, like any photograph.
+    - CMYK: resized in CMYK by the original, in RGB here: values within one 8-bit step of the original's.
+
+    Output `pixel_values`: `[n_images, 3, image_size, image_size]`.
+    """
+
+
+class MagmaImageProcessorTorchvision(MagmaImageProcessingMixin, CLIPImageProcessor):
+    """MAGMA's preprocessing with transformers' torchvision backend (tensors, batched, on `device=` if given): the same
+    resize of the shortest side to `image_size` (bicubic, antialiased), torchvision's centre crop, CLIP mean/std, RGB
+    conversion and 8-bit scaling as [`MagmaImageProcessor`].
+
+    It is not bit-exact with the faithful PIL processor (see the README for the measured difference on photographs),
+    so `AutoImageProcessor` never picks it by itself: ask for it with
+    `AutoImageProcessor.from_pretrained(path, backend=TORCHVISION_BACKEND)` or use the class directly.
+
+    Output `pixel_values`: `[n_images, 3, image_size, image_size]`.
+    """
+
+
+# The AutoImageProcessor backend name that selects [`MagmaImageProcessorTorchvision`]; "torchvision", which transformers
+# also requests by default, keeps giving the faithful PIL processor.
+TORCHVISION_BACKEND = "torchvision_approximate"
+
+
+__all__ = ["MagmaImageProcessor", "MagmaImageProcessorTorchvision", "TORCHVISION_BACKEND", "open_image", "to_8bit"]

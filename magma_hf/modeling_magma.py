@@ -1,5 +1,6 @@
 """MAGMA: a frozen GPT-J reading CLIP ResNet image features through a trained projection and bottleneck adapters."""
 
+import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +28,22 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .adapters_magma import MagmaAdapterConfig, MagmaAdapterLayer
 from .configuration_magma import MagmaConfig, MagmaVisionConfig
-from .hub_magma import AUTO_MAP_EXTRAS, CUSTOM_PIPELINES, MODEL_FILES_JSON, check_json_files, write_model_card
+from .hub_magma import (
+    AUTO_MAP_EXTRAS,
+    CUSTOM_PIPELINES,
+    MODEL_FILES_JSON,
+    check_json_files,
+    config_left_unchanged,
+    write_model_card,
+)
 from .pipeline_magma import MagmaImageToTextPipeline  # noqa: F401  (imported so the Hub code export carries it)
 
-# The original's sampling defaults (magma/sampling.py): temperature 0.7, nucleus 0.9, no top-k, 100 new tokens.
+# The original's settings (magma/sampling.py: temperature 0.7, top_p 0.9, no top-k, 100 new tokens), sampled here as a
+# true nucleus (temperature first, then the smallest head of tokens holding 90%). The original's filter was not one: on
+# the probabilities at temperature 1 it dropped the tokens ranked 2nd and lower while those above them held less than
+# 1 - top_p = 10%, then applied the temperature. Wherever the most likely token holds 10% or more it drops nothing,
+# and `top_p=1.0, temperature=0.7, top_k=0` gives exactly its distribution; where the top token holds less, it also
+# dropped the next most likely tokens, which no `generate` setting reproduces (tests/test_pipelines.py checks both).
 MAGMA_GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 0, "max_new_tokens": 100}
 
 
@@ -450,16 +463,18 @@ class MagmaForConditionalGeneration(MagmaPreTrainedModel, GenerationMixin):
         # GPT-J's head has a bias, and in MAGMA it is not tied to the (shorter, resized) input embedding.
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=True)
         self.post_init()
-        self.generation_config = magma_generation_config(config)
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         """`PreTrainedModel.save_pretrained`; with the code export on (`import magma_hf` turns it on) the folder also
-        gets `custom_pipelines["image-to-text"]`, an `AutoModel` entry and a model card, and is a Hub repo."""
+        gets `custom_pipelines` (`image-to-text` and `image-text-to-text`), an `AutoModel` entry and a model card, and
+        is a Hub repo. What saving writes into config.json (these, `auto_map`, `architectures`, `dtype`) belongs to
+        the saved files: the live config is left as it was."""
         exporting_code = self._auto_class is not None
-        if exporting_code:
-            self.config.custom_pipelines = CUSTOM_PIPELINES
-            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP_EXTRAS}
-        super().save_pretrained(save_directory, *args, **kwargs)
+        with config_left_unchanged(self.config):
+            if exporting_code:
+                self.config.custom_pipelines = copy.deepcopy(CUSTOM_PIPELINES)
+                self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP_EXTRAS}
+            super().save_pretrained(save_directory, *args, **kwargs)
         if exporting_code and kwargs.get("is_main_process", True):
             write_model_card(save_directory)
 

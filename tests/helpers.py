@@ -92,16 +92,18 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def original_preprocess(image: Image.Image, size: int = 384) -> np.ndarray:
-    """MAGMA's clip_preprocess: torchvision on the PIL image."""
+    """MAGMA's clip_preprocess: torchvision on the PIL image, resized and cropped in the image's own mode and converted
+    to RGB only then (so a palette image is resized NEAREST, and RGBA loses its alpha without compositing)."""
     transform = T.Compose(
         [
             T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
             T.CenterCrop(size),
+            lambda cropped: cropped.convert("RGB"),
             T.ToTensor(),
             T.Normalize(CLIP_MEAN, CLIP_STD),
         ]
     )
-    return transform(image.convert("RGB")).numpy()
+    return transform(image).numpy()
 
 
 def photo_variants() -> list[Image.Image]:
@@ -182,3 +184,48 @@ class files_unchanged:  # noqa: N801 - used as a context manager, like pytest.ra
             added = sorted(set(after) - set(self.before))
             assert not added, f"files written by a command that should write nothing: {added}"
         return False
+
+
+WITHOUT_MAGMA_HF = """
+import sys
+sys.modules["magma_hf"] = None  # the package must not be importable here
+try:
+    import magma_hf  # noqa: F401
+    raise SystemExit("magma_hf is importable")
+except ImportError:
+    pass
+"""
+
+
+def run_without_magma_hf(script: str, *args: str, cwd) -> dict:
+    """Run `script` in a fresh Python that cannot import magma_hf (as where only a saved folder's code exists) and
+    return the JSON object its last printed line holds."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = Path(cwd) / "without_magma_hf.py"
+    path.write_text(WITHOUT_MAGMA_HF + script)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(Path(cwd) / "modules"))
+    result = subprocess.run(
+        [sys.executable, str(path), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+GREEDY = {"do_sample": False, "max_new_tokens": 6}
+
+
+def greedy_texts(model, processor, image, prompts: list[str]) -> list[str]:
+    """What `model.generate` (greedy, 6 tokens) and the processor's post-processing give for `image` and each prompt:
+    the pipeline's expected answers."""
+    texts = []
+    for prompt in prompts:
+        inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+        generated = model.generate(**inputs, **GREEDY)[:, inputs.input_ids.shape[1] :]
+        texts.append(processor.post_process_image_text_to_text(generated)[0])
+    return texts

@@ -388,3 +388,22 @@ class OriginalMagma:
             next_id = self.logits(pixel_values, ids)[:, -1].argmax(-1, keepdim=True)
             ids = torch.cat((ids, next_id), dim=1)
         return ids[:, text_ids.shape[1] :]
+
+
+def original_top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """magma/sampling.py's `top_p_filter`, as it behaves (notes/original-code-behaviour.md): on the probabilities at
+    temperature 1, sorted descending, a token is set to -inf when the tokens ranked above it hold less than
+    `1 - top_p` of the mass; the most likely token always stays. (A true nucleus keeps the head and drops the tail.)"""
+    order = logits.argsort(dim=-1, descending=True)
+    cumulative = F.softmax(logits.gather(-1, order), dim=-1).cumsum(-1)
+    mass_above = torch.cat([torch.zeros_like(cumulative[..., :1]), cumulative[..., :-1]], dim=-1)
+    remove_sorted = mass_above < (1 - top_p)
+    remove_sorted[..., 0] = False
+    remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def original_sampling_probs(logits: torch.Tensor, temperature: float = 0.7, top_p: float = 0.9) -> torch.Tensor:
+    """The distribution the original's `generate` samples the next token from (top_k=0): the filter on the raw
+    logits, the temperature after it."""
+    return F.softmax(original_top_p_filter(logits, top_p) / temperature, dim=-1)

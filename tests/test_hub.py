@@ -2,14 +2,12 @@
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 import yaml
-from helpers import random_image, tiny_config
+from helpers import GREEDY, greedy_texts, random_image, run_without_magma_hf, tiny_config
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import (
@@ -30,9 +28,7 @@ from magma_hf import (
     MagmaModel,
     MagmaProcessor,
 )
-from magma_hf.modeling_magma import gptj_name
-
-GREEDY = {"do_sample": False, "max_new_tokens": 6}
+from magma_hf.modeling_magma import gptj_name, magma_generation_config
 
 
 @pytest.fixture(scope="module")
@@ -43,19 +39,11 @@ def saved(tmp_path_factory, tokenizer, processor):
         for name, param in model.named_parameters():
             if ".magma_" in name:
                 param.add_(torch.randn_like(param) * 0.1)
+    model.generation_config = magma_generation_config(model.config)  # as the converter and training set it
     path = tmp_path_factory.mktemp("hub_repo")
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path, model
-
-
-def expected_texts(model, processor, image, prompts):
-    texts = []
-    for prompt in prompts:
-        inputs = processor(images=[image], text=[prompt], return_tensors="pt")
-        generated = model.generate(**inputs, **GREEDY)[:, inputs.input_ids.shape[1] :]
-        texts.append(processor.post_process_image_text_to_text(generated)[0])
-    return texts
 
 
 def test_auto_classes_resolve_with_the_package_imported(saved):
@@ -99,15 +87,7 @@ def test_saving_keeps_an_existing_model_card(saved, tmp_path):
 
 REMOTE_SCRIPT = textwrap.dedent(
     """
-    import json, sys
-    sys.modules["magma_hf"] = None  # the package must not be importable here
-    try:
-        import magma_hf  # noqa: F401
-        raise SystemExit("magma_hf is importable")
-    except ImportError:
-        pass
-    import numpy as np
-    import torch
+    import json
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
@@ -134,21 +114,9 @@ def test_trust_remote_code_works_where_the_package_cannot_be_imported(saved, pro
     path, model = saved
     image = random_image(21)
     image.save(tmp_path / "image.png")
-    (tmp_path / "remote.py").write_text(REMOTE_SCRIPT)
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    result = subprocess.run(
-        [sys.executable, str(tmp_path / "remote.py"), str(path), str(tmp_path / "image.png")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = run_without_magma_hf(REMOTE_SCRIPT, str(path), str(tmp_path / "image.png"), cwd=tmp_path)
     assert out["model_module"].startswith("transformers_modules.") and out["processor_class"] == "MagmaProcessor"
-    caption, photo_of, answer = expected_texts(
+    caption, photo_of, answer = greedy_texts(
         model, processor, image, ["", "a photo of", "Q: What is in the picture? A:"]
     )
     assert out["generate"] == photo_of
@@ -161,7 +129,7 @@ def test_pipeline_in_process_captions_and_answers(saved, processor):
     path, model = saved
     image = random_image(22)
     pipe = pipeline("image-to-text", model=str(path), pipeline_class=MagmaImageToTextPipeline)
-    caption, answer = expected_texts(model, processor, image, ["", "Q: What is this? A:"])
+    caption, answer = greedy_texts(model, processor, image, ["", "Q: What is this? A:"])
     assert pipe(image, generate_kwargs=GREEDY) == [{"input_text": "", "generated_text": caption}]
     result = pipe(image, text="Q: What is this? A:", generate_kwargs=GREEDY)
     assert [item["generated_text"] for item in result] == [answer]

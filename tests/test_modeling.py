@@ -8,6 +8,7 @@ from open_clip.modified_resnet import ModifiedResNet
 from transformers import AutoModel, AutoModelForImageTextToText
 
 from magma_hf import MagmaForConditionalGeneration, MagmaModel
+from magma_hf.modeling_magma import magma_generation_config
 
 N_TOKENS = 4  # tiny config: 64 px images, (64 / 32) ** 2 image tokens
 
@@ -127,8 +128,9 @@ def test_batched_left_padded_generation_equals_each_sample_alone(model, processo
 
 def test_sampling_follows_temperature_top_k_and_top_p(model, processor):
     inputs = processor(images=[random_image(3)], text=["a"], return_tensors="pt")
-    defaults = model.generation_config
+    defaults = magma_generation_config(model.config)  # what the folders the project writes carry
     assert (defaults.do_sample, defaults.temperature, defaults.top_p, defaults.top_k) == (True, 0.7, 0.9, 0)
+    model.generation_config = defaults
     greedy = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     # top-k 1 and a vanishing nucleus leave only the argmax to sample
     assert torch.equal(model.generate(**inputs, max_new_tokens=8, do_sample=True, top_k=1), greedy)

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms as T
 from helpers import (
     CLIP_MEAN,
     CLIP_STD,
@@ -48,11 +49,34 @@ def test_other_image_modes_become_rgb(mode):
         assert np.abs(pixel_values[0] - expected).max() <= 1e-5
 
 
-def test_transparent_pixels_are_composited_over_white():
-    image = Image.new("RGBA", (64, 64), (255, 0, 0, 0))  # fully transparent red
-    pixel_values = MagmaImageProcessor(image_size=64)(image, return_tensors="np")["pixel_values"][0]
-    white = (1.0 - np.array(CLIP_MEAN)) / np.array(CLIP_STD)
-    assert np.allclose(pixel_values[:, 10, 10], white, atol=1e-5)
+WHITE = (1.0 - np.array(CLIP_MEAN)) / np.array(CLIP_STD)
+BLACK = -np.array(CLIP_MEAN) / np.array(CLIP_STD)
+
+
+@pytest.mark.parametrize("size", [(96, 80), (80, 64)])  # resized (96x80 -> 77x64), and already at size: no resize
+def test_transparent_pixels_are_white_where_the_original_showed_black_or_the_hidden_colour(size):
+    """The documented difference: RGBA is composited over white here; the original dropped the alpha after resizing."""
+    array = np.zeros((size[1], size[0], 4), dtype=np.uint8)
+    array[..., 0] = 255  # red everywhere, hidden under alpha 0 on the left half
+    array[:, size[0] // 2 :, 3] = 255
+    image = Image.fromarray(array, mode="RGBA")
+    ours = MagmaImageProcessor(image_size=64)(image, return_tensors="np")["pixel_values"][0]
+    original = original_preprocess(image, 64)
+    assert np.allclose(ours[:, 32, 2], WHITE, atol=1e-5)  # transparent: white
+    red = (np.array([1.0, 0.0, 0.0]) - np.array(CLIP_MEAN)) / np.array(CLIP_STD)
+    assert np.allclose(ours[:, 32, 60], red, atol=1e-5) and np.allclose(original[:, 32, 60], red, atol=1e-5)
+    hidden = BLACK if size == (96, 80) else red  # Pillow resizes RGBA premultiplied: transparent turns black
+    assert np.allclose(original[:, 32, 2], hidden, atol=1e-5)
+
+
+def test_palette_and_bilevel_images_are_resized_bicubic_where_the_original_used_nearest():
+    for mode in ("P", "1"):
+        image = random_image(3, size=(90, 70)).convert(mode)
+        ours = MagmaImageProcessor(image_size=64)(image, return_tensors="np")["pixel_values"][0]
+        assert np.abs(ours - original_preprocess(image.convert("RGB"), 64)).max() <= 1e-5  # bicubic on RGB
+        nearest = T.Resize(64, interpolation=T.InterpolationMode.NEAREST_EXACT)(image.convert("RGB"))
+        assert np.abs(original_preprocess(image, 64) - original_preprocess(nearest, 64)).max() <= 1e-5, mode
+        assert np.abs(ours - original_preprocess(image, 64)).max() > 0.5  # far apart on a noisy image
 
 
 def test_number_of_image_tokens_comes_from_the_crop_size(tokenizer):

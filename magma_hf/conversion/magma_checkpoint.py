@@ -28,22 +28,17 @@ another row would make an unreachable id look like a real token.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import glob
 import json
 import math
-import mmap
 import os
 import re
 import shutil
-import struct
 import sys
 import tempfile
-import threading
 import zipfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
@@ -52,8 +47,6 @@ from typing import Any
 
 import torch
 import yaml
-from huggingface_hub import split_torch_state_dict_into_shards
-from safetensors import safe_open
 from transformers import AutoTokenizer
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 from transformers.utils import logging as hf_logging
@@ -61,8 +54,16 @@ from transformers.utils import logging as hf_logging
 from ..configuration_magma import DEFAULT_TEXT_CONFIG, MagmaConfig, normalize_adapter_config
 from ..image_processing_magma import MagmaImageProcessor
 from ..io_utils import leftover_temporaries, move_files_into, sync_folder, sync_path, write_text_atomically
-from ..modeling_magma import MagmaForConditionalGeneration
+from ..modeling_magma import MagmaForConditionalGeneration, magma_generation_config
 from ..processing_magma import IMAGE_TOKEN, MagmaProcessor, add_magma_special_tokens
+from .safetensors_writer import (
+    FileSlice,
+    MappedFile,
+    SafetensorsWriteError,
+    TensorSpec,
+    VerifyReport,
+    write_sharded_safetensors,
+)
 
 CHECKPOINT_FILENAME = "mp_rank_00_model_states.pt"  # DeepSpeed's model-states file of model-parallel rank 0
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -86,16 +87,6 @@ ENCODER_ALIASES = {"clip_resnet_large": "RN50x16", "RN50x16": "RN50x16", "clip_r
 # attributes, so weights-only loading may accept them. Anything else needs --allow-unsafe-pickle.
 SAFE_BOOKKEEPING_GLOBALS = [argparse.Namespace]
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-SAFETENSORS_DTYPES = {
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float32: "F32",
-    torch.float64: "F64",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 # Where the original module tree put each part of a block, by adapter type (None: no adapter at that location).
@@ -389,104 +380,6 @@ def unsafe_pickle_message(path: Path, error: Exception) -> str:
     )
 
 
-@dataclass
-class FileSlice:
-    """The bytes of a source tensor, where they lie in the checkpoint file (open as `fd`)."""
-
-    tensor: torch.Tensor
-    fd: int
-    offset: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.tensor.numel() * self.tensor.element_size()
-
-
-class MappedCheckpoint:
-    """The memory-mapped checkpoint file: where a tensor's bytes lie in it, and handing its pages back to the kernel.
-
-    - `torch.load(mmap=True)` maps the whole file. `slice_of(tensor)` gives the file offset of a tensor that views the
-      mapping, so that its bytes can go file to file with `os.copy_file_range`, as `cp` does: no page faults, no copy
-      through this process.
-    - Every page read through the mapping stays resident, and counted in the process's RSS, until unmapped: reading
-      the 12 GB file would grow the process by 12 GB. `release(tensors)` drops their pages with `madvise(DONTNEED)`;
-      a later access reads them from the file again (the mapping is private and never written).
-
-    Both act only on this file's mapping as /proc/self/maps lists it (Linux); elsewhere they do nothing and tensors are
-    read through the mapping.
-    """
-
-    MADV_DONTNEED = 4
-
-    def __init__(self, path: Path):
-        self.fd: int | None = None
-        self._madvise = None
-        self._ranges = self._mapped_ranges(os.path.realpath(path))
-        if not self._ranges or not sys.platform.startswith("linux"):
-            return
-        fd = os.open(path, os.O_RDONLY)
-        if any(inode != os.fstat(fd).st_ino for *_, inode in self._ranges):  # not the file that was mapped
-            os.close(fd)
-            self._ranges = []
-            return
-        self.fd = fd
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            self._madvise = libc.madvise
-        except (OSError, AttributeError):
-            self._madvise = None
-
-    @staticmethod
-    def _mapped_ranges(real_path: str) -> list[tuple[int, int, int, int]]:
-        """(start address, end address, file offset, inode) of each mapping of the file."""
-        try:
-            lines = Path("/proc/self/maps").read_text().splitlines()
-        except OSError:
-            return []
-        ranges = []
-        for line in lines:
-            fields = line.split(maxsplit=5)
-            if len(fields) == 6 and fields[5] == real_path:
-                start, end = (int(address, 16) for address in fields[0].split("-"))
-                ranges.append((start, end, int(fields[2], 16), int(fields[4])))
-        return ranges
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-    def __enter__(self) -> MappedCheckpoint:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-    def slice_of(self, tensor: torch.Tensor) -> FileSlice | None:
-        """Where a contiguous tensor that views the mapping lies in the file (`None` for any other tensor)."""
-        if self.fd is None or not tensor.is_contiguous():
-            return None
-        start = tensor.data_ptr()
-        end = start + tensor.numel() * tensor.element_size()
-        for low, high, offset, _ in self._ranges:
-            if low <= start and end <= high:
-                return FileSlice(tensor, self.fd, offset + start - low)
-        return None
-
-    def release(self, *tensors: torch.Tensor) -> None:
-        if self._madvise is None:
-            return
-        for tensor in tensors:
-            storage = tensor.untyped_storage()
-            start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
-            for low, high, _, _ in self._ranges:  # both ends page-aligned
-                begin = max(start, low) // mmap.PAGESIZE * mmap.PAGESIZE
-                stop = min(-(-min(end, high) // mmap.PAGESIZE) * mmap.PAGESIZE, high)
-                if begin < stop:
-                    self._madvise(begin, stop - begin, self.MADV_DONTNEED)
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Mapping: original names -> this model's names, known buffers and aliases
 # --------------------------------------------------------------------------------------------------------------------
@@ -606,20 +499,10 @@ class ExpectedBuffers:
 
 
 @dataclass
-class TensorEntry:
-    """One output tensor: its name here, its source in the checkpoint, its output shape and dtype."""
+class TensorEntry(TensorSpec):
+    """One output tensor (its name here, output shape and dtype) and its source key in the checkpoint."""
 
-    name: str
     source: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        numel = 1
-        for size in self.shape:
-            numel *= size
-        return numel * self.dtype.itemsize
 
 
 @dataclass
@@ -634,7 +517,7 @@ def plan_conversion(
     targets: dict[str, torch.Tensor],
     config: MagmaConfig,
     n_tokens: int,
-    pages: MappedCheckpoint | None = None,
+    pages: MappedFile | None = None,
 ) -> ConversionPlan:
     """Account for every tensor of the checkpoint, or raise one error listing everything that does not fit.
 
@@ -653,7 +536,7 @@ def plan_conversion(
             continue
         used.add(source)
         tensor = state_dict[source]
-        entries.append(TensorEntry(name, source, tuple(target.shape), target.dtype))
+        entries.append(TensorEntry(name=name, shape=tuple(target.shape), dtype=target.dtype, source=source))
         if name == "model.language_model.wte.weight":
             rows, vocab = tensor.shape[0] if tensor.dim() == 2 else -1, target.shape[0]
             if tensor.dim() != 2 or tensor.shape[1] != target.shape[1] or not n_tokens <= rows <= vocab:
@@ -823,74 +706,6 @@ def output_parts(
     return parts
 
 
-def copy_file_slice(part: FileSlice, stream) -> bool:
-    """Append the slice to `stream` with `os.copy_file_range` (in the kernel); `False` where that is not possible."""
-    copy = getattr(os, "copy_file_range", None)
-    if copy is None:
-        return False
-    stream.flush()
-    done = 0
-    while done < part.nbytes:
-        try:
-            copied = copy(part.fd, stream.fileno(), part.nbytes - done, part.offset + done)
-        except OSError:
-            if done == 0:
-                return False  # e.g. another file system on an old kernel: write it instead
-            raise
-        if copied == 0:
-            raise MagmaConversionError(f"the checkpoint file ended inside a tensor (offset {part.offset + done})")
-        done += copied
-    return True
-
-
-def write_safetensors_file(
-    path: Path,
-    entries: list[TensorEntry],
-    produce: Callable[[TensorEntry], list[torch.Tensor | FileSlice]],
-    done: Callable[[TensorEntry], None] = lambda entry: None,
-    metadata: dict[str, str] | None = None,
-) -> None:
-    """Write a safetensors file tensor by tensor: the header first (all shapes and dtypes are known), then the bytes
-    of each tensor's parts as `produce` returns them (slices of the checkpoint file are copied in the kernel), so at
-    most one tensor is in memory at a time; `safetensors.torch.save_file` takes the whole shard at once. The file is
-    read back with `safetensors.safe_open` by the verification and by `from_pretrained`.
-    """
-    if sys.byteorder != "little":
-        raise MagmaConversionError("safetensors files are little-endian; this machine is big-endian")
-    header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
-    offset = 0
-    for entry in entries:
-        header[entry.name] = {
-            "dtype": SAFETENSORS_DTYPES[entry.dtype],
-            "shape": list(entry.shape),
-            "data_offsets": [offset, offset + entry.nbytes],
-        }
-        offset += entry.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the format aligns the data to 8 bytes
-    with open(path, "wb") as stream:
-        stream.write(struct.pack("<Q", len(blob)))
-        stream.write(blob)
-        for entry in entries:
-            parts = produce(entry)
-            tensors = [part.tensor if isinstance(part, FileSlice) else part for part in parts]
-            if any(t.dtype != entry.dtype for t in tensors) or sum(t.nbytes for t in tensors) != entry.nbytes:
-                raise AssertionError(f"{entry.name}: produced {[(t.dtype, list(t.shape)) for t in tensors]}")
-            for part, tensor in zip(parts, tensors):
-                if not (isinstance(part, FileSlice) and copy_file_slice(part, stream)):
-                    stream.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
-            done(entry)
-
-
-@dataclass
-class VerifyReport:
-    tensors: int = 0
-    bytes: int = 0
-    shards: int = 0
-    max_abs_diff: float = 0.0
-    mismatched: list[str] = field(default_factory=list)
-
-
 def all_finite(tensor: torch.Tensor) -> bool:
     """No NaN or inf. The sum is finite only if every value is (inf and NaN propagate) and costs about a copy's
     time; a sum that overflows while the values are finite falls back to the exact, slower test."""
@@ -913,52 +728,6 @@ def non_finite_problem(entry: TensorEntry, written: torch.Tensor, source: torch.
         )
     nan, inf = int(torch.isnan(source).sum()), int(torch.isinf(source).sum())
     return f"{entry.name} ({entry.source}): the checkpoint holds {nan} NaN and {inf} inf values"
-
-
-VERIFY_GROUP_BYTES = 256 * 2**20  # a shard is reopened after this many bytes: closing releases its mapped pages
-
-
-def verify_shard(
-    path: Path,
-    entries: list[TensorEntry],
-    state_dict: dict[str, torch.Tensor],
-    pages: MappedCheckpoint,
-    report: VerifyReport,
-    progress: Callable[[int], None] = lambda nbytes: None,
-    non_finite: list[str] | None = None,
-) -> None:
-    """Reload the shard's tensors with `safetensors.safe_open` and compare each bitwise with its source after the
-    dtype cast (and the zero padding of the input embedding), and check that the values are finite (into
-    `non_finite`): the comparison alone would pass a value the cast turned into inf. Run right after the shard is
-    written, while its source and output pages are still in the page cache."""
-    with safe_open(path, framework="pt") as handle:
-        stored, metadata = set(handle.keys()), handle.metadata() or {}
-    names = {entry.name for entry in entries}
-    if stored != names or metadata.get("format") != "pt":
-        raise MagmaConversionError(f"{path.name} holds {sorted(stored ^ names)} it should not (or misses them)")
-    groups, size = [[]], 0
-    for entry in entries:
-        if size > VERIFY_GROUP_BYTES:
-            groups.append([])
-            size = 0
-        groups[-1].append(entry)
-        size += entry.nbytes
-    for group in groups:
-        with safe_open(path, framework="pt") as handle:
-            for entry in group:
-                source = state_dict[entry.source]
-                written = handle.get_tensor(entry.name)
-                difference = written_difference(entry, written, source)
-                if non_finite is not None and (problem := non_finite_problem(entry, written, source)):
-                    non_finite.append(problem)
-                if difference is not None:
-                    report.mismatched.append(entry.name)
-                    report.max_abs_diff = max(report.max_abs_diff, difference)
-                report.tensors += 1
-                report.bytes += entry.nbytes
-                pages.release(source)
-                progress(entry.nbytes)
-    report.shards += 1
 
 
 def written_difference(entry: TensorEntry, written: torch.Tensor, source: torch.Tensor) -> float | None:
@@ -999,67 +768,42 @@ def produce_parts(
 def write_weights(
     plan: ConversionPlan,
     checkpoint: OriginalCheckpoint,
-    targets: dict[str, torch.Tensor],
     folder: Path,
     max_shard_size: int | str,
-    pages: MappedCheckpoint,
+    pages: MappedFile,
     total_parameters: int,
     verify: bool,
 ) -> tuple[dict[str, list[str]], VerifyReport | None, list[str]]:
-    """Write the shards (`model-0000i-of-0000n.safetensors` + index, or `model.safetensors`) as `save_pretrained`
-    names them; returns shard file -> tensor names, the verification report when `verify`, and the tensors whose
-    written values are not all finite (checked by the verification, or while writing without it).
-
-    Each shard is fsynced and (with `verify`) verified in a background thread while the next one is written: the
-    writing waits on the disk, the verification reads the page cache, and the shard's pages are still cached.
-    """
-    split = split_torch_state_dict_into_shards(
-        targets, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
-    )
-    by_name = {entry.name: entry for entry in plan.entries}
+    """Write the shards (`model-0000i-of-0000n.safetensors` + index, or `model.safetensors`) with the streaming
+    writer; returns shard file -> tensor names, the verification report when `verify`, and the tensors whose written
+    values are not all finite (checked by the verification, or while writing without it)."""
     state_dict = checkpoint.state_dict
-    report = VerifyReport() if verify else None
     non_finite: list[str] = []
-    total = sum(entry.nbytes for entry in plan.entries) * (2 if verify else 1)
-    description = "Writing and verifying shards" if verify else "Writing shards"
-    lock = threading.Lock()
-    with (
-        hf_logging.tqdm(total=total, unit="B", unit_scale=True, desc=description) as bar,
-        ThreadPoolExecutor(1) as pool,
-    ):
 
-        def advance(nbytes: int) -> None:
-            with lock:
-                bar.update(nbytes)
+    def check(entry: TensorEntry, written: torch.Tensor) -> float | None:
+        source = state_dict[entry.source]
+        difference = written_difference(entry, written, source)
+        if problem := non_finite_problem(entry, written, source):
+            non_finite.append(problem)
+        pages.release(source)
+        return difference
 
-        def written(entry: TensorEntry) -> None:
-            pages.release(state_dict[entry.source])
-            advance(entry.nbytes)
-
-        def finish(path: Path, entries: list[TensorEntry]) -> None:
-            sync_path(path)
-            if report is not None:
-                verify_shard(path, entries, state_dict, pages, report, advance, non_finite)
-
-        pending = None
-        for filename, names in split.filename_to_tensors.items():
-            entries = [by_name[name] for name in names]
-            produce = partial(
-                produce_parts, state_dict=state_dict, locate=pages.slice_of, non_finite=None if verify else non_finite
-            )
-            write_safetensors_file(folder / filename, entries, produce, written)
-            if pending is not None:
-                pending.result()  # one shard in flight at most: bounded memory, errors surface at once
-            pending = pool.submit(finish, folder / filename, entries)
-        if pending is not None:
-            pending.result()
-    if split.is_sharded:
-        index = {
-            "metadata": {"total_parameters": total_parameters, **split.metadata},
-            "weight_map": dict(split.tensor_to_filename),
-        }
-        (folder / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return split.filename_to_tensors, report, non_finite
+    produce = partial(
+        produce_parts, state_dict=state_dict, locate=pages.slice_of, non_finite=None if verify else non_finite
+    )
+    try:
+        written = write_sharded_safetensors(
+            folder,
+            plan.entries,
+            produce,
+            max_shard_size,
+            check=check if verify else None,
+            written=lambda entry: pages.release(state_dict[entry.source]),
+            total_parameters=total_parameters,
+        )
+    except SafetensorsWriteError as error:
+        raise MagmaConversionError(f"{checkpoint.path}: {error}") from error
+    return written.filename_to_tensors, written.verify, non_finite
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1514,6 +1258,7 @@ def empty_model(config: MagmaConfig, dtype: torch.dtype) -> MagmaForConditionalG
     """The output model on the meta device: names, shapes and the Hub export, without memory."""
     with torch.device("meta"):
         model = MagmaForConditionalGeneration(config)
+    model.generation_config = magma_generation_config(config)  # written as generation_config.json
     return model.to(dtype)
 
 
@@ -1587,7 +1332,7 @@ def convert_magma_checkpoint(
     tokenizer.model_max_length = config.text_config.n_positions  # as the original set it
     model = empty_model(config, out_dtype)
     targets = model.state_dict()
-    with MappedCheckpoint(checkpoint_path) as pages:
+    with MappedFile(checkpoint_path) as pages:
         plan = plan_conversion(original, targets, config, len(tokenizer), pages)
         check_free_space(output, sum(entry.nbytes for entry in plan.entries))
         with staged_folder(output, overwrite) as (folder, installed):
@@ -1597,7 +1342,7 @@ def convert_magma_checkpoint(
             )
             processor.save_pretrained(folder)
             shards, verified, non_finite = write_weights(
-                plan, original, targets, folder, max_shard_size, pages, model.num_parameters(), verify
+                plan, original, folder, max_shard_size, pages, model.num_parameters(), verify
             )
             if non_finite and not allow_non_finite:
                 raise MagmaConversionError(

@@ -31,7 +31,7 @@ from transformers import GPTJForCausalLM, PreTrainedModel
 
 from ..configuration_magma import MagmaConfig
 from ..io_utils import move_files_into
-from ..modeling_magma import MagmaForConditionalGeneration
+from ..modeling_magma import MagmaForConditionalGeneration, magma_generation_config
 
 IMAGE_PREFIX_FILE = "image_prefix.safetensors"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -200,7 +200,9 @@ def load_adapter_export(
         )
     if dtype is not None:
         state_dict = {n: t.to(dtype) if t.is_floating_point() else t for n, t in state_dict.items()}
-    return MagmaForConditionalGeneration.from_pretrained(None, config=config, state_dict=state_dict, dtype=dtype)
+    model = MagmaForConditionalGeneration.from_pretrained(None, config=config, state_dict=state_dict, dtype=dtype)
+    model.generation_config = magma_generation_config(config)  # the export carries no generation_config.json
+    return model
 
 
 __all__ = ["load_adapter_export", "magma_state_dict", "save_adapter_export"]

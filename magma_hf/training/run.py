@@ -473,7 +473,7 @@ def _new_model(config: MagmaTrainingConfig):
 
     from ..configuration_magma import DEFAULT_TEXT_CONFIG
     from ..image_processing_magma import MagmaImageProcessor
-    from ..modeling_magma import MagmaForConditionalGeneration
+    from ..modeling_magma import MagmaForConditionalGeneration, magma_generation_config
     from ..processing_magma import IMAGE_TOKEN, MagmaProcessor
 
     options = dict(config.model_config)
@@ -539,6 +539,7 @@ def _new_model(config: MagmaTrainingConfig):
         logger.info(f"Loaded {len(state_dict)} pretrained tensors; initialised {n_new} new ones (adapters, projection)")
     else:
         model = MagmaForConditionalGeneration(magma_config)
+    model.generation_config = magma_generation_config(magma_config)  # saved with the model
     image_processor = MagmaImageProcessor(image_size=magma_config.vision_config.image_size)
     processor = MagmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
     return model, processor, lm_name

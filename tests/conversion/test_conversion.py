@@ -20,13 +20,12 @@ from safetensors import safe_open
 from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor, pipeline
 
 import magma_hf.conversion.magma_checkpoint as converter
+import magma_hf.conversion.safetensors_writer as writer
 from magma_hf import MagmaForConditionalGeneration, MagmaModel, MagmaProcessor
 from magma_hf.cli import main as cli_main
 from magma_hf.conversion.magma_checkpoint import (
     CHECKPOINT_FILENAME,
-    FileSlice,
     MagmaConversionError,
-    MappedCheckpoint,
     convert_magma_checkpoint,
     magma_v1_settings,
     read_magma_settings,
@@ -334,22 +333,6 @@ def test_deepspeed_folders_resolve_through_latest(tmp_path):
     assert resolve_checkpoint(tmp_path) == tmp_path / "global_step150000" / CHECKPOINT_FILENAME
     with pytest.raises(MagmaConversionError, match="is not an existing file"):
         resolve_checkpoint("./no/such.pt")
-
-
-def test_mapped_checkpoint_locates_tensors_in_the_file_and_releases_only_its_pages(tmp_path):
-    path = tmp_path / "t.pt"
-    torch.save({"a": torch.arange(5000.0), "b": torch.arange(7, dtype=torch.int64)}, path)
-    loaded = torch.load(path, mmap=True, weights_only=True)
-    in_memory = torch.arange(5000.0)
-    with MappedCheckpoint(path) as checkpoint:
-        for tensor in loaded.values():  # the bytes at the reported offset are the tensor's
-            found = checkpoint.slice_of(tensor)
-            with open(path, "rb") as stream:
-                stream.seek(found.offset)
-                assert stream.read(found.nbytes) == tensor.numpy().tobytes()
-        assert checkpoint.slice_of(in_memory) is None
-        checkpoint.release(loaded["a"], in_memory)
-    assert torch.equal(loaded["a"], torch.arange(5000.0)) and torch.equal(in_memory, torch.arange(5000.0))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -815,17 +798,17 @@ def test_a_failed_download_says_what_the_file_starts_with(tmp_path, small, token
 
 
 def test_verification_catches_a_corrupted_write(tmp_path, small, tokenizer_dir, monkeypatch):
-    write = converter.write_safetensors_file
+    write = writer.write_safetensors_file
 
     def corrupting(path, entries, produce, done=lambda entry: None, metadata=None):
         def produce_wrong(entry):
             parts = produce(entry)
             if entry.name != "lm_head.bias":
                 return parts
-            return [(part.tensor if isinstance(part, FileSlice) else part) + 1 for part in parts]
+            return [writer.part_tensor(part) + 1 for part in parts]
 
         return write(path, entries, produce_wrong, done, metadata)
 
-    monkeypatch.setattr(converter, "write_safetensors_file", corrupting)
+    monkeypatch.setattr(writer, "write_safetensors_file", corrupting)
     message = assert_fails(tmp_path, "verification failed", lambda: convert_small(tmp_path, small, tokenizer_dir))
     assert "lm_head.bias" in message

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import GPTJConfig, GPTJForCausalLM, set_seed
 
 from magma_hf import MagmaForConditionalGeneration
-from magma_hf.modeling_magma import gptj_name
+from magma_hf.modeling_magma import gptj_name, magma_generation_config
 from magma_hf.training.export import magma_state_dict
 from magma_hf.training.run import (
     EXPORT_DIR_NAME,
@@ -212,6 +212,8 @@ def test_final_model_loads_with_auto_classes_and_pipeline(trained, processor):
     captioner = pipeline("image-to-text", model=str(out), trust_remote_code=True)
     result = captioner(random_image(3), generate_kwargs={"do_sample": False, "max_new_tokens": 5})
     assert isinstance(result[0]["generated_text"], str)
+    # MAGMA's generation defaults travel in the folder (a model built from a bare config has transformers')
+    assert loaded.generation_config.to_diff_dict() == magma_generation_config(loaded.config).to_diff_dict()
 
 
 def test_adapter_export_rebuilds_the_model_from_stock_gptj(trained, assets):
@@ -228,6 +230,7 @@ def test_adapter_export_rebuilds_the_model_from_stock_gptj(trained, assets):
     assert len(exported) == len(magma_state_dict(trainer.model.state_dict()))  # all of MAGMA's weights, nothing else
 
     rebuilt = load_adapter_export(export, str(assets / "gptj")).eval()
+    assert rebuilt.generation_config.to_diff_dict() == magma_generation_config(rebuilt.config).to_diff_dict()
     full = MagmaForConditionalGeneration.from_pretrained(out).eval()
     inputs = trainer.processing_class(images=random_image(1), text="a dog", return_tensors="pt")
     with torch.no_grad():
