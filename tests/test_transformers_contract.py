@@ -293,3 +293,12 @@ def test_a_built_model_is_all_trainable_as_any_transformers_model(model):
     assert [name for name, param in model.named_parameters() if not param.requires_grad] == []
     model.apply_training_policy()
     assert not any(param.requires_grad for _, param in model.gptj_named_parameters())
+
+
+def test_a_forward_with_images_compiles_as_one_graph(model, inputs):
+    """The image-token count is checked on the device (`torch_compilable_check`, as LLaVA): reading it on the host
+    (`int(mask.sum())`) is data-dependent control flow that a full-graph compilation refuses."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**inputs).logits, model(**inputs).logits)
