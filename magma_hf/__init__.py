@@ -37,6 +37,7 @@ from .modeling_magma import (
     MagmaModel,
     MagmaMultiModalProjector,
     MagmaPreTrainedModel,
+    MagmaVisionModel,
 )
 from .pipeline_magma import MagmaImageToTextPipeline
 from .processing_magma import MagmaProcessor
@@ -86,6 +87,7 @@ def _register_auto_classes() -> None:
     AutoConfig.register(MagmaConfig.model_type, MagmaConfig, exist_ok=True)
     AutoConfig.register(MagmaVisionConfig.model_type, MagmaVisionConfig, exist_ok=True)
     AutoModel.register(MagmaConfig, MagmaModel, exist_ok=True)
+    AutoModel.register(MagmaVisionConfig, MagmaVisionModel, exist_ok=True)
     AutoModelForImageTextToText.register(MagmaConfig, MagmaForConditionalGeneration, exist_ok=True)
     # The faithful PIL processor for "pil" and "torchvision" (transformers asks for torchvision by default): the
     # torchvision one differs from it by rounding (README), so it is only given when asked for by its own name.
@@ -147,6 +149,7 @@ __all__ = [
     "MagmaConfig",
     "MagmaForConditionalGeneration",
     "MagmaImageEncoder",
+    "MagmaVisionModel",
     "MagmaImageProcessor",
     "MagmaImageProcessorTorchvision",
     "MagmaImageToTextPipeline",

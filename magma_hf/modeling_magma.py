@@ -14,6 +14,7 @@ from torch import nn
 from transformers import AutoModel, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
+from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
 from transformers.modeling_outputs import (
     BaseModelOutputWithNoAttention,
     BaseModelOutputWithPooling,
@@ -21,7 +22,8 @@ from transformers.modeling_outputs import (
     MultimodalCausalLMOutputWithPast,
 )
 from transformers.modeling_utils import slice_logits_to_keep
-from transformers.utils import can_return_tuple
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple, torch_compilable_check
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .adapters_magma import MagmaAdapterConfig, MagmaAdapterLayer
@@ -38,6 +40,7 @@ from .pipeline_magma import MagmaImageToTextPipeline  # noqa: F401  (imported so
 from .weights_magma import (  # noqa: F401  (gptj_name: re-exported, its home is weights_magma)
     PEFT_WEIGHTS_FILE,
     gptj_name,
+    is_adapter_weight,
     is_gptj_weight,
     language_model_state_dict,
     peft_state_dict,
@@ -63,27 +66,61 @@ def magma_generation_config(config: MagmaConfig) -> GenerationConfig:
     )
 
 
-class MagmaImageEncoder(ModifiedResNet):
-    """CLIP's `ModifiedResNet` (open_clip's implementation) without its attention pooling.
+class MagmaVisionPreTrainedModel(PreTrainedModel):
+    config: MagmaVisionConfig
+    config_class = MagmaVisionConfig
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    _no_split_modules = ["Bottleneck"]
+    _can_compile_fullgraph = True
+    # No attention layer: any attention implementation the composite model asks for leaves the encoder as it is.
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
 
-    Parameter and buffer names are open_clip's and OpenAI's (`conv1`, `bn1`, ..., `layer4.*`), so CLIP weights load
-    as they are. Output: the last feature map, flattened row-major into a sequence.
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Conv2d):
+            init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, Bottleneck):
+            init.zeros_(module.bn3.weight)  # as open_clip: each residual block starts as the identity
+        else:
+            super()._init_weights(module)
+
+
+class MagmaVisionModel(MagmaVisionPreTrainedModel):
+    """CLIP's `ModifiedResNet` trunk (open_clip's implementation) without its attention pooling.
+
+    The trunk's modules sit directly on this model under open_clip's and OpenAI's names (`conv1`, `bn1`, ...,
+    `layer4.*`), so CLIP weights, converted checkpoints and saved folders load as they are. Output: the last feature
+    map, flattened row-major into a sequence.
     """
 
     def __init__(self, config: MagmaVisionConfig):
-        feature_size = config.hidden_size
-        super().__init__(
+        super().__init__(config)
+        trunk = ModifiedResNet(
             layers=config.layers,
-            output_dim=feature_size,
-            heads=max(1, feature_size // 64),
+            output_dim=config.hidden_size,
+            heads=max(1, config.hidden_size // 64),
             image_size=config.image_size,
             width=config.width,
         )
-        del self.attnpool  # MAGMA replaced CLIP's attention pooling by a reshape: every position is a token
+        for name, module in trunk.named_children():
+            if name != "attnpool":  # MAGMA replaced CLIP's attention pooling by a reshape: every position is a token
+                self.add_module(name, module)
+        self.post_init()
 
-    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> BaseModelOutputWithNoAttention:
+    def stem(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return ModifiedResNet.stem(self, pixel_values)  # open_clip's stem, on the same modules
+
+    @can_return_tuple
+    def forward(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutputWithNoAttention:
         """`[b, 3, s, s]` -> `last_hidden_state` `[b, (s / 32) ** 2, width * 32]`; with `output_hidden_states`,
         `hidden_states` holds the feature maps `[b, c, h, w]` of the stem and of each of the four stages."""
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         x = self.stem(pixel_values.to(self.conv1.weight.dtype))
         stages = [x]
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
@@ -93,6 +130,9 @@ class MagmaImageEncoder(ModifiedResNet):
             last_hidden_state=x.flatten(2).transpose(1, 2),  # row-major: every position is an image token
             hidden_states=tuple(stages) if output_hidden_states else None,
         )
+
+
+MagmaImageEncoder = MagmaVisionModel  # its name before it became a PreTrainedModel
 
 
 class MagmaMultiModalProjector(nn.Module):
@@ -107,6 +147,21 @@ class MagmaMultiModalProjector(nn.Module):
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         return self.ln(self.dropout(self.proj(image_features)))
+
+
+def tp_plan_with_adapters(language_model: PreTrainedModel) -> dict[str, str]:
+    """GPT-J's tensor-parallel plan under the names its layers have once peft wrapped the adapter targets
+    (`h.*.attn.q_proj` -> `h.*.attn.base_layer.q_proj`), with every adapter weight replicated on each rank."""
+    module_names = {replace_layer_number_by_wildcard(name) for name, _ in language_model.named_modules()}
+    plan = {}
+    for pattern, style in language_model.config.base_model_tp_plan.items():
+        parent, _, leaf = pattern.rpartition(".")
+        wrapped = f"{parent}.base_layer.{leaf}"
+        plan[wrapped if pattern not in module_names and wrapped in module_names else pattern] = style
+    for name, _ in language_model.named_parameters():
+        if is_adapter_weight(name):
+            plan[replace_layer_number_by_wildcard(name.rsplit(".", 1)[0])] = "replicate"
+    return plan
 
 
 def adapter_peft_config(config: MagmaConfig) -> MagmaAdapterConfig | None:
@@ -149,7 +204,8 @@ class MagmaPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _no_split_modules = ["GPTJBlock", "Bottleneck"]
+    _no_split_modules = ["GPTJBlock"]  # the vision model adds its own ("Bottleneck")
+    _can_compile_fullgraph = True
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -172,11 +228,9 @@ class MagmaPreTrainedModel(PreTrainedModel):
             raise OSError(broken_weight_files_message(folder, error)) from error
 
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, nn.Conv2d):
-            init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(module, Bottleneck):
-            init.zeros_(module.bn3.weight)  # as open_clip: each residual block starts as the identity
-        elif isinstance(module, MagmaAdapterLayer):
+        # The image encoder's modules are initialised by MagmaVisionPreTrainedModel._init_weights (transformers'
+        # composite-model dispatch gives each submodel's modules to that submodel's init).
+        if isinstance(module, MagmaAdapterLayer):
             for adapter_name in module.magma_down:  # the original MAGMA init; skips weights loaded from a checkpoint
                 module.reset_adapter_parameters(adapter_name)
         else:
@@ -202,12 +256,15 @@ class MagmaModel(MagmaPreTrainedModel):
 
     def __init__(self, config: MagmaConfig):
         super().__init__(config)
-        self.vision_tower = MagmaImageEncoder(config.vision_config)
+        self.vision_tower = MagmaVisionModel(config.vision_config)
         self.multi_modal_projector = MagmaMultiModalProjector(config)
         self.language_model = AutoModel.from_config(config.text_config)
         if (peft_config := adapter_peft_config(config)) is not None:
             inject_adapter_in_model(peft_config, self.language_model)
-        self.post_init()
+            # peft freezes all but the adapters: a training policy, applied explicitly (`apply_training_policy`)
+            self.language_model.requires_grad_(True)
+            self.language_model._tp_plan = tp_plan_with_adapters(self.language_model)
+        self.post_init()  # collects the language model's plan under `language_model.*`
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
@@ -217,7 +274,10 @@ class MagmaModel(MagmaPreTrainedModel):
 
     @can_return_tuple
     def get_image_features(
-        self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None, **kwargs
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPooling | tuple:
         """Encode images.
 
@@ -236,7 +296,7 @@ class MagmaModel(MagmaPreTrainedModel):
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         self.check_pixel_values(pixel_values)
-        encoded = self.vision_tower(pixel_values, output_hidden_states=output_hidden_states)
+        encoded = self.vision_tower(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
         return BaseModelOutputWithPooling(
             last_hidden_state=encoded.last_hidden_state,
             pooler_output=self.multi_modal_projector(encoded.last_hidden_state),
@@ -261,16 +321,22 @@ class MagmaModel(MagmaPreTrainedModel):
 
     def check_sequence_length(self, new_tokens: int, cache: Cache | None, pixel_values: torch.Tensor | None) -> None:
         """Cached plus new tokens must fit GPT-J's `n_positions`; else GPT-J fails with an IndexError deep inside (a
-        device-side assert on CUDA). Read from shapes and the cache's length: no device sync."""
-        cached = cache.get_seq_length() if cache is not None else 0
+        device-side assert on CUDA). Read from shapes and the cache's length: no device sync with a dynamic cache;
+        a compiler hint, not a graph break, under `torch.compile`."""
+        cached = cache.get_seq_length() if cache is not None else 0  # a tensor for a static cache
         limit = self.config.text_config.n_positions
-        if cached + new_tokens <= limit:
-            return
+        torch_compilable_check(
+            cached + new_tokens <= limit,
+            lambda: self.sequence_too_long_message(int(cached), new_tokens, pixel_values),
+        )
+
+    def sequence_too_long_message(self, cached: int, new_tokens: int, pixel_values: torch.Tensor | None) -> str:
+        limit = self.config.text_config.n_positions
         parts = [f"{cached} cached + {new_tokens} new"] if cached else []
         if pixel_values is not None and pixel_values.ndim == 4:
             parts.append(f"{pixel_values.shape[0]} image(s) of {self.config.num_image_tokens} tokens each")
         detail = f" ({'; '.join(parts)})" if parts else ""
-        raise ValueError(
+        return (
             f"The sequence is {cached + new_tokens} tokens long{detail}, more than the {limit} positions of the "
             "language model (text_config.n_positions): shorten the text, pass fewer images, or lower max_new_tokens"
         )
@@ -286,21 +352,27 @@ class MagmaModel(MagmaPreTrainedModel):
             mask = (inputs_embeds == image_token_embedding).all(-1)
         else:
             mask = input_ids == self.config.image_token_id
-        n_image_tokens = int(mask.sum())
+        n_image_tokens = mask.sum()  # a tensor: compared on the device, read on the host only to report a mismatch
         n_feature_tokens = image_features.shape[0] * image_features.shape[1]
-        if n_image_tokens != n_feature_tokens:
-            hint = ""
-            if n_image_tokens == 0:
-                hint = (
-                    f". With no image token at all, the tokenizer probably maps <|image|> to another id than the "
-                    f"model's image_token_id {self.config.image_token_id}: use the processor saved with the model"
-                )
-            raise ValueError(
-                f"Image features and image tokens do not match: the input has {n_image_tokens} image tokens "
-                f"(id {self.config.image_token_id}) but {image_features.shape[0]} images give {n_feature_tokens} "
-                f"({image_features.shape[1]} per image){hint}"
-            )
+        torch_compilable_check(
+            n_image_tokens == n_feature_tokens,
+            lambda: self.placeholder_mismatch_message(int(n_image_tokens), image_features),
+        )
         return mask.unsqueeze(-1)
+
+    def placeholder_mismatch_message(self, n_image_tokens: int, image_features: torch.Tensor) -> str:
+        n_feature_tokens = image_features.shape[0] * image_features.shape[1]
+        hint = ""
+        if n_image_tokens == 0:
+            hint = (
+                f". With no image token at all, the tokenizer probably maps <|image|> to another id than the "
+                f"model's image_token_id {self.config.image_token_id}: use the processor saved with the model"
+            )
+        return (
+            f"Image features and image tokens do not match: the input has {n_image_tokens} image tokens "
+            f"(id {self.config.image_token_id}) but {image_features.shape[0]} images give {n_feature_tokens} "
+            f"({image_features.shape[1]} per image){hint}"
+        )
 
     @can_return_tuple
     # The pre-5 name, renamed as transformers' own models do; given beside `cache=` (even `None`) it is an error,
@@ -315,7 +387,7 @@ class MagmaModel(MagmaPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MultimodalBaseModelOutputWithPast:
         """
         Args:
@@ -369,12 +441,14 @@ class MagmaCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
 class MagmaForConditionalGeneration(MagmaPreTrainedModel, GenerationMixin):
     """MAGMA with GPT-J's LM head: captions, answers and any text conditioned on interleaved images.
 
-    The training policy is applied on construction (see [`~MagmaForConditionalGeneration.apply_training_policy`]):
-    GPT-J and its LM head are frozen; adapters, the image projection and (unless `config.freeze_image_encoder`) the
-    image encoder train.
+    As any transformers model, it is built and loaded with every parameter trainable. MAGMA's training policy (GPT-J
+    and its LM head frozen; adapters, the image projection and, unless `config.freeze_image_encoder`, the image
+    encoder trained) is applied explicitly by [`~MagmaForConditionalGeneration.apply_training_policy`], which
+    `MagmaTrainer` and the training run's model builder call.
     """
 
     _tied_weights_keys = {}
+    _tp_plan = {"lm_head": "colwise_gather_output"}  # GPT-J's
 
     def __init__(self, config: MagmaConfig):
         super().__init__(config)
@@ -382,14 +456,6 @@ class MagmaForConditionalGeneration(MagmaPreTrainedModel, GenerationMixin):
         # GPT-J's head has a bias, and in MAGMA it is not tied to the (shorter, resized) input embedding.
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=True)
         self.post_init()
-        self.apply_training_policy()
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        # Loading replaces the parameters (all trainable again); re-apply the policy to the loaded ones.
-        loaded = super().from_pretrained(*args, **kwargs)
-        (loaded[0] if isinstance(loaded, tuple) else loaded).apply_training_policy()
-        return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         """`PreTrainedModel.save_pretrained`; with the code export on (`import magma_hf` turns it on) the folder also
@@ -482,7 +548,7 @@ class MagmaForConditionalGeneration(MagmaPreTrainedModel, GenerationMixin):
         return self.model.language_model
 
     @property
-    def vision_tower(self) -> MagmaImageEncoder:
+    def vision_tower(self) -> MagmaVisionModel:
         return self.model.vision_tower
 
     @property
@@ -491,6 +557,9 @@ class MagmaForConditionalGeneration(MagmaPreTrainedModel, GenerationMixin):
 
     def apply_training_policy(self, train_image_encoder: bool | None = None) -> None:
         """Freeze GPT-J (embeddings, blocks, head); train adapters, the projection and, unless frozen, the encoder.
+
+        A method of the model (not of the trainer) because it is the model's structure that says which weights are
+        MAGMA's; `MagmaTrainer` calls it on construction, and so does the training run's model builder.
 
         Args:
             train_image_encoder: Overrides `not config.freeze_image_encoder` when given.
@@ -512,7 +581,9 @@ class MagmaForConditionalGeneration(MagmaPreTrainedModel, GenerationMixin):
             self.vision_tower.eval()
         return self
 
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling | tuple:
+    def get_image_features(
+        self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutputWithPooling | tuple:
         """See [`MagmaModel.get_image_features`]: embeddings `[n_images, n_tokens, hidden]` in `pooler_output`."""
         return self.model.get_image_features(pixel_values, **kwargs)
 
@@ -531,7 +602,7 @@ class MagmaForConditionalGeneration(MagmaPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MagmaCausalLMOutputWithPast:
         """
         Args:
@@ -573,6 +644,8 @@ class MagmaForConditionalGeneration(MagmaPreTrainedModel, GenerationMixin):
 __all__ = [
     "MagmaForConditionalGeneration",
     "MagmaImageEncoder",
+    "MagmaVisionModel",
+    "MagmaVisionPreTrainedModel",
     "MagmaModel",
     "MagmaMultiModalProjector",
     "MagmaPreTrainedModel",

@@ -254,6 +254,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tokenizer, processor):
 def test_training_policy_keeps_gptj_bitwise_unchanged(tokenizer, processor, freeze_image_encoder):
     torch.manual_seed(0)
     model = MagmaForConditionalGeneration(tiny_config(tokenizer, freeze_image_encoder=freeze_image_encoder))
+    model.apply_training_policy()
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     trainable = [param for param in model.parameters() if param.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.1)
@@ -274,8 +275,10 @@ def test_training_policy_keeps_gptj_bitwise_unchanged(tokenizer, processor, free
     assert bool(encoder_changed) is not freeze_image_encoder  # frozen: not even BatchNorm statistics move
 
 
-def test_training_policy_survives_from_pretrained(saved_model_dir):
+def test_a_loaded_model_is_all_trainable_until_the_policy_is_applied(saved_model_dir):
     model = MagmaForConditionalGeneration.from_pretrained(saved_model_dir)
+    assert all(param.requires_grad for param in model.parameters())  # as any transformers model
+    model.apply_training_policy()
     trainable = {name for name, param in model.named_parameters() if param.requires_grad}
     assert trainable and not trainable & {name for name, _ in model.gptj_named_parameters()}
     assert any(name.startswith("model.vision_tower.") for name in trainable)

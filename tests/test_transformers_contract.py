@@ -1,6 +1,7 @@
 """MAGMA against the contract transformers' own models keep: deprecated argument names, weight initialisation of
 missing weights, the image-feature API and the common config attributes."""
 
+import inspect
 import json
 from unittest.mock import patch
 
@@ -168,3 +169,136 @@ def test_a_checkpoint_missing_every_weight_loads_as_init_builds(tokenizer, tmp_p
     loaded_state = loaded.state_dict()
     different = [name for name, tensor in built.state_dict().items() if not torch.equal(tensor, loaded_state[name])]
     assert different == []
+
+
+# 5. The vision tower is a PreTrainedModel under open_clip's names
+
+
+def test_the_vision_tower_is_a_pretrained_model_with_open_clips_weight_names(model):
+    from open_clip.modified_resnet import ModifiedResNet
+
+    vision_config = model.config.vision_config
+    assert isinstance(model.vision_tower, PreTrainedModel)
+    assert model.vision_tower.config is vision_config
+    trunk = ModifiedResNet(
+        layers=vision_config.layers, output_dim=256, heads=4, image_size=vision_config.image_size, width=8
+    )
+    expected = ["model.vision_tower." + name for name in trunk.state_dict() if not name.startswith("attnpool.")]
+    assert [name for name in model.state_dict() if name.startswith("model.vision_tower.")] == expected
+
+
+def test_composite_dispatch_reaches_the_vision_tower(model, tokenizer):
+    assert "Bottleneck" not in MagmaForConditionalGeneration._no_split_modules  # declared by the vision model only
+    assert {"Bottleneck", "GPTJBlock"} <= model._no_split_modules  # collected from the submodels for device_map
+    from magma_hf.modeling_magma import MagmaVisionPreTrainedModel
+
+    initialised_by_the_vision_model = []
+    vision_init = MagmaVisionPreTrainedModel._init_weights
+
+    def recording_init(self, module):
+        initialised_by_the_vision_model.append(module)
+        vision_init(self, module)
+
+    with patch.object(MagmaVisionPreTrainedModel, "_init_weights", recording_init):
+        built = MagmaForConditionalGeneration(tiny_config(tokenizer))
+    assert any(module is built.vision_tower.conv1 for module in initialised_by_the_vision_model)
+    assert not any(module is built.lm_head for module in initialised_by_the_vision_model)
+    for implementation in ("eager", "sdpa"):
+        built.set_attn_implementation(implementation)  # reaches every submodel, the vision model included
+        assert built.vision_tower.config._attn_implementation == implementation
+        assert built.language_model.config._attn_implementation == implementation
+
+
+def test_a_folder_saved_before_the_vision_model_loads_identically(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    assert "model.vision_tower.conv1.weight" in saved and "model.vision_tower.layer4.0.conv1.weight" in saved
+    loaded = MagmaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    for name, tensor in loaded.state_dict().items():
+        torch.testing.assert_close(tensor, saved[name], rtol=0, atol=0, msg=name)
+
+
+# 6. A tensor-parallel plan under MAGMA's names
+
+
+@pytest.mark.parametrize("locations", [("mlp",), ("mlp", "attention")])
+def test_the_tensor_parallel_plan_covers_every_gptj_linear_under_magmas_names(tokenizer, locations):
+    from transformers.distributed.parallel_utils import _get_parameter_plan, replace_layer_number_by_wildcard
+
+    config = tiny_config(tokenizer, adapter_config={location: {"adapter_type": "normal"} for location in locations})
+    model = MagmaForConditionalGeneration(config)
+    plan = model.tp_plan
+    names = {replace_layer_number_by_wildcard(n) for n, _ in [*model.named_modules(), *model.named_parameters()]}
+    assert sorted(set(plan) - names) == []  # every rule names a module of this model
+    styles = {name: _get_parameter_plan(name, plan) for name, _ in model.named_parameters()}
+    gptj_linears = [
+        f"{name}.weight"
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and ".magma_" not in name and not name.startswith("model.multi_modal")
+    ]
+    assert len(gptj_linears) == 2 * 6 + 1  # q, k, v, out, fc_in, fc_out per block; the LM head
+    assert all(styles[name] in ("colwise", "rowwise", "colwise_gather_output") for name in gptj_linears)
+    assert styles["model.language_model.wte.weight"] == "embedding_rowwise"
+    wrapped = "model.language_model.h.1.attn.base_layer.q_proj.weight"
+    assert (wrapped in styles) is ("attention" in locations) and styles.get(wrapped, "colwise") == "colwise"
+    adapter_weights = [name for name in styles if ".magma_" in name]
+    assert adapter_weights and all(styles[name] == "replicate" for name in adapter_weights)
+
+
+# Compilation: static cache, torch.compile, no host sync in the placeholder check
+
+
+def test_kwargs_are_typed_as_transformers_kwargs():
+    from typing import get_args
+
+    from transformers.utils import TransformersKwargs
+
+    for forward in (MagmaForConditionalGeneration.forward, MagmaForConditionalGeneration.get_image_features):
+        annotation = inspect.signature(forward).parameters["kwargs"].annotation
+        assert get_args(annotation) == (TransformersKwargs,), forward
+
+
+def test_static_cache_generation_gives_the_dynamic_caches_tokens(model, inputs):
+    settings = {"max_new_tokens": 5, "do_sample": False}
+    with torch.no_grad():
+        dynamic = model.generate(**inputs, **settings)
+        static = model.generate(**inputs, **settings, cache_implementation="static")
+    torch.testing.assert_close(static, dynamic, rtol=0, atol=0)
+
+
+def test_compiled_generation_gives_the_eager_tokens(model, inputs):
+    from transformers import CompileConfig
+
+    assert MagmaForConditionalGeneration._can_compile_fullgraph
+    settings = {"max_new_tokens": 4, "do_sample": False, "cache_implementation": "static"}
+    # fullgraph: a graph break (such as reading a token count on the host) fails the compilation. Dynamo's "eager"
+    # backend traces exactly as inductor would, without inductor's code generation (seconds, not minutes, on CPU).
+    compile_config = CompileConfig(fullgraph=True, dynamic=False, backend="eager")
+    compile_config._compile_all_devices = True  # transformers compiles on accelerators only unless told
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    with torch.no_grad():
+        eager = model.generate(**inputs, **settings, disable_compile=True)
+        compiled = model.generate(**inputs, **settings, compile_config=compile_config)
+    assert counters["stats"]["unique_graphs"] >= 1  # the decoding steps did run compiled
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+# The training policy is applied explicitly, not by building or loading
+
+
+def test_a_built_model_is_all_trainable_as_any_transformers_model(model):
+    assert [name for name, param in model.named_parameters() if not param.requires_grad] == []
+    model.apply_training_policy()
+    assert not any(param.requires_grad for _, param in model.gptj_named_parameters())
+
+
+def test_a_forward_with_images_compiles_as_one_graph(model, inputs):
+    """The image-token count is checked on the device (`torch_compilable_check`, as LLaVA): reading it on the host
+    (`int(mask.sum())`) is data-dependent control flow that a full-graph compilation refuses."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**inputs).logits, model(**inputs).logits)

@@ -247,6 +247,9 @@ class MagmaTrainer(Trainer):
 
     On top of `Trainer`:
 
+    - on construction it applies MAGMA's training policy to the model
+      ([`~MagmaForConditionalGeneration.apply_training_policy`]): a model built or loaded has every parameter
+      trainable, as any transformers model;
     - the optimizer (`create_optimizer`) holds only trainable parameters, in [`magma_parameter_groups`]: the image
       encoder at `image_enc_lr`, no weight decay for biases and norms; the optimizer class and its other settings come
       from `TrainingArguments` (`optim`, `adam_beta1/2`, ...);
@@ -288,6 +291,8 @@ class MagmaTrainer(Trainer):
         **kwargs,
     ):
         model = kwargs.get("model", args[0] if args else None)
+        if model is not None:  # MAGMA's training policy: GPT-J frozen, MAGMA's own weights trained
+            model.apply_training_policy()
         processor = kwargs.get("processing_class")
         if kwargs.get("data_collator") is None and processor is not None and model is not None:
             kwargs["data_collator"] = MagmaDataCollator(

@@ -96,6 +96,7 @@ def test_parameter_groups_hold_trainable_parameters_only():
     tokenizer = make_tokenizer()
     adapters = {"mlp": {"adapter_type": "scaled_parallel", "downsample_factor": 4, "add_layernorm": True}}
     model = MagmaForConditionalGeneration(tiny_config(tokenizer, adapter_config=adapters))
+    model.apply_training_policy()
     groups = magma_parameter_groups(model, lr=1e-3, image_enc_lr=2e-6, weight_decay=0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     grouped = [names[id(p)] for group in groups for p in group["params"]]
@@ -114,6 +115,7 @@ def test_parameter_groups_hold_trainable_parameters_only():
     assert by_name["image_encoder"]["weight_decay"] == 0.1 and by_name["image_encoder_no_decay"]["weight_decay"] == 0
 
     frozen_encoder = MagmaForConditionalGeneration(tiny_config(tokenizer, freeze_image_encoder=True))
+    frozen_encoder.apply_training_policy()
     names = [group["name"] for group in magma_parameter_groups(frozen_encoder, lr=1e-3, image_enc_lr=2e-6)]
     assert names == ["adapters_and_projection", "adapters_and_projection_no_decay"]
 
@@ -251,6 +253,21 @@ def test_frozen_encoder_stays_unchanged(assets, tmp_path):
         state["model.multi_modal_projector.proj.weight"], initial["model.multi_modal_projector.proj.weight"]
     )
     assert not any(n.startswith("image_encoder") for n in (g["name"] for g in trainer.optimizer.param_groups))
+
+
+def test_magma_trainer_applies_the_training_policy(tokenizer, tmp_path):
+    from transformers import TrainingArguments
+
+    from magma_hf.training.trainer import MagmaTrainer
+
+    model = MagmaForConditionalGeneration(tiny_config(tokenizer, freeze_image_encoder=True))
+    assert all(param.requires_grad for param in model.parameters())  # as any transformers model, until trained
+    MagmaTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[]))
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    assert trainable and not trainable & {name for name, _ in model.gptj_named_parameters()}
+    assert not any(name.startswith("model.vision_tower.") for name in trainable)  # freeze_image_encoder
+    assert {name.split(".")[1] for name in trainable if name.startswith("model.multi")} == {"multi_modal_projector"}
+    assert any(".magma_down." in name for name in trainable)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(processor):
