@@ -21,6 +21,7 @@ from transformers.trainer import SCHEDULER_NAME, TRAINER_STATE_NAME, TRAINING_AR
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
 from transformers.utils import logging
 
+from ..generation import generate_answers
 from .collator import EMPTY_KEY, SKIPPED_IMAGES_KEY, SKIPPED_KEY, MagmaDataCollator
 from .data import MAX_SKIPPED_SHARE, SKIP_EXAMPLES, TooManySkippedError, check_skipped_share
 from .export import magma_state_dict
@@ -538,29 +539,23 @@ class MagmaTrainer(Trainer):
                 break
         return samples
 
-    @torch.no_grad()
     def log_generated_captions(self, dataset) -> list[str]:
-        """Caption the first evaluation images greedily; append them to `eval_captions.jsonl` on the main process."""
+        """Caption the first evaluation images greedily (`magma_hf.generation.generate_answers`: each caption is its
+        first line, stripped); append them to `eval_captions.jsonl` on the main process."""
         samples = self._caption_samples(dataset)
         if not samples or self.processing_class is None:
             return []
         model = self.accelerator.unwrap_model(self.model)
-        inputs = self.processing_class(images=[s["image"] for s in samples], return_tensors="pt").to(self.args.device)
-        if self.run_blind:
-            inputs["pixel_values"] = torch.zeros_like(inputs["pixel_values"])
-        was_training = model.training
-        model.eval()
-        try:
-            with self.autocast_smart_context_manager():
-                generated = model.generate(
-                    **inputs,
-                    do_sample=False,
-                    max_new_tokens=self.caption_max_new_tokens,
-                    synced_gpus=is_deepspeed_zero3_enabled() and self.args.world_size > 1,
-                )
-        finally:
-            model.train(was_training)
-        captions = self.processing_class.post_process_image_text_to_text(generated[:, inputs["input_ids"].shape[1] :])
+        with self.autocast_smart_context_manager():
+            captions = generate_answers(
+                model,
+                self.processing_class,
+                [""] * len(samples),  # the image alone: its caption
+                [sample["image"] for sample in samples],
+                max_new_tokens=self.caption_max_new_tokens,
+                blind=self.run_blind,
+                synced_gpus=is_deepspeed_zero3_enabled() and self.args.world_size > 1,
+            )
         if self.is_world_process_zero():
             os.makedirs(self.args.output_dir, exist_ok=True)
             with open(os.path.join(self.args.output_dir, CAPTIONS_LOG_NAME), "a", encoding="utf-8") as file:
