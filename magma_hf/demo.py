@@ -37,13 +37,34 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
+from datasets import Dataset
 from PIL import Image, ImageDraw, ImageFont
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
+from transformers import (
+    GPTJConfig,
+    GPTJForCausalLM,
+    PreTrainedTokenizerFast,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+    pipeline,
+    set_seed,
+)
+
+from .generation import answer_text, generate_answers
+from .weights_magma import gptj_name
+from .processing_magma import add_magma_special_tokens
+from .training.data import convert_dataset, load_magma_dataset
+from .training.run import MagmaTrainingConfig, train
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 EOS = "<|endoftext|>"
 VOCAB_SIZE = 400  # the corpus has a few dozen words: every one of them becomes a token
 LM_BLOCK_SIZE = 64  # tokens per pretraining sequence, and the language model's context
+GENERATION = {"max_new_tokens": 8, "batch_size": 64}  # greedy answers and captions of a few words
 MARKER = ".magma-demo"  # marks a folder this command wrote, so that a rerun may replace its outputs
 OUTPUTS = (
     "data",
@@ -204,8 +225,6 @@ def build_datasets(data_dir: Path, size: DemoSize, seed: int):
             "magma-hf demo takes its images from scikit-learn: pip install 'magma-hf[demo]' (or scikit-learn)"
         ) from error
 
-    from .training.data import convert_dataset, load_magma_dataset
-
     digits = load_digits()
     indices = np.arange(len(digits.target))
     if size.digits_per_class is not None:
@@ -238,11 +257,6 @@ def build_datasets(data_dir: Path, size: DemoSize, seed: int):
 def train_tokenizer(corpus: list[str]):
     """GPT-2's kind of tokenizer, trained on `corpus`: byte-level BPE, `<|endoftext|>` as bos/eos/pad and `<|image|>`
     added as a special token, as MAGMA added it to GPT-2's."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from .processing_magma import add_magma_special_tokens
-
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -266,9 +280,6 @@ def pack_corpus(corpus: list[str], tokenizer, block_size: int) -> list[list[int]
 
 def pretrain_language_model(corpus: list[str], tokenizer, size: DemoSize, seed: int, output_dir: Path):
     """A small GPT-J trained on text alone with transformers' `Trainer`; saved with its tokenizer to `output_dir`."""
-    from datasets import Dataset
-    from transformers import GPTJConfig, GPTJForCausalLM, Trainer, TrainingArguments, default_data_collator
-
     config = GPTJConfig(
         vocab_size=-(-len(tokenizer) // 8) * 8,  # padded, as GPT-J pads GPT-2's vocabulary
         n_positions=LM_BLOCK_SIZE,
@@ -350,10 +361,6 @@ def magma_training_config(size: DemoSize, seed: int, output_dir: Path) -> dict:
 
 def train_magma(size: DemoSize, seed: int, output_dir: Path):
     """Train MAGMA as `magma-hf train output_dir/train_config.yml` would; returns the trainer."""
-    import yaml
-
-    from .training.run import MagmaTrainingConfig, train
-
     values = magma_training_config(size, seed, output_dir)
     (output_dir / "train_config.yml").write_text(yaml.safe_dump(values, sort_keys=False))
     return train(MagmaTrainingConfig.from_dict(values))
@@ -361,44 +368,6 @@ def train_magma(size: DemoSize, seed: int, output_dir: Path):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # 4. Evaluation
-
-
-def first_line(text: str) -> str:
-    """A generated caption or answer: its first line, stripped (a fact sheet would go on with further lines)."""
-    return text.strip().split("\n")[0].strip()
-
-
-@torch.no_grad()
-def generate_answers(
-    model, processor, images: list[Image.Image], prompt: str = "", blind: bool = False, batch_size: int = 64
-) -> list[str]:
-    """Greedy continuations of `prompt` after each image (the image's caption when `prompt` is empty).
-
-    `blind` replaces every image by a blank one (zero `pixel_values`, MAGMA's `run_blind`).
-    """
-    model.eval()
-    answers = []
-    description = f"Asking {prompt!r}" if prompt else "Captioning"
-    for start in tqdm(range(0, len(images), batch_size), desc=description, leave=False):
-        batch = images[start : start + batch_size]
-        inputs = processor(images=batch, text=[prompt] * len(batch), return_tensors="pt", padding=True)
-        if blind:
-            inputs["pixel_values"] = torch.zeros_like(inputs["pixel_values"])
-        generated = model.generate(**inputs, do_sample=False, max_new_tokens=8)
-        texts = processor.post_process_image_text_to_text(generated[:, inputs["input_ids"].shape[1] :])
-        answers += [first_line(text) for text in texts]
-    return answers
-
-
-@torch.no_grad()
-def generate_text_answers(language_model, tokenizer, prompts: list[str]) -> list[str]:
-    """Greedy continuations of text prompts by the language model alone (left-padded batch)."""
-    language_model.eval()
-    tokenizer.padding_side = "left"
-    inputs = tokenizer(prompts, return_tensors="pt", padding=True)
-    generated = language_model.generate(**inputs, do_sample=False, max_new_tokens=8)
-    texts = tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    return [first_line(text) for text in texts]
 
 
 def accuracy(predictions: list[str], references: list[str]) -> float:
@@ -412,10 +381,6 @@ def majority_share(references: list[str]) -> float:
 
 def language_model_unchanged(model, language_model_dir: Path) -> bool:
     """Whether every GPT-J weight of `model` equals, bit for bit, the pretrained language model's."""
-    from safetensors.torch import load_file
-
-    from .weights_magma import gptj_name
-
     pretrained = load_file(str(language_model_dir / "model.safetensors"))
     weights = {gptj_name(name): param for name, param in model.gptj_named_parameters()}
     if set(weights) != set(pretrained):
@@ -425,25 +390,21 @@ def language_model_unchanged(model, language_model_dir: Path) -> bool:
 
 def evaluate_knowledge_transfer(model, processor, images, digits, language_model_dir: Path) -> dict:
     """Each question of `QUESTIONS` about each image, with the image, blind, and in text (the number's name in place
-    of the image, asked of the language model alone: what it knows)."""
-    from transformers import AutoTokenizer, GPTJForCausalLM
-
+    of the image, asked of the language model alone through the same processor: what it knows)."""
     language_model = GPTJForCausalLM.from_pretrained(language_model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(language_model_dir)
     results = {}
     for name, question in QUESTIONS.items():
         references = [question.answer(digit) for digit in digits]
-        answers = generate_answers(model, processor, images, prompt=question.prompt)
-        blind = generate_answers(model, processor, images, prompt=question.prompt, blind=True)
-        in_text = generate_text_answers(
-            language_model, tokenizer, [f"{NUMBER_WORDS[digit]}\n{question.prompt}" for digit in digits]
-        )
+        prompts = [question.prompt] * len(images)
+        answers = generate_answers(model, processor, prompts, images, **GENERATION)
+        blind = generate_answers(model, processor, prompts, images, blind=True, **GENERATION)
+        in_text = [f"{NUMBER_WORDS[digit]}\n{question.prompt}" for digit in digits]
         results[name] = {
             "question": question.prompt,
             "accuracy": accuracy(answers, references),
             "blind_accuracy": accuracy(blind, references),
             "chance": majority_share(references),
-            "text_accuracy": accuracy(in_text, references),
+            "text_accuracy": accuracy(generate_answers(language_model, processor, in_text, **GENERATION), references),
             "answers": answers,
         }
     return results
@@ -484,13 +445,11 @@ def caption_with_pipeline(model_dir: Path, images: list[Image.Image], digits: li
 
     Returns the pipeline's model, its captions, its parity answers and the contact sheet.
     """
-    from transformers import pipeline
-
     captioner = pipeline("image-to-text", model=str(model_dir), trust_remote_code=True, device="cpu")
-    greedy = {"do_sample": False, "max_new_tokens": 8}
+    greedy = {"do_sample": False, "max_new_tokens": GENERATION["max_new_tokens"]}
 
     def texts(outputs) -> list[str]:  # one `[{"generated_text": ...}]` per image (a bare dict when batched)
-        return [first_line((o[0] if isinstance(o, list) else o)["generated_text"]) for o in outputs]
+        return [answer_text((o[0] if isinstance(o, list) else o)["generated_text"]) for o in outputs]
 
     captions = texts(captioner(images, generate_kwargs=greedy, batch_size=16))
     parity = QUESTIONS["parity"]
@@ -566,8 +525,6 @@ def print_table(metrics: dict) -> None:
 
 def run_demo(output_dir: str | os.PathLike = "demo-output", seed: int = 0, size: str | DemoSize = "full") -> dict:
     """Run the whole demo; returns the metrics (also written to `output_dir/metrics.json`)."""
-    from transformers import set_seed
-
     size = SIZES[size] if isinstance(size, str) else size
     output_dir = Path(output_dir)
     seconds: dict[str, float] = {}
@@ -600,8 +557,9 @@ def run_demo(output_dir: str | os.PathLike = "demo-output", seed: int = 0, size:
     columns = test_set.with_format(None)  # the other columns, without decoding the images again
     references = [captions[0] for captions in columns["captions"]]
     digits = [json.loads(metadata)["digit"] for metadata in columns["metadata"]]
-    captions = generate_answers(model, processor, images)
-    blind_captions = generate_answers(model, processor, images, blind=True)
+    no_prompts = [""] * len(images)  # the image alone: its caption
+    captions = generate_answers(model, processor, no_prompts, images, **GENERATION)
+    blind_captions = generate_answers(model, processor, no_prompts, images, blind=True, **GENERATION)
     transfer = evaluate_knowledge_transfer(model, processor, images, digits, output_dir / "language-model")
     lm_unchanged = language_model_unchanged(model, output_dir / "language-model")
     lap("evaluation")

@@ -18,8 +18,6 @@ import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 
-CAPTION_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr-D")
-
 
 class CaptionMetricsUnavailable(RuntimeError):
     """The COCO caption tool cannot run here (a missing package or Java)."""
@@ -104,4 +102,4 @@ def caption_scores(
     return corpus, per_example
 
 
-__all__ = ["CAPTION_METRICS", "CaptionMetricsUnavailable", "caption_scores", "check_caption_requirements"]
+__all__ = ["CaptionMetricsUnavailable", "caption_scores", "check_caption_requirements"]

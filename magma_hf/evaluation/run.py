@@ -31,19 +31,24 @@ import logging
 import math
 import os
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
+from ..generation import ANSWER_END, generate_answers
 from ..io_utils import remove_leftover_temporaries, write_text_atomically
-from ..processing_magma import IMAGE_TOKEN
+from ..modeling_magma import MagmaForConditionalGeneration
+from ..processing_magma import IMAGE_TOKEN, MagmaProcessor, check_processor_matches_model
+from .caption_metrics import CaptionMetricsUnavailable, caption_scores, check_caption_requirements
 from .data import QA_TASKS, TASKS, EvalSet, draw_support, load_eval_set
 from .vqa_metrics import aggregate_accuracy, gqa_accuracy, vqa_accuracy
 
 logger = logging.getLogger(__name__)
 
-EXAMPLE_SEPARATOR = "\n"
+EXAMPLE_SEPARATOR = ANSWER_END  # a newline ends an example, as it ends a generated answer
 QA_TEMPLATE = "Q: {question} A:"
 DEFAULT_MAX_NEW_TOKENS = {"vqa": 10, "okvqa": 10, "gqa": 10, "caption": 30}
 # 2: the log records the model's weights and the data's questions (1 recorded names only).
@@ -77,47 +82,17 @@ def build_prompt(task: str, prompt: str, shots: list[tuple[str, str]], template:
     return "".join(parts) + IMAGE_TOKEN + query_text(task, prompt, template)
 
 
-def clean_generation(text: str) -> str:
-    """The answer in a continuation: up to the first newline, whitespace stripped."""
-    return text.split("\n", 1)[0].strip()
-
-
 # ------------------------------------------------------------------------------------------------------- generation
 class _Generator:
-    """Greedy, batched answers from a MAGMA model and processor."""
+    """Greedy, batched answers to one batch of prompts at a time (the shared path of `magma_hf.generation`)."""
 
     def __init__(self, model, processor, max_new_tokens: int):
-        self.model = model
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
-        if self.tokenizer.padding_side != "left":
+        if processor.tokenizer.padding_side != "left":  # before anything is generated or written
             raise ValueError("Batched generation needs left padding; MagmaProcessor sets it, this processor does not")
-        eos = model.generation_config.eos_token_id
-        eos = eos if eos is not None else self.tokenizer.eos_token_id
-        self.stop_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
-        self.generate_kwargs = dict(
-            do_sample=False,
-            num_beams=1,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            max_new_tokens=max_new_tokens,
-            stop_strings=[EXAMPLE_SEPARATOR],
-            tokenizer=self.tokenizer,
-        )
+        self.model, self.processor, self.max_new_tokens = model, processor, max_new_tokens
 
-    @torch.no_grad()
     def __call__(self, prompts: list[str], images: list[list]) -> list[str]:
-        inputs = self.processor(images=images, text=prompts, return_tensors="pt", padding=True)
-        inputs = inputs.to(self.model.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        output = self.model.generate(**inputs, **self.generate_kwargs)
-        continuations = output[:, inputs["input_ids"].shape[1] :].tolist()
-        return [clean_generation(self._decode(ids)) for ids in continuations]
-
-    def _decode(self, ids: list[int]) -> str:
-        end = next((n for n, token in enumerate(ids) if token in self.stop_ids), len(ids))
-        return self.tokenizer.decode(ids[:end], skip_special_tokens=True)
+        return generate_answers(self.model, self.processor, prompts, images, max_new_tokens=self.max_new_tokens)
 
 
 # ---------------------------------------------------------------------------------------------------- results files
@@ -134,8 +109,6 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     they come from (a dtype is other bytes, hence another identity: it gives other answers too). Tensors are hashed
     in threads (hashlib releases the GIL), so a 12 GB model takes seconds, against hours of generation.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     state = model.state_dict()
 
     def tensor_digest(name: str) -> str:
@@ -249,8 +222,6 @@ def _aggregate(task: str, eval_set: EvalSet, records: list[dict]) -> dict[str, A
             name: [labels[eval_set.index_of(r["id"])] for r in records] for name, labels in eval_set.groups.items()
         }
         return aggregate_accuracy([r["score"] for r in records], groups)
-    from .caption_metrics import caption_scores
-
     corpus, per_example = caption_scores(
         {str(r["id"]): r["answer"] for r in records}, {str(r["id"]): r["references"] for r in records}
     )
@@ -262,9 +233,6 @@ def _aggregate(task: str, eval_set: EvalSet, records: list[dict]) -> dict[str, A
 # --------------------------------------------------------------------------------------------------------- evaluate
 def load_model_and_processor(path: str | os.PathLike, device: str | None = None, dtype: str | None = None):
     """A MAGMA folder's model (in eval mode, on `device`) and processor."""
-    from ..modeling_magma import MagmaForConditionalGeneration
-    from ..processing_magma import MagmaProcessor, check_processor_matches_model
-
     if not Path(path).exists() and (Path(path).is_absolute() or str(path).startswith((".", "~"))):
         raise FileNotFoundError(f"there is no model folder {path}")  # not a Hub id: transformers would say it is
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -329,8 +297,6 @@ def evaluate(
     """
     _check_arguments(task, shots, batch_size, max_new_tokens, limit, prompt_template)
     if task == "caption":  # fail before hours of generation, not after
-        from .caption_metrics import check_caption_requirements
-
         check_caption_requirements()
     if dataset is None:
         raise ValueError("evaluate() needs a dataset")
@@ -497,8 +463,6 @@ def _check_writable_folder(folder: Path) -> None:
 def _run(
     task, eval_set, support_set, support_rows, todo, generator, settings, done, log_path, batch_size, progress
 ) -> None:
-    from tqdm.auto import tqdm
-
     shots, template = settings["shots"], settings["prompt_template"]
     bar = tqdm(
         total=len(eval_set), initial=len(eval_set) - len(todo), desc=f"{task} {shots}-shot", disable=not progress
@@ -579,8 +543,6 @@ def run(args: argparse.Namespace) -> int:
     data = args.data if len(args.data) > 1 else args.data[0]
     support = None if args.support is None else (args.support if len(args.support) > 1 else args.support[0])
     if args.task == "caption":
-        from .caption_metrics import CaptionMetricsUnavailable, check_caption_requirements
-
         try:
             check_caption_requirements()
         except CaptionMetricsUnavailable as error:
@@ -629,4 +591,4 @@ def format_metrics(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["build_prompt", "clean_generation", "evaluate", "load_model_and_processor", "results_log_path"]
+__all__ = ["build_prompt", "evaluate", "load_model_and_processor", "results_log_path"]

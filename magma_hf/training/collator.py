@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers.utils import logging
@@ -33,9 +33,10 @@ class MagmaDataCollator:
     end-of-text included when it fits (as the original, which cut the padded caption to the room left by the image).
 
     Rows whose `image` is `None` (undecodable, see `data.py`) or whose image fails preprocessing are skipped (one
-    warning each, counted in `num_skipped`); the batch is then smaller. A batch with nothing left becomes a placeholder
-    of one blank image whose labels are all `-100`, flagged for [`MagmaTrainer`], which turns its loss into an exact
-    zero (every process still runs forward and backward, which distributed training needs).
+    warning each; with `report_skips` the batch says how many and which); the batch is then smaller. A batch with
+    nothing left becomes a placeholder of one blank image whose labels are all `-100`, flagged for [`MagmaTrainer`],
+    which turns its loss into an exact zero (every process still runs forward and backward, which distributed
+    training needs).
 
     Args:
         processor ([`MagmaProcessor`]): Image preprocessing, tokenizer, image token and image-token count.
@@ -58,7 +59,6 @@ class MagmaDataCollator:
     blind: bool = False
     pad_to_multiple_of: int | None = None
     report_skips: bool = False
-    num_skipped: int = field(default=0, init=False)
 
     def __post_init__(self):
         if self.caption_choice not in ("random", "first"):
@@ -107,7 +107,6 @@ class MagmaDataCollator:
                 continue
             pixel_values.append(values)
             captions.append(self._pick_caption(sample["captions"]))
-        self.num_skipped += skipped
         empty = not pixel_values
         if empty:
             size = self.processor.image_processor.crop_size

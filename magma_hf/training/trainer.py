@@ -21,6 +21,7 @@ from transformers.trainer import SCHEDULER_NAME, TRAINER_STATE_NAME, TRAINING_AR
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
 from transformers.utils import logging
 
+from ..generation import generate_answers
 from ..weights_magma import MAGMA_WEIGHTS_NAME, magma_state_dict
 from .collator import EMPTY_KEY, SKIPPED_IMAGES_KEY, SKIPPED_KEY, MagmaDataCollator
 from .data import MAX_SKIPPED_SHARE, SKIP_EXAMPLES, TooManySkippedError, check_skipped_share
@@ -418,36 +419,6 @@ class MagmaTrainer(Trainer):
 
     # ---- checkpoints: complete or absent ----
 
-    def _get_output_dir(self, trial) -> str:
-        # While a checkpoint is saved, Trainer writes it into the staging folder (see `_save_checkpoint`).
-        return getattr(self, "_staging_run_dir", None) or super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        """Trainer's checkpoint, written as `tmp-checkpoint-N/checkpoint-N` by every process (DeepSpeed's engine writes
-        its shards there too) and renamed to `checkpoint-N` when all are done; then `save_total_limit` rotation,
-        which counts and deletes complete checkpoints only and never the new one."""
-        run_dir = super()._get_output_dir(trial)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging_run_dir = os.path.join(run_dir, STAGING_PREFIX + name)
-        staged, final = os.path.join(staging_run_dir, name), os.path.join(run_dir, name)
-        if self.args.should_save and os.path.exists(staging_run_dir):  # a save of this step, interrupted: ours
-            shutil.rmtree(staging_run_dir)
-        self.accelerator.wait_for_everyone()
-        self._staging_run_dir = staging_run_dir
-        try:
-            super()._save_checkpoint(model, trial)  # its rotation sees the staging folder only: nothing to delete
-        finally:
-            self._staging_run_dir = None
-        if self._point_best_checkpoint_at(run_dir) and self.args.should_save:
-            self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
-        self.accelerator.wait_for_everyone()  # every process's files are in `staged`
-        if self.args.should_save:
-            commit_checkpoint(staged, final)
-            os.rmdir(staging_run_dir)
-            keep = {final} | ({self.state.best_model_checkpoint} if self.state.best_model_checkpoint else set())
-            rotate_complete_checkpoints(run_dir, self.args.save_total_limit, keep)
-        self.accelerator.wait_for_everyone()
-
     def _point_best_checkpoint_at(self, run_dir: str) -> bool:
         """Trainer looked for the best checkpoint in the staging folder: point `best_model_checkpoint` at the real one
         in `run_dir` (where the one being saved will be once renamed). Returns whether it changed."""
@@ -497,6 +468,41 @@ class MagmaTrainer(Trainer):
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
+    # ---- overrides of Trainer's private methods ----
+    # transformers may change these without notice: tests/training/test_trainer_overrides.py compares each signature
+    # with the installed Trainer's and fails naming the method. Checkpoints are staged and renamed (complete or
+    # absent); DeepSpeed checkpoints leave the frozen parameters out and resume without them.
+
+    def _get_output_dir(self, trial) -> str:
+        # While a checkpoint is saved, Trainer writes it into the staging folder (see `_save_checkpoint`).
+        return getattr(self, "_staging_run_dir", None) or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Trainer's checkpoint, written as `tmp-checkpoint-N/checkpoint-N` by every process (DeepSpeed's engine writes
+        its shards there too) and renamed to `checkpoint-N` when all are done; then `save_total_limit` rotation,
+        which counts and deletes complete checkpoints only and never the new one."""
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging_run_dir = os.path.join(run_dir, STAGING_PREFIX + name)
+        staged, final = os.path.join(staging_run_dir, name), os.path.join(run_dir, name)
+        if self.args.should_save and os.path.exists(staging_run_dir):  # a save of this step, interrupted: ours
+            shutil.rmtree(staging_run_dir)
+        self.accelerator.wait_for_everyone()
+        self._staging_run_dir = staging_run_dir
+        try:
+            super()._save_checkpoint(model, trial)  # its rotation sees the staging folder only: nothing to delete
+        finally:
+            self._staging_run_dir = None
+        if self._point_best_checkpoint_at(run_dir) and self.args.should_save:
+            self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()  # every process's files are in `staged`
+        if self.args.should_save:
+            commit_checkpoint(staged, final)
+            os.rmdir(staging_run_dir)
+            keep = {final} | ({self.state.best_model_checkpoint} if self.state.best_model_checkpoint else set())
+            rotate_complete_checkpoints(run_dir, self.args.save_total_limit, keep)
+        self.accelerator.wait_for_everyone()
+
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if not self.is_deepspeed_enabled:
             return super()._save_optimizer_and_scheduler(output_dir)
@@ -542,29 +548,23 @@ class MagmaTrainer(Trainer):
                 break
         return samples
 
-    @torch.no_grad()
     def log_generated_captions(self, dataset) -> list[str]:
-        """Caption the first evaluation images greedily; append them to `eval_captions.jsonl` on the main process."""
+        """Caption the first evaluation images greedily (`magma_hf.generation.generate_answers`: each caption is its
+        first line, stripped); append them to `eval_captions.jsonl` on the main process."""
         samples = self._caption_samples(dataset)
         if not samples or self.processing_class is None:
             return []
         model = self.accelerator.unwrap_model(self.model)
-        inputs = self.processing_class(images=[s["image"] for s in samples], return_tensors="pt").to(self.args.device)
-        if self.run_blind:
-            inputs["pixel_values"] = torch.zeros_like(inputs["pixel_values"])
-        was_training = model.training
-        model.eval()
-        try:
-            with self.autocast_smart_context_manager():
-                generated = model.generate(
-                    **inputs,
-                    do_sample=False,
-                    max_new_tokens=self.caption_max_new_tokens,
-                    synced_gpus=is_deepspeed_zero3_enabled() and self.args.world_size > 1,
-                )
-        finally:
-            model.train(was_training)
-        captions = self.processing_class.post_process_image_text_to_text(generated[:, inputs["input_ids"].shape[1] :])
+        with self.autocast_smart_context_manager():
+            captions = generate_answers(
+                model,
+                self.processing_class,
+                [""] * len(samples),  # the image alone: its caption
+                [sample["image"] for sample in samples],
+                max_new_tokens=self.caption_max_new_tokens,
+                blind=self.run_blind,
+                synced_gpus=is_deepspeed_zero3_enabled() and self.args.world_size > 1,
+            )
         if self.is_world_process_zero():
             os.makedirs(self.args.output_dir, exist_ok=True)
             with open(os.path.join(self.args.output_dir, CAPTIONS_LOG_NAME), "a", encoding="utf-8") as file:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import random_image
 
-from magma_hf.training.collator import EMPTY_KEY, SKIPPED_KEY, MagmaDataCollator
+from magma_hf.training.collator import EMPTY_KEY, SKIPPED_IMAGES_KEY, SKIPPED_KEY, MagmaDataCollator
 
 N_IMAGE = 4  # 64 px / 32 = 2 x 2 image tokens
 
@@ -121,4 +121,4 @@ def test_undecodable_samples_are_skipped(processor):
     empty = collator([bad])
     assert empty[EMPTY_KEY] is True and empty["pixel_values"].shape[0] == 1
     assert (empty["labels"] == -100).all()
-    assert collator.num_skipped == 3
+    assert empty[SKIPPED_KEY] == 1 and empty[SKIPPED_IMAGES_KEY] == ["bad.jpg"]
