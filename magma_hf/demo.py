@@ -55,10 +55,10 @@ from transformers import (
 )
 
 from .generation import answer_text, generate_answers
-from .weights_magma import gptj_name
 from .processing_magma import add_magma_special_tokens
 from .training.data import convert_dataset, load_magma_dataset
 from .training.run import MagmaTrainingConfig, train
+from .weights_magma import gptj_name
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 EOS = "<|endoftext|>"
