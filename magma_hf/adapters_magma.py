@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from peft import mapping
 from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
@@ -275,8 +276,6 @@ class MagmaAdapterModel(BaseTuner):
 
 def register_magma_peft_method() -> None:
     """Write MAGMA's entries into peft's method registry, as `peft.utils.register_peft_method` would."""
-    from peft import mapping
-
     mapping.PEFT_TYPE_TO_CONFIG_MAPPING[MagmaPeftType.MAGMA] = MagmaAdapterConfig
     mapping.PEFT_TYPE_TO_TUNER_MAPPING[MagmaPeftType.MAGMA] = MagmaAdapterModel
     mapping.PEFT_TYPE_TO_PREFIX_MAPPING[MagmaPeftType.MAGMA] = MagmaAdapterModel.prefix

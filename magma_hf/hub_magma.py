@@ -47,7 +47,7 @@ def config_left_unchanged(config: PreTrainedConfig) -> Iterator[None]:
         attributes.update(before)
 
 
-DEFAULT_BASE_MODELS = ("EleutherAI/gpt-j-6b",)
+BASE_MODELS = ("EleutherAI/gpt-j-6b",)
 
 MODEL_FILES_JSON = ("config.json", "generation_config.json", "model.safetensors.index.json")
 PROCESSOR_FILES_JSON = (
@@ -105,10 +105,11 @@ reproduces it wherever the most likely token holds at least 10%).
 """
 
 
-def write_model_card(
-    save_directory: str | os.PathLike, base_models=DEFAULT_BASE_MODELS, repo: str | None = None
-) -> bool:
-    """Write `README.md` with Hub metadata unless the folder already has one (the user's card is kept)."""
+def write_model_card(save_directory: str | os.PathLike) -> bool:
+    """Write `README.md` with Hub metadata unless the folder already has one (the user's card is kept).
+
+    Written under a temporary name and linked into place, so that a reader never sees half a card and a card that
+    appears meanwhile is not replaced."""
     path = Path(save_directory) / "README.md"
     if path.exists():
         return False
@@ -116,9 +117,20 @@ def write_model_card(
         library_name="transformers",
         pipeline_tag="image-to-text",
         license="mit",
-        base_model=list(base_models),
+        base_model=list(BASE_MODELS),
         tags=["magma", "vision-language", "image-to-text", "custom_code"],
     )
-    body = MODEL_CARD_BODY.format(repo=repo or Path(save_directory).name)
-    ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}").save(path)
+    body = MODEL_CARD_BODY.format(repo=Path(save_directory).name)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.writing")
+    ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}").save(temporary)
+    try:
+        os.link(temporary, path)  # fails, instead of replacing, where a README.md appeared meanwhile
+    except FileExistsError:
+        return False
+    except OSError:  # a file system without hard links: rename, checking once more just before
+        if path.exists():
+            return False
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
     return True

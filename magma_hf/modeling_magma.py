@@ -524,13 +524,6 @@ class MagmaForConditionalGeneration(MagmaPreTrainedModel, GenerationMixin):
             raise ValueError(f"{source} {' and '.join(problems)}: this model needs every GPT-J weight, in its shape")
         return weights
 
-    def load_language_model_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Copy a `GPTJForCausalLM` state dict (`transformer.*`, `lm_head.*`) into the language model and LM head;
-        the adapters are left as they are. See [`gptj_weights_by_name`] for what must be there."""
-        with torch.no_grad():
-            for name, tensor in self.gptj_weights_by_name(state_dict).items():
-                self.get_parameter(name).copy_(tensor)
-
     def gptj_named_parameters(self):
         """The GPT-J weights of this model (language model without adapters, LM head), with their names here."""
         for name, param in self.named_parameters():

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import json
 import math
 import os
@@ -45,10 +46,13 @@ from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
 import torch
+from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 from transformers.utils import logging as hf_logging
 
+from .. import configuration_magma, image_processing_magma, modeling_magma, processing_magma
 from ..configuration_magma import MagmaConfig
 from ..factory import (
     MagmaSettingsError,
@@ -125,10 +129,8 @@ def resolve_checkpoint(checkpoint: str | os.PathLike, download: bool = True) -> 
         raise MagmaConversionError(f"checkpoint {str(checkpoint)!r} is not an existing file, nor a Hub repo id")
     if not download:
         return None
-    from huggingface_hub import hf_hub_download
-
     try:
-        return Path(hf_hub_download(repo_id=str(checkpoint), filename=CHECKPOINT_FILENAME))
+        return Path(huggingface_hub.hf_hub_download(repo_id=str(checkpoint), filename=CHECKPOINT_FILENAME))
     except Exception as error:  # network, auth, missing repo or file: the user needs the cause, not a traceback
         raise MagmaConversionError(
             f"checkpoint {str(checkpoint)!r} is not a local file, and downloading {CHECKPOINT_FILENAME} from the Hub "
@@ -729,10 +731,6 @@ SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 @lru_cache(maxsize=1)
 def always_written_names() -> frozenset[str]:
     """Names every conversion writes (the shards aside): the configs, the processor, the code export, the card."""
-    from transformers.dynamic_module_utils import get_relative_import_files
-
-    from .. import configuration_magma, image_processing_magma, modeling_magma, processing_magma
-
     code = set()
     for module in (configuration_magma, image_processing_magma, modeling_magma, processing_magma):
         code |= {Path(module.__file__).name, *(Path(file).name for file in get_relative_import_files(module.__file__))}
@@ -770,8 +768,6 @@ def matches_record(path: Path, record: dict[str, Any]) -> bool:
 
 
 def sha256_of(path: Path) -> str:
-    import hashlib
-
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
         for block in iter(lambda: stream.read(1 << 20), b""):

@@ -27,9 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import datasets
 from PIL import Image
 
 from ..image_processing_magma import open_image
+from ..training.data import load_magma_dataset
 from .vqa_metrics import answer_strings, most_common_answer
 
 logger = logging.getLogger(__name__)
@@ -168,8 +170,6 @@ def load_eval_set(
     """
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; tasks are {', '.join(TASKS)}")
-    import datasets
-
     if isinstance(source, (datasets.Dataset, datasets.DatasetDict)):
         return _from_columns(
             _pick_split(source, split, "the given dataset"), task, parse_columns(columns), None, "data"
@@ -194,8 +194,6 @@ def load_eval_set(
 
 
 def _pick_split(dataset, split: str | None, name: str):
-    import datasets
-
     if isinstance(dataset, datasets.Dataset):
         return dataset
     if split is not None:
@@ -229,8 +227,6 @@ def _find_column(names: Sequence[str], field_name: str, mapping: Mapping[str, st
 def _undecoded_images(dataset, image_column: str):
     """An image column left as `{"bytes", "path"}`, so that MAGMA's own decoder reads it (`datasets` would not scale
     16-bit images)."""
-    import datasets
-
     if isinstance(dataset.features.get(image_column), datasets.Image) and dataset.features[image_column].decode:
         return dataset.cast_column(image_column, datasets.Image(decode=False))
     return dataset
@@ -260,8 +256,6 @@ def _from_columns(dataset, task: str, mapping: Mapping[str, str], base_dir: Path
 
 
 def _from_original_layout(paths: list[Path], task: str) -> EvalSet:
-    from ..training.data import load_magma_dataset
-
     data_dir = [str(p) for p in paths] if len(paths) > 1 else str(paths[0])
     dataset = load_magma_dataset(data_dir)
     source = ", ".join(str(p) for p in paths)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate.utils import DeepSpeedSchedulerWrapper
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer
@@ -506,8 +507,6 @@ class MagmaTrainer(Trainer):
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if not self.is_deepspeed_enabled:
             return super()._save_optimizer_and_scheduler(output_dir)
-        from accelerate.utils import DeepSpeedSchedulerWrapper
-
         # Trainer leaves frozen parameters out of DeepSpeed's checkpoint for PEFT models only; MAGMA's are frozen too.
         self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
         if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
