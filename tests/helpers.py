@@ -229,3 +229,40 @@ def greedy_texts(model, processor, image, prompts: list[str]) -> list[str]:
         generated = model.generate(**inputs, **GREEDY)[:, inputs.input_ids.shape[1] :]
         texts.append(processor.post_process_image_text_to_text(generated)[0])
     return texts
+
+
+def save_tiny_magma(folder, tokenizer, processor, magma_generation_defaults: bool = False):
+    """A tiny MAGMA (seed 0) whose adapters are not the identity, saved with `processor` into `folder`; returns it.
+
+    With `magma_generation_defaults` the folder gets MAGMA's generation config, as the converter and training write it.
+    """
+    import torch
+
+    from magma_hf import MagmaForConditionalGeneration
+    from magma_hf.modeling_magma import magma_generation_config
+
+    torch.manual_seed(0)
+    model = MagmaForConditionalGeneration(tiny_config(tokenizer)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".magma_" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    if magma_generation_defaults:
+        model.generation_config = magma_generation_config(model.config)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return model
+
+
+def save_tiny_gptj(folder, tokenizer, vocab_size: int, n_positions: int = 128) -> None:
+    """A tiny GPT-J (seed 0; training's `lm_name`) saved into `folder`, the tokenizer's eos as bos, eos and pad."""
+    import torch
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    eos = tokenizer.eos_token_id
+    config = GPTJConfig(
+        n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=n_positions, vocab_size=vocab_size,
+        bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    GPTJForCausalLM(config).save_pretrained(folder)

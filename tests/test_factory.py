@@ -7,10 +7,10 @@ import open_clip
 import pytest
 import torch
 import yaml
-from helpers import files_unchanged, make_tokenizer
+from helpers import files_unchanged, make_tokenizer, save_tiny_gptj
 from open_clip.modified_resnet import ModifiedResNet
 from original_magma import deepspeed_checkpoint, original_state_dict, tiny_original_model
-from transformers import GPTJConfig, GPTJForCausalLM
+from transformers import GPTJForCausalLM
 
 from magma_hf import MagmaConfig
 from magma_hf.configuration_magma import MagmaVisionConfig
@@ -90,9 +90,7 @@ def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("factory")
     tokenizer = make_tokenizer()
     tokenizer.save_pretrained(root / "tokenizer")
-    eos = tokenizer.eos_token_id
-    gptj = GPTJConfig(**TEXT, vocab_size=len(tokenizer) + 6, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
-    GPTJForCausalLM(gptj).save_pretrained(root / "gptj")
+    save_tiny_gptj(root / "gptj", tokenizer, vocab_size=len(tokenizer) + 6, n_positions=TEXT["n_positions"])
     original = tiny_original_model(len(tokenizer), image_size=64, adapter_config=MAGMA_V1_SETTINGS["adapter_config"])
     (root / "checkpoint").mkdir()
     torch.save(deepspeed_checkpoint(original_state_dict(original)), root / "checkpoint" / CHECKPOINT_FILENAME)

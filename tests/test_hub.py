@@ -7,7 +7,7 @@ import textwrap
 import pytest
 import torch
 import yaml
-from helpers import GREEDY, greedy_texts, random_image, run_without_magma_hf, tiny_config
+from helpers import GREEDY, greedy_texts, random_image, run_without_magma_hf, save_tiny_magma
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import (
@@ -28,22 +28,13 @@ from magma_hf import (
     MagmaModel,
     MagmaProcessor,
 )
-from magma_hf.modeling_magma import gptj_name, magma_generation_config
+from magma_hf.modeling_magma import gptj_name
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, tokenizer, processor):
-    torch.manual_seed(0)
-    model = MagmaForConditionalGeneration(tiny_config(tokenizer)).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".magma_" in name:
-                param.add_(torch.randn_like(param) * 0.1)
-    model.generation_config = magma_generation_config(model.config)  # as the converter and training set it
     path = tmp_path_factory.mktemp("hub_repo")
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path, model
+    return path, save_tiny_magma(path, tokenizer, processor, magma_generation_defaults=True)
 
 
 def test_auto_classes_resolve_with_the_package_imported(saved):

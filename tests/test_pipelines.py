@@ -7,7 +7,14 @@ import textwrap
 
 import pytest
 import torch
-from helpers import GREEDY, greedy_texts, make_tokenizer, random_image, run_without_magma_hf, tiny_config
+from helpers import (
+    GREEDY,
+    greedy_texts,
+    make_tokenizer,
+    random_image,
+    run_without_magma_hf,
+    save_tiny_magma,
+)
 from original_magma import original_sampling_probs
 from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, pipeline
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
@@ -23,16 +30,8 @@ QUESTION = "Q: What is in the picture? A:"
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, tokenizer, processor):
-    torch.manual_seed(0)
-    model = MagmaForConditionalGeneration(tiny_config(tokenizer)).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".magma_" in name:
-                param.add_(torch.randn_like(param) * 0.1)
     path = tmp_path_factory.mktemp("magma_folder")
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path, model
+    return path, save_tiny_magma(path, tokenizer, processor)
 
 
 @pytest.mark.parametrize("task", TASKS)

@@ -77,7 +77,8 @@ def test_adapters_missing_from_the_checkpoint_are_initialised_as_in_init(tokeniz
     adapter_weights = {name: p for name, p in built.named_parameters() if ".magma_" in name}
     assert len(adapter_weights) == 2 * (7 + 4)  # per block: mlp down, up, norm (2 each) and scale; attn down, up
     down = adapter_weights["model.language_model.h.0.mlp.magma_down.default.weight"]
-    assert float(down.detach().abs().max()) <= 2.001e-3  # MAGMA's init (normal(0, 1e-3) clamped), not GPT-J's normal(0, 0.02)
+    # MAGMA's init (normal(0, 1e-3) clamped), not GPT-J's normal(0, 0.02)
+    assert float(down.detach().abs().max()) <= 2.001e-3
     loaded_parameters = dict(loaded.named_parameters())
     for name, expected in adapter_weights.items():
         torch.testing.assert_close(loaded_parameters[name], expected, rtol=0, atol=0, msg=name)

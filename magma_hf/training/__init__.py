@@ -1,6 +1,7 @@
 """Training MAGMA: datasets, the collator, the `Trainer` subclass, the YAML-driven run and the adapter export.
 
-- `data`: image-caption datasets in the original layout, Hub datasets, image folders and img2dataset shards.
+- `data`: image-caption datasets in the original layout, Hub datasets, image folders and img2dataset shards
+  (`convert_dataset`, `load_magma_dataset`, ...: import them from `magma_hf`).
 - `collator`: rows -> MAGMA's training inputs (`MagmaDataCollator`).
 - `trainer`: `MagmaTrainer` (MAGMA-only checkpoints, parameter groups, logged captions) and `MagmaLRSchedule`.
 - `run`: `magma-hf train` (`MagmaTrainingConfig`, `train`).
@@ -8,15 +9,6 @@
 """
 
 from .collator import MagmaDataCollator
-from .data import (
-    convert_dataset,
-    from_hf_dataset,
-    iter_img2dataset,
-    load_image_caption_dataset,
-    load_imagefolder,
-    load_img2dataset,
-    load_magma_dataset,
-)
 from .export import load_adapter_export, save_adapter_export
 from .run import MagmaTrainingConfig, train
 from .trainer import MagmaLRSchedule, MagmaTrainer
@@ -26,14 +18,7 @@ __all__ = [
     "MagmaLRSchedule",
     "MagmaTrainer",
     "MagmaTrainingConfig",
-    "convert_dataset",
-    "from_hf_dataset",
-    "iter_img2dataset",
     "load_adapter_export",
-    "load_image_caption_dataset",
-    "load_imagefolder",
-    "load_img2dataset",
-    "load_magma_dataset",
     "save_adapter_export",
     "train",
 ]

@@ -11,9 +11,8 @@ import pytest
 from helpers import files_unchanged, random_image
 from PIL import Image
 
-from magma_hf.training.data import (
+from magma_hf import (
     convert_dataset,
-    detect_layout,
     from_hf_dataset,
     iter_img2dataset,
     load_image_caption_dataset,
@@ -21,6 +20,7 @@ from magma_hf.training.data import (
     load_img2dataset,
     load_magma_dataset,
 )
+from magma_hf.training.data import detect_layout
 
 
 def pixels(image) -> np.ndarray:

@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from helpers import make_tokenizer, random_image, tiny_config
+from helpers import make_tokenizer, random_image, save_tiny_gptj, tiny_config
 from safetensors.torch import load_file
-from transformers import GPTJConfig, GPTJForCausalLM, set_seed
+from transformers import GPTJForCausalLM, set_seed
 
 from magma_hf import MagmaForConditionalGeneration
 from magma_hf.modeling_magma import gptj_name, magma_generation_config
@@ -58,13 +58,7 @@ def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("assets")
     tokenizer = make_tokenizer()
     tokenizer.save_pretrained(root / "tokenizer")
-    eos = tokenizer.eos_token_id
-    torch.manual_seed(0)
-    gptj_config = GPTJConfig(
-        n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=128, vocab_size=328,
-        bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=False,
-    )  # fmt: skip
-    GPTJForCausalLM(gptj_config).save_pretrained(root / "gptj")
+    save_tiny_gptj(root / "gptj", tokenizer, vocab_size=328)
     write_magma_dataset(root / "data")
     return root
 
