@@ -246,17 +246,25 @@ def check_fits(expected: dict[str, torch.Tensor], state_dict: dict[str, torch.Te
         )
 
 
+LOADING_LOGGERS = ("modeling_utils", "distributed.tensor_parallel")
+
+
 @contextmanager
 def _transformers_load_warnings_off() -> Iterator[None]:
     """transformers' loading logs every weight that is not in the state dict (a hundred lines for a new model's
-    adapters, projection and encoder, all new by intent); `check_fits` and the loading info check them instead."""
-    loading_logger = std_logging.getLogger("transformers.modeling_utils")
-    level = loading_logger.level
-    loading_logger.setLevel(std_logging.ERROR)
+    adapters, projection and encoder, all new by intent); `check_fits` and the loading info check them instead.
+
+    The tensor-parallel logger goes quiet too: with the loading logger's level set, transformers also verifies the
+    TP plan (even without TP) and lists every weight no plan shards (norms, the image encoder) as "not sharded"."""
+    quieted = [std_logging.getLogger(f"transformers.{name}") for name in LOADING_LOGGERS]
+    levels = [each.level for each in quieted]
+    for each in quieted:
+        each.setLevel(std_logging.ERROR)
     try:
         yield
     finally:
-        loading_logger.setLevel(level)
+        for each, level in zip(quieted, levels):
+            each.setLevel(level)
 
 
 def load_model_from_state_dict(
