@@ -549,7 +549,8 @@ def _existing_model(config: MagmaTrainingConfig):
         model_config.image_embed_dropout_prob = config.image_embed_dropout_prob
         model.multi_modal_projector.dropout.p = config.image_embed_dropout_prob
     if config.freeze_img_encoder is not None:
-        model_config.freeze_image_encoder = config.freeze_img_encoder  # applied with the policy below
+        model_config.freeze_image_encoder = config.freeze_img_encoder
+    model.apply_training_policy()  # loaded with every parameter trainable; a new model gets it from the factory
     try:
         processor = MagmaProcessor.from_pretrained(path)
     except (OSError, ValueError, TypeError):
@@ -579,7 +580,6 @@ def build_model_and_processor(config: MagmaTrainingConfig):
     outputs, so a half-precision GPT-J with float32 MAGMA weights runs without autocast too.
     """
     built = _existing_model(config) if config.model_name_or_path is not None else _new_model(config)
-    built[0].apply_training_policy()  # a model built or loaded has every parameter trainable, as in transformers
     magma_weights_to_float32(built[0])
     return built
 
