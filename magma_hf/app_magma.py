@@ -30,11 +30,6 @@ from transformers import (
 from .processing_magma import IMAGE_TOKEN
 from .prompts_magma import few_shot_prompt, query_with_images
 
-try:  # gradio is needed to serve the page, not to import this module (the package's tests, the Space writer)
-    import gradio as gr
-except ImportError:  # pragma: no cover - reported by `require_gradio`
-    gr = None
-
 MAX_IMAGES = 8  # query and example images together: each costs num_image_tokens positions
 DEFAULT_MAX_NEW_TOKENS = 32  # where the generation config sets no max_new_tokens
 EXAMPLES_FOLDER = "app_examples"  # images of a model folder (a Space) offered as the page's examples
@@ -291,6 +286,7 @@ class MagmaApp:
                         file_types=["image"],
                         columns=4,
                         height=220,
+                        object_fit="contain",
                         elem_id="magma-images",
                     )
                     prompt = gr.Textbox(
@@ -308,6 +304,7 @@ class MagmaApp:
                             file_types=["image"],
                             columns=4,
                             height=160,
+                            object_fit="contain",
                             elem_id="magma-example-images",
                         )
                         example_texts = gr.Textbox(
@@ -363,9 +360,13 @@ def session_id(request) -> str:
 
 
 def require_gradio():
-    if gr is None:
-        raise ImportError("The MAGMA app needs Gradio: pip install 'gradio>=5' (or 'magma-hf[app]')")
-    return gr
+    """Gradio, imported only to serve the page: importing this module (the Space writer, `magma-hf demo`) and loading
+    the model folder do not need it."""
+    try:
+        import gradio
+    except ImportError as error:
+        raise ImportError("The MAGMA app needs Gradio: pip install 'gradio>=5' (or 'magma-hf[app]')") from error
+    return gradio
 
 
 def example_images_in(paths: Sequence[str | os.PathLike]) -> list[str]:
