@@ -38,7 +38,14 @@ APP_MODULE = Path(app_magma.__file__)
 def space_requirements() -> str:
     """requirements.txt: the package's own dependencies, from its metadata (pyproject.toml), without the extras; a
     Space's Gradio comes with its SDK."""
-    requirements = [r for r in importlib.metadata.requires("magma-hf") or [] if "extra ==" not in r]
+    try:
+        requires = importlib.metadata.requires("magma-hf") or []
+    except importlib.metadata.PackageNotFoundError as error:
+        raise RuntimeError(
+            "requirements.txt lists magma-hf's dependencies, read from its installed metadata, and magma-hf is not "
+            "installed here: pip install -e . (or pip install magma-hf), then run the command again"
+        ) from error
+    requirements = [requirement for requirement in requires if "extra ==" not in requirement]
     return f"{SPACE_MARKER}: what the folder's code imports.\n" + "\n".join(requirements) + "\n"
 
 
@@ -90,6 +97,13 @@ def write_space(model_dir: str | os.PathLike, examples: list[str] = ()) -> list[
     return sorted(to_write)
 
 
+def space_metadata_present(readme: Path) -> bool:
+    """Whether a README's YAML front matter names a Space SDK (the Hub runs a Space repo only with one)."""
+    text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
+    front_matter = text.split("---", 2)[1] if text.startswith("---") and text.count("---") >= 2 else ""
+    return any(line.startswith("sdk:") for line in front_matter.splitlines())
+
+
 def demo_app_command(model_dir: str | os.PathLike, examples: str | os.PathLike | None = None) -> str:
     """The command that opens the app on `model_dir` (what `make demo` prints at the end)."""
     command = f"magma-hf app {model_dir}"
@@ -116,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
         written = write_space(args.model_dir, args.examples)
         print(f"{args.model_dir}: wrote {', '.join(written)}" if written else f"{args.model_dir}: already a Space")
         print(f"Start it with: cd {args.model_dir} && python app.py")
+        if not space_metadata_present(Path(args.model_dir) / "README.md"):
+            print("To run it on the Hub, README.md's metadata needs `sdk: gradio` (the model card's has none: add it)")
         return 0
     from .evaluation.run import load_model_and_processor
 
