@@ -57,8 +57,8 @@ def space_files(model_dir: Path, examples: list[str]) -> dict[str, bytes]:
         if is_app_code or not (model_dir / module.name).exists():  # the model's own code stays as it was saved
             source = module.read_text(encoding="utf-8")
             files[module.name] = f"{SPACE_MARKER} from magma_hf.\n{source}".encode()
-    for example in app_magma.example_images_in(examples):
-        files[f"{app_magma.EXAMPLES_FOLDER}/{Path(example).name}"] = Path(example).read_bytes()
+    for number, example in enumerate(app_magma.example_images_in(examples)):  # numbered: names may repeat
+        files[f"{app_magma.EXAMPLES_FOLDER}/{number:02d}-{Path(example).name}"] = Path(example).read_bytes()
     return files
 
 

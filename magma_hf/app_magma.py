@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -32,6 +32,7 @@ from .prompts_magma import few_shot_prompt, query_with_images
 
 MAX_IMAGES = 8  # query and example images together: each costs num_image_tokens positions
 DEFAULT_MAX_NEW_TOKENS = 32  # where the generation config sets no max_new_tokens
+FOLDER_EXAMPLES = 8  # examples taken from a folder given as examples
 EXAMPLES_FOLDER = "app_examples"  # images of a model folder (a Space) offered as the page's examples
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TITLE = "MAGMA: images and a prompt in, text out"
@@ -163,25 +164,36 @@ class MagmaApp:
             raise InputError(f"Cannot use this input: {error}") from error
         return inputs.to(self.model.device)
 
-    def check_length(self, inputs, n_images: int, max_new_tokens: int) -> None:
+    def new_token_budget(self, inputs, n_images: int, max_new_tokens: int) -> int:
+        """`max_new_tokens`, cut to the room the prompt leaves in the model's `n_positions`; an `InputError` when the
+        prompt leaves none."""
+        if max_new_tokens < 1:
+            raise InputError(f"max new tokens must be at least 1, got {max_new_tokens}")
         length = inputs["input_ids"].shape[1]
-        if length + max_new_tokens > self.n_positions:
+        if length >= self.n_positions:
             image_tokens = n_images * self.processor.num_image_tokens
             raise InputError(
                 f"Text too long for the model: the prompt is {length} tokens ({image_tokens} of them for {n_images} "
-                f"image{'s' * (n_images != 1)}) and up to {max_new_tokens} new tokens are asked for, "
-                f"{length + max_new_tokens} in all, but the model takes at most {self.n_positions} (n_positions). "
-                "Shorten the prompt, use fewer images or examples, or lower max new tokens."
+                f"image{'s' * (n_images != 1)}), and the model takes at most {self.n_positions} (n_positions) with "
+                "the answer. Shorten the prompt, or use fewer images or examples."
             )
+        return min(max_new_tokens, self.n_positions - length)
+
+    def prepare(self, query: Query, settings: Settings):
+        """The model's inputs, and `settings` with max new tokens cut to what fits (`new_token_budget`)."""
+        inputs = self.model_inputs(query)
+        budget = self.new_token_budget(inputs, len(query.images), settings.max_new_tokens)
+        return inputs, replace(settings, max_new_tokens=budget)
 
     def stream(self, query: Query, settings: Settings, stop: threading.Event | None = None) -> Iterator[str]:
         """The answer so far, once per piece the streamer gives; last, the processor's clean-up of all generated ids.
 
         Generation runs in a thread and ends early when `stop` is set or this generator is closed."""
-        if settings.max_new_tokens < 1:
-            raise InputError(f"max new tokens must be at least 1, got {settings.max_new_tokens}")
-        inputs = self.model_inputs(query)
-        self.check_length(inputs, len(query.images), settings.max_new_tokens)
+        inputs, settings = self.prepare(query, settings)
+        yield from self.stream_inputs(inputs, settings, stop)
+
+    def stream_inputs(self, inputs, settings: Settings, stop: threading.Event | None = None) -> Iterator[str]:
+        """`stream` on prepared inputs."""
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         stop = stop or threading.Event()
@@ -241,8 +253,15 @@ class MagmaApp:
                 self.max_images,
             )
             settings = Settings(bool(do_sample), float(temperature), float(top_p), int(top_k), int(max_new_tokens))
+            inputs, used = self.prepare(query, settings)
+            note = ""
+            if used.max_new_tokens < settings.max_new_tokens:
+                note = (
+                    f" Max new tokens cut to {used.max_new_tokens}: the prompt's {inputs['input_ids'].shape[1]} "
+                    f"tokens leave no more of the model's {self.n_positions} positions (n_positions)."
+                )
             text = ""
-            for text in self.stream(query, settings, stop):
+            for text in self.stream_inputs(inputs, used, stop):
                 yield text, query.prompt, "Generating…"
         except InputError as error:
             yield "", "", f"**Cannot run this:** {error}"
@@ -255,7 +274,7 @@ class MagmaApp:
             self._stops.pop(session, None)
             self._stopped.discard(session)
         how = "Stopped" if stopped else "Done"
-        yield text, query.prompt, f"{how} after {time.perf_counter() - started:.1f} s."
+        yield text, query.prompt, f"{how} after {time.perf_counter() - started:.1f} s.{note}"
 
     def stop(self, session: str = "") -> None:
         """The stop button: ends the session's running generation (the text so far stays)."""
@@ -287,6 +306,7 @@ class MagmaApp:
                         columns=4,
                         height=220,
                         object_fit="contain",
+                        fit_columns=False,
                         elem_id="magma-images",
                     )
                     prompt = gr.Textbox(
@@ -305,6 +325,7 @@ class MagmaApp:
                             columns=4,
                             height=160,
                             object_fit="contain",
+                            fit_columns=False,
                             elem_id="magma-example-images",
                         )
                         example_texts = gr.Textbox(
@@ -320,7 +341,7 @@ class MagmaApp:
                         top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="top-p")
                         top_k = gr.Slider(0, 200, value=defaults.top_k, step=1, label="top-k (0: off)")
                         max_new_tokens = gr.Slider(
-                            1, max(256, defaults.max_new_tokens), value=defaults.max_new_tokens, step=1,
+                            1, max(self.n_positions, defaults.max_new_tokens), value=defaults.max_new_tokens, step=1,
                             label="max new tokens", elem_id="magma-max-new-tokens",
                         )  # fmt: skip
                     with gr.Row():
@@ -334,7 +355,7 @@ class MagmaApp:
                             show_label=False, lines=3, interactive=False, elem_id="magma-full-prompt"
                         )
             if examples:
-                gr.Examples([[[path]] for path in examples], inputs=[images], label="Example images")
+                gr.Examples([[[p]] for p in examples], inputs=[images], label="Examples", elem_id="magma-examples")
 
             # Gradio passes the request to a parameter annotated gr.Request (the session, for the stop button).
             def on_run(images, prompt, example_images, example_texts, do_sample, temperature, top_p, top_k,
@@ -348,9 +369,12 @@ class MagmaApp:
             inputs = [images, prompt, example_images, example_texts, do_sample, temperature, top_p, top_k]
             inputs.append(max_new_tokens)
             outputs = [answer, full_prompt, message]
-            running = run.click(on_run, inputs, outputs, concurrency_limit=1)
-            prompt.submit(on_run, inputs, outputs, concurrency_limit=1)
-            stop.click(on_stop, None, None, cancels=[running], queue=False)
+            # one generation at a time on the one model, whichever way it was started
+            run.click(on_run, inputs, outputs, concurrency_limit=1, concurrency_id="magma-generate")
+            prompt.submit(on_run, inputs, outputs, concurrency_limit=1, concurrency_id="magma-generate")
+            # the event ends generation at the next token, and the run reports that it stopped (no Gradio cancel,
+            # which would end the run before it says so)
+            stop.click(on_stop, None, None, queue=False)
         return page
 
 
@@ -370,11 +394,13 @@ def require_gradio():
 
 
 def example_images_in(paths: Sequence[str | os.PathLike]) -> list[str]:
-    """Image files among `paths`, each a file or a folder (its images, sorted, searched recursively)."""
+    """Image files among `paths`, each a file or a folder (its first `FOLDER_EXAMPLES` images, sorted, searched
+    recursively: a data set's folder gives a few examples, not thousands)."""
     found = []
     for path in map(Path, paths):
         if path.is_dir():
-            found += sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            found += [str(p) for p in images[:FOLDER_EXAMPLES]]
         elif path.is_file():
             found.append(str(path))
         else:

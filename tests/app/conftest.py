@@ -2,28 +2,15 @@
 
 import os
 import shutil
-import socket
-import tempfile
 from pathlib import Path
 
 import pytest
+from chromium import free_port, missing_browser, start_chromium
 from helpers import make_processor, make_tokenizer, random_image, save_tiny_magma
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the machine has no network: no calls home
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "app"  # screenshots (git-ignored)
-CHROMIUM_FLAGS = (
-    # root in a container, no network: without the background-networking flags Chromium waits on refused connections
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-    "--window-size=1280,1000",
-)  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -50,14 +37,17 @@ def loaded(app_folder):
 
 
 @pytest.fixture(scope="session")
-def app_url(loaded):
-    """The app on 127.0.0.1, a free port, in this process."""
+def app_url(loaded, app_folder):
+    """The app on 127.0.0.1, a free port, in this process, with one example image."""
     pytest.importorskip("gradio", reason="the app needs Gradio: pip install -e '.[app]'")
     from magma_hf import app_magma
 
     model, processor, _ = loaded
     port = free_port()
-    page = app_magma.launch(model, processor, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
+    examples = [str(app_folder / "image-3.png")]
+    page = app_magma.launch(
+        model, processor, host="127.0.0.1", port=port, examples=examples, prevent_thread_lock=True, quiet=True
+    )
     yield f"http://127.0.0.1:{port}/"
     page.close()
 
@@ -65,20 +55,10 @@ def app_url(loaded):
 @pytest.fixture(scope="session")
 def browser():
     """Debian's headless Chromium driven by its chromedriver; skipped, saying what is missing, where they are not."""
-    webdriver = pytest.importorskip("selenium.webdriver", reason="browser tests need Selenium: pip install -e '.[dev]'")
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    chromedriver = shutil.which("chromedriver")
-    if not chromium or not chromedriver:
-        found = {"chromium": chromium, "chromedriver": chromedriver}
-        missing = " and ".join(name for name, path in found.items() if not path)
-        pytest.skip(f"browser tests need {missing} on PATH (Debian: apt-get install chromium chromium-driver)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in CHROMIUM_FLAGS:
-        options.add_argument(flag)
-    profile = tempfile.mkdtemp(prefix="magma-app-chromium-")
-    options.add_argument(f"--user-data-dir={profile}")
-    driver = webdriver.Chrome(service=webdriver.ChromeService(chromedriver), options=options)
+    missing = missing_browser()
+    if missing:
+        pytest.skip(f"browser tests need {missing}")
+    driver, profile = start_chromium()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     yield driver
     driver.quit()

@@ -5,6 +5,7 @@ the pipeline's greedy output for the same input; screenshots go to test-artifact
 """
 
 import pytest
+from chromium import by_css, full_prompt, generate, open_accordion, open_page, type_into, upload, wait_for
 from conftest import ARTIFACTS
 
 from magma_hf.app_magma import DEFAULT_MAX_NEW_TOKENS
@@ -12,60 +13,7 @@ from magma_hf.evaluation.run import build_prompt
 
 pytestmark = pytest.mark.usefixtures("app_url", "browser")
 
-FINISHED = ("Done after", "Stopped after", "Cannot run this")
 QUESTION = "What is in the picture?"
-
-
-def by_css(driver, selector: str):
-    from selenium.webdriver.common.by import By
-
-    return driver.find_element(By.CSS_SELECTOR, selector)
-
-
-def wait_for(driver, condition, what: str, timeout: float = 30):
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    return WebDriverWait(driver, timeout).until(lambda _: condition(), message=f"waited {timeout} s for {what}")
-
-
-def open_page(driver, url: str) -> None:
-    driver.get(url)
-    wait_for(driver, lambda: driver.find_elements("css selector", "#magma-run"), "the page")
-
-
-def open_accordion(driver, label: str) -> None:
-    from selenium.webdriver.common.by import By
-
-    driver.find_element(By.XPATH, f"//button[contains(., '{label}')]").click()
-
-
-def upload(driver, gallery_id: str, paths) -> None:
-    """Files into a gallery's file input, then waits until the gallery shows them."""
-    by_css(driver, f"#{gallery_id} input[type=file]").send_keys("\n".join(str(path) for path in paths))
-    shown = lambda: len(driver.find_elements("css selector", f"#{gallery_id} .thumbnail-item img")) >= len(paths)  # noqa: E731
-    wait_for(driver, shown, f"{len(paths)} images in #{gallery_id}")
-
-
-def type_into(driver, textbox_id: str, text: str) -> None:
-    box = by_css(driver, f"#{textbox_id} textarea")
-    box.send_keys(text)  # a newline is Enter: a new line in a multi-line box
-    assert box.get_attribute("value") == text
-
-
-def generate(driver, name: str) -> tuple[str, str]:
-    """Clicks Generate, waits for the run to end, saves a screenshot; returns (answer shown, message shown)."""
-    by_css(driver, "#magma-run").click()
-    message = lambda: by_css(driver, "#magma-message").text  # noqa: E731
-    wait_for(driver, lambda: message().startswith(FINISHED), "the run to end")
-    driver.save_screenshot(str(ARTIFACTS / f"{name}.png"))
-    return by_css(driver, "#magma-answer textarea").get_attribute("value"), message()
-
-
-def full_prompt(driver) -> str:
-    open_accordion(driver, "The prompt the model got")
-    box = lambda: driver.find_elements("css selector", "#magma-full-prompt textarea")  # noqa: E731
-    wait_for(driver, box, "the full prompt")
-    return box()[0].get_attribute("value")
 
 
 def pipeline_text(loaded, images, prompt: str) -> str:
@@ -79,13 +27,13 @@ def test_caption_and_question_equal_the_pipeline(browser, app_url, app_folder, l
     image = app_folder / "image-1.png"
     open_page(browser, app_url)
     upload(browser, "magma-images", [image])
-    caption, message = generate(browser, "caption")
+    caption, message = generate(browser, ARTIFACTS / "caption.png")
     assert message.startswith("Done after"), message
     assert caption == pipeline_text(loaded, [image], "")
     assert full_prompt(browser) == build_prompt("caption", "", [])
 
     type_into(browser, "magma-prompt", f"Q: {QUESTION} A:")
-    answer, message = generate(browser, "question")
+    answer, message = generate(browser, ARTIFACTS / "question.png")
     assert message.startswith("Done after"), message
     assert answer == pipeline_text(loaded, [image], f"Q: {QUESTION} A:")
     assert answer != caption  # the prompt reached the model
@@ -98,7 +46,7 @@ def test_two_image_prompt_equals_the_pipeline(browser, app_url, app_folder, load
     open_page(browser, app_url)
     upload(browser, "magma-images", images)
     type_into(browser, "magma-prompt", prompt)
-    answer, message = generate(browser, "two-images")
+    answer, message = generate(browser, ARTIFACTS / "two-images.png")
     assert message.startswith("Done after"), message
     assert answer == pipeline_text(loaded, images, prompt)
     assert full_prompt(browser) == prompt
@@ -112,7 +60,7 @@ def test_few_shot_prompt_is_the_harness_layout_and_equals_the_pipeline(browser, 
     open_accordion(browser, "Few-shot examples")
     upload(browser, "magma-example-images", [path for path, _ in examples])
     type_into(browser, "magma-example-texts", "\n".join(text for _, text in examples))
-    answer, message = generate(browser, "few-shot")
+    answer, message = generate(browser, ARTIFACTS / "few-shot.png")
     assert message.startswith("Done after"), message
     expected_prompt = build_prompt("caption", "", [("", text) for _, text in examples])
     assert full_prompt(browser) == expected_prompt
@@ -135,8 +83,39 @@ def test_bad_input_is_named_in_the_page(browser, app_url, app_folder, images, pr
         upload(browser, "magma-images", [app_folder / name for name in images])
     if prompt:
         by_css(browser, "#magma-prompt textarea").send_keys(prompt)
-    answer, message = generate(browser, f"bad-input-{request.node.callspec.id}")
+    answer, message = generate(browser, ARTIFACTS / f"bad-input-{request.node.callspec.id}.png")
     assert message.startswith("Cannot run this"), message
     assert expected in message
     assert "Traceback" not in browser.page_source
     assert answer == ""
+
+
+def test_an_example_image_captions_as_the_pipeline(browser, app_url, app_folder, loaded):
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, app_url)
+    browser.find_element(By.CSS_SELECTOR, "#magma-examples button, #magma-examples td, #magma-examples img").click()
+    shown = lambda: browser.find_elements("css selector", "#magma-images .thumbnail-item img")  # noqa: E731
+    wait_for(browser, shown, "the example in the images")
+    caption, message = generate(browser, ARTIFACTS / "example.png")
+    assert message.startswith("Done after"), message
+    assert caption == pipeline_text(loaded, [app_folder / "image-3.png"], "")
+
+
+def test_the_answer_streams_and_stop_ends_it(browser, app_url, app_folder):
+    open_page(browser, app_url)
+    upload(browser, "magma-images", [app_folder / "image-1.png"])
+    open_accordion(browser, "Generation settings")
+    budget = by_css(browser, "#magma-max-new-tokens input[type=number]")
+    budget.clear()
+    budget.send_keys("480\t")  # the tiny model never ends a text by itself: it would run all 480 tokens
+    by_css(browser, "#magma-run").click()
+    answer = lambda: by_css(browser, "#magma-answer textarea").get_attribute("value")  # noqa: E731
+    message = lambda: by_css(browser, "#magma-message").text  # noqa: E731
+    wait_for(browser, lambda: answer() and message().startswith("Generating"), "the first words streamed")
+    streamed = answer()
+    by_css(browser, "#magma-stop").click()
+    wait_for(browser, lambda: message().startswith("Stopped after"), "the stop")
+    browser.save_screenshot(str(ARTIFACTS / "stopped.png"))
+    assert answer().startswith(streamed.rstrip())
+    assert len(answer().split()) < 470  # it stopped before the budget (each "s" is a token)

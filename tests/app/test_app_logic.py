@@ -76,3 +76,15 @@ def test_answer_reports_errors_as_messages(model, processor, tmp_path):
     assert outputs[0][2].startswith("**Cannot run this:**") and "broken.png" in outputs[0][2]
     outputs = list(app.answer(None, "a prompt", None, "", False, 1, 1, 0, 0))
     assert "max new tokens must be at least 1" in outputs[-1][2]
+
+
+def test_max_new_tokens_is_cut_to_the_room_the_prompt_leaves(model, processor):
+    app = MagmaApp(model, processor)
+    length = processor(text=["a photo of a cat"], return_tensors="pt")["input_ids"].shape[1]
+    app.n_positions = length + 3
+    *_, (answer, prompt, message) = app.answer(None, "a photo of a cat", None, "", False, 1, 1, 0, 20)
+    assert message.startswith("Done after") and f"Max new tokens cut to 3: the prompt's {length} tokens" in message
+    assert len(processor.tokenizer(answer)["input_ids"]) <= 3
+    app.n_positions = length
+    *_, (answer, prompt, message) = app.answer(None, "a photo of a cat", None, "", False, 1, 1, 0, 20)
+    assert f"Text too long for the model: the prompt is {length} tokens" in message and answer == ""

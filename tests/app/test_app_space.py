@@ -9,7 +9,7 @@ import time
 import urllib.request
 
 import pytest
-from conftest import free_port
+from chromium import free_port
 from helpers import WITHOUT_MAGMA_HF, files_unchanged
 
 from magma_hf.app import SPACE_MARKER, write_space
@@ -41,7 +41,7 @@ def test_space_folder_starts_with_python_app_py_without_magma_hf(space, app_fold
     from gradio_client import Client, handle_file
 
     written = write_space(space, [str(app_folder / "image-1.png")])
-    assert {"app.py", "requirements.txt", "app_magma.py", "prompts_magma.py", "app_examples/image-1.png"} <= set(
+    assert {"app.py", "requirements.txt", "app_magma.py", "prompts_magma.py", "app_examples/00-image-1.png"} <= set(
         written
     )
     assert "transformers" in (space / "requirements.txt").read_text()
