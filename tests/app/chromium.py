@@ -72,8 +72,11 @@ def open_accordion(driver, label: str) -> None:
 
 
 def upload(driver, gallery_id: str, paths) -> None:
-    """Files into a gallery's file input, then waits until the gallery shows them."""
-    by_css(driver, f"#{gallery_id} input[type=file]").send_keys("\n".join(str(path) for path in paths))
+    """Files into a gallery's file input (once it is there: an accordion just opened renders it), then waits until
+    the gallery shows them."""
+    file_input = lambda: driver.find_elements("css selector", f"#{gallery_id} input[type=file]")  # noqa: E731
+    wait_for(driver, file_input, f"the file input of #{gallery_id}")
+    file_input()[0].send_keys("\n".join(str(path) for path in paths))
     shown = lambda: len(driver.find_elements("css selector", f"#{gallery_id} .thumbnail-item img")) >= len(paths)  # noqa: E731
     wait_for(driver, shown, f"{len(paths)} images in #{gallery_id}")
 
@@ -81,6 +84,14 @@ def upload(driver, gallery_id: str, paths) -> None:
 def type_into(driver, textbox_id: str, text: str) -> None:
     box = by_css(driver, f"#{textbox_id} textarea")
     box.send_keys(text)  # a newline is Enter: a new line in a multi-line box
+    assert box.get_attribute("value") == text
+
+
+def paste_into(driver, textbox_id: str, text: str) -> None:
+    """`text` into a textbox at once, as a paste does (typing a long text key by key takes many seconds)."""
+    box = by_css(driver, f"#{textbox_id} textarea")
+    script = "arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('input', {bubbles: true}));"
+    driver.execute_script(script, box, text)
     assert box.get_attribute("value") == text
 
 

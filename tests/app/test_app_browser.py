@@ -5,7 +5,17 @@ the pipeline's greedy output for the same input; screenshots go to test-artifact
 """
 
 import pytest
-from chromium import by_css, full_prompt, generate, open_accordion, open_page, type_into, upload, wait_for
+from chromium import (
+    by_css,
+    full_prompt,
+    generate,
+    open_accordion,
+    open_page,
+    paste_into,
+    type_into,
+    upload,
+    wait_for,
+)
 from conftest import ARTIFACTS
 
 from magma_hf.app_magma import DEFAULT_MAX_NEW_TOKENS
@@ -82,7 +92,7 @@ def test_bad_input_is_named_in_the_page(browser, app_url, app_folder, images, pr
     if images:
         upload(browser, "magma-images", [app_folder / name for name in images])
     if prompt:
-        by_css(browser, "#magma-prompt textarea").send_keys(prompt)
+        paste_into(browser, "magma-prompt", prompt)
     answer, message = generate(browser, ARTIFACTS / f"bad-input-{request.node.callspec.id}.png")
     assert message.startswith("Cannot run this"), message
     assert expected in message
