@@ -5,7 +5,8 @@ Hugging Face Space repo that runs it with `python app.py`, loading the model fro
 The Space files are `app.py`, `requirements.txt`, the app's own code (`app_magma.py`, `prompts_magma.py`, and any
 module they import that the folder lacks) and, with `--examples`, the example images in `app_examples/`. Each is
 written atomically and only where it is absent, identical (nothing to do), or written by an earlier `--write-space`
-(it starts with `SPACE_MARKER`); any other file in the way is named and nothing is written.
+(it starts with `SPACE_MARKER`); any other file in the way is named and nothing is written. A run killed midway
+leaves complete files (and temporaries, which the next run removes): running it again finishes the job.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from transformers.dynamic_module_utils import get_relative_import_files
 
 from . import app_magma
-from .io_utils import atomic_path
+from .io_utils import atomic_path, remove_leftover_temporaries
 
 SPACE_MARKER = "# Written by `magma-hf app --write-space`"
 APP_PY = f'''{SPACE_MARKER}: this folder as a Hugging Face Space (the Gradio SDK runs `python app.py`).
@@ -89,6 +90,8 @@ def write_space(model_dir: str | os.PathLike, examples: list[str] = ()) -> list[
             f"{model_dir} already has {', '.join(in_the_way)}, not written by `magma-hf app --write-space` and not "
             "what it would write: move them away (nothing was written)"
         )
+    for name in files:  # what a killed earlier run left (their exact naming only)
+        remove_leftover_temporaries(model_dir / name)
     for name, content in to_write.items():
         path = model_dir / name
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -156,8 +156,7 @@ class MagmaApp:
         self._stopped: set[str] = set()  # sessions whose generation the stop button ended
 
     def model_inputs(self, query: Query):
-        """The processor's inputs on the model's device, or an `InputError` naming an unreadable image or a text too
-        long for the model (prompt and generation budget against `n_positions`)."""
+        """The processor's inputs on the model's device, or an `InputError` naming an image it cannot read."""
         try:
             inputs = self.processor(images=query.images or None, text=[query.prompt], return_tensors="pt")
         except (ValueError, OSError, TypeError) as error:

@@ -121,3 +121,17 @@ def test_the_command_names_a_missing_example_before_loading(space):
 
     with pytest.raises(FileNotFoundError, match="Example image 'no-such.png' does not exist"):
         main(["app", str(space), "--examples", "no-such.png"])
+
+
+def test_write_space_after_a_kill_midway_finishes_and_cleans_up(space):
+    from magma_hf.app import space_files
+
+    files = space_files(space, [])
+    (space / "app.py").write_bytes(files["app.py"])  # written before the kill
+    leftover = space / ".requirements.txt.abcd1234.tmp"  # atomic_path's temporary, half written
+    leftover.write_text("torch\ntransfor")
+    with files_unchanged(space / "app.py"):
+        written = write_space(space)
+    assert "app.py" not in written and "requirements.txt" in written
+    assert not leftover.exists()
+    assert (space / "requirements.txt").read_bytes() == files["requirements.txt"]
