@@ -521,8 +521,9 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as error:  # bad data, settings, model folder or output: the message names it
         print(f"error: {error}")
         return 2
-    print(format_metrics(result))
-    print(f"results: {output} (per example: {results_log_path(output)})")
+    if processes().is_main:  # under accelerate launch every process has the result; one prints it
+        print(format_metrics(result))
+        print(f"results: {output} (per example: {results_log_path(output)})")
     return 0
 
 
