@@ -110,11 +110,14 @@ def test_a_folder_a_magma_dataset_and_a_saved_dataset_give_generate_answers_text
 
 def test_rerun_resumes_or_is_refused_naming_the_difference(model_dir, model_and_processor, image_dir, tmp_path):
     model, processor = model_and_processor
-    output = tmp_path / "captions.jsonl"
+    image_dir = shutil.copytree(image_dir, tmp_path / "photos")
+    output = image_dir / "captions.jsonl"  # the output beside the images: not read as one, never touching them
     arguments = ["caption", "--data", str(image_dir), "--model", str(model_dir), "--output", str(output),
                  "--batch-size", "2", "--max-new-tokens", "4", "--no-progress"]  # fmt: skip
-    assert main(arguments) == 0
+    with files_unchanged(image_dir):
+        assert main(arguments) == 0
     complete = output.read_bytes()
+    assert len(complete.splitlines()) == 1 + 5
     lines = complete.split(b"\n")
     output.write_bytes(b"\n".join(lines[:3]) + b"\n" + lines[3][:15])  # killed after 2 images, mid-line
     assert main(arguments) == 0

@@ -19,7 +19,9 @@ template and generation budget, the data (path, split, a fingerprint of its ques
 model (a sha256 of its weights, its dtype). An interrupted run started again with the same output resumes after the
 examples already there; a run that differs in any of these is refused, naming the difference. When all are done,
 `OUTPUT` (JSON) gets the aggregate metrics, the settings and every record with its score. Both are written
-atomically, and a file the harness did not write is never replaced.
+atomically, and a file the harness did not write is never replaced. Under `accelerate launch` the examples are
+sharded over the processes, each appending to its own log, merged by the main process (`evaluation.records`); the
+result equals one process's.
 """
 
 from __future__ import annotations
