@@ -42,7 +42,6 @@ from tqdm.auto import tqdm
 
 from ..generation import ANSWER_END, generate_answers
 from ..io_utils import write_text_atomically
-from ..modeling_magma import MagmaForConditionalGeneration
 from ..processing_magma import IMAGE_TOKEN, MagmaProcessor, check_processor_matches_model
 from .caption_metrics import CaptionMetricsUnavailable, caption_scores, check_caption_requirements
 from .data import QA_TASKS, TASKS, EvalSet, draw_support, load_eval_set
@@ -181,6 +180,9 @@ def load_model_and_processor(path: str | os.PathLike, device: str | None = None,
         torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     else:
         torch_dtype = getattr(torch, dtype)
+    from ..modeling_magma import MagmaForConditionalGeneration  # here: `magma-hf caption --engine vllm` imports this
+    # module in vLLM's environment, whose transformers has only MAGMA's config and processors (README)
+
     model = MagmaForConditionalGeneration.from_pretrained(str(path), dtype=torch_dtype).to(device).eval()
     processor = MagmaProcessor.from_pretrained(str(path))
     check_processor_matches_model(processor, model.config, str(path))
