@@ -30,3 +30,7 @@ def __getattr__(name: str):
 
 
 __all__ = sorted(_LAZY)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
