@@ -164,3 +164,28 @@ def test_bad_input_is_named(model_dir, model_and_processor, image_dir, tmp_path,
                          "--output", str(tmp_path / "v.jsonl")]  # fmt: skip
             assert main(arguments) == 2
             assert "needs vLLM, which is not installed in this environment. `make vllm`" in capsys.readouterr().out
+
+
+def test_vllm_engine_side(model_dir, model_and_processor, image_dir, tmp_path, monkeypatch):
+    """`--engine vllm` against VllmGenerator's signature, with a stand-in that answers through generate_answers (the
+    real engine is tested in tests/vllm/): the same records, its own model identity, and no mixing of engines."""
+    import magma_hf.captioning as captioning
+
+    model, processor = model_and_processor
+    made = []
+
+    def stand_in(model_path: str, max_new_tokens: int, **llm_kwargs):
+        made.append((model_path, max_new_tokens, llm_kwargs))
+        return lambda prompts, images: generate_answers(model, processor, prompts, images, max_new_tokens=3)
+
+    monkeypatch.setattr(captioning, "vllm_generator", stand_in)
+    reference = caption_images(model, image_dir, tmp_path / "t.jsonl", processor=processor, prompt=PROMPT,
+                               max_new_tokens=3, progress=False)  # fmt: skip
+    records = caption_images(str(model_dir), image_dir, tmp_path / "v.jsonl", prompt=PROMPT, max_new_tokens=3,
+                             engine="vllm", dtype="float32", progress=False)  # fmt: skip
+    assert records == reference and made == [(str(model_dir), 3, {"dtype": "float32"})]
+    settings = _lines(tmp_path / "v.jsonl")[0]["settings"]
+    assert settings["engine"] == "vllm" and settings["model_weights"].startswith("sha256:")
+    with files_unchanged(tmp_path), pytest.raises(ValueError, match="engine: 'transformers' in the file, 'vllm' now"):
+        caption_images(str(model_dir), image_dir, tmp_path / "t.jsonl", prompt=PROMPT, max_new_tokens=3,
+                       engine="vllm", progress=False)  # fmt: skip
