@@ -88,6 +88,7 @@ _LAZY_API = {
     "evaluate": "evaluation",
     "load_eval_set": "evaluation",
     "load_model_and_processor": "evaluation",
+    "caption_images": "captioning",
     "convert_magma_checkpoint": "conversion",
     "ConversionReport": "conversion",
     "MagmaConversionError": "conversion",

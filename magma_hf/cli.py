@@ -15,6 +15,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "Train or finetune MAGMA from a YAML config (original MAGMA keys; Trainer/Accelerate/DeepSpeed)",
     ),
     "eval": ("magma_hf.evaluation.run", "Evaluate a MAGMA model on VQA, OK-VQA, GQA or captioning, zero- or few-shot"),
+    "caption": (
+        "magma_hf.captioning",
+        "Caption (or answer one prompt for) a folder or dataset of images into JSONL; resumable, sharded",
+    ),
     "convert": ("magma_hf.conversion.magma_checkpoint", "Convert the original MAGMA checkpoint into a model folder"),
     "app": ("magma_hf.app", "Try a MAGMA model folder in the browser (Gradio), or make it a Hugging Face Space"),
     "demo": (

@@ -25,6 +25,7 @@ DOCUMENTED_API = (
     "load_magma_dataset",
     "evaluate",
     "load_model_and_processor",
+    "caption_images",
     "load_adapter_export",
     "convert_magma_checkpoint",
 )

@@ -19,7 +19,9 @@ template and generation budget, the data (path, split, a fingerprint of its ques
 model (a sha256 of its weights, its dtype). An interrupted run started again with the same output resumes after the
 examples already there; a run that differs in any of these is refused, naming the difference. When all are done,
 `OUTPUT` (JSON) gets the aggregate metrics, the settings and every record with its score. Both are written
-atomically, and a file the harness did not write is never replaced.
+atomically, and a file the harness did not write is never replaced. Under `accelerate launch` the examples are
+sharded over the processes, each appending to its own log, merged by the main process (`evaluation.records`); the
+result equals one process's.
 """
 
 from __future__ import annotations
@@ -39,12 +41,24 @@ import torch
 from tqdm.auto import tqdm
 
 from ..generation import generate_answers
-from ..io_utils import remove_leftover_temporaries, write_text_atomically
-from ..modeling_magma import MagmaForConditionalGeneration
+from ..io_utils import write_text_atomically
 from ..processing_magma import IMAGE_TOKEN, MagmaProcessor, check_processor_matches_model
 from ..prompts_magma import QA_TEMPLATE, few_shot_prompt
 from .caption_metrics import CaptionMetricsUnavailable, caption_scores, check_caption_requirements
 from .data import QA_TASKS, TASKS, EvalSet, draw_support, load_eval_set
+from .records import (
+    append_records,
+    check_no_orphaned_process_logs,
+    check_resumable,
+    differences,
+    merge_process_logs,
+    open_for_append,
+    processes,
+    read_done,
+    read_header,
+    remove_leftovers,
+    shard,
+)
 from .vqa_metrics import aggregate_accuracy, gqa_accuracy, vqa_accuracy
 
 logger = logging.getLogger(__name__)
@@ -137,80 +151,6 @@ def data_name(source, eval_set: EvalSet) -> str:
     return eval_set.source  # a datasets.Dataset or an EvalSet: its questions' fingerprint identifies it
 
 
-def _differences(recorded: Mapping[str, Any], settings: Mapping[str, Any], keys) -> str:
-    """`key: X in the file, Y now` for each of `keys` on which a log's settings and this run's differ."""
-    differing = [key for key in keys if key in settings and recorded.get(key) != settings[key]]
-    return "; ".join(f"{key}: {recorded.get(key)!r} in the file, {settings[key]!r} now" for key in differing)
-
-
-def _read_header(path: Path) -> dict[str, Any]:
-    """The settings in a log's first line; an error naming the problem when it is not a log of this format."""
-    with open(path, encoding="utf-8", errors="replace") as file:
-        first = file.readline()
-    try:
-        header = json.loads(first)
-    except json.JSONDecodeError:
-        header = None
-    if not isinstance(header, dict) or not str(header.get("format", "")).startswith("magma_hf.evaluation/"):
-        raise ValueError(
-            f"{path} is not a magma_hf evaluation log (its first line is {first[:80]!r}); choose another --output "
-            "or move the file away"
-        )
-    if header["format"] != RESULTS_FORMAT or not isinstance(header.get("settings"), dict):
-        raise ValueError(
-            f"Cannot resume {path}: it is in the format {header['format']!r}, written by an earlier magma_hf that "
-            f"did not record the model's weights and the data's questions (it records {header.get('settings')}), so "
-            "resuming it could mix two runs. Choose another --output (the file is left as it is), or move it away."
-        )
-    return header["settings"]
-
-
-def _check_resumable(path: Path, recorded: Mapping[str, Any], settings: Mapping[str, Any], keys) -> None:
-    details = _differences(recorded, settings, keys)
-    if details and recorded.get("model_weights") != settings.get("model_weights"):  # a hash does not say which models
-        details += f" (the file's model: {recorded.get('model')!r}; this run's: {settings.get('model')!r})"
-    if details:
-        raise ValueError(
-            f"Cannot resume {path}: it was written by another run ({details}). Its results would be mixed with "
-            "this run's. Choose another --output, or move the file away to start again."
-        )
-
-
-def _read_records(path: Path) -> dict[str, dict]:
-    """The records after a log's header, by id. A last line without its newline (a run killed while appending it)
-    is cut off the file, so that the run appends after complete lines only."""
-    with open(path, "rb") as file:
-        data = file.read()
-    complete = data.rfind(b"\n") + 1
-    if complete < len(data):
-        logger.warning(
-            "%s: dropping the incomplete last line (%d bytes) left by an interrupted run", path, len(data) - complete
-        )
-        os.truncate(path, complete)
-    records: dict[str, dict] = {}
-    for number, line in enumerate(data[:complete].decode("utf-8", errors="replace").splitlines()[1:], start=2):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
-        if not isinstance(record, dict) or "id" not in record:
-            raise ValueError(f"{path}, line {number}, is not a result record ({line[:80]!r}); the log is damaged")
-        records[str(record["id"])] = record
-    return records
-
-
-def _remove_leftover_temporaries(path: Path) -> None:
-    """Temporary files of an atomic write to `path` that a killed run left behind."""
-    for leftover in remove_leftover_temporaries(path):
-        logger.warning("Removed %s, left by an interrupted write of %s", leftover, path)
-
-
-def _append_records(log, records: list[dict]) -> None:
-    """Append a batch's records to the open log, one JSON line each, and push them to the file."""
-    log.write("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
-    log.flush()
-
-
 # ---------------------------------------------------------------------------------------------------------- scoring
 def score_answer(task: str, answer: str, references: list[str]) -> float:
     return gqa_accuracy(answer, references) if task == "gqa" else vqa_accuracy(answer, references)
@@ -240,6 +180,9 @@ def load_model_and_processor(path: str | os.PathLike, device: str | None = None,
         torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     else:
         torch_dtype = getattr(torch, dtype)
+    from ..modeling_magma import MagmaForConditionalGeneration  # here: `magma-hf caption --engine vllm` imports this
+    # module in vLLM's environment, whose transformers has only MAGMA's config and processors (README)
+
     model = MagmaForConditionalGeneration.from_pretrained(str(path), dtype=torch_dtype).to(device).eval()
     processor = MagmaProcessor.from_pretrained(str(path))
     check_processor_matches_model(processor, model.config, str(path))
@@ -339,11 +282,16 @@ def evaluate(
         "support_questions": questions_fingerprint(support_set) if separate_support else None,
     }
     log_path = results_log_path(output) if output is not None else None
+    procs = processes()
+    if procs.count > 1 and output is None:
+        raise ValueError(
+            f"A sharded evaluation ({procs.count} processes) needs an output: the processes' results meet in its log"
+        )
     recorded = _check_output(Path(output), log_path, settings) if output is not None else None
 
     if isinstance(model, (str, os.PathLike)):
         model_name = str(model)
-        model, loaded_processor = load_model_and_processor(model, device=device, dtype=dtype)
+        model, loaded_processor = load_model_and_processor(model, device=device or procs.device, dtype=dtype)
         processor = processor or loaded_processor
     else:
         model_name = getattr(model, "name_or_path", "") or type(model).__name__
@@ -356,40 +304,38 @@ def evaluate(
     generator = _Generator(model, processor, settings["max_new_tokens"])
 
     done: dict[str, dict] = {}
-    if recorded is not None:
-        _check_resumable(log_path, recorded, settings, MODEL_KEYS)
-        done = _read_records(log_path)
-        unknown = [key for key in done if full_set.index_of(key) is None]
-        if unknown:
-            raise ValueError(
-                f"{log_path} has results for ids not in the data (e.g. {unknown[:3]}); it belongs to "
-                "other data. Choose another --output."
-            )
-    elif log_path is not None:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_leftover_temporaries(log_path)
-        write_text_atomically(log_path, json.dumps({"format": RESULTS_FORMAT, "settings": settings}) + "\n")
-
+    if log_path is not None:
+        if recorded is not None and procs.is_main:
+            check_resumable(log_path, recorded, settings, MODEL_KEYS)
+        done = read_done(
+            log_path, RESULTS_FORMAT, settings, RESUME_KEYS, recorded is not None, procs, known=full_set.index_of
+        )
     todo = [row for row in range(len(eval_set)) if str(eval_set.ids[row]) not in done]
-    if done and todo:
+    if done and todo and procs.is_main:
         logger.info("Resuming %s: %d of %d examples already done", log_path, len(eval_set) - len(todo), len(eval_set))
     was_training = model.training
     model.eval()
     try:
-        _run(task, eval_set, support_set, support_rows, todo, generator, settings, done, log_path, batch_size, progress)
+        _run(
+            task, eval_set, support_set, support_rows, shard(todo, procs), generator, settings, done, log_path,
+            batch_size, progress, procs,
+        )  # fmt: skip
     finally:
         model.train(was_training)
 
-    records = [done[str(example_id)] for example_id in eval_set.ids]
-    metrics = _aggregate(task, eval_set, records)
-    result = {"task": task, "metrics": metrics, "settings": settings, "examples": records}
-    if output is not None:
-        result["results_log"] = str(log_path)
-        _remove_leftover_temporaries(Path(output))
-        write_text_atomically(
-            Path(output), json.dumps({"format": RESULTS_FORMAT, **result}, indent=1, ensure_ascii=False) + "\n"
-        )
-    return result
+    if log_path is not None:
+        merge_process_logs(log_path, done, [str(example_id) for example_id in full_set.ids], procs)
+    if procs.is_main:
+        records = [done[str(example_id)] for example_id in eval_set.ids]
+        metrics = _aggregate(task, eval_set, records)
+        result = {"task": task, "metrics": metrics, "settings": settings, "examples": records}
+        if output is not None:
+            result["results_log"] = str(log_path)
+            remove_leftovers(Path(output))
+            write_text_atomically(
+                Path(output), json.dumps({"format": RESULTS_FORMAT, **result}, indent=1, ensure_ascii=False) + "\n"
+            )
+    return procs.broadcast(result if procs.is_main else None)
 
 
 def _check_arguments(
@@ -422,6 +368,7 @@ def _check_output(output: Path, log_path: Path, settings: Mapping[str, Any]) -> 
     neither the log nor a finished `output` belongs to another run: those are never continued or overwritten."""
     if output.is_dir() or log_path.is_dir():
         raise ValueError(f"--output {output}: {output if output.is_dir() else log_path} is a folder; give a file name")
+    check_no_orphaned_process_logs(log_path)
     if not log_path.exists():
         _check_writable_folder(output.parent)
         if output.exists():  # results whose log is gone: never overwrite them
@@ -430,8 +377,8 @@ def _check_output(output: Path, log_path: Path, settings: Mapping[str, Any]) -> 
                 f"{output} away or choose another --output."
             )
         return None
-    recorded = _read_header(log_path)
-    _check_resumable(log_path, recorded, settings, RUN_KEYS + DATA_KEYS)
+    recorded = read_header(log_path, RESULTS_FORMAT)
+    check_resumable(log_path, recorded, settings, RUN_KEYS + DATA_KEYS)
     if output.exists():  # a finished run: the aggregate is rewritten only when it is this run's
         try:
             finished = json.loads(output.read_text(encoding="utf-8"))
@@ -441,7 +388,7 @@ def _check_output(output: Path, log_path: Path, settings: Mapping[str, Any]) -> 
             raise ValueError(
                 f"{output} is not a magma_hf results file of this format; move it or choose another --output"
             )
-        details = _differences(finished.get("settings", {}), recorded, RESUME_KEYS)
+        details = differences(finished.get("settings", {}), recorded, RESUME_KEYS)
         if details:
             raise ValueError(
                 f"{output} holds the results of another run than its log {log_path} ({details}); move one away"
@@ -461,13 +408,19 @@ def _check_writable_folder(folder: Path) -> None:
 
 
 def _run(
-    task, eval_set, support_set, support_rows, todo, generator, settings, done, log_path, batch_size, progress
+    task, eval_set, support_set, support_rows, todo, generator, settings, done, log_path, batch_size, progress, procs
 ) -> None:
+    """Answer the rows `todo` (this process's share), appending each batch's records to this process's log."""
     shots, template = settings["shots"], settings["prompt_template"]
+    sharded = f" (process 1 of {procs.count})" if procs.count > 1 else ""
+    initial = len(eval_set) - len(todo) if procs.count == 1 else 0
     bar = tqdm(
-        total=len(eval_set), initial=len(eval_set) - len(todo), desc=f"{task} {shots}-shot", disable=not progress
+        total=initial + len(todo),
+        initial=initial,
+        desc=f"{task} {shots}-shot{sharded}",
+        disable=not progress or not procs.is_main,
     )
-    log = open(log_path, "a", encoding="utf-8") if log_path is not None else None
+    log = open_for_append(log_path, RESULTS_FORMAT, settings, procs) if log_path is not None else None
     try:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
@@ -483,7 +436,7 @@ def _run(
             ]
             done.update((str(record["id"]), record) for record in records)
             if log is not None:
-                _append_records(log, records)
+                append_records(log, records)
             bar.update(len(batch))
     finally:
         bar.close()
@@ -572,8 +525,9 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as error:  # bad data, settings, model folder or output: the message names it
         print(f"error: {error}")
         return 2
-    print(format_metrics(result))
-    print(f"results: {output} (per example: {results_log_path(output)})")
+    if processes().is_main:  # under accelerate launch every process has the result; one prints it
+        print(format_metrics(result))
+        print(f"results: {output} (per example: {results_log_path(output)})")
     return 0
 
 

@@ -8,17 +8,29 @@
 - `export`: the adapter export (`save_adapter_export`, `load_adapter_export`).
 """
 
-from .collator import MagmaDataCollator
-from .export import load_adapter_export, save_adapter_export
-from .run import MagmaTrainingConfig, train
-from .trainer import MagmaLRSchedule, MagmaTrainer
+import importlib
 
-__all__ = [
-    "MagmaDataCollator",
-    "MagmaLRSchedule",
-    "MagmaTrainer",
-    "MagmaTrainingConfig",
-    "load_adapter_export",
-    "save_adapter_export",
-    "train",
-]
+# Imported on first use, so that `magma_hf.training.data` (the readers) imports without the trainer's dependencies:
+# `magma-hf caption --engine vllm` reads its images with it in vLLM's environment (no torchvision, so no open_clip).
+_LAZY = {
+    "MagmaDataCollator": "collator",
+    "load_adapter_export": "export",
+    "save_adapter_export": "export",
+    "MagmaTrainingConfig": "run",
+    "train": "run",
+    "MagmaLRSchedule": "trainer",
+    "MagmaTrainer": "trainer",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+
+
+__all__ = sorted(_LAZY)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

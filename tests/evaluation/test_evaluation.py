@@ -405,6 +405,7 @@ def test_files_beside_the_output_are_never_touched(vqa_dir, model_and_processor,
 CHILD = """
 import os, signal, sys
 import torch
+import magma_hf.evaluation.records as records
 import magma_hf.evaluation.run as evaluation
 
 torch.set_num_threads(1)
@@ -438,7 +439,7 @@ def open_log(path, mode="r", *args, **kwargs):
     return KilledAtSecondFlush(file) if mode == "a" and str(path).endswith(".jsonl") else file
 
 
-evaluation.open = open_log  # the module's `open`: only the harness's appends to its log go through it
+records.open = open_log  # the module's `open`: only the harness's appends to its log go through it
 evaluation.evaluate("vqa", model_dir, dataset=data_dir, shots=2, batch_size=2, output=output, progress=False)
 """
 

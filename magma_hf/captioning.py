@@ -1,0 +1,384 @@
+"""`magma-hf caption`: captions (or answers to one prompt) for many images, into a resumable JSONL file.
+
+The images come from a folder of image files, an image-caption dataset in any layout the training readers know
+(`magma_hf.training.data.load_image_caption_dataset`: the original MAGMA layout, imagefolder, img2dataset; their
+captions are not used), or a 🤗 dataset with an image column (a `save_to_disk` folder, or a `datasets.Dataset`).
+
+The prompt is evaluation's captioning prompt (`evaluation.run.build_prompt`): the image, then `--prompt` if given
+(e.g. "A picture of" or "Q: What is in the picture? A:"). Texts are generated greedily and cleaned up by the one
+generation path, `magma_hf.generation.generate_answers` (batched with left padding, cut at the first newline), or
+through vLLM with `--engine vllm` (`magma_hf.vllm.offline.VllmGenerator`, the same greedy answers).
+
+The output is a record log as evaluation writes it (`evaluation.records`): a header line
+`{"format": "magma_hf.caption/1", "settings": {...}}` naming what produced the texts, then one line per image,
+`{"id", "image", "prompt", "text"}`, in the data's order once the run is complete. A rerun skips the images done; a
+rerun with another model, prompt, data or settings is refused, naming the difference. Under `accelerate launch` the
+images are sharded over the processes exactly as evaluation's questions are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import PIL.Image
+from tqdm.auto import tqdm
+
+from .evaluation.data import _pick_split
+from .evaluation.records import (
+    Processes,
+    append_records,
+    check_no_orphaned_process_logs,
+    check_resumable,
+    merge_process_logs,
+    open_for_append,
+    processes,
+    read_done,
+    read_header,
+    shard,
+)
+from .evaluation.run import (
+    DEFAULT_MAX_NEW_TOKENS,
+    _check_writable_folder,
+    build_prompt,
+    load_model_and_processor,
+    weights_fingerprint,
+)
+from .generation import generate_answers
+from .image_processing_magma import open_image
+from .training.data import IMAGE_EXTENSIONS, decode_image, detect_layout, load_image_caption_dataset
+
+logger = logging.getLogger(__name__)
+
+CAPTION_FORMAT = "magma_hf.caption/1"
+LOG_KIND = "caption log"
+ENGINES = ("transformers", "vllm")
+# What produced a caption log's texts: a log written with other values is not resumed. The model's keys are known only
+# once it is loaded, so they are checked after the others.
+RUN_KEYS = ("prompt", "max_new_tokens", "engine")
+DATA_KEYS = ("data", "split", "image_column", "data_images")
+MODEL_KEYS = ("model_weights", "dtype")
+RESUME_KEYS = RUN_KEYS + DATA_KEYS + MODEL_KEYS
+
+
+# ------------------------------------------------------------------------------------------------------------ images
+@dataclass
+class ImageSource:
+    """The images to caption: `ids` (unique), `labels` (the output's `image`: a path, or `DATA[row]`), and a reader."""
+
+    source: str
+    ids: list[str]
+    labels: list[str]
+    read: Callable[[int], PIL.Image.Image]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def image(self, index: int) -> PIL.Image.Image:
+        try:
+            return self.read(index)
+        except Exception as error:  # PIL raises many types for a bad file
+            raise ValueError(
+                f"Cannot read the image {self.labels[index]} (id {self.ids[index]!r}): {type(error).__name__}: "
+                f"{error}. Fix or remove it, then run the same command again: the images done are kept."
+            ) from None
+
+    def fingerprint(self) -> str:
+        """sha256 of the ids and image names (the images' bytes are not read: the data's path stands in for them)."""
+        return "sha256:" + hashlib.sha256(json.dumps([self.ids, self.labels]).encode()).hexdigest()
+
+
+def load_images(data, split: str | None = None, image_column: str = "image") -> ImageSource:
+    """The images of `data`: a folder of image files (searched recursively, in sorted order; ids are the paths
+    relative to the folder), a dataset folder in a layout the training readers know, a `save_to_disk` folder, or a
+    `datasets.Dataset` (ids are row numbers)."""
+    if isinstance(data, (datasets.Dataset, datasets.DatasetDict)):
+        return _from_hf_dataset(_pick_split(data, split, "the given dataset"), image_column, "dataset")
+    path = Path(data)
+    if not path.exists():
+        raise FileNotFoundError(f"--data {data}: there is no such folder")
+    if not path.is_dir():
+        raise ValueError(f"--data {data} is a file; give a folder of images or a dataset folder")
+    try:
+        layout = detect_layout(path)
+    except ValueError:  # none of the dataset layouts: a folder of image files
+        return _from_image_folder(path.resolve())
+    if layout == "hf_saved":
+        return _from_hf_dataset(_pick_split(datasets.load_from_disk(str(path)), split, str(path)), image_column, path)
+    return _from_reader(load_image_caption_dataset(str(path)), str(path.resolve()))
+
+
+def _from_image_folder(folder: Path) -> ImageSource:
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise ValueError(
+            f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}, searched recursively) and is not a dataset "
+            "folder (the MAGMA layout, imagefolder, img2dataset or save_to_disk)"
+        )
+    ids = [p.relative_to(folder).as_posix() for p in files]
+    return ImageSource(str(folder), ids, [str(p) for p in files], lambda i: open_image(files[i]))
+
+
+def _decoded(value) -> PIL.Image.Image:
+    image, reason = decode_image(value)
+    if image is None:
+        raise ValueError(reason)
+    return image
+
+
+def _from_reader(dataset: datasets.Dataset, source: str) -> ImageSource:
+    """A dataset of the training readers (columns image, image_path, captions, metadata): ids are row numbers."""
+    raw = dataset.with_format(None)
+    paths = list(raw.select_columns(["image_path"])["image_path"])
+    labels = [p or f"{source}[{row}]" for row, p in enumerate(paths)]
+    return ImageSource(source, [str(row) for row in range(len(raw))], labels, lambda i: _decoded(raw[i]["image"]))
+
+
+def _from_hf_dataset(dataset: datasets.Dataset, image_column: str, source) -> ImageSource:
+    if image_column not in dataset.column_names:
+        raise ValueError(
+            f"{source} has no image column {image_column!r} (columns: {dataset.column_names}); name it with "
+            "--image-column"
+        )
+    if len(dataset) == 0:
+        raise ValueError(f"{source} has no rows")
+    dataset = dataset.with_format(None)
+    if isinstance(dataset.features.get(image_column), datasets.Image):  # MAGMA's one decoder reads the bytes
+        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    column = dataset.select_columns([image_column])
+    name = str(Path(source).resolve()) if isinstance(source, Path) else str(source)
+
+    def read(index: int) -> PIL.Image.Image:
+        value = column[index][image_column]
+        return open_image(value) if isinstance(value, (str, bytes)) else _decoded(value)
+
+    rows = range(len(dataset))
+    return ImageSource(name, [str(row) for row in rows], [f"{name}[{row}]" for row in rows], read)
+
+
+# --------------------------------------------------------------------------------------------------------- engines
+def weight_files_fingerprint(model_dir: str | os.PathLike) -> str:
+    """sha256 of a model folder's safetensors files (names and bytes): the vLLM engine's model identity."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{model_dir} holds no *.safetensors weights")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.name}\n".encode())
+        with open(path, "rb") as file:
+            for block in iter(lambda: file.read(1 << 24), b""):
+                digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def vllm_generator(model_dir: str, max_new_tokens: int, **llm_kwargs):
+    """`magma_hf.vllm.offline.VllmGenerator`, imported only now; a clear error where vLLM is not installed."""
+    if importlib.util.find_spec("vllm") is None:
+        raise ValueError(
+            "--engine vllm needs vLLM, which is not installed in this environment. `make vllm` creates .venv-vllm "
+            "with it and this package: run `.venv-vllm/bin/magma-hf caption ... --engine vllm` there"
+        )
+    from .vllm.offline import VllmGenerator
+
+    return VllmGenerator(model_dir, max_new_tokens, **llm_kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------- caption
+def caption_images(
+    model,
+    data,
+    output: str | os.PathLike,
+    *,
+    processor=None,
+    prompt: str | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+    split: str | None = None,
+    image_column: str = "image",
+    engine: str = "transformers",
+    device: str | None = None,
+    dtype: str | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Caption every image of `data` (or answer `prompt` for it) into the JSONL log `output`; resumable, sharded.
+
+    Args:
+        model: a MAGMA model folder, or (with `processor`, engine `transformers`) a `MagmaForConditionalGeneration`.
+        data: see `load_images`.
+        output: the JSONL file (header line, then one record per image).
+        prompt: text after the image (default none: a caption).
+        batch_size: images per `generate` call (left padding; the texts do not depend on it).
+        max_new_tokens: generation budget (default 30, as evaluation's captions).
+        engine: `transformers` (`generate`) or `vllm`.
+        device / dtype: where and in which dtype the transformers engine loads a model folder.
+
+    Returns:
+        The records `{"id", "image", "prompt", "text"}` in the data's order (on every process).
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"Unknown engine {engine!r}; engines are {', '.join(ENGINES)}")
+    for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if engine == "vllm" and not isinstance(model, (str, os.PathLike)):
+        raise ValueError("--engine vllm takes a model folder, not a loaded model")
+    procs = processes()
+    if engine == "vllm" and procs.count > 1:
+        raise ValueError(
+            f"--engine vllm runs as one process (vLLM batches, and parallelises with its own options); it was "
+            f"started as {procs.count} processes: run it without accelerate launch"
+        )
+    # The data and the output are checked before the model is loaded or anything is written.
+    images = load_images(data, split, image_column)
+    output = Path(output)
+    settings = {
+        "prompt": build_prompt("caption", "", [], prompt),
+        "max_new_tokens": max_new_tokens or DEFAULT_MAX_NEW_TOKENS["caption"],
+        "engine": engine,
+        "data": images.source,
+        "split": split,
+        "image_column": image_column,
+        "data_images": images.fingerprint(),
+    }
+    recorded = _check_output(output, settings)
+
+    generate, identity = _engine(model, processor, engine, settings["max_new_tokens"], device, dtype, procs)
+    settings.update(identity, batch_size=batch_size)
+    if recorded is not None and procs.is_main:
+        check_resumable(output, recorded, settings, MODEL_KEYS)
+    index = {key: n for n, key in enumerate(images.ids)}
+    done = read_done(
+        output, CAPTION_FORMAT, settings, RESUME_KEYS, recorded is not None, procs, index.get, what=LOG_KIND
+    )
+    todo = [row for row in range(len(images)) if images.ids[row] not in done]
+    if done and todo and procs.is_main:
+        logger.info("Resuming %s: %d of %d images already done", output, len(images) - len(todo), len(images))
+    _run(images, shard(todo, procs), generate, settings, done, output, batch_size, progress, procs)
+    merge_process_logs(output, done, images.ids, procs)
+    return procs.broadcast([done[key] for key in images.ids] if procs.is_main else None)
+
+
+def _engine(model, processor, engine, max_new_tokens, device, dtype, procs: Processes):
+    """`(generate(prompts, images) -> texts, the settings that identify the model)`."""
+    if engine == "vllm":
+        llm_kwargs = {} if dtype in (None, "auto") else {"dtype": dtype}
+        identity = {"model": str(model), "model_weights": weight_files_fingerprint(model), "dtype": dtype or "auto"}
+        return vllm_generator(str(model), max_new_tokens, **llm_kwargs), identity
+    if isinstance(model, (str, os.PathLike)):
+        name = str(model)
+        model, loaded_processor = load_model_and_processor(model, device=device or procs.device, dtype=dtype)
+        processor = processor or loaded_processor
+    else:
+        name = getattr(model, "name_or_path", "") or type(model).__name__
+    if processor is None:
+        raise ValueError("caption_images() needs the model's processor (or a model folder to load both from)")
+    dtype_name = str(model.dtype).removeprefix("torch.")
+    identity = {"model": name, "model_weights": weights_fingerprint(model), "dtype": dtype_name}
+
+    def generate(prompts: list[str], batch_images: list[list[PIL.Image.Image]]) -> list[str]:
+        return generate_answers(model, processor, prompts, batch_images, max_new_tokens=max_new_tokens)
+
+    return generate, identity
+
+
+def _check_output(output: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The settings of `output`'s log when this run resumes it (None for a new run), after checking that it is a
+    caption log of the same run (on the settings known before the model is loaded)."""
+    if output.is_dir():
+        raise ValueError(f"--output {output} is a folder; give a file name, e.g. {output / 'captions.jsonl'}")
+    check_no_orphaned_process_logs(output)
+    if not output.exists():
+        _check_writable_folder(output.parent)
+        return None
+    recorded = read_header(output, CAPTION_FORMAT, LOG_KIND)
+    check_resumable(output, recorded, settings, RUN_KEYS + DATA_KEYS)
+    return recorded
+
+
+def _run(images: ImageSource, todo, generate, settings, done, output, batch_size, progress, procs) -> None:
+    sharded = f" (process 1 of {procs.count})" if procs.count > 1 else ""
+    initial = len(images) - len(todo) if procs.count == 1 else 0
+    bar = tqdm(
+        total=initial + len(todo),
+        initial=initial,
+        desc=f"captioning{sharded}",
+        unit="image",
+        disable=not progress or not procs.is_main,
+    )
+    log = open_for_append(output, CAPTION_FORMAT, settings, procs)
+    try:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            texts = generate([settings["prompt"]] * len(batch), [[images.image(row)] for row in batch])
+            records = [
+                {"id": images.ids[row], "image": images.labels[row], "prompt": settings["prompt"], "text": text}
+                for row, text in zip(batch, texts)
+            ]
+            done.update((record["id"], record) for record in records)
+            append_records(log, records)
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        log.close()
+
+
+# --------------------------------------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="a folder of images, a dataset folder (MAGMA layout, imagefolder, img2dataset) or a save_to_disk folder",
+    )
+    parser.add_argument("--model", required=True, help="a MAGMA model folder (model and processor)")
+    parser.add_argument("--output", default="captions.jsonl", help="the JSONL file (default captions.jsonl)")
+    parser.add_argument("--prompt", help="text after the image, e.g. 'Q: What is in the picture? A:' (default none)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per generate call (default 8)")
+    parser.add_argument("--max-new-tokens", type=int, help="generation budget (default 30)")
+    parser.add_argument("--split", help="split of a save_to_disk dataset with several")
+    parser.add_argument("--image-column", default="image", help="image column of a 🤗 dataset (default image)")
+    parser.add_argument("--engine", default="transformers", choices=ENGINES, help="default transformers")
+    parser.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="model dtype (default: bfloat16 on GPU, float32 on CPU; vLLM: the folder's)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        records = caption_images(
+            args.model,
+            args.data,
+            args.output,
+            prompt=args.prompt,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            split=args.split,
+            image_column=args.image_column,
+            engine=args.engine,
+            device=args.device,
+            dtype=args.dtype,
+            progress=not args.no_progress,
+        )
+    except (ValueError, OSError) as error:  # bad data, settings, model folder or output: the message names it
+        print(f"error: {error}")
+        return 2
+    if processes().is_main:
+        print(f"{len(records)} texts: {args.output}")
+    return 0
+
+
+__all__ = ["ImageSource", "caption_images", "load_images"]

@@ -1,0 +1,191 @@
+"""`magma-hf caption` in one process: the image sources, the texts, resuming and refusing, bad input.
+(Two processes under `accelerate launch`: tests/evaluation/test_sharded.py.)"""
+
+import importlib.util
+import json
+import re
+import shutil
+
+import datasets
+import pytest
+import torch
+from helpers import files_unchanged, make_processor, make_tokenizer, random_image, tiny_config
+
+from magma_hf import MagmaForConditionalGeneration
+from magma_hf.captioning import caption_images
+from magma_hf.cli import main
+from magma_hf.evaluation.run import load_model_and_processor
+from magma_hf.generation import generate_answers
+
+PROMPT = "Q: What is in the picture? A:"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    tokenizer = make_tokenizer()
+    model = MagmaForConditionalGeneration(tiny_config(tokenizer, text_config={"initializer_range": 0.3})).eval()
+    path = tmp_path_factory.mktemp("model")
+    model.save_pretrained(path)
+    make_processor(tokenizer).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_and_processor(model_dir):
+    return load_model_and_processor(model_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    (root / "b").mkdir()
+    for n in range(5):
+        random_image(n, size=(70 + 10 * n, 60)).save(root / ("b" if n == 2 else "") / f"{n}.png")
+    (root / "notes.md").write_text("not an image")
+    return root
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_folder_a_magma_dataset_and_a_saved_dataset_give_generate_answers_texts(
+    model_and_processor, image_dir, tmp_path
+):
+    model, processor = model_and_processor
+    ids = ["0.png", "1.png", "3.png", "4.png", "b/2.png"]
+    images = [random_image(n, size=(70 + 10 * n, 60)) for n in (0, 1, 3, 4, 2)]
+    expected = generate_answers(model, processor, [f"<|image|>{PROMPT}"] * 5, [[i] for i in images], max_new_tokens=6)
+    assert len(set(expected)) > 1  # the images give different texts, so that an order mix-up shows
+
+    output = tmp_path / "folder.jsonl"
+    records = caption_images(model, image_dir, output, processor=processor, prompt=PROMPT, batch_size=2,
+                             max_new_tokens=6, progress=False)  # fmt: skip
+    header, *lines = _lines(output)
+    assert header["format"] == "magma_hf.caption/1" and header["settings"]["prompt"] == f"<|image|>{PROMPT}"
+    assert lines == records
+    assert [r["id"] for r in records] == ids
+    assert [r["image"] for r in records] == [str(image_dir / i) for i in ids]
+    assert [r["text"] for r in records] == expected
+    assert {r["prompt"] for r in records} == {f"<|image|>{PROMPT}"}
+
+    # The same images in the original MAGMA layout (its captions are not used): ids are row numbers.
+    magma = tmp_path / "magma"
+    (magma / "image_data").mkdir(parents=True)
+    shutil.copytree(image_dir / "b", magma / "images")
+    for n in (0, 1, 3, 4):
+        shutil.copy(image_dir / f"{n}.png", magma / "images")
+    for row, name in enumerate(["2", "0", "4"]):
+        sample = {"image_path": f"images/{name}.png", "captions": ["a caption"]}
+        (magma / "image_data" / f"{row}.json").write_text(json.dumps(sample))
+    records = caption_images(model, magma, tmp_path / "magma.jsonl", processor=processor, prompt=PROMPT,
+                             max_new_tokens=6, progress=False)  # fmt: skip
+    assert [r["id"] for r in records] == ["0", "1", "2"]
+    assert [r["image"] for r in records] == [str((magma / "images" / f"{n}.png").resolve()) for n in (2, 0, 4)]
+    assert [r["text"] for r in records] == [expected[4], expected[0], expected[3]]
+
+    # A save_to_disk dataset with its images in another column; `image` names the row.
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict(
+        {"img": [str(image_dir / i) for i in ids], "other": list(range(5))}, features=datasets.Features(
+            {"img": datasets.Image(), "other": datasets.Value("int64")})
+    ).save_to_disk(str(saved))  # fmt: skip
+    with pytest.raises(ValueError, match=r"no image column 'image' \(columns: \['img', 'other'\]\)"):
+        caption_images(model, saved, tmp_path / "x.jsonl", processor=processor, progress=False)
+    records = caption_images(model, saved, tmp_path / "saved.jsonl", processor=processor, prompt=PROMPT,
+                             image_column="img", batch_size=3, max_new_tokens=6, progress=False)  # fmt: skip
+    assert [r["id"] for r in records] == ["0", "1", "2", "3", "4"]
+    assert records[1]["image"] == f"{saved.resolve()}[1]"
+    assert [r["text"] for r in records] == expected
+
+
+def test_rerun_resumes_or_is_refused_naming_the_difference(model_dir, model_and_processor, image_dir, tmp_path):
+    model, processor = model_and_processor
+    image_dir = shutil.copytree(image_dir, tmp_path / "photos")
+    output = image_dir / "captions.jsonl"  # the output beside the images: not read as one, never touching them
+    arguments = ["caption", "--data", str(image_dir), "--model", str(model_dir), "--output", str(output),
+                 "--batch-size", "2", "--max-new-tokens", "4", "--no-progress"]  # fmt: skip
+    with files_unchanged(image_dir):
+        assert main(arguments) == 0
+    complete = output.read_bytes()
+    assert len(complete.splitlines()) == 1 + 5
+    lines = complete.split(b"\n")
+    output.write_bytes(b"\n".join(lines[:3]) + b"\n" + lines[3][:15])  # killed after 2 images, mid-line
+    assert main(arguments) == 0
+    assert output.read_bytes() == complete
+    with files_unchanged(tmp_path):  # finished: a rerun changes nothing
+        assert main(arguments) == 0
+
+    for changed, named in (
+        ({"prompt": "A picture of"}, "prompt: '<|image|>' in the file, '<|image|>A picture of' now"),
+        ({"max_new_tokens": 5}, "max_new_tokens: 4 in the file, 5 now"),
+    ):
+        with files_unchanged(tmp_path), pytest.raises(ValueError, match="Cannot resume .*" + re.escape(named)):
+            caption_images(str(model_dir), image_dir, output, **{"max_new_tokens": 4, **changed}, progress=False)
+    torch.manual_seed(1)
+    other = MagmaForConditionalGeneration(model.config).eval()
+    with files_unchanged(tmp_path), pytest.raises(ValueError, match="model_weights: 'sha256:"):
+        caption_images(other, image_dir, output, processor=processor, max_new_tokens=4, progress=False)
+
+
+def test_bad_input_is_named(model_dir, model_and_processor, image_dir, tmp_path, capsys):
+    model, processor = model_and_processor
+    broken = tmp_path / "broken"
+    shutil.copytree(image_dir, broken)
+    (broken / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    output = tmp_path / "broken.jsonl"
+    with pytest.raises(ValueError, match=r"Cannot read the image .*broken/1\.png \(id '1\.png'\): UnidentifiedImage"):
+        caption_images(model, broken, output, processor=processor, batch_size=1, max_new_tokens=2, progress=False)
+    assert [r["id"] for r in _lines(output)[1:]] == ["0.png"]  # the images before it are kept
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with files_unchanged(tmp_path), pytest.raises(ValueError, match="empty holds no images"):
+        caption_images(model, empty, tmp_path / "e.jsonl", processor=processor, progress=False)
+    for content in (b"my own notes\n", b'{"format": "magma_hf.evaluation/2", "settings": {}}\n'):
+        (tmp_path / "mine.jsonl").write_bytes(content)
+        with files_unchanged(tmp_path), pytest.raises(ValueError, match="mine.jsonl is not a magma_hf caption log"):
+            caption_images(model, image_dir, tmp_path / "mine.jsonl", processor=processor, progress=False)
+
+    with files_unchanged(tmp_path):
+        assert main(["caption", "--data", str(tmp_path / "nowhere"), "--model", str(model_dir)]) == 2
+        assert "nowhere: there is no such folder" in capsys.readouterr().out
+        if importlib.util.find_spec("vllm") is None:
+            arguments = ["caption", "--data", str(image_dir), "--model", str(model_dir), "--engine", "vllm",
+                         "--output", str(tmp_path / "v.jsonl")]  # fmt: skip
+            assert main(arguments) == 2
+            assert "needs vLLM, which is not installed in this environment. `make vllm`" in capsys.readouterr().out
+
+
+def test_vllm_engine_side(model_dir, model_and_processor, image_dir, tmp_path, monkeypatch):
+    """`--engine vllm` against VllmGenerator's signature, with a stand-in that answers through generate_answers (the
+    real engine is tested in tests/vllm/): the same records, its own model identity, and no mixing of engines."""
+    import magma_hf.captioning as captioning
+
+    model, processor = model_and_processor
+    made = []
+
+    def stand_in(model_path: str, max_new_tokens: int, **llm_kwargs):
+        made.append((model_path, max_new_tokens, llm_kwargs))
+        return lambda prompts, images: generate_answers(model, processor, prompts, images, max_new_tokens=3)
+
+    monkeypatch.setattr(captioning, "vllm_generator", stand_in)
+    reference = caption_images(model, image_dir, tmp_path / "t.jsonl", processor=processor, prompt=PROMPT,
+                               max_new_tokens=3, progress=False)  # fmt: skip
+    records = caption_images(str(model_dir), image_dir, tmp_path / "v.jsonl", prompt=PROMPT, max_new_tokens=3,
+                             engine="vllm", dtype="float32", progress=False)  # fmt: skip
+    assert records == reference and made == [(str(model_dir), 3, {"dtype": "float32"})]
+    settings = _lines(tmp_path / "v.jsonl")[0]["settings"]
+    assert settings["engine"] == "vllm" and settings["model_weights"].startswith("sha256:")
+    with files_unchanged(tmp_path), pytest.raises(ValueError, match="engine: 'transformers' in the file, 'vllm' now"):
+        caption_images(str(model_dir), image_dir, tmp_path / "t.jsonl", prompt=PROMPT, max_new_tokens=3,
+                       engine="vllm", progress=False)  # fmt: skip
