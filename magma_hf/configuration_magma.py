@@ -6,7 +6,11 @@ import copy
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
+
+try:
+    from transformers.configuration_utils import SubConfigSpec
+except ImportError:  # transformers < 5.24 (vLLM's): sub-configs are built in `MagmaConfig.__post_init__`
+    SubConfigSpec = None
 
 from .hub_magma import config_left_unchanged, magma_pipeline_is_registered
 
@@ -145,10 +149,13 @@ class MagmaConfig(PreTrainedConfig):
     """
 
     model_type = "magma"
-    sub_configs_defaults = {
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="gptj", init_kwargs=DEFAULT_TEXT_CONFIG),
-        "vision_config": SubConfigSpec(config_class=MagmaVisionConfig),
-    }
+    if SubConfigSpec is not None:
+        sub_configs_defaults = {
+            "text_config": SubConfigSpec(config_class=AutoConfig, model_type="gptj", init_kwargs=DEFAULT_TEXT_CONFIG),
+            "vision_config": SubConfigSpec(config_class=MagmaVisionConfig),
+        }
+    else:
+        sub_configs = {"text_config": AutoConfig, "vision_config": MagmaVisionConfig}
 
     text_config: dict | PreTrainedConfig | None = None
     vision_config: dict | PreTrainedConfig | None = None
@@ -167,7 +174,20 @@ class MagmaConfig(PreTrainedConfig):
         if self.adapter_config is None:
             self.adapter_config = copy.deepcopy(DEFAULT_ADAPTER_CONFIG)
         self.adapter_config = normalize_adapter_config(self.adapter_config)
+        if SubConfigSpec is None:
+            self._build_sub_configs()
         super().__post_init__(**kwargs)
+
+    def _build_sub_configs(self) -> None:
+        """What transformers >= 5.24 does from `sub_configs_defaults`, for older versions (vLLM's environment): a dict
+        is built as its `model_type` says (GPT-J by default), `None` gets the defaults."""
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        if not isinstance(self.text_config, PreTrainedConfig):
+            text_config = dict(DEFAULT_TEXT_CONFIG) if self.text_config is None else dict(self.text_config)
+            self.text_config = CONFIG_MAPPING[text_config.pop("model_type", "gptj")](**text_config)
+        if not isinstance(self.vision_config, PreTrainedConfig):
+            self.vision_config = MagmaVisionConfig(**(self.vision_config or {}))
 
     def validate_architecture(self):
         vocab_size = self.text_config.vocab_size
