@@ -19,20 +19,12 @@ MODEL_CLASS = "magma_hf.vllm.model:MagmaForConditionalGeneration"
 
 def register() -> None:
     """The plugin: MAGMA's architecture in vLLM's `ModelRegistry`, its config and processor in transformers' Auto
-    classes (vLLM reads the config and the processor through them). Safe to call more than once."""
-    from transformers import AutoConfig, AutoImageProcessor, AutoProcessor
+    classes (vLLM reads the config and the processor through them; `import magma_hf` registers those). Safe to call
+    more than once."""
     from vllm import ModelRegistry
 
-    from ..configuration_magma import MagmaConfig, MagmaVisionConfig
-    from ..image_processing_magma import MagmaImageProcessor
-    from ..processing_magma import MagmaProcessor
+    import magma_hf  # noqa: F401  (registers MAGMA's config and processors with transformers' Auto classes)
 
-    AutoConfig.register(MagmaConfig.model_type, MagmaConfig, exist_ok=True)
-    AutoConfig.register(MagmaVisionConfig.model_type, MagmaVisionConfig, exist_ok=True)
-    # The faithful PIL processor for both standard backends, as `import magma_hf` registers it.
-    backends = {"pil": MagmaImageProcessor, "torchvision": MagmaImageProcessor}
-    AutoImageProcessor.register(MagmaConfig, image_processor_classes=backends, exist_ok=True)
-    AutoProcessor.register(MagmaConfig, MagmaProcessor, exist_ok=True)
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
 

@@ -25,6 +25,7 @@ from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
 from vllm.config.multimodal import MultiModalDummyOptions
 from vllm.distributed import get_pp_group
+from vllm.exceptions import VLLMValidationError
 from vllm.model_executor.layers.layernorm import LayerNorm
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.quantization import QuantizationConfig
@@ -280,12 +281,24 @@ class MagmaProcessingInfo(BaseProcessingInfo):
         return self.ctx.get_hf_config(MagmaConfig)
 
     def get_hf_processor(self, **kwargs: object) -> MagmaProcessor:
+        # The processor's own check first: vLLM reports a processor that fails to load as "consider setting
+        # trust_remote_code=True", without the reason.
+        MagmaProcessor._require_image_token(self.get_tokenizer())
         processor = self.ctx.get_hf_processor(MagmaProcessor, **kwargs)
         check_processor_matches_model(processor, self.get_hf_config(), where=self.model_id)
         return processor
 
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
         return {"image": None}  # any number of images per prompt, up to `limit_mm_per_prompt`
+
+    def validate_num_items(self, modality: str, num_items: int) -> None:
+        """vLLM's check against `limit_mm_per_prompt`, its message with the count that was given."""
+        try:
+            super().validate_num_items(modality, num_items)
+        except VLLMValidationError as error:
+            raise VLLMValidationError(
+                f"The prompt has {num_items} {modality}s. {error.args[0]}", parameter=modality, value=num_items
+            ) from error
 
     def get_num_image_tokens(self) -> int:
         return self.get_hf_processor().num_image_tokens

@@ -8,7 +8,8 @@ Run with the main environment's python (`MAGMA_HF_REFERENCE_PYTHON`, the Makefil
 
 OUTPUT_DIR gets one model folder per adapter layout (`LAYOUTS`), the images as PNG files, a folder whose tokenizer
 lacks `<|image|>` and `reference.json`: per layout and prompt the greedy continuation ids (cut after the first
-end-of-text), the first token's log-probability and the cleaned-up text.
+end-of-text), the first token's log-probability and the cleaned-up text, and per layout the answers of
+`magma_hf.generation.generate_answers` (batched, left-padded) for the same prompts.
 """
 
 from __future__ import annotations
@@ -19,39 +20,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).parent)]  # tests/ (helpers), here
 
 from helpers import make_processor, make_tokenizer, random_image, save_tiny_magma, tiny_config  # noqa: E402
+from reference_setup import LAYOUTS, MAX_NEW_TOKENS, N_IMAGES, NO_IMAGE_TOKEN, PROMPTS, TEXT_CONFIG  # noqa: E402
 
-# One folder per adapter layout; float32, head_dim 32 (vLLM's CPU attention rejects 16).
-LAYOUTS = {
-    "normal": {"mlp": {"adapter_type": "normal", "downsample_factor": 4}},
-    "mlp_attention": {
-        "mlp": {"adapter_type": "normal", "downsample_factor": 4},
-        "attention": {"adapter_type": "normal", "downsample_factor": 4},
-    },
-    "parallel": {
-        "mlp": {"adapter_type": "parallel", "downsample_factor": 4, "add_layernorm": True},
-        "attention": {"adapter_type": "parallel", "downsample_factor": 2, "add_layernorm": True},
-    },
-    "scaled_parallel": {
-        "mlp": {"adapter_type": "scaled_parallel", "downsample_factor": 4, "add_layernorm": True},
-        "attention": {"adapter_type": "scaled_parallel", "downsample_factor": 4, "add_layernorm": True},
-    },
-}
-# head_dim 32; a wide initialisation makes the random logits peaked, so greedy tokens depend on the input.
-TEXT_CONFIG = {"n_embd": 64, "n_head": 2, "rotary_dim": 16, "initializer_range": 0.3}
-MAX_NEW_TOKENS = 8
-N_IMAGES = 3
-# (prompt, image indices): 0, 1 and 2 images, with and without <|image|> placeholders.
-PROMPTS = [
-    ("a photo of a cat sitting on", []),
-    ("a dog running on the beach", [0]),
-    ("Q: What is in the picture? <|image|> A:", [1]),
-    ("<|image|> a cat.\n<|image|> a", [2, 0]),
-    ("two people riding", [1, 2]),
-]
-NO_IMAGE_TOKEN = "no_image_token"
+from magma_hf.generation import generate_answers  # noqa: E402
 
 
 def reference_generation(model, processor, prompt: str, images: list) -> dict:
@@ -90,9 +64,14 @@ def main(output_dir: Path) -> None:
             tokenizer, adapter_config=adapter_config, text_config={**TEXT_CONFIG, "vocab_size": len(tokenizer)}
         )
         model = save_tiny_magma(output_dir / layout, tokenizer, processor, config=config)
+        prompt_images = [[images[i] for i in indices] for _, indices in PROMPTS]
         reference["layouts"][layout] = [
-            reference_generation(model, processor, prompt, [images[i] for i in indices]) for prompt, indices in PROMPTS
+            reference_generation(model, processor, prompt, sample_images)
+            for (prompt, _), sample_images in zip(PROMPTS, prompt_images)
         ]
+        reference.setdefault("answers", {})[layout] = generate_answers(
+            model, processor, [prompt for prompt, _ in PROMPTS], prompt_images, max_new_tokens=MAX_NEW_TOKENS
+        )
     # A folder whose tokenizer lacks <|image|>: the model of the first layout with a plain GPT-2 style tokenizer.
     broken = output_dir / NO_IMAGE_TOKEN
     save_tiny_magma(broken, tokenizer, processor, config=tiny_config(tokenizer, text_config=TEXT_CONFIG))
