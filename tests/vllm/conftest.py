@@ -18,7 +18,7 @@ from reference_setup import ENGINE_KWARGS
 REPO = Path(__file__).resolve().parents[2]
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 # Files here that need vLLM itself; test_environment.py runs in both environments.
-collect_ignore = [] if HAS_VLLM else ["test_vllm_model.py", "test_vllm_server.py", "test_vllm_plugin.py"]
+collect_ignore = [] if HAS_VLLM else [f"test_vllm_{name}.py" for name in ("model", "plugin", "readme", "server")]
 
 # vLLM on a small CPU: the engine in this process (no engine-core and worker processes to start per engine), a small
 # KV cache, nothing from the Hub.
