@@ -277,15 +277,20 @@ class MagmaGPTJForCausalLM(nn.Module):
 
 
 class MagmaProcessingInfo(BaseProcessingInfo):
+    _checked = False  # whether the folder's tokenizer and processor were checked against the config
+
     def get_hf_config(self) -> MagmaConfig:
         return self.ctx.get_hf_config(MagmaConfig)
 
     def get_hf_processor(self, **kwargs: object) -> MagmaProcessor:
-        # The processor's own check first: vLLM reports a processor that fails to load as "consider setting
-        # trust_remote_code=True", without the reason.
-        MagmaProcessor._require_image_token(self.get_tokenizer())
+        if not self._checked:
+            # The processor's own check first: vLLM reports a processor that fails to load as "consider setting
+            # trust_remote_code=True", without the reason.
+            MagmaProcessor._require_image_token(self.get_tokenizer())
         processor = self.ctx.get_hf_processor(MagmaProcessor, **kwargs)
-        check_processor_matches_model(processor, self.get_hf_config(), where=self.model_id)
+        if not self._checked:  # once: the folder's tokenizer and config do not change
+            check_processor_matches_model(processor, self.get_hf_config(), where=self.model_id)
+            self._checked = True
         return processor
 
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:

@@ -16,7 +16,9 @@ import pytest
 from reference_setup import ENGINE_KWARGS
 
 REPO = Path(__file__).resolve().parents[2]
-HAS_VLLM = importlib.util.find_spec("vllm") is not None
+# vLLM installed, not this folder (the suite's conftest puts tests/ on sys.path, where `vllm` is a namespace package)
+_VLLM_SPEC = importlib.util.find_spec("vllm")
+HAS_VLLM = _VLLM_SPEC is not None and _VLLM_SPEC.origin is not None
 # Files here that need vLLM itself; test_environment.py runs in both environments.
 collect_ignore = [] if HAS_VLLM else [f"test_vllm_{name}.py" for name in ("model", "plugin", "readme", "server")]
 
