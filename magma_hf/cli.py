@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "eval": ("magma_hf.evaluation.run", "Evaluate a MAGMA model on VQA, OK-VQA, GQA or captioning, zero- or few-shot"),
     "convert": ("magma_hf.conversion.magma_checkpoint", "Convert the original MAGMA checkpoint into a model folder"),
+    "app": ("magma_hf.app", "Try a MAGMA model folder in the browser (Gradio), or make it a Hugging Face Space"),
     "demo": (
         "magma_hf.demo",
         "Train a small MAGMA on scikit-learn's handwritten digits on the CPU, then caption with it",

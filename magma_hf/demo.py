@@ -54,6 +54,7 @@ from transformers import (
     set_seed,
 )
 
+from .app import demo_app_command
 from .generation import answer_text, generate_answers
 from .processing_magma import add_magma_special_tokens
 from .training.data import convert_dataset, load_magma_dataset
@@ -597,6 +598,7 @@ def run_demo(output_dir: str | os.PathLike = "demo-output", seed: int = 0, size:
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print_table(metrics)
     print(f"\nModel: {output_dir / 'magma'}   contact sheet: {output_dir / 'contact_sheet.png'}")
+    print(f"Try it in the browser: {demo_app_command(output_dir / 'magma', output_dir / 'data' / 'test' / 'images')}")
     return metrics
 
 

@@ -18,7 +18,9 @@ from collections.abc import Sequence
 
 import torch
 
-ANSWER_END = "\n"  # an answer ends at the first newline; generation stops there
+from .prompts_magma import EXAMPLE_SEPARATOR
+
+ANSWER_END = EXAMPLE_SEPARATOR  # an answer ends at the first newline, where a few-shot example ends; generation stops
 # Greedy decoding; the sampling settings of the model's generation config are unset so that generate does not warn
 # that they are ignored.
 GREEDY = {"do_sample": False, "num_beams": 1, "temperature": None, "top_p": None, "top_k": None}

@@ -72,6 +72,12 @@ def check_processor_matches_model(processor, config, where: str = "") -> None:
         )
 
 
+def place_images_in_front(text: str, count: int) -> str:
+    """MAGMA's layout for a text without `<|image|>` placeholders: its `count` images come first (a text with
+    placeholders is returned as it is)."""
+    return text if IMAGE_TOKEN in text else IMAGE_TOKEN * count + text
+
+
 def load_images_naming_the_source(images, load: Callable):
     """`load` applied to each image of `images` (one, a list, or a list of lists), but an image given as a string (a
     URL, path or base64 data) that cannot be read is named: transformers' `load_image` says "Connection refused"
@@ -221,10 +227,7 @@ class MagmaProcessor(ProcessorMixin):
                     f"images passed for it: text[{number}] has {placeholders} {self.image_token} tokens and {count} "
                     "images."
                 )
-        return [
-            sample if self.image_token in sample else self.image_token * count + sample
-            for count, sample in zip(per_sample, text)
-        ]
+        return [place_images_in_front(sample, count) for count, sample in zip(per_sample, text)]
 
     def _images_per_sample(self, images, text: list[str]) -> list[int] | None:
         """How many images belong to each text: from nested lists, or one each (or all for a single text)."""

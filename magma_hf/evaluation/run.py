@@ -38,18 +38,17 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..generation import ANSWER_END, generate_answers
+from ..generation import generate_answers
 from ..io_utils import remove_leftover_temporaries, write_text_atomically
 from ..modeling_magma import MagmaForConditionalGeneration
 from ..processing_magma import IMAGE_TOKEN, MagmaProcessor, check_processor_matches_model
+from ..prompts_magma import QA_TEMPLATE, few_shot_prompt
 from .caption_metrics import CaptionMetricsUnavailable, caption_scores, check_caption_requirements
 from .data import QA_TASKS, TASKS, EvalSet, draw_support, load_eval_set
 from .vqa_metrics import aggregate_accuracy, gqa_accuracy, vqa_accuracy
 
 logger = logging.getLogger(__name__)
 
-EXAMPLE_SEPARATOR = ANSWER_END  # a newline ends an example, as it ends a generated answer
-QA_TEMPLATE = "Q: {question} A:"
 DEFAULT_MAX_NEW_TOKENS = {"vqa": 10, "okvqa": 10, "gqa": 10, "caption": 30}
 # 2: the log records the model's weights and the data's questions (1 recorded names only).
 RESULTS_FORMAT = "magma_hf.evaluation/2"
@@ -77,9 +76,10 @@ def example_text(task: str, prompt: str, target: str, template: str | None) -> s
 
 
 def build_prompt(task: str, prompt: str, shots: list[tuple[str, str]], template: str | None = None) -> str:
-    """The full prompt with one `<|image|>` per image: `shots` as (prompt, target) pairs, then the query."""
-    parts = [IMAGE_TOKEN + example_text(task, p, t, template) + EXAMPLE_SEPARATOR for p, t in shots]
-    return "".join(parts) + IMAGE_TOKEN + query_text(task, prompt, template)
+    """The full prompt with one `<|image|>` per image: `shots` as (prompt, target) pairs, then the query (MAGMA's
+    few-shot layout, `prompts_magma.few_shot_prompt`)."""
+    examples = [example_text(task, p, t, template) for p, t in shots]
+    return few_shot_prompt(examples, IMAGE_TOKEN + query_text(task, prompt, template))
 
 
 # ------------------------------------------------------------------------------------------------------- generation
