@@ -8,6 +8,8 @@ Run with vLLM's python (`.venv-vllm`); the transformers half runs in the model's
 
 Prints tokens/s of `generate` at each batch size (every prompt left-padded in its batch), of vLLM (its own
 scheduling; startup and one warm-up request not timed), and the ratio of vLLM to `generate` at its best batch size.
+On the CPU, vLLM keeps one core for its front end by default; `VLLM_CPU_NUM_OF_RESERVED_CPU=0` gives the model every
+core, as `generate` has them.
 """
 
 import argparse
