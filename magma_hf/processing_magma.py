@@ -12,6 +12,19 @@ from .hub_magma import PROCESSOR_FILES_JSON, check_json_files
 
 IMAGE_TOKEN = "<|image|>"
 FEATURE_STRIDE = 32  # the ResNet's total downsampling: one image token per 32x32 pixels of the crop
+# MAGMA has no chat format. This template writes a conversation as MAGMA reads a prompt: each message's images first
+# (one <|image|> per image part, in order), then its text parts; system, user and assistant messages alike, one after
+# the other with nothing between them and no role marked; a generation prompt adds nothing. Every folder the
+# processor saves carries it (chat_template.jinja), so `apply_chat_template` and vLLM's chat endpoint use it.
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}"
+    "{%- for part in message['content'] if part['type'] in ['image', 'image_url'] -%}" + IMAGE_TOKEN + "{%- endfor -%}"
+    "{%- for part in message['content'] if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
 
 
 def add_magma_special_tokens(tokenizer):
@@ -111,6 +124,7 @@ class MagmaProcessor(ProcessorMixin):
     Args:
         image_processor ([`MagmaImageProcessor`]): CLIP preprocessing at the model's image size.
         tokenizer: GPT-2's tokenizer with the special token `<|image|>` (MAGMA used it as the cls token).
+        chat_template: Defaults to `DEFAULT_CHAT_TEMPLATE`, MAGMA's layout (images first, then the text).
     """
 
     valid_processor_kwargs = MagmaProcessorKwargs
@@ -123,6 +137,8 @@ class MagmaProcessor(ProcessorMixin):
         tokenizer.padding_side = "left"  # generation continues at the right end of every row
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token  # MAGMA pads with <|endoftext|>
+        if chat_template is None:
+            chat_template = DEFAULT_CHAT_TEMPLATE
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
 
     @classmethod

@@ -20,6 +20,7 @@ GPTJ_BASE_PREFIX = "transformer"  # GPTJForCausalLM.base_model_prefix
 # PEFT's names on GPTJForCausalLM (`PeftModel` wraps it as `base_model.model`; the adapter name "default" dropped).
 PEFT_PREFIX = f"base_model.model.{GPTJ_BASE_PREFIX}."
 _ADAPTER_CONTAINER = re.compile(r"\.(magma_[a-z]+)(?=\.|$)")
+PEFT_ADAPTER_NAME = "default"  # the one adapter's name inside each container (`magma_down.default.weight`)
 
 # MAGMA-only weight files (no GPT-J weight in them).
 MAGMA_WEIGHTS_NAME = "magma_weights.safetensors"  # a training checkpoint's model weights
@@ -74,7 +75,7 @@ def peft_name_to_model_name(name: str) -> str:
     """
     if not name.startswith(PEFT_PREFIX):
         raise ValueError(f"Unexpected adapter weight {name!r}: expected names starting with {PEFT_PREFIX!r}")
-    return LANGUAGE_MODEL_PREFIX + _ADAPTER_CONTAINER.sub(r".\1.default", name.removeprefix(PEFT_PREFIX))
+    return LANGUAGE_MODEL_PREFIX + _ADAPTER_CONTAINER.sub(rf".\1.{PEFT_ADAPTER_NAME}", name.removeprefix(PEFT_PREFIX))
 
 
 def language_model_state_dict(state_dict: dict) -> dict:

@@ -231,10 +231,11 @@ def greedy_texts(model, processor, image, prompts: list[str]) -> list[str]:
     return texts
 
 
-def save_tiny_magma(folder, tokenizer, processor, magma_generation_defaults: bool = False):
+def save_tiny_magma(folder, tokenizer, processor, magma_generation_defaults: bool = False, config=None):
     """A tiny MAGMA (seed 0) whose adapters are not the identity, saved with `processor` into `folder`; returns it.
 
     With `magma_generation_defaults` the folder gets MAGMA's generation config, as the converter and training write it.
+    `config` replaces `tiny_config(tokenizer)` (another adapter layout or text size).
     """
     import torch
 
@@ -242,7 +243,7 @@ def save_tiny_magma(folder, tokenizer, processor, magma_generation_defaults: boo
     from magma_hf.modeling_magma import magma_generation_config
 
     torch.manual_seed(0)
-    model = MagmaForConditionalGeneration(tiny_config(tokenizer)).eval()
+    model = MagmaForConditionalGeneration(config or tiny_config(tokenizer)).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if ".magma_" in name:

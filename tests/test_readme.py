@@ -13,7 +13,9 @@ MODEL_DIR_LINE = 'model_dir = "magma-v1"'
 
 
 def python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    """The examples of this environment: those of vLLM's (`from vllm`, the server's client) run in tests/vllm."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    return [block for block in blocks if not re.search(r"^from (vllm|openai) import", block, flags=re.M)]
 
 
 def test_readme_examples_run(tmp_path, monkeypatch, tokenizer, processor):

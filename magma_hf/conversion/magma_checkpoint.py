@@ -49,7 +49,7 @@ from typing import Any
 import huggingface_hub
 import torch
 from transformers.dynamic_module_utils import get_relative_import_files
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
+from transformers.utils import CHAT_TEMPLATE_FILE, SAFE_WEIGHTS_INDEX_NAME
 from transformers.utils import logging as hf_logging
 
 from .. import configuration_magma, image_processing_magma, modeling_magma, processing_magma
@@ -737,6 +737,7 @@ def always_written_names() -> frozenset[str]:
     return frozenset(code) | {
         "config.json",
         "generation_config.json",
+        CHAT_TEMPLATE_FILE,  # the processor's
         "processor_config.json",
         "tokenizer.json",
         "tokenizer_config.json",

@@ -1,0 +1,115 @@
+"""vLLM against transformers' `generate` on the CPU: 64 image prompts x 32 new tokens, greedy, on a small random MAGMA
+(GPT-J 8 x 512, vocabulary 50400, ResNet [1, 1, 1, 1] of width 32 at 224 px: 49 image tokens), float32.
+
+Run with vLLM's python (`.venv-vllm`); the transformers half runs in the model's environment, with
+`--reference-python` (default: `MAGMA_HF_REFERENCE_PYTHON`, else `.venv/bin/python`):
+
+    .venv-vllm/bin/python tests/benchmarks/bench_vllm.py [--workdir DIR] [--batch-sizes 1 8 16 32 64]
+
+Prints tokens/s of `generate` at each batch size (every prompt left-padded in its batch), of vLLM (its own
+scheduling; startup and one warm-up request not timed), and the ratio of vLLM to `generate` at its best batch size.
+On the CPU, vLLM keeps one core for its front end by default; `VLLM_CPU_NUM_OF_RESERVED_CPU=0` gives the model every
+core, as `generate` has them.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+N_PROMPTS = 64
+NEW_TOKENS = 32
+PROMPT = "Q: What is in the picture? A:"
+TEXT_CONFIG = {"n_embd": 512, "n_layer": 8, "n_head": 16, "rotary_dim": 32, "vocab_size": 50400, "n_positions": 512}
+VISION_CONFIG = {"layers": [1, 1, 1, 1], "width": 32, "image_size": 224}
+
+
+def build_and_run_transformers(workdir: Path, batch_sizes: list[int]) -> dict:
+    """The model's environment: a random folder and its images, then `generate`'s tokens/s per batch size."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from helpers import make_processor, make_tokenizer, random_image, save_tiny_magma, tiny_config
+
+    torch.set_num_threads(os.cpu_count())
+    tokenizer = make_tokenizer()
+    processor = make_processor(tokenizer, image_size=VISION_CONFIG["image_size"])
+    config = tiny_config(tokenizer, image_size=VISION_CONFIG["image_size"], text_config=TEXT_CONFIG,
+                         vision_config=VISION_CONFIG)  # fmt: skip
+    folder = workdir / "magma-small"
+    model = save_tiny_magma(folder, tokenizer, processor, config=config)
+    images = [random_image(n, size=(256, 256)) for n in range(N_PROMPTS)]
+    for n, image in enumerate(images):
+        image.save(workdir / f"image{n}.png")
+    results = {}
+    for batch_size in batch_sizes:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for first in range(0, N_PROMPTS, batch_size):
+                batch = images[first : first + batch_size]
+                inputs = processor(images=[[image] for image in batch], text=[PROMPT] * len(batch),
+                                   return_tensors="pt", padding=True)  # fmt: skip
+                out = model.generate(**inputs, do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+                assert out.shape[1] - inputs["input_ids"].shape[1] == NEW_TOKENS
+        seconds = time.perf_counter() - start
+        results[batch_size] = N_PROMPTS * NEW_TOKENS / seconds
+        print(f"generate, batch {batch_size}: {seconds:.1f} s, {results[batch_size]:.1f} tokens/s", file=sys.stderr)
+    return {"folder": str(folder), "tokens_per_s": results}
+
+
+def run_vllm(workdir: Path, folder: str, enforce_eager: bool) -> float:
+    from PIL import Image
+    from vllm import LLM, SamplingParams
+
+    images = [Image.open(workdir / f"image{n}.png").convert("RGB") for n in range(N_PROMPTS)]
+    llm = LLM(model=folder, dtype="float32", max_model_len=512, max_num_seqs=N_PROMPTS, enforce_eager=enforce_eager,
+              limit_mm_per_prompt={"image": 1})  # fmt: skip
+    # exactly NEW_TOKENS each, as generate's min/max; ids beyond the tiny tokenizer are not decoded
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, ignore_eos=True,
+                            detokenize=False)  # fmt: skip
+    requests = [{"prompt": PROMPT, "multi_modal_data": {"image": [image]}} for image in images]
+    llm.generate(requests[:2], params, use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    outputs = llm.generate(requests, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    assert all(len(output.outputs[0].token_ids) == NEW_TOKENS for output in outputs)
+    print(f"vLLM: {seconds:.1f} s", file=sys.stderr)
+    return N_PROMPTS * NEW_TOKENS / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=Path("bench-vllm"))
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 16, 32, 64])
+    parser.add_argument("--enforce-eager", action="store_true", help="vLLM without torch.compile")
+    parser.add_argument("--reference-python", default=os.environ.get("MAGMA_HF_REFERENCE_PYTHON",
+                                                                     str(REPO / ".venv/bin/python")))  # fmt: skip
+    parser.add_argument("--transformers-only", action="store_true", help=argparse.SUPPRESS)  # the reference side
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.transformers_only:
+        print(json.dumps(build_and_run_transformers(args.workdir, args.batch_sizes)))
+        return
+    command = [args.reference_python, __file__, "--transformers-only", "--workdir", str(args.workdir),
+               "--batch-sizes", *map(str, args.batch_sizes)]  # fmt: skip
+    result = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    reference = json.loads(result.stdout.strip().splitlines()[-1])
+    generate = {int(size): rate for size, rate in reference["tokens_per_s"].items()}
+    vllm_rate = run_vllm(args.workdir, reference["folder"], args.enforce_eager)
+    best = max(generate, key=generate.get)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}")
+    print(f"{N_PROMPTS} image prompts x {NEW_TOKENS} new tokens, GPT-J 8x512, ResNet width 32 at 224 px, float32")
+    for size, rate in sorted(generate.items()):
+        print(f"  generate, batch {size:>2}: {rate:8.1f} tokens/s")
+    print(f"  vLLM{' (eager)' if args.enforce_eager else ''}:          {vllm_rate:8.1f} tokens/s")
+    print(f"  ratio vLLM / generate at batch {best}: {vllm_rate / generate[best]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
