@@ -1,15 +1,38 @@
 """MAGMA's `image-text-to-text` pipeline (transformers 5 redirects `image-to-text` to it): captions for images alone,
 answers for images with a prompt."""
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
 from transformers.pipelines.image_text_to_text import ImageTextToTextPipeline, ReturnType
+from transformers.pipelines.image_text_to_text import logger as stock_pipeline_logger
 
 from .configuration_magma import MagmaConfig
 from .hub_magma import config_left_unchanged
 from .image_processing_magma import load_image_input
 from .processing_magma import check_processor_matches_model, load_images_naming_the_source
+
+# transformers' advice to a prompt that is not a chat, where the processor has a chat template (MAGMA's only turns a
+# chat into MAGMA's plain prompt, which is what the pipeline takes).
+CHAT_FORMAT_HINT = "The input data was not formatted as a chat"
+
+
+def _not_the_chat_format_hint(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(CHAT_FORMAT_HINT)
+
+
+@contextmanager
+def chat_format_hint_dropped() -> Iterator[None]:
+    """The stock pipeline's hint is dropped during a MAGMA call only (as a `warning_once`, it is then not shown
+    for another model in the same process either)."""
+    stock_pipeline_logger.addFilter(_not_the_chat_format_hint)
+    try:
+        yield
+    finally:
+        stock_pipeline_logger.removeFilter(_not_the_chat_format_hint)
 
 
 class MagmaImageToTextPipeline(ImageTextToTextPipeline):
@@ -41,7 +64,8 @@ class MagmaImageToTextPipeline(ImageTextToTextPipeline):
     def __call__(self, images=None, text=None, **kwargs: Any):
         if images is not None and text is None and self._is_plain_image_batch(images):
             text = [""] * len(images) if isinstance(images, (list, tuple)) else ""
-        return super().__call__(images, text=text, **kwargs)
+        with chat_format_hint_dropped():
+            return super().__call__(images, text=text, **kwargs)
 
     @staticmethod
     def _is_plain_image_batch(images) -> bool:

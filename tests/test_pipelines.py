@@ -46,6 +46,23 @@ def test_both_tasks_caption_and_answer_without_trust_remote_code(saved, processo
     assert caption != answer  # the prompt makes a difference
 
 
+def test_a_plain_prompt_gets_no_advice_to_use_the_chat_format(saved):
+    """MAGMA's prompt is plain text; its processor's chat template (for vLLM's chat endpoint) made transformers'
+    pipeline advise the chat format "for better results" on every call."""
+    from transformers.testing_utils import CaptureLogger
+
+    from magma_hf.pipeline_magma import CHAT_FORMAT_HINT, stock_pipeline_logger
+
+    path, _ = saved
+    pipe = pipeline("image-text-to-text", model=str(path))
+    assert pipe.processor.chat_template is not None
+    stock_pipeline_logger.warning_once.cache_clear()  # shown at most once per process: not yet, for this test
+    with CaptureLogger(stock_pipeline_logger) as captured:
+        pipe(random_image(32), text=QUESTION, generate_kwargs={**GREEDY, "max_new_tokens": 2})
+    assert CHAT_FORMAT_HINT not in captured.out
+    assert stock_pipeline_logger.filters == []  # dropped for MAGMA's call only
+
+
 def test_other_models_keep_transformers_own_pipeline(processor):
     """The registration replaces the task's class for the whole process: a model that is not MAGMA gets the stock
     class, and the task keeps its default model."""
