@@ -32,3 +32,14 @@ def config(tokenizer):
 def model(config):
     torch.manual_seed(0)
     return MagmaForConditionalGeneration(config).eval()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run far faster single-threaded on a shared 2-core machine (`pytestmark = usefixtures(...)`)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -292,3 +292,48 @@ def accelerate_launch(arguments: list[str], cwd, processes: int = 2, timeout: in
         *arguments,
     ]  # fmt: skip
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# Source for a child process's script: `open_log` opens a `.jsonl` log for appending through a file that, at its second
+# flush, writes all of the batch but the last newline and SIGKILLs the process, so the kill lands mid-append.
+KILLED_AT_SECOND_FLUSH = """
+class KilledAtSecondFlush:
+    def __init__(self, file):
+        self.file, self.pending, self.flushes = file, [], 0
+
+    def write(self, text):
+        self.pending.append(text)
+        return len(text)
+
+    def flush(self):
+        text, self.pending, self.flushes = "".join(self.pending), [], self.flushes + 1
+        if self.flushes == 2:
+            self.file.write(text[:-1])
+            self.file.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        self.file.write(text)
+        self.file.flush()
+
+    def close(self):
+        self.flush()
+        self.file.close()
+
+
+def open_log(path, mode="r", *args, **kwargs):
+    file = open(path, mode, *args, **kwargs)
+    return KilledAtSecondFlush(file) if mode == "a" and str(path).endswith(".jsonl") else file
+"""
+
+
+def save_answering_model(folder) -> None:
+    """A tiny MAGMA (seed 0) saved with its processor into `folder`, its weights larger than the default init: its
+    greedy answers then differ from question to question and image to image (evaluation and captioning tests)."""
+    import torch
+
+    from magma_hf import MagmaForConditionalGeneration
+
+    torch.manual_seed(0)
+    tokenizer = make_tokenizer()
+    model = MagmaForConditionalGeneration(tiny_config(tokenizer, text_config={"initializer_range": 0.3})).eval()
+    model.save_pretrained(folder)
+    make_processor(tokenizer).save_pretrained(folder)

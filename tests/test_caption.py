@@ -9,7 +9,7 @@ import shutil
 import datasets
 import pytest
 import torch
-from helpers import files_unchanged, make_processor, make_tokenizer, random_image, tiny_config
+from helpers import files_unchanged, random_image, save_answering_model
 
 from magma_hf import MagmaForConditionalGeneration
 from magma_hf.captioning import caption_images
@@ -20,22 +20,13 @@ from magma_hf.generation import generate_answers
 PROMPT = "Q: What is in the picture? A:"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    tokenizer = make_tokenizer()
-    model = MagmaForConditionalGeneration(tiny_config(tokenizer, text_config={"initializer_range": 0.3})).eval()
     path = tmp_path_factory.mktemp("model")
-    model.save_pretrained(path)
-    make_processor(tokenizer).save_pretrained(path)
+    save_answering_model(path)
     return path
 
 

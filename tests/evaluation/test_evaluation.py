@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from helpers import files_unchanged, make_processor, make_tokenizer, random_image, tiny_config
+from helpers import KILLED_AT_SECOND_FLUSH, files_unchanged, random_image, save_answering_model
 
 from magma_hf import MagmaForConditionalGeneration
 from magma_hf.evaluation.data import draw_support, load_eval_set, parse_columns
@@ -23,24 +23,13 @@ QUESTIONS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models run far faster single-threaded on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    tokenizer = make_tokenizer()
-    # Larger weights than the default init: answers then differ from question to question and image to image.
-    model = MagmaForConditionalGeneration(tiny_config(tokenizer, text_config={"initializer_range": 0.3})).eval()
     path = tmp_path_factory.mktemp("model")
-    model.save_pretrained(path)
-    make_processor(tokenizer).save_pretrained(path)
+    save_answering_model(path)
     return path
 
 
@@ -412,33 +401,7 @@ torch.set_num_threads(1)
 model_dir, data_dir, output = sys.argv[1:]
 
 
-class KilledAtSecondFlush:
-    def __init__(self, file):
-        self.file, self.pending, self.flushes = file, [], 0
-
-    def write(self, text):
-        self.pending.append(text)
-        return len(text)
-
-    def flush(self):
-        text, self.pending, self.flushes = "".join(self.pending), [], self.flushes + 1
-        if self.flushes == 2:
-            self.file.write(text[:-1])
-            self.file.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
-        self.file.write(text)
-        self.file.flush()
-
-    def close(self):
-        self.flush()
-        self.file.close()
-
-
-def open_log(path, mode="r", *args, **kwargs):
-    file = open(path, mode, *args, **kwargs)
-    return KilledAtSecondFlush(file) if mode == "a" and str(path).endswith(".jsonl") else file
-
-
+""" + KILLED_AT_SECOND_FLUSH + """
 records.open = open_log  # the module's `open`: only the harness's appends to its log go through it
 evaluation.evaluate("vqa", model_dir, dataset=data_dir, shots=2, batch_size=2, output=output, progress=False)
 """

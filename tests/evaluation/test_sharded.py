@@ -9,10 +9,8 @@ import json
 import shutil
 
 import pytest
-import torch
-from helpers import accelerate_launch, make_processor, make_tokenizer, random_image, tiny_config
+from helpers import KILLED_AT_SECOND_FLUSH, accelerate_launch, random_image, save_answering_model
 
-from magma_hf import MagmaForConditionalGeneration
 from magma_hf.captioning import caption_images
 from magma_hf.evaluation.run import evaluate, load_model_and_processor, results_log_path
 
@@ -24,11 +22,7 @@ QUESTIONS = ["What is in the picture?", "Is it red?", "How many dogs?", "Is it n
 def folders(tmp_path_factory):
     """A tiny MAGMA, 12 questions on 6 images in the original layout, and a folder of 7 images."""
     root = tmp_path_factory.mktemp("sharded")
-    torch.manual_seed(0)
-    tokenizer = make_tokenizer()
-    model = MagmaForConditionalGeneration(tiny_config(tokenizer, text_config={"initializer_range": 0.3})).eval()
-    model.save_pretrained(root / "model")
-    make_processor(tokenizer).save_pretrained(root / "model")
+    save_answering_model(root / "model")
     vqa = root / "vqa"
     (vqa / "images" / "0").mkdir(parents=True)
     (vqa / "image_data" / "0").mkdir(parents=True)
@@ -71,32 +65,7 @@ caption_args, eval_args = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 assert main(caption_args) == 0
 
 
-class KilledAtSecondFlush:
-    def __init__(self, file):
-        self.file, self.pending, self.flushes = file, [], 0
-
-    def write(self, text):
-        self.pending.append(text)
-
-    def flush(self):
-        text, self.pending, self.flushes = "".join(self.pending), [], self.flushes + 1
-        if self.flushes == 2:
-            self.file.write(text[:-1])
-            self.file.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
-        self.file.write(text)
-        self.file.flush()
-
-    def close(self):
-        self.flush()
-        self.file.close()
-
-
-def open_log(path, mode="r", *args, **kwargs):
-    file = open(path, mode, *args, **kwargs)
-    return KilledAtSecondFlush(file) if mode == "a" else file
-
-
+""" + KILLED_AT_SECOND_FLUSH + """
 if os.environ["RANK"] == "1":
     records.open = open_log
 sys.exit(main(eval_args))
