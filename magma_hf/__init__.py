@@ -96,7 +96,7 @@ _LAZY_API = {
 
 
 def __getattr__(name: str):
-    if name in _MODELING_API or (name in _LAZY_API and not MODELING_AVAILABLE):
+    if name in _MODELING_API or (name in _LAZY_API and not MODELING_AVAILABLE and not _works_without_modeling(name)):
         raise ImportError(
             f"magma_hf.{name} needs transformers >= {MODELING_MIN_TRANSFORMERS}; this environment has "
             f"{transformers.__version__} (only the config and processors load here, as in vLLM's environment): "
@@ -107,6 +107,11 @@ def __getattr__(name: str):
     value = getattr(importlib.import_module(f".{_LAZY_API[name]}", __name__), name)
     globals()[name] = value  # the next access is a plain attribute
     return value
+
+
+def _works_without_modeling(name: str) -> bool:
+    """The data readers and captioning (whose vLLM engine runs where the model cannot) import no model code."""
+    return _LAZY_API[name] in ("training.data", "captioning")
 
 
 def __dir__() -> list[str]:

@@ -87,6 +87,9 @@ def test_import_registers_config_and_processors_and_names_the_version_the_model_
         with pytest.raises(ImportError, match=rf"transformers >= 5\.24; this environment has {found}"):
             magma_hf.MagmaForConditionalGeneration  # noqa: B018
         assert "magma_hf.modeling_magma" not in sys.modules
+        # what runs without the model: the data readers, and captioning with --engine vllm
+        assert callable(magma_hf.load_image_caption_dataset) and callable(magma_hf.caption_images)
+        assert "magma_hf.modeling_magma" not in sys.modules
 
 
 def test_config_loads_as_in_the_model_environment(reference):
