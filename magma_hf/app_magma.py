@@ -296,18 +296,7 @@ class MagmaApp:
             )
             with gr.Row():
                 with gr.Column():
-                    images = gr.Gallery(
-                        label="Images",
-                        type="filepath",
-                        interactive=True,
-                        sources=["upload", "clipboard"],
-                        file_types=["image"],
-                        columns=4,
-                        height=220,
-                        object_fit="contain",
-                        fit_columns=False,
-                        elem_id="magma-images",
-                    )
+                    images = image_gallery(gr, "Images", height=220, elem_id="magma-images")
                     prompt = gr.Textbox(
                         label=f"Prompt (empty: a caption; {IMAGE_TOKEN} places an image)",
                         placeholder="Q: What is in the picture? A:",
@@ -315,18 +304,7 @@ class MagmaApp:
                         elem_id="magma-prompt",
                     )
                     with gr.Accordion("Few-shot examples", open=False):
-                        example_images = gr.Gallery(
-                            label="Example images",
-                            type="filepath",
-                            interactive=True,
-                            sources=["upload", "clipboard"],
-                            file_types=["image"],
-                            columns=4,
-                            height=160,
-                            object_fit="contain",
-                            fit_columns=False,
-                            elem_id="magma-example-images",
-                        )
+                        example_images = image_gallery(gr, "Example images", height=160, elem_id="magma-example-images")
                         example_texts = gr.Textbox(
                             label="Example texts, one line per example image (e.g. a caption, or Q: ... A: ...)",
                             lines=3,
@@ -375,6 +353,22 @@ class MagmaApp:
             # which would end the run before it says so)
             stop.click(on_stop, None, None, queue=False)
         return page
+
+
+def image_gallery(gr, label: str, height: int, elem_id: str):
+    """An image input of the page: files uploaded or pasted, shown four to a row (the query's and the examples')."""
+    return gr.Gallery(
+        label=label,
+        type="filepath",
+        interactive=True,
+        sources=["upload", "clipboard"],
+        file_types=["image"],
+        columns=4,
+        height=height,
+        object_fit="contain",
+        fit_columns=False,
+        elem_id=elem_id,
+    )
 
 
 def session_id(request) -> str:
