@@ -5,8 +5,9 @@ pipeline and peft, and turns on the Hub code export of `save_pretrained` (the sa
 `trust_remote_code=True` where this package is not installed).
 
 Layout: the model is the flat `*_magma.py` modules (exported with a saved folder, so they import only each other);
-`training/` and `evaluation/` hold the training and evaluation code, `conversion/` the converter of the
-released checkpoint. Everything a user imports is importable from `magma_hf` itself; deeper paths are internal.
+`data/` holds the data readers, `training/` and `evaluation/` the training and evaluation code, `conversion/` the
+converter of the released checkpoint. Everything a user imports is importable from `magma_hf` itself; deeper paths
+are internal.
 """
 
 import importlib
@@ -74,14 +75,14 @@ _LAZY_API = {
     "MagmaLRSchedule": "training",
     "MagmaTrainer": "training",
     "MagmaTrainingConfig": "training",
-    "convert_dataset": "training.data",
-    "from_hf_dataset": "training.data",
-    "iter_img2dataset": "training.data",
+    "convert_dataset": "data",
+    "from_hf_dataset": "data",
+    "iter_img2dataset": "data",
     "load_adapter_export": "training",
-    "load_image_caption_dataset": "training.data",
-    "load_imagefolder": "training.data",
-    "load_img2dataset": "training.data",
-    "load_magma_dataset": "training.data",
+    "load_image_caption_dataset": "data",
+    "load_imagefolder": "data",
+    "load_img2dataset": "data",
+    "load_magma_dataset": "data",
     "save_adapter_export": "training",
     "train": "training",
     "EvalSet": "evaluation",
@@ -111,7 +112,7 @@ def __getattr__(name: str):
 
 def _works_without_modeling(name: str) -> bool:
     """The data readers and captioning (whose vLLM engine runs where the model cannot) import no model code."""
-    return _LAZY_API[name] in ("training.data", "captioning")
+    return _LAZY_API[name] in ("data", "captioning")
 
 
 def __dir__() -> list[str]:

@@ -1,7 +1,7 @@
 """`magma-hf caption`: captions (or answers to one prompt) for many images, into a resumable JSONL file.
 
 The images come from a folder of image files, an image-caption dataset in any layout the training readers know
-(`magma_hf.training.data.load_image_caption_dataset`: the original MAGMA layout, imagefolder, img2dataset; their
+(`magma_hf.data.load_image_caption_dataset`: the original MAGMA layout, imagefolder, img2dataset; their
 captions are not used), or a 🤗 dataset with an image column (a `save_to_disk` folder, or a `datasets.Dataset`).
 
 The prompt is evaluation's captioning prompt (`evaluation.run.build_prompt`): the image, then `--prompt` if given
@@ -33,6 +33,7 @@ import datasets
 import PIL.Image
 from tqdm.auto import tqdm
 
+from .data import IMAGE_EXTENSIONS, decode_image, detect_layout, load_image_caption_dataset
 from .evaluation.data import _pick_split
 from .evaluation.records import (
     Processes,
@@ -55,7 +56,6 @@ from .evaluation.run import (
 )
 from .generation import generate_answers
 from .image_processing_magma import open_image
-from .training.data import IMAGE_EXTENSIONS, decode_image, detect_layout, load_image_caption_dataset
 
 logger = logging.getLogger(__name__)
 

@@ -55,9 +55,9 @@ from transformers import (
 )
 
 from .app import demo_app_command
+from .data import convert_dataset, load_magma_dataset
 from .generation import answer_text, generate_answers
 from .processing_magma import add_magma_special_tokens
-from .training.data import convert_dataset, load_magma_dataset
 from .training.run import MagmaTrainingConfig, train
 from .weights_magma import gptj_name
 

@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from magma_hf.cli import main
+from magma_hf.data import load_magma_dataset
 from magma_hf.demo import MARKER, QUESTIONS, caption_for, prepare_output_dir, text_corpus
-from magma_hf.training.data import load_magma_dataset
 from magma_hf.training.run import MagmaTrainingConfig
 
 

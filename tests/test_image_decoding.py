@@ -8,9 +8,9 @@ import pytest
 from helpers import random_image
 from PIL import Image
 
+from magma_hf.data import load_magma_dataset
 from magma_hf.evaluation.data import load_eval_set
 from magma_hf.pipeline_magma import MagmaImageToTextPipeline
-from magma_hf.training.data import load_magma_dataset
 
 ROTATE_270 = 6  # EXIF orientation 6: the camera was turned; the pixels must be turned 270 degrees to stand upright
 

@@ -30,8 +30,8 @@ from typing import Any
 import datasets
 from PIL import Image
 
+from ..data import load_magma_dataset
 from ..image_processing_magma import open_image
-from ..training.data import load_magma_dataset
 from .vqa_metrics import answer_strings, most_common_answer
 
 logger = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ EMPTY_KEY = "magma_empty_batch"
 
 @dataclass
 class MagmaDataCollator:
-    """Turn rows of an image-caption dataset (see `magma_hf.training.data`) into MAGMA's training inputs.
+    """Turn rows of an image-caption dataset (see `magma_hf.data`) into MAGMA's training inputs.
 
     Each sample becomes `[<|image|>] * n_image_tokens + caption + [eos]`, the layout of the original MAGMA training and
     of [`MagmaProcessor`] for a caption prompt. Labels are `-100` on the image tokens and on padding; the caption's
@@ -83,7 +83,7 @@ class MagmaDataCollator:
         image = sample.get("image")
         where = sample.get("image_path") or "sample"
         if image is None:
-            return None  # magma_hf.training.data warned when it failed to decode
+            return None  # magma_hf.data warned when it failed to decode
         try:
             return self.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
         except Exception as error:  # an image PIL opened but preprocessing cannot take (odd modes, zero size, ...)

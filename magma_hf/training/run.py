@@ -40,6 +40,13 @@ from transformers.trainer_utils import IntervalStrategy
 from transformers.utils import logging
 
 from ..configuration_magma import normalize_adapter_config
+from ..data import (
+    MAX_SKIPPED_SHARE,
+    TooManySkippedError,
+    check_skipped_share,
+    load_image_caption_dataset,
+    recording_skips,
+)
 from ..factory import (
     DEFAULT_TOKENIZER,
     MODEL_KEYS,
@@ -56,13 +63,6 @@ from ..modeling_magma import MagmaForConditionalGeneration
 from ..processing_magma import MagmaProcessor, check_processor_matches_model
 from ..weights_magma import MAGMA_WEIGHTS_NAME, is_magma_weight
 from .collator import MagmaDataCollator
-from .data import (
-    MAX_SKIPPED_SHARE,
-    TooManySkippedError,
-    check_skipped_share,
-    load_image_caption_dataset,
-    recording_skips,
-)
 from .export import export_staging_name, save_adapter_export
 from .trainer import (
     CAPTIONS_LOG_NAME,

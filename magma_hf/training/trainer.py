@@ -22,10 +22,10 @@ from transformers.trainer import SCHEDULER_NAME, TRAINER_STATE_NAME, TRAINING_AR
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
 from transformers.utils import logging
 
+from ..data import MAX_SKIPPED_SHARE, SKIP_EXAMPLES, TooManySkippedError, check_skipped_share
 from ..generation import generate_answers
 from ..weights_magma import MAGMA_WEIGHTS_NAME, magma_state_dict
 from .collator import EMPTY_KEY, SKIPPED_IMAGES_KEY, SKIPPED_KEY, MagmaDataCollator
-from .data import MAX_SKIPPED_SHARE, SKIP_EXAMPLES, TooManySkippedError, check_skipped_share
 
 logger = logging.get_logger(__name__)
 
@@ -274,7 +274,7 @@ class MagmaTrainer(Trainer):
         num_caption_samples (`int`, defaults to 2): Evaluation images to caption at each evaluation (0: none).
         caption_max_new_tokens (`int`, defaults to 30): Length limit of those captions.
         run_blind (`bool`, defaults to `False`): Caption blank images (the collator's `blind` for the batches).
-        max_skipped_share (`float`, defaults to `magma_hf.training.data.MAX_SKIPPED_SHARE`, 0.5): The share of training
+        max_skipped_share (`float`, defaults to `magma_hf.data.MAX_SKIPPED_SHARE`, 0.5): The share of training
             samples that may be skipped; 1 never stops.
 
     The default collator is a [`MagmaDataCollator`] on `processing_class` (a [`MagmaProcessor`]); evaluation batches

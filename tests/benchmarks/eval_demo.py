@@ -15,9 +15,9 @@ import json
 import tempfile
 from pathlib import Path
 
+from magma_hf.data import convert_dataset
 from magma_hf.demo import QUESTIONS
 from magma_hf.evaluation.run import evaluate
-from magma_hf.training.data import convert_dataset
 
 
 def question_dataset(source: Path, target: Path, question_name: str) -> Path:

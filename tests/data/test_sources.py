@@ -20,7 +20,7 @@ from magma_hf import (
     load_img2dataset,
     load_magma_dataset,
 )
-from magma_hf.training.data import detect_layout
+from magma_hf.data import detect_layout
 
 
 def pixels(image) -> np.ndarray:
@@ -76,7 +76,7 @@ def original_layout(tmp_path):
 
 
 def test_original_layout_reads_pairs_and_skips_bad_samples(original_layout, caplog):
-    with caplog.at_level(logging.WARNING, logger="magma_hf.training.data"):
+    with caplog.at_level(logging.WARNING, logger="magma_hf.data"):
         ds = load_magma_dataset(str(original_layout))
     # 9 jsons: missing image, empty captions and bad json are dropped when reading; the two undecodable images are
     # only found out when decoded, and come back as None.
@@ -99,7 +99,7 @@ def test_original_layout_reads_pairs_and_skips_bad_samples(original_layout, capl
     assert_pairs_match(ds)
 
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="magma_hf.training.data"):
+    with caplog.at_level(logging.WARNING, logger="magma_hf.data"):
         assert rows["image 7"]["image"] is None and rows["image 8"]["image"] is None
         assert ds[4]["image"] is None  # read again: no second warning
     # rows were decoded (and warned about) when `rows` was built; nothing new is warned here
@@ -109,10 +109,10 @@ def test_original_layout_reads_pairs_and_skips_bad_samples(original_layout, capl
 def test_undecodable_image_warns_once(original_layout, caplog):
     ds = load_magma_dataset(original_layout)
     index = ds.with_format(None)["image_path"].index(str(original_layout / "images" / "0" / "truncated.jpg"))
-    from magma_hf.training import data
+    from magma_hf.data import decoding as data
 
     data._WARNED_IMAGES.clear()
-    with caplog.at_level(logging.WARNING, logger="magma_hf.training.data"):
+    with caplog.at_level(logging.WARNING, logger="magma_hf.data"):
         assert ds[index]["image"] is None
         assert ds[index]["image"] is None
     warnings = [r.getMessage() for r in caplog.records if "cannot decode" in r.getMessage()]
@@ -226,7 +226,7 @@ def test_imagefolder(tmp_path, caplog):
     (folder / "metadata.jsonl").write_text("\n".join(json.dumps(e) for e in entries))
     assert detect_layout(folder) == "imagefolder"
 
-    with caplog.at_level(logging.WARNING, logger="magma_hf.training.data"):
+    with caplog.at_level(logging.WARNING, logger="magma_hf.data"):
         ds = load_imagefolder(folder)
     assert len(ds) == 5
     assert any("no captions" in r.getMessage() for r in caplog.records)
@@ -278,7 +278,7 @@ def test_img2dataset_files(tmp_path, caplog):
     root = tmp_path / "i2d"
     write_img2dataset(root)
     assert detect_layout(root) == "img2dataset"
-    with caplog.at_level(logging.WARNING, logger="magma_hf.training.data"):
+    with caplog.at_level(logging.WARNING, logger="magma_hf.data"):
         ds = load_image_caption_dataset(str(root))
     assert len(ds) == 5
     assert any("000000004.png: no captions" in r.getMessage() for r in caplog.records)
@@ -410,7 +410,7 @@ def test_convert_dataset_failing_midway_leaves_everything_as_it_was(tmp_path, ma
 
 @pytest.mark.parametrize("mode", ["mv", "cp"])
 def test_convert_dataset_failing_while_moving_puts_the_images_back(tmp_path, monkeypatch, mode):
-    from magma_hf.training import data
+    from magma_hf.data import convert as data
 
     samples = seeded_sources(tmp_path, ["a.png", "b.png", "c.png", "d.png"])
     (tmp_path / "out").mkdir()
@@ -458,7 +458,7 @@ def test_convert_dataset_killed_is_finished_by_the_rerun(tmp_path, stage, mode, 
     import os
     import signal
 
-    from magma_hf.training import data
+    from magma_hf.data import convert as data
 
     samples = seeded_sources(tmp_path, ["a.png", "b.png", "c.png", "d.png", "e.png"])
     out = tmp_path / "out"
@@ -486,7 +486,7 @@ def test_convert_dataset_killed_is_finished_by_the_rerun(tmp_path, stage, mode, 
     else:  # two transferred, three still at their sources, none lost
         on_disk = list((tmp_path / "src").glob("*.png")) + list((out / ".convert_dataset-partial").rglob("*.png"))
         assert len(on_disk) == (5 if mode == "mv" else 7)
-    with caplog.at_level(logging.WARNING, logger="magma_hf.training.data"):
+    with caplog.at_level(logging.WARNING, logger="magma_hf.data"):
         summary = convert_dataset(out, samples, dir_size=2, mode=mode)
     expected = "starting again" if stage == "planning" else "interrupted while transferring its 5 images: finishing"
     assert any(expected in record.getMessage() for record in caplog.records)
@@ -497,7 +497,7 @@ def test_convert_dataset_killed_is_finished_by_the_rerun(tmp_path, stage, mode, 
 
 
 def test_convert_dataset_resume_with_other_options_is_refused(tmp_path):
-    from magma_hf.training.data import STAGING_FOLDER, TRANSFERS_FILE
+    from magma_hf.data.convert import STAGING_FOLDER, TRANSFERS_FILE
 
     staging = tmp_path / "out" / STAGING_FOLDER
     staging.mkdir(parents=True)
@@ -519,7 +519,7 @@ def test_readers_name_captions_that_are_not_text(tmp_path, caplog):
     (root / "000.txt").write_bytes(b"caf\xe9 au lait")  # Latin-1, not UTF-8
     write_png(root / "001.png", 1)
     (root / "001.txt").write_text("image 1")
-    with caplog.at_level(logging.WARNING, logger="magma_hf.training.data"):
+    with caplog.at_level(logging.WARNING, logger="magma_hf.data"):
         ds = load_img2dataset(tmp_path / "i2d")
         with pytest.raises(ValueError, match="none of the 2 rows is usable"):
             from_hf_dataset(
@@ -563,7 +563,7 @@ def test_convert_dataset_killed_mid_copy_drops_only_its_own_temporary(tmp_path, 
     import shutil
     import signal
 
-    from magma_hf.training import data
+    from magma_hf.data import convert as data
 
     samples = seeded_sources(tmp_path, ["a.png", "b.png.partial", "b.png"])
     out = tmp_path / "out"

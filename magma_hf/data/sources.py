@@ -1,0 +1,476 @@
+"""Map-style readers of image-caption data: the original MAGMA layout, Hugging Face datasets, imagefolder and
+img2dataset output, and the one layout detector ([`detect_layout`]) that every command uses to tell them apart.
+
+Every reader returns a `datasets.Dataset` with the same columns:
+
+- `image`: the image, decoded to a `PIL.Image.Image` when a row is read (lazily: only the rows you access are decoded)
+  by MAGMA's one decoder, `image_processing_magma.open_image` (EXIF orientation applied, 16-bit images scaled to 8).
+  A row whose image cannot be decoded (corrupt, truncated, not an image, deleted since loading) gives `None` there,
+  with one warning per image; [`MagmaDataCollator`] skips such rows. Stored as a `datasets.Image(decode=False)` column
+  (`{"path", "bytes"}`) under a format transform, so `select`, `shuffle` and `train_test_split` keep the decoding.
+  Reading a whole column (`ds["captions"]`) goes row by row through that transform too, decoding every image: read
+  columns from `ds.with_format(None)` instead.
+- `image_path`: `str`, the absolute path of the image file (`""` when the image only exists as bytes in the dataset).
+- `captions`: `list[str]`, at least one non-empty caption.
+- `metadata`: `str`, the sample's metadata as a JSON object string (`json.loads(row["metadata"])` gives the dict); a
+  string because metadata keys and value types differ from sample to sample, which an Arrow struct column cannot hold.
+
+Samples that cannot give a correct (image, caption) pair are dropped when the dataset is read: a missing image file, no
+caption, an unreadable json. Each drop is one warning naming the file and the reason, and a summary with the counts
+follows. They never raise and never pair an image with another sample's caption.
+
+The original layout (`Aleph-Alpha/magma`, `magma/datasets/dataset.py` and `convert_datasets.py`):
+
+```
+data_dir/
+    images/0/<name>.jpg ...                 # numbered folders of at most `dir_size` images
+    image_data/0/0.json ... 9999.json       # one json per sample, numbered folders of at most `dir_size`
+    image_data/1/10000.json ...
+```
+
+each json `{"image_path": "images/0/<name>.jpg", "captions": ["...", ...], "metadata": {...}}`, with `image_path`
+relative to `data_dir`. A json without `image_path` means the image with the json's stem in the matching folder under
+`images/` (`image_data/3/123.json` -> `images/3/123.jpg`, as the original reader did), or else beside the json itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import datasets
+from datasets import Dataset, Features, Value, concatenate_datasets
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from .convert import STAGING_FOLDER
+from .decoding import (
+    IMAGE_EXTENSIONS,
+    SkipReport,
+    caption_problem,
+    clean_captions,
+    decode_images_transform,
+    image_label,
+    is_main_local_process,
+    utf8_problem,
+)
+
+try:  # datasets >= 4
+    from datasets import List as _ListFeature
+except ImportError:  # pragma: no cover - datasets 3.x
+    from datasets import Sequence as _ListFeature
+
+logger = logging.get_logger(__name__)
+
+CAPTION_COLUMNS = ("text", "caption", "captions", "txt")
+FEATURES = Features(
+    {
+        "image": datasets.Image(decode=False),
+        "image_path": Value("string"),
+        "captions": _ListFeature(Value("string")),
+        "metadata": Value("string"),
+    }
+)
+JSON_READ_THREADS = 16  # reading many small json files is I/O bound
+
+def _finalize(dataset: Dataset) -> Dataset:
+    # Only the image column goes through the transform; the others are returned as stored.
+    return dataset.with_transform(decode_images_transform, columns=["image"], output_all_columns=True)
+
+
+def _from_rows(rows: list[dict]) -> Dataset:
+    columns = {name: [row[name] for row in rows] for name in FEATURES}
+    return Dataset.from_dict(columns, features=FEATURES)
+
+
+
+def image_value(path: Path) -> dict:
+    return {"path": str(path), "bytes": None}
+
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The original layout
+
+
+def _find_image_by_stem(data_dir: Path, json_path: Path) -> Path | None:
+    """The original's rule for a json without `image_path`: `images/<same sub-folder>/<stem>.jpg`; else beside it."""
+    relative_folder = json_path.parent.relative_to(data_dir / "image_data")
+    for folder in (data_dir / "images" / relative_folder, json_path.parent):
+        for extension in IMAGE_EXTENSIONS:
+            for candidate in (folder / (json_path.stem + extension), folder / (json_path.stem + extension.upper())):
+                if candidate.is_file():
+                    return candidate
+    return None
+
+
+def _read_sample_json(data_dir: Path, json_path: Path) -> dict | tuple[str, str]:
+    """One row of the original layout, or `(what, reason)` when the sample must be skipped."""
+    try:
+        with open(json_path, encoding="utf-8") as file:
+            data = json.load(file)
+    except (OSError, ValueError) as error:
+        return str(json_path), f"unreadable json: {type(error).__name__}: {error}"
+    if not isinstance(data, dict):
+        return str(json_path), f"unreadable json: expected an object, got {type(data).__name__}"
+    problem = caption_problem(data.get("captions"))
+    if problem:
+        return str(json_path), f"bad captions: {problem}"
+    captions = clean_captions(data.get("captions"))
+    if captions is None:
+        return str(json_path), "no captions: 'captions' must be a non-empty list of non-empty strings"
+    if data.get("image_path"):
+        image_path = data_dir / data["image_path"]
+        if not image_path.is_file():
+            return str(json_path), f"missing image: {image_path} does not exist"
+    else:
+        image_path = _find_image_by_stem(data_dir, json_path)
+        if image_path is None:
+            return str(json_path), f"missing image: no 'image_path' and no image named {json_path.stem}.* found"
+    image_path = image_path.resolve()
+    metadata = data.get("metadata")
+    return {
+        "image": image_value(image_path),
+        "image_path": str(image_path),
+        "captions": captions,
+        "metadata": json.dumps(metadata if metadata is not None else {}, default=str),
+    }
+
+
+def _read_original_layout(data_dir: str | os.PathLike) -> Dataset:
+    data_dir = Path(data_dir).expanduser().resolve()
+    image_data_dir = data_dir / "image_data"
+    if not image_data_dir.is_dir() and (data_dir / STAGING_FOLDER).is_dir():
+        raise FileNotFoundError(
+            f"{data_dir} holds no dataset yet: a convert_dataset into it was interrupted ({data_dir / STAGING_FOLDER} "
+            "is left). Call convert_dataset again with the same data_dir, mode and dir_size to finish it."
+        )
+    if not image_data_dir.is_dir():
+        raise FileNotFoundError(
+            f"{data_dir} is not a dataset in the MAGMA layout: it has no image_data/ folder "
+            "(expected images/** and image_data/**/*.json)"
+        )
+    json_paths = sorted(image_data_dir.rglob("*.json"))
+    if not json_paths:
+        raise FileNotFoundError(f"{image_data_dir} holds no *.json sample files")
+    report = SkipReport(str(data_dir))
+    rows = []
+    with ThreadPoolExecutor(JSON_READ_THREADS) as pool:
+        results = pool.map(lambda path: _read_sample_json(data_dir, path), json_paths)
+        for result in tqdm(
+            results, total=len(json_paths), desc=f"Reading {data_dir.name}", disable=not is_main_local_process()
+        ):
+            if isinstance(result, tuple):
+                report.skip(*result)
+            else:
+                rows.append(result)
+    report.summarize(len(rows))
+    if not rows:
+        raise ValueError(f"{data_dir}: none of the {len(json_paths)} samples is usable (see the warnings above)")
+    return _from_rows(rows)
+
+
+def load_magma_dataset(data_dir: str | os.PathLike | Sequence[str | os.PathLike]) -> Dataset:
+    """Read a dataset in the original MAGMA layout (or several, concatenated in order).
+
+    Args:
+        data_dir: A folder with `images/` and `image_data/`, or a list of them.
+
+    Returns:
+        A `datasets.Dataset` with `image` (PIL, decoded on access; `None` if undecodable), `image_path`, `captions`,
+        `metadata` (JSON string). Samples are ordered by json path, as the original read them.
+
+    Example:
+
+    ```python
+    >>> from magma_hf.data import load_magma_dataset
+    >>> ds = load_magma_dataset("/data/coco_converted")
+    >>> ds[0]["captions"], ds[0]["image"].size
+    ```
+    """
+    if isinstance(data_dir, (str, os.PathLike)):
+        return _finalize(_read_original_layout(data_dir))
+    return _finalize(concatenate_datasets([_read_original_layout(d) for d in data_dir]))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Hugging Face datasets
+
+
+def _guess_caption_column(column_names: Sequence[str]) -> str:
+    for name in CAPTION_COLUMNS:
+        if name in column_names:
+            return name
+    raise ValueError(f"No caption column found among {list(column_names)}: pass caption_column= (one of the columns)")
+
+
+def _to_magma_columns(image_column: str, caption_column: str, extra_columns: list[str]):
+    def convert(batch: dict[str, list]) -> dict[str, list]:
+        images = batch[image_column]
+        metadata = [
+            json.dumps({name: batch[name][n] for name in extra_columns}, default=str) for n in range(len(images))
+        ]
+        return {
+            "image": images,
+            "image_path": [
+                str(Path(value["path"]).resolve()) if value.get("path") and os.path.isfile(value["path"]) else ""
+                for value in images
+            ],
+            "captions": [clean_captions(captions) for captions in batch[caption_column]],
+            "metadata": metadata,
+        }
+
+    return convert
+
+
+def from_hf_dataset(
+    dataset: Dataset, image_column: str = "image", caption_column: str | None = None, source: str | None = None
+) -> Dataset:
+    """Bring a Hugging Face image-caption dataset to the MAGMA columns.
+
+    Args:
+        dataset: A `datasets.Dataset` with an image column (a `datasets.Image` feature, or `{"path", "bytes"}`
+            structs) and a caption column (a string or a list of strings per row), e.g.
+            `load_dataset("imagefolder", data_dir=...)` with the captions in `metadata.jsonl`.
+        image_column: The image column.
+        caption_column: The caption column; by default the first of `text`, `caption`, `captions`, `txt` present.
+        source: A name for the warnings.
+
+    The other columns go into `metadata` (as JSON). Rows without a caption or whose image file is missing are dropped,
+    with one warning each and a summary.
+    """
+    if isinstance(dataset, datasets.DatasetDict):
+        raise TypeError(f"Got a DatasetDict with splits {list(dataset)}: pass one split, e.g. dataset['train']")
+    caption_column = caption_column or _guess_caption_column(dataset.column_names)
+    for name, role in ((image_column, "image_column"), (caption_column, "caption_column")):
+        if name not in dataset.column_names:
+            raise ValueError(f"{role}={name!r} is not a column of the dataset; columns: {dataset.column_names}")
+    source = source or (dataset.info.dataset_name or "dataset")
+    dataset = dataset.with_format(None).cast_column(image_column, datasets.Image(decode=False))
+
+    report = SkipReport(source)
+    keep = []
+    rows = dataset.select_columns([image_column, caption_column])
+    for start in tqdm(
+        range(0, len(rows), 1000), desc=f"Checking {source}", unit="k rows", disable=not is_main_local_process()
+    ):
+        batch = rows[start : start + 1000]
+        for offset, (image, captions) in enumerate(zip(batch[image_column], batch[caption_column])):
+            index = start + offset
+            what = image_label(image, f"{source} row {index}")
+            problem = caption_problem(captions)
+            if problem:
+                report.skip(what, f"bad captions: {problem}")
+            elif clean_captions(captions) is None:
+                report.skip(what, "no captions")
+            elif not image or (
+                image.get("bytes") is None and not (image.get("path") and os.path.isfile(image["path"]))
+            ):
+                report.skip(what, "missing image: no bytes and no existing file")
+            else:
+                keep.append(index)
+    report.summarize(len(keep))
+    if not keep:
+        raise ValueError(f"{source}: none of the {len(dataset)} rows is usable (see the warnings above)")
+    if len(keep) < len(dataset):
+        dataset = dataset.select(keep)
+    extra_columns = [name for name in dataset.column_names if name not in (image_column, caption_column)]
+    dataset = dataset.map(
+        _to_magma_columns(image_column, caption_column, extra_columns),
+        batched=True,
+        remove_columns=dataset.column_names,
+        features=FEATURES,
+        desc=f"Converting {source}",
+    )
+    return _finalize(dataset)
+
+
+def load_imagefolder(data_dir: str | os.PathLike, caption_column: str | None = None, split: str = "train") -> Dataset:
+    """`load_dataset("imagefolder", data_dir=...)` (captions in `metadata.jsonl` / `metadata.csv` beside the images),
+    brought to the MAGMA columns by [`from_hf_dataset`]."""
+    try:
+        dataset = datasets.load_dataset("imagefolder", data_dir=str(data_dir), split=split)
+    except datasets.exceptions.DatasetGenerationError as error:  # says only "An error occurred while generating"
+        if not isinstance(error.__cause__, UnicodeDecodeError):
+            raise
+        metadata = sorted(p for p in Path(data_dir).rglob("metadata.*") if p.suffix in (".jsonl", ".csv", ".json"))
+        problems = (utf8_problem(path.read_bytes(), str(path)) for path in metadata)
+        raise ValueError(next((p for p in problems if p), f"{data_dir}: {error.__cause__}")) from None
+    return from_hf_dataset(dataset, image_column="image", caption_column=caption_column, source=str(data_dir))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# img2dataset
+
+
+def _img2dataset_sample(image_path: Path) -> tuple[dict, list[str] | None, str | None]:
+    """Metadata (the `.json` beside the image), captions (the `.txt`, else the json's `caption`) and, when the
+    captions cannot be read as text, why."""
+    metadata: dict = {}
+    json_path = image_path.with_suffix(".json")
+    if json_path.is_file():
+        try:
+            with open(json_path, encoding="utf-8") as file:
+                loaded = json.load(file)
+            metadata = loaded if isinstance(loaded, dict) else {"value": loaded}
+        except (OSError, ValueError) as error:
+            logger.warning(f"Ignoring unreadable metadata {json_path}: {error}")
+    text_path = image_path.with_suffix(".txt")
+    captions = None
+    if text_path.is_file():
+        raw = text_path.read_bytes()
+        problem = utf8_problem(raw, str(text_path))
+        if problem:
+            return metadata, None, f"bad captions: {problem}"
+        captions = clean_captions(raw.decode("utf-8"))
+    if captions is None:
+        problem = caption_problem(metadata.get("caption"))
+        if problem:
+            return metadata, None, f"bad captions: the 'caption' of {json_path}: {problem}"
+        captions = clean_captions(metadata.get("caption"))
+    return metadata, captions, None
+
+
+def iter_img2dataset(data_dir: str | os.PathLike) -> Iterator[tuple[Path, dict]]:
+    """Yield `(image_path, {"captions": [...], "metadata": {...}})` for img2dataset output in the `files` format
+    (`00000/000000123.jpg` beside `000000123.txt` and `000000123.json`), ready for [`convert_dataset`].
+
+    Samples without a caption are skipped with a warning each.
+    """
+    data_dir = Path(data_dir)
+    report = SkipReport(str(data_dir))
+    kept = 0
+    for image_path in sorted(p for p in data_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
+        metadata, captions, problem = _img2dataset_sample(image_path)
+        if captions is None:
+            report.skip(str(image_path), problem or "no captions: no .txt beside it and no 'caption' in its .json")
+            continue
+        kept += 1
+        yield image_path, {"captions": captions, "metadata": metadata}
+    report.summarize(kept)
+
+
+
+
+def _first_undecodable_text(tars: Sequence[str]) -> str | None:
+    """The first `.txt` / `.json` member of the shards that is not valid UTF-8, named with its shard and byte."""
+    for tar_path in tars:
+        with tarfile.open(tar_path) as tar:
+            for member in tar:
+                if member.isfile() and member.name.endswith((".txt", ".json")):
+                    problem = utf8_problem(tar.extractfile(member).read(), f"{member.name} in {tar_path}")
+                    if problem:
+                        return problem
+    return None
+
+
+def load_img2dataset(data_dir: str | os.PathLike) -> Dataset:
+    """Read img2dataset output: the `files` format (`000.jpg` beside `000.txt` / `000.json`, in shard folders) or the
+    `webdataset` format (`*.tar` shards, read with the `webdataset` builder of `datasets`)."""
+    data_dir = Path(data_dir).expanduser().resolve()
+    tars = sorted(str(p) for p in data_dir.rglob("*.tar"))
+    if tars:
+        try:
+            dataset = datasets.load_dataset("webdataset", data_files={"train": tars}, split="train")
+        except UnicodeDecodeError as error:  # raised from deep inside the webdataset builder, naming no file
+            raise ValueError(f"{data_dir}: {_first_undecodable_text(tars) or error}") from None
+        image_column = next((ext for ext in ("jpg", "jpeg", "png", "webp") if ext in dataset.column_names), None)
+        if image_column is None:
+            raise ValueError(f"{data_dir}: the tar shards hold no jpg/jpeg/png/webp entries: {dataset.column_names}")
+        if "txt" not in dataset.column_names:
+            if "json" not in dataset.column_names:
+                raise ValueError(f"{data_dir}: the tar shards hold neither .txt captions nor .json metadata")
+            dataset = dataset.map(lambda row: {"txt": (row["json"] or {}).get("caption")}, desc="Reading captions")
+        return from_hf_dataset(dataset, image_column=image_column, caption_column="txt", source=str(data_dir))
+    rows = []
+    for image_path, data in tqdm(
+        iter_img2dataset(data_dir), desc=f"Reading {data_dir.name}", disable=not is_main_local_process()
+    ):
+        rows.append(
+            {
+                "image": image_value(image_path.resolve()),
+                "image_path": str(image_path.resolve()),
+                "captions": data["captions"],
+                "metadata": json.dumps(data["metadata"], default=str),
+            }
+        )
+    if not rows:
+        raise ValueError(f"{data_dir}: no image with a caption found (img2dataset layout: 000.jpg beside 000.txt)")
+    return _finalize(_from_rows(rows))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Any source
+
+
+def _has_any(path: Path, patterns: Sequence[str]) -> bool:
+    return any(next(path.glob(prefix + pattern), None) is not None for prefix in ("", "*/") for pattern in patterns)
+
+
+def detect_layout(path: str | os.PathLike) -> str:
+    """`"magma"` (images/ + image_data/), `"hf_saved"` (`Dataset.save_to_disk`), `"img2dataset"` (images beside
+    .txt/.json, or .tar shards) or `"imagefolder"` (images with a metadata.jsonl/.csv)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"Dataset folder {path} does not exist")
+    if (path / "image_data").is_dir():
+        return "magma"
+    if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+        return "hf_saved"
+    # Look two levels deep only: a full walk of a large dataset just to name its layout would take minutes.
+    if _has_any(path, ("metadata.jsonl", "metadata.csv")):
+        return "imagefolder"
+    if _has_any(path, ("*.tar", "*.txt")):
+        return "img2dataset"
+    raise ValueError(
+        f"Cannot tell the layout of {path}: expected the MAGMA layout (image_data/ and images/), a saved Hugging Face "
+        "dataset, an imagefolder (images + metadata.jsonl with a caption column) or img2dataset output (000.jpg "
+        "beside 000.txt, or .tar shards)"
+    )
+
+
+def load_image_caption_dataset(source: str | os.PathLike | dict | Dataset | Sequence) -> Dataset:
+    """Load any supported source into the MAGMA columns; a list of sources is concatenated.
+
+    A source is a `datasets.Dataset`, a folder (its layout is detected, see [`detect_layout`]), or a dict
+    `{"path": ..., "format": "magma" | "imagefolder" | "img2dataset" | "hf_saved" | "hub", "image_column": ...,
+    "caption_column": ..., "split": ...}` (`"hub"` loads `load_dataset(path, split=split)`).
+    """
+    if isinstance(source, (list, tuple)):
+        loaded = [load_image_caption_dataset(s) for s in source]
+        return _finalize(concatenate_datasets([d.with_format(None) for d in loaded]))
+    if isinstance(source, Dataset):
+        return from_hf_dataset(source)
+    options: dict[str, Any] = dict(source) if isinstance(source, dict) else {"path": source}
+    unknown = sorted(set(options) - {"path", "format", "image_column", "caption_column", "split"})
+    if unknown or "path" not in options:
+        raise ValueError(
+            f"Dataset source {source!r}: unknown keys {unknown}"
+            if unknown
+            else f"Dataset source {source!r} has no path"
+        )
+    path = str(options["path"])
+    layout = options.get("format") or detect_layout(path)
+    split = options.get("split", "train")
+    columns = {"image_column": options.get("image_column", "image"), "caption_column": options.get("caption_column")}
+    if layout == "magma":
+        return load_magma_dataset(path)
+    if layout == "img2dataset":
+        return load_img2dataset(path)
+    if layout == "imagefolder":
+        return load_imagefolder(path, caption_column=columns["caption_column"], split=split)
+    if layout == "hf_saved":
+        dataset = datasets.load_from_disk(path)
+        if isinstance(dataset, datasets.DatasetDict):
+            dataset = dataset[split]
+        return from_hf_dataset(dataset, source=path, **columns)
+    if layout == "hub":
+        return from_hf_dataset(datasets.load_dataset(path, split=split), source=path, **columns)
+    raise ValueError(
+        f"Dataset source {path}: unknown format {layout!r}; expected magma, imagefolder, img2dataset, hf_saved or hub"
+    )
