@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch and torchvision as a matching pair (open_clip needs torchvision; a mismatched pair fails to import)
 	$(BIN)/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-	$(BIN)/python -m pip install --quiet -e ".[train,dev,eval,demo,app]"
+	$(BIN)/python -m pip install --quiet -e ".[train,dev,eval,demo,app,img2dataset]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -337,3 +337,41 @@ def save_answering_model(folder) -> None:
     model = MagmaForConditionalGeneration(tiny_config(tokenizer, text_config={"initializer_range": 0.3})).eval()
     model.save_pretrained(folder)
     make_processor(tokenizer).save_pretrained(folder)
+
+
+def encoded_image(seed: int, size=(24, 20), format: str = "JPEG") -> bytes:
+    """A random image's file bytes."""
+    import io
+
+    buffer = io.BytesIO()
+    random_image(seed, size=size).save(buffer, format=format)
+    return buffer.getvalue()
+
+
+def write_webdataset_shards(folder, shards: int, per_shard: int, size=(24, 20), first_seed: int = 0) -> list[str]:
+    """`shards` webdataset tars of `per_shard` samples each, named as img2dataset names them (`00000.tar`, keys
+    `000000000`...): `.jpg`, `.txt` ("image <seed>") and `.json` (`{"key", "seed"}`) per sample. Returns the keys."""
+    import io
+    import json
+    import tarfile
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = []
+    for shard in range(shards):
+        with tarfile.open(folder / f"{shard:05d}.tar", "w") as tar:
+            for index in range(per_shard):
+                seed = first_seed + shard * per_shard + index
+                key = f"{shard:05d}{index:04d}"
+                members = {
+                    "jpg": encoded_image(seed, size),
+                    "txt": f"image {seed}".encode(),
+                    "json": json.dumps({"key": key, "seed": seed}).encode(),
+                }
+                for extension, payload in members.items():
+                    info = tarfile.TarInfo(f"{key}.{extension}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+                keys.append(f"{shard:05d}.tar/{key}")
+    return keys

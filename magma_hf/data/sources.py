@@ -40,6 +40,7 @@ import os
 import tarfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,7 @@ from .decoding import (
     is_main_local_process,
     utf8_problem,
 )
+from .shards import CAPTION_KEYS, IMAGE_KEYS, is_shard_spec, list_shards, shard_format
 
 try:  # datasets >= 4
     from datasets import List as _ListFeature
@@ -78,6 +80,7 @@ FEATURES = Features(
 )
 JSON_READ_THREADS = 16  # reading many small json files is I/O bound
 
+
 def _finalize(dataset: Dataset) -> Dataset:
     # Only the image column goes through the transform; the others are returned as stored.
     return dataset.with_transform(decode_images_transform, columns=["image"], output_all_columns=True)
@@ -88,10 +91,8 @@ def _from_rows(rows: list[dict]) -> Dataset:
     return Dataset.from_dict(columns, features=FEATURES)
 
 
-
 def image_value(path: Path) -> dict:
     return {"path": str(path), "bytes": None}
-
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -355,8 +356,6 @@ def iter_img2dataset(data_dir: str | os.PathLike) -> Iterator[tuple[Path, dict]]
     report.summarize(kept)
 
 
-
-
 def _first_undecodable_text(tars: Sequence[str]) -> str | None:
     """The first `.txt` / `.json` member of the shards that is not valid UTF-8, named with its shard and byte."""
     for tar_path in tars:
@@ -369,11 +368,12 @@ def _first_undecodable_text(tars: Sequence[str]) -> str | None:
     return None
 
 
-def load_img2dataset(data_dir: str | os.PathLike) -> Dataset:
-    """Read img2dataset output: the `files` format (`000.jpg` beside `000.txt` / `000.json`, in shard folders) or the
-    `webdataset` format (`*.tar` shards, read with the `webdataset` builder of `datasets`)."""
-    data_dir = Path(data_dir).expanduser().resolve()
-    tars = sorted(str(p) for p in data_dir.rglob("*.tar"))
+def load_img2dataset(data_dir: str | os.PathLike, shards: Sequence[str] | None = None) -> Dataset:
+    """Read img2dataset output map-style: the `files` format (`000.jpg` beside `000.txt` / `000.json`, in shard
+    folders) or the `webdataset` format (`*.tar` shards, or the given `shards`, read with the `webdataset` builder of
+    `datasets`, which copies them into its cache: `magma_hf.data.streaming` reads them where they lie)."""
+    data_dir = Path(data_dir).expanduser().resolve() if shards is None else Path(os.fspath(data_dir))
+    tars = sorted(str(p) for p in data_dir.rglob("*.tar")) if shards is None else list(shards)
     if tars:
         try:
             dataset = datasets.load_dataset("webdataset", data_files={"train": tars}, split="train")
@@ -412,9 +412,23 @@ def _has_any(path: Path, patterns: Sequence[str]) -> bool:
     return any(next(path.glob(prefix + pattern), None) is not None for prefix in ("", "*/") for pattern in patterns)
 
 
+# The layouts read as streams unless a source says `streaming: false`; folders of files are read map-style.
+STREAMED_BY_DEFAULT = ("webdataset", "parquet", "hub")
+LAYOUTS = ("magma", "imagefolder", "img2dataset", "hf_saved", "hub", "webdataset", "parquet")
+SOURCE_KEYS = ("path", "format", "image_column", "caption_column", "split", "streaming")
+
+
 def detect_layout(path: str | os.PathLike) -> str:
-    """`"magma"` (images/ + image_data/), `"hf_saved"` (`Dataset.save_to_disk`), `"img2dataset"` (images beside
-    .txt/.json, or .tar shards) or `"imagefolder"` (images with a metadata.jsonl/.csv)."""
+    """The layout of a dataset source, decided from its name and a look two folder levels deep:
+
+    - `"webdataset"` / `"parquet"`: `.tar` / `.parquet` shards, named by a glob, a brace range, a file, a URL, or a
+      folder holding them (img2dataset's `webdataset` and `parquet` output; its per-shard `.parquet` metadata beside
+      `.tar` shards is not data);
+    - `"magma"` (images/ + image_data/), `"hf_saved"` (`Dataset.save_to_disk`), `"imagefolder"` (images with a
+      metadata.jsonl/.csv), `"img2dataset"` (its `files` output: images beside .txt/.json).
+    """
+    if is_shard_spec(path):
+        return shard_format(list_shards(path))
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"Dataset folder {path} does not exist")
@@ -425,52 +439,99 @@ def detect_layout(path: str | os.PathLike) -> str:
     # Look two levels deep only: a full walk of a large dataset just to name its layout would take minutes.
     if _has_any(path, ("metadata.jsonl", "metadata.csv")):
         return "imagefolder"
-    if _has_any(path, ("*.tar", "*.txt")):
+    if _has_any(path, ("*.tar",)):
+        return "webdataset"
+    if _has_any(path, ("*.txt",)):
         return "img2dataset"
+    if _has_any(path, ("*.parquet",)) and not _has_any(path, [f"*{ext}" for ext in IMAGE_EXTENSIONS]):
+        return "parquet"
     raise ValueError(
         f"Cannot tell the layout of {path}: expected the MAGMA layout (image_data/ and images/), a saved Hugging Face "
-        "dataset, an imagefolder (images + metadata.jsonl with a caption column) or img2dataset output (000.jpg "
-        "beside 000.txt, or .tar shards)"
+        "dataset, an imagefolder (images + metadata.jsonl with a caption column), img2dataset output (000.jpg "
+        "beside 000.txt), or .tar / .parquet shards"
+    )
+
+
+@dataclass
+class SourceSpec:
+    """One dataset source as a config names it: a path (or a dict with these keys), its layout and whether it is
+    streamed (default: shards and hub names yes, folders of files no)."""
+
+    path: str
+    layout: str
+    streaming: bool
+    split: str = "train"
+    image_column: str | None = None
+    caption_column: str | None = None
+
+
+def parse_source(source: str | os.PathLike | dict, streaming: bool | None = None) -> SourceSpec:
+    """A [`SourceSpec`] for a path or a dict `{"path", "format", "image_column", "caption_column", "split",
+    "streaming"}`; `streaming` is the default where the source does not say (the config's `streaming` key)."""
+    options: dict[str, Any] = dict(source) if isinstance(source, dict) else {"path": source}
+    unknown = sorted(set(options) - set(SOURCE_KEYS))
+    if unknown:
+        raise ValueError(f"Dataset source {source!r}: unknown keys {unknown}; known keys: {list(SOURCE_KEYS)}")
+    if options.get("path") is None:
+        raise ValueError(f"Dataset source {source!r} has no path")
+    path = os.fspath(options["path"])
+    layout = options.get("format") or detect_layout(path)
+    if layout not in LAYOUTS:
+        raise ValueError(f"Dataset source {path}: unknown format {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    chosen = options.get("streaming", streaming)
+    if chosen is not None and not isinstance(chosen, bool):
+        raise ValueError(f"Dataset source {path}: streaming must be true or false, got {chosen!r}")
+    return SourceSpec(
+        path=path,
+        layout=layout,
+        streaming=(layout in STREAMED_BY_DEFAULT) if chosen is None else chosen,
+        split=options.get("split", "train"),
+        image_column=options.get("image_column"),
+        caption_column=options.get("caption_column"),
     )
 
 
 def load_image_caption_dataset(source: str | os.PathLike | dict | Dataset | Sequence) -> Dataset:
-    """Load any supported source into the MAGMA columns; a list of sources is concatenated.
+    """Load any supported source into the MAGMA columns, map-style (`datasets.Dataset`); a list is concatenated.
 
-    A source is a `datasets.Dataset`, a folder (its layout is detected, see [`detect_layout`]), or a dict
-    `{"path": ..., "format": "magma" | "imagefolder" | "img2dataset" | "hf_saved" | "hub", "image_column": ...,
-    "caption_column": ..., "split": ...}` (`"hub"` loads `load_dataset(path, split=split)`).
+    A source is a `datasets.Dataset`, a path (its layout is detected, see [`detect_layout`]), or a dict
+    `{"path": ..., "format": "magma" | "imagefolder" | "img2dataset" | "hf_saved" | "hub" | "webdataset" |
+    "parquet", "image_column": ..., "caption_column": ..., "split": ...}` (`"hub"` loads
+    `load_dataset(path, split=split)`). Shards read this way are copied into the 🤗 datasets cache first: stream them
+    instead (`magma_hf.data.streaming`), as training does by default.
     """
     if isinstance(source, (list, tuple)):
         loaded = [load_image_caption_dataset(s) for s in source]
         return _finalize(concatenate_datasets([d.with_format(None) for d in loaded]))
     if isinstance(source, Dataset):
         return from_hf_dataset(source)
-    options: dict[str, Any] = dict(source) if isinstance(source, dict) else {"path": source}
-    unknown = sorted(set(options) - {"path", "format", "image_column", "caption_column", "split"})
-    if unknown or "path" not in options:
-        raise ValueError(
-            f"Dataset source {source!r}: unknown keys {unknown}"
-            if unknown
-            else f"Dataset source {source!r} has no path"
-        )
-    path = str(options["path"])
-    layout = options.get("format") or detect_layout(path)
-    split = options.get("split", "train")
-    columns = {"image_column": options.get("image_column", "image"), "caption_column": options.get("caption_column")}
-    if layout == "magma":
+    spec = parse_source(source, streaming=False)
+    path, split = spec.path, spec.split
+    columns = {"image_column": spec.image_column or "image", "caption_column": spec.caption_column}
+    if spec.layout == "magma":
         return load_magma_dataset(path)
-    if layout == "img2dataset":
+    if spec.layout == "img2dataset" or (spec.layout == "webdataset" and Path(path).is_dir()):
         return load_img2dataset(path)
-    if layout == "imagefolder":
+    if spec.layout == "webdataset":
+        return load_img2dataset(path, shards=list_shards(path))
+    if spec.layout == "parquet":
+        return _load_parquet(path, spec)
+    if spec.layout == "imagefolder":
         return load_imagefolder(path, caption_column=columns["caption_column"], split=split)
-    if layout == "hf_saved":
+    if spec.layout == "hf_saved":
         dataset = datasets.load_from_disk(path)
         if isinstance(dataset, datasets.DatasetDict):
             dataset = dataset[split]
         return from_hf_dataset(dataset, source=path, **columns)
-    if layout == "hub":
-        return from_hf_dataset(datasets.load_dataset(path, split=split), source=path, **columns)
-    raise ValueError(
-        f"Dataset source {path}: unknown format {layout!r}; expected magma, imagefolder, img2dataset, hf_saved or hub"
-    )
+    return from_hf_dataset(datasets.load_dataset(path, split=split), source=path, **columns)
+
+
+def _load_parquet(path: str, spec: SourceSpec) -> Dataset:
+    """img2dataset's parquet output, map-style: the rows it downloaded (`status` "success"), image bytes as images."""
+    dataset = datasets.load_dataset("parquet", data_files={"train": list_shards(path)}, split="train")
+    if "status" in dataset.column_names:
+        dataset = dataset.filter(lambda status: status == "success", input_columns="status")
+    names = dataset.column_names
+    image_column = spec.image_column or next((c for c in (*IMAGE_KEYS, "image") if c in names), "image")
+    caption_column = spec.caption_column or next((c for c in CAPTION_KEYS if c in names), None)
+    return from_hf_dataset(dataset, image_column=image_column, caption_column=caption_column, source=path)
