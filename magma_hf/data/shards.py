@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 from transformers.utils import logging
 
 from .decoding import is_main_local_process, utf8_problem
@@ -99,7 +100,7 @@ def list_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[s
         return [path for item in spec for path in list_shards(item)]
     spec = os.fspath(spec)
     fs, _ = fsspec.core.url_to_fs(spec.split("{")[0] or ".")
-    local = fs.protocol in ("file", ("file", "local")) or "file" in fs.protocol
+    local = isinstance(fs, LocalFileSystem)
     if "{" in spec:
         paths = expand_braces(spec)
         missing = [path for path in paths if local and not os.path.isfile(path)]

@@ -186,6 +186,7 @@ class MagmaStream(torch.utils.data.IterableDataset):
                     "processes x data-loader workers, seed, shards per source, shuffle buffer) and is now read as "
                     f"{placement}. Resume with the same processes, dataloader_num_workers, seed and data"
                 )
+            self._state = None  # used once: a later pass over a one-pass stream starts from its beginning
             return json.loads(json.dumps(state))
         return {"placement": placement, "draws": 0, "cursors": [vars(_Cursor()) for _ in self.sources]}
 
