@@ -375,3 +375,28 @@ def write_webdataset_shards(folder, shards: int, per_shard: int, size=(24, 20), 
                     tar.addfile(info, io.BytesIO(payload))
                 keys.append(f"{shard:05d}.tar/{key}")
     return keys
+
+
+def write_png(path, seed):
+    """A random image as a PNG, lossless, so its pixels identify the seed exactly."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    random_image(seed, size=(20, 16)).save(path, format="PNG")  # lossless, so pixels identify the image exactly
+
+
+def write_img2dataset(root):
+    """img2dataset's `files` output: 6 images with captions in .txt or in the .json, one without any, one corrupt."""
+    import json
+
+    shard = root / "00000"
+    shard.mkdir(parents=True)
+    for seed in range(3):
+        write_png(shard / f"00000000{seed}.png", seed)
+        (shard / f"00000000{seed}.json").write_text(json.dumps({"key": f"00000000{seed}", "url": f"http://x/{seed}"}))
+        (shard / f"00000000{seed}.txt").write_text(f"image {seed}\n")
+    write_png(shard / "000000003.png", 3)  # caption only in the json
+    (shard / "000000003.json").write_text(json.dumps({"caption": "image 3", "key": "000000003"}))
+    write_png(shard / "000000004.png", 4)  # no caption at all
+    (shard / "000000004.json").write_text(json.dumps({"key": "000000004"}))
+    (root / "00000_stats.json").write_text(json.dumps({"count": 5}))
+    (shard / "000000005.png").write_bytes(b"corrupt")
+    (shard / "000000005.txt").write_text("image 5")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import files_unchanged, random_image
+from helpers import files_unchanged, random_image, write_img2dataset, write_png
 from PIL import Image
 
 from magma_hf import (
@@ -25,11 +25,6 @@ from magma_hf.data import detect_layout
 
 def pixels(image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
-
-
-def write_png(path, seed):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    random_image(seed, size=(20, 16)).save(path, format="PNG")  # lossless, so pixels identify the image exactly
 
 
 def write_truncated_jpeg(path):
@@ -256,22 +251,6 @@ def test_hf_dataset_with_list_captions_and_bytes():
     out = from_hf_dataset(ds, image_column="img", caption_column="caps")
     assert len(out) == 2 and out[0]["captions"] == ["image 0", "x"] and out[0]["image_path"] == ""
     assert_pairs_match(out)
-
-
-def write_img2dataset(root):
-    shard = root / "00000"
-    shard.mkdir(parents=True)
-    for seed in range(3):
-        write_png(shard / f"00000000{seed}.png", seed)
-        (shard / f"00000000{seed}.json").write_text(json.dumps({"key": f"00000000{seed}", "url": f"http://x/{seed}"}))
-        (shard / f"00000000{seed}.txt").write_text(f"image {seed}\n")
-    write_png(shard / "000000003.png", 3)  # caption only in the json
-    (shard / "000000003.json").write_text(json.dumps({"caption": "image 3", "key": "000000003"}))
-    write_png(shard / "000000004.png", 4)  # no caption at all
-    (shard / "000000004.json").write_text(json.dumps({"key": "000000004"}))
-    (root / "00000_stats.json").write_text(json.dumps({"count": 5}))
-    (shard / "000000005.png").write_bytes(b"corrupt")
-    (shard / "000000005.txt").write_text("image 5")
 
 
 def test_img2dataset_files(tmp_path, caplog):

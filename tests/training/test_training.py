@@ -411,7 +411,7 @@ def test_docs_examples_run(trained, assets, tmp_path, monkeypatch):
     """docs/training.md's Python examples, on the tiny assets in place of the real paths."""
     import re
 
-    from test_data import write_img2dataset, write_png
+    from helpers import write_img2dataset, write_png
 
     _, _, out = trained
     write_img2dataset(tmp_path / "i2d")
