@@ -25,7 +25,7 @@ from transformers.utils import logging
 from ..data import MAX_SKIPPED_SHARE, SKIP_EXAMPLES, TooManySkippedError, check_skipped_share
 from ..generation import generate_answers
 from ..weights_magma import MAGMA_WEIGHTS_NAME, magma_state_dict
-from .collator import EMPTY_KEY, SKIPPED_IMAGES_KEY, SKIPPED_KEY, MagmaDataCollator
+from .collator import EMPTY_KEY, SKIPPED_IMAGES_KEY, SKIPPED_KEY, SKIPPED_REASONS_KEY, MagmaDataCollator
 
 logger = logging.get_logger(__name__)
 
@@ -348,10 +348,11 @@ class MagmaTrainer(Trainer):
         inputs = dict(inputs)
         skipped = int(inputs.pop(SKIPPED_KEY, 0))
         skipped_images = inputs.pop(SKIPPED_IMAGES_KEY, [])
+        reasons = inputs.pop(SKIPPED_REASONS_KEY, None)
         self.num_skipped_samples += skipped
         empty = bool(inputs.pop(EMPTY_KEY, False))
         if model.training:
-            self._count_training_samples(skipped, 0 if empty else len(inputs["input_ids"]), skipped_images)
+            self._count_training_samples(skipped, 0 if empty else len(inputs["input_ids"]), skipped_images, reasons)
         inputs.setdefault("use_cache", False)  # no KV cache in training
         if not empty:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -371,12 +372,15 @@ class MagmaTrainer(Trainer):
         finally:
             self.data_collator = collator
 
-    def _count_training_samples(self, skipped: int, kept: int, skipped_images: list[str]) -> None:
+    def _count_training_samples(
+        self, skipped: int, kept: int, skipped_images: list[str], reasons: list[str] | None = None
+    ) -> None:
         """Count a training batch's samples; stop once the skipped share is clearly over `max_skipped_share`."""
         self.training_samples_read += skipped + kept
         self.training_samples_skipped += skipped
         room = SKIP_EXAMPLES - len(self.skipped_examples)
-        self.skipped_examples += [f"{image} (cannot decode or preprocess)" for image in skipped_images[:room]]
+        reasons = reasons or ["cannot decode or preprocess"] * len(skipped_images)
+        self.skipped_examples += [f"{image} ({reason})" for image, reason in zip(skipped_images[:room], reasons)]
         read, skipped = self.training_samples_read, self.training_samples_skipped
         margin = math.sqrt(math.log(1 / SKIP_CHECK_FALSE_ALARM) / (2 * read)) if read else 0.0
         if read and skipped / read - margin > self.max_skipped_share:
@@ -408,7 +412,7 @@ class MagmaTrainer(Trainer):
         total = self._sum_over_processes(self.num_skipped_samples)
         output.metrics["skipped_samples"] = self.total_skipped_samples = total
         if total and self.is_world_process_zero():
-            logger.warning(f"Skipped {total} samples whose image could not be decoded or preprocessed")
+            logger.warning(f"Skipped {total} samples that could not be used (an undecodable image, a streamed problem)")
         check_skipped_share(
             self._sum_over_processes(self.training_samples_skipped),
             self._sum_over_processes(self.training_samples_read),
