@@ -269,10 +269,13 @@ def save_tiny_gptj(folder, tokenizer, vocab_size: int, n_positions: int = 128) -
     GPTJForCausalLM(config).save_pretrained(folder)
 
 
-def accelerate_launch(arguments: list[str], cwd, processes: int = 2, timeout: int = 300):
+def accelerate_launch(
+    arguments: list[str], cwd, processes: int = 2, timeout: int = 300, config_file=None, env: dict | None = None
+):
     """`accelerate launch` of `arguments` (a script and its arguments, or `-m module ...`) over `processes` CPU
     processes: `--multi_gpu` is accelerate's torchrun launcher, which magma_hf runs on gloo when there is no GPU
-    (`--cpu` would start one process). A free port, so that concurrent launches do not meet. Returns the
+    (`--cpu` would start one process); with `config_file`, that accelerate config instead (e.g. a DeepSpeed one). A
+    free port, so that concurrent launches do not meet; `env` is added to the environment. Returns the
     `subprocess.CompletedProcess`."""
     import os
     import socket
@@ -284,13 +287,14 @@ def accelerate_launch(arguments: list[str], cwd, processes: int = 2, timeout: in
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     root = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", **(env or {}))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-        *arguments,
-    ]  # fmt: skip
+    if config_file is None:
+        setup = ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
+                 "--dynamo_backend", "no"]  # fmt: skip
+    else:
+        setup = ["--config_file", str(config_file)]
+    command = [sys.executable, "-m", "accelerate.commands.launch", *setup, "--main_process_port", str(port), *arguments]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 

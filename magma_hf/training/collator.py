@@ -13,7 +13,8 @@ logger = logging.get_logger(__name__)
 IGNORE_INDEX = -100
 # Keys the collator adds for MagmaTrainer when `report_skips` is on (the Trainer removes them before the forward).
 SKIPPED_KEY = "magma_num_skipped"
-SKIPPED_IMAGES_KEY = "magma_skipped_images"  # what each skipped sample was (its image path), for an error naming them
+SKIPPED_IMAGES_KEY = "magma_skipped_images"  # what each skipped sample was (its key or image path), for an error
+SKIPPED_REASONS_KEY = "magma_skip_reasons"  # and why it was skipped
 EMPTY_KEY = "magma_empty_batch"
 
 
@@ -32,8 +33,9 @@ class MagmaDataCollator:
     Truncation only ever shortens the caption: at most `max_length - n_image_tokens` caption tokens are kept, the
     end-of-text included when it fits (as the original, which cut the padded caption to the room left by the image).
 
-    Rows whose `image` is `None` (undecodable, see `data.py`) or whose image fails preprocessing are skipped (one
-    warning each; with `report_skips` the batch says how many and which); the batch is then smaller. A batch with
+    Rows whose `image` is `None` (undecodable, see `magma_hf.data`), that carry a `problem` (a streamed sample that
+    cannot be used: `magma_hf.data.streaming`) or whose image fails preprocessing are skipped (one warning each; with
+    `report_skips` the batch says how many, which and why); the batch is then smaller. A batch with
     nothing left becomes a placeholder of one blank image whose labels are all `-100`, flagged for [`MagmaTrainer`],
     which turns its loss into an exact zero (every process still runs forward and backward, which distributed
     training needs).
@@ -47,8 +49,8 @@ class MagmaDataCollator:
             information).
         pad_to_multiple_of (`int`, *optional*): Pad the sequence length to a multiple of this.
         report_skips (`bool`, defaults to `False`): Add `magma_num_skipped` / `magma_skipped_images` /
-            `magma_empty_batch` entries to each batch for [`MagmaTrainer`] (which counts skips across dataloader
-            workers and processes, and stops a run that skips too many).
+            `magma_skip_reasons` / `magma_empty_batch` entries to each batch for [`MagmaTrainer`] (which counts skips
+            across dataloader workers and processes, and stops a run that skips too many).
 
     `__call__` returns `pixel_values` `[b, 3, s, s]` and `input_ids`, `attention_mask`, `labels`, each `[b, seq]`.
     """
@@ -98,12 +100,16 @@ class MagmaDataCollator:
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         pixel_values, captions = [], []
-        skipped, skipped_images = 0, []
+        skipped, skipped_images, reasons = 0, [], []
         for sample in samples:
-            values = self._pixel_values(sample)
+            problem = sample.get("problem")
+            if problem:  # a streamed row says why it cannot be used; nothing else warned about it
+                logger.warning(f"Skipping sample {sample.get('key') or sample.get('image_path')}: {problem}")
+            values = None if problem else self._pixel_values(sample)
             if values is None:
                 skipped += 1
-                skipped_images.append(sample.get("image_path") or "an image stored as bytes")
+                skipped_images.append(sample.get("key") or sample.get("image_path") or "an image stored as bytes")
+                reasons.append(problem or "cannot decode or preprocess")
                 continue
             pixel_values.append(values)
             captions.append(self._pick_caption(sample["captions"]))
@@ -121,6 +127,7 @@ class MagmaDataCollator:
         if self.report_skips:
             batch[SKIPPED_KEY] = skipped
             batch[SKIPPED_IMAGES_KEY] = skipped_images
+            batch[SKIPPED_REASONS_KEY] = reasons
             batch[EMPTY_KEY] = empty
         return batch
 

@@ -21,6 +21,7 @@ import difflib
 import itertools
 import json
 import logging as std_logging
+import math
 import os
 import re
 import shutil
@@ -47,6 +48,8 @@ from ..data import (
     load_image_caption_dataset,
     recording_skips,
 )
+from ..data.decoding import SkipReport
+from ..data.streaming import DEFAULT_SHUFFLE_BUFFER_SIZE, MagmaStream, build_stream
 from ..factory import (
     DEFAULT_TOKENIZER,
     MODEL_KEYS,
@@ -69,6 +72,7 @@ from .trainer import (
     CHECKPOINT_NAME,
     INTERRUPTED_NAME,
     SUPERSEDED_PREFIX,
+    DataStateError,
     MagmaLRSchedule,
     MagmaTrainer,
     checkpoint_folders,
@@ -121,9 +125,12 @@ class MagmaTrainingConfig:
     name: str | None = None
     wandb_project: str | None = None
     # data
-    train_dataset_dir: Any = None  # a dataset folder or source, or a list
-    eval_dataset_dir: Any = None
-    eval_dataset_pct: float = 0.1  # split off the training data when eval_dataset_dir is None
+    train_dataset_dir: Any = None  # a dataset folder, shards (folder of .tar/.parquet, glob, brace range), a source
+    eval_dataset_dir: Any = None  # dict, or a list of them
+    eval_dataset_pct: float = 0.1  # split off map-style training data when eval_dataset_dir is None
+    train_dataset_weights: list | None = None  # sampling probability per train source: a mix, which streams them all
+    streaming: bool | None = None  # None: per source (shards and hub datasets stream, folders of files do not)
+    shuffle_buffer_size: int = DEFAULT_SHUFFLE_BUFFER_SIZE  # a stream's shuffling window, in samples (0: in order)
     seq_len: int | None = None  # longest sequence, image tokens included; None: the language model's context
     max_skipped_share: float | None = None  # stop when more samples are skipped; None: data.MAX_SKIPPED_SHARE (0.5)
     # model
@@ -210,6 +217,11 @@ class MagmaTrainingConfig:
             raise TrainingConfigError(f"max_skipped_share must be in [0, 1], got {self.max_skipped_share}")
         if not 0 <= self.eval_dataset_pct < 1:
             raise TrainingConfigError(f"eval_dataset_pct must be in [0, 1), got {self.eval_dataset_pct}")
+        if self.shuffle_buffer_size < 0:
+            raise TrainingConfigError(
+                f"shuffle_buffer_size must be >= 0 (0 reads in order), got {self.shuffle_buffer_size}"
+            )
+        self._check_train_dataset_weights()
         if not isinstance(self.training_args, dict):
             raise TrainingConfigError(f"training_args must be a mapping, got {type(self.training_args).__name__}")
         taken = sorted(set(self.training_args) & set(TRAINING_ARGS_FROM_KEYS))
@@ -231,6 +243,28 @@ class MagmaTrainingConfig:
             raise TrainingConfigError(f"lm_dtype must be one of {list(LM_DTYPES)}, got {self.lm_dtype!r}")
         if self.tokenizer_name is not None and self.tokenizer_name_or_path is not None:
             raise TrainingConfigError("Give tokenizer_name_or_path or the original's tokenizer_name, not both")
+
+    def _check_train_dataset_weights(self) -> None:
+        weights = self.train_dataset_weights
+        if weights is None:
+            return
+        if not isinstance(weights, (list, tuple)):
+            raise TrainingConfigError(
+                f"train_dataset_weights must be a list of numbers, one per train_dataset_dir source, got {weights!r}"
+            )
+        weights = [_typed_value(f"train_dataset_weights[{i}]", weight, float) for i, weight in enumerate(weights)]
+        sources = self.train_dataset_dir
+        count = len(sources) if isinstance(sources, (list, tuple)) else 1
+        if len(weights) != count:
+            raise TrainingConfigError(
+                f"train_dataset_weights has {len(weights)} weights for {count} train_dataset_dir sources: give one "
+                "weight per source"
+            )
+        if any(not math.isfinite(weight) or weight < 0 for weight in weights) or sum(weights) <= 0:
+            raise TrainingConfigError(
+                f"train_dataset_weights must be non-negative numbers with a positive sum, got {weights}"
+            )
+        self.train_dataset_weights = weights
 
     @property
     def tokenizer_source(self) -> str | None:
@@ -596,12 +630,27 @@ def magma_weights_to_float32(model) -> None:
 
 
 def build_datasets(config: MagmaTrainingConfig, seed: int, eval_samples: int):
-    """Training and evaluation datasets: `eval_dataset_dir`, or `eval_dataset_pct` of the training data split off.
-    The evaluation set is cut to `eval_samples` (the original evaluated `eval_steps` batches). Either one losing more
-    than `max_skipped_share` of its samples while it is read (missing images, no captions) is an error naming them."""
-    train = _load_checked(config.train_dataset_dir, "train_dataset_dir", config)
+    """Training and evaluation datasets.
+
+    Training data that streams (shards, hub datasets, `streaming: true`, or a mix by `train_dataset_weights`) is a
+    [`MagmaStream`] seeded with the run's `seed`, endless (each source starts a new reshuffled pass; the run stops at
+    `train_steps`); other data is read map-style. Evaluation is `eval_dataset_dir` (a stream's first `eval_samples`
+    samples, in order, held in memory), or `eval_dataset_pct` of map-style training data split off (a stream has no
+    length to split: no evaluation then). The evaluation set is cut to `eval_samples` (the original evaluated
+    `eval_steps` batches). Either one losing more than `max_skipped_share` of its samples while it is read (missing
+    images, no captions) is an error naming them."""
+    train = _stream(config, "train_dataset_dir", seed=seed, weights=config.train_dataset_weights)
+    if train is None:
+        train = _load_checked(config.train_dataset_dir, "train_dataset_dir", config)
     if config.eval_dataset_dir is not None:
-        evaluation = _load_checked(config.eval_dataset_dir, "eval_dataset_dir", config)
+        stream = _stream(config, "eval_dataset_dir", shuffle_buffer_size=0, repeat=False, pick_caption=False)
+        if stream is None:
+            evaluation = _load_checked(config.eval_dataset_dir, "eval_dataset_dir", config)
+        else:
+            evaluation = _first_rows(stream, eval_samples, config)
+    elif isinstance(train, MagmaStream):
+        logger.info("The training data is streamed and no eval_dataset_dir is given: no evaluation")
+        evaluation = None
     elif config.eval_dataset_pct > 0 and len(train) > 1:
         split = train.train_test_split(test_size=config.eval_dataset_pct, seed=seed)
         train, evaluation = split["train"], split["test"]
@@ -610,6 +659,31 @@ def build_datasets(config: MagmaTrainingConfig, seed: int, eval_samples: int):
     if evaluation is not None and len(evaluation) > eval_samples:
         evaluation = evaluation.select(range(eval_samples))
     return train, evaluation
+
+
+def _stream(config: MagmaTrainingConfig, key: str, **options) -> MagmaStream | None:
+    """The stream of `config.<key>`, or `None` when it is read map-style; an error naming `key` when it cannot be."""
+    options = {"shuffle_buffer_size": config.shuffle_buffer_size, **options}
+    try:
+        return build_stream(getattr(config, key), streaming=config.streaming, **options)
+    except (ValueError, FileNotFoundError) as error:
+        raise TrainingConfigError(f"{key}: {error}") from None
+
+
+def _first_rows(stream: MagmaStream, count: int, config: MagmaTrainingConfig) -> list[dict]:
+    """The first `count` samples of a one-pass `stream` of `eval_dataset_dir`, as a list of rows: a map-style dataset
+    that every process evaluates as it would a folder's, held in memory bounded by `count` whatever the size of the
+    data. Unusable samples among them are dropped and counted as the map-style readers drop theirs."""
+    report, rows = SkipReport("eval_dataset_dir"), []
+    for row in itertools.islice(stream, count):
+        if row["problem"]:
+            report.skip(row["key"], row["problem"])
+        else:
+            rows.append(row)
+    report.summarize(len(rows))
+    total = len(rows) + report.skipped
+    check_skipped_share(report.skipped, total, report.examples, skipped_share_limit(config), "eval_dataset_dir")
+    return rows
 
 
 def skipped_share_limit(config: MagmaTrainingConfig) -> float:
@@ -936,7 +1010,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = MagmaTrainingConfig.from_yaml(args.config, overrides)
         train(config)
-    except (TrainingConfigError, TooManySkippedError) as error:  # the user's to fix: one line, no traceback
+    except (TrainingConfigError, TooManySkippedError, DataStateError) as error:  # the user's to fix: one line
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -16,6 +16,7 @@ import torch
 from accelerate.utils import DeepSpeedSchedulerWrapper
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import Trainer
 from transformers.integrations.deepspeed import deepspeed_load_checkpoint, is_deepspeed_zero3_enabled
 from transformers.trainer import SCHEDULER_NAME, TRAINER_STATE_NAME, TRAINING_ARGS_NAME
@@ -23,9 +24,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
 from transformers.utils import logging
 
 from ..data import MAX_SKIPPED_SHARE, SKIP_EXAMPLES, TooManySkippedError, check_skipped_share
+from ..data.streaming import MagmaStream
 from ..generation import generate_answers
 from ..weights_magma import MAGMA_WEIGHTS_NAME, magma_state_dict
-from .collator import EMPTY_KEY, SKIPPED_IMAGES_KEY, SKIPPED_KEY, MagmaDataCollator
+from .collator import EMPTY_KEY, SKIPPED_IMAGES_KEY, SKIPPED_KEY, SKIPPED_REASONS_KEY, MagmaDataCollator
 
 logger = logging.get_logger(__name__)
 
@@ -191,6 +193,66 @@ def require_complete_checkpoint(path: str | os.PathLike) -> None:
     raise ValueError(message)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Streamed training data: each checkpoint holds where every process's data loader is
+
+DATA_STATE_DIR = "data_state"
+# What a data state must have been saved with to resume a stream (each changes which samples a reader reads).
+STREAM_LAYOUT_KEYS = ("processes", "dataloader_num_workers", "seed", "shards", "shuffle_buffer_size")
+
+
+class DataStateError(ValueError):
+    """A checkpoint whose data-loader state cannot continue this run's stream; the message names what differs."""
+
+
+def data_state_file(checkpoint: str | os.PathLike, process: int) -> Path:
+    """`checkpoint/data_state/process-{process}.json`: that process's `StatefulDataLoader.state_dict()` and the
+    layout it was saved with (see [`stream_layout`])."""
+    return Path(checkpoint) / DATA_STATE_DIR / f"process-{process}.json"
+
+
+def stream_layout(stream: MagmaStream, processes: int, num_workers: int) -> dict:
+    """The settings a saved stream position depends on: processes x data-loader workers (the readers the shards are
+    dealt to), the seed, the shards per source and the shuffle buffer."""
+    return {
+        "processes": processes,
+        "dataloader_num_workers": num_workers,
+        "seed": stream.seed,
+        "shards": [len(source) for source in stream.sources],
+        "shuffle_buffer_size": stream.shuffle_buffer_size,
+    }
+
+
+def read_data_state(checkpoint: str | os.PathLike, process: int, layout: dict) -> dict:
+    """The data-loader state of `process` in `checkpoint`, if it was saved with `layout`; else a [`DataStateError`]
+    naming what differs, or that the checkpoint has none (a run that did not stream, an older version)."""
+    folder = Path(checkpoint) / DATA_STATE_DIR
+    files = sorted(folder.glob("process-*.json")) if folder.is_dir() else []
+    advice = (
+        "Resume with the same processes, dataloader_num_workers, seed and data, or set training_args.ignore_data_skip: "
+        "true to read the stream from its beginning"
+    )
+    if not files:
+        raise DataStateError(
+            f"Cannot resume the streamed training data from {checkpoint}: it has no {DATA_STATE_DIR}/ (a checkpoint of "
+            f"a run whose training data was not streamed, or of an older version), so where the stream stopped is "
+            f"unknown. {advice}"
+        )
+    own = data_state_file(checkpoint, process)
+    saved = json.loads((own if own.is_file() else files[0]).read_text(encoding="utf-8"))
+    differing = [key for key in STREAM_LAYOUT_KEYS if saved.get(key) != layout[key]]
+    if differing:
+        was = ", ".join(f"{key} {saved.get(key)}" for key in differing)
+        now = ", ".join(f"{key} {layout[key]}" for key in differing)
+        raise DataStateError(
+            f"Cannot resume the streamed training data from {checkpoint}: it was saved with {was}, this run has {now}. "
+            + advice
+        )
+    if not own.is_file():
+        raise DataStateError(f"Cannot resume the streamed training data from {checkpoint}: {own} is missing")
+    return saved["loader"]
+
+
 def remove_interrupted_saves(folder: str | os.PathLike) -> list[str]:
     """Delete what interrupted checkpoint saves and deletions left in `folder` (`tmp-checkpoint-N`,
     `tmp-deleted-checkpoint-N`: only ever written by this trainer); return their paths."""
@@ -262,11 +324,15 @@ class MagmaTrainer(Trainer):
       `trainer.save_model()` called directly saves the full model as `Trainer` does;
     - each evaluation also generates captions for a few evaluation images (greedy) and appends them, with the
       reference captions, to `eval_captions.jsonl` in `output_dir` (and logs them at INFO);
-    - samples the collator skipped (undecodable images) are counted across workers and processes and reported at the
-      end of training (`train_output.metrics["skipped_samples"]`, `trainer.total_skipped_samples`). A run that skips
-      more than `max_skipped_share` of its training samples stops with a [`TooManySkippedError`] naming the count and
-      the first bad images: as soon as the samples read so far show it beyond chance, else at the end of training
-      (over all processes, before anything else is saved).
+    - a [`MagmaStream`] as `train_dataset` (`magma_hf.data.streaming`) is read by a `torchdata` `StatefulDataLoader`
+      per process, over that process's share of the stream; every checkpoint holds each process's data-loader state
+      (`data_state/process-{rank}.json`), and a resumed run continues the stream there instead of skipping batches
+      (another process or worker count, seed or set of shards is an error naming what differs);
+    - samples the collator skipped (undecodable images, streamed samples with a `problem`) are counted across workers
+      and processes and reported at the end of training (`train_output.metrics["skipped_samples"]`,
+      `trainer.total_skipped_samples`). A run that skips more than `max_skipped_share` of its training samples stops
+      with a [`TooManySkippedError`] naming the count and the first bad samples: as soon as the samples read so far
+      show it beyond chance, else at the end of training (over all processes, before anything else is saved).
 
     Args (besides `Trainer`'s):
         image_enc_lr (`float`, *optional*): Learning rate of the image encoder; defaults to `args.learning_rate`.
@@ -314,6 +380,8 @@ class MagmaTrainer(Trainer):
         self.training_samples_read = 0  # this process's training samples, skipped or not (evaluation not counted)
         self.training_samples_skipped = 0
         self.skipped_examples: list[str] = []  # this process's first skipped training images
+        self._train_loader: StatefulDataLoader | None = None  # a streamed run's, whose state checkpoints hold
+        self._resumed_data_state: dict | None = None
 
     # ---- optimizer and schedule ----
 
@@ -348,10 +416,11 @@ class MagmaTrainer(Trainer):
         inputs = dict(inputs)
         skipped = int(inputs.pop(SKIPPED_KEY, 0))
         skipped_images = inputs.pop(SKIPPED_IMAGES_KEY, [])
+        reasons = inputs.pop(SKIPPED_REASONS_KEY, None)
         self.num_skipped_samples += skipped
         empty = bool(inputs.pop(EMPTY_KEY, False))
         if model.training:
-            self._count_training_samples(skipped, 0 if empty else len(inputs["input_ids"]), skipped_images)
+            self._count_training_samples(skipped, 0 if empty else len(inputs["input_ids"]), skipped_images, reasons)
         inputs.setdefault("use_cache", False)  # no KV cache in training
         if not empty:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -371,12 +440,59 @@ class MagmaTrainer(Trainer):
         finally:
             self.data_collator = collator
 
-    def _count_training_samples(self, skipped: int, kept: int, skipped_images: list[str]) -> None:
+    # ---- streamed training data ----
+
+    def get_train_dataloader(self):
+        """`Trainer`'s, except for a [`MagmaStream`]: a `torchdata` `StatefulDataLoader` over this process's part of
+        the stream, with the collator and `TrainingArguments`' data-loader settings. Accelerate does not prepare it:
+        it would dispatch batches from process 0 or wrap the stream in `IterableDatasetShard`, splitting again a
+        stream that is already split over processes and workers. `_prepare_inputs` moves each batch to the device."""
+        self._train_loader = None
+        if not isinstance(self.train_dataset, MagmaStream):
+            return super().get_train_dataloader()
+        args = self.args
+        stream = self.train_dataset.distribute(args.process_index, args.world_size)
+        stream.check_readers(args.dataloader_num_workers)
+        self._train_loader = StatefulDataLoader(
+            stream,
+            batch_size=self._train_batch_size,
+            collate_fn=self._get_collator_with_removed_columns(self.data_collator, description="Training"),
+            num_workers=args.dataloader_num_workers,
+            pin_memory=args.dataloader_pin_memory,
+            persistent_workers=args.dataloader_persistent_workers,
+            prefetch_factor=args.dataloader_prefetch_factor,
+            multiprocessing_context=args.dataloader_multiprocessing_context,
+            in_order=args.dataloader_in_order,
+        )
+        return self._train_loader
+
+    def get_resumed_dataloader(self, dataloader, num_batches: int):
+        """A streamed run continues where its checkpoint's data state says (read by `train`), instead of reading and
+        dropping `num_batches` batches."""
+        if dataloader is None or dataloader is not self._train_loader:
+            return super().get_resumed_dataloader(dataloader, num_batches)
+        dataloader.load_state_dict(self._resumed_data_state)
+        return dataloader
+
+    def _stream_layout(self) -> dict:
+        return stream_layout(self.train_dataset, self.args.world_size, self.args.dataloader_num_workers)
+
+    def _save_data_state(self, checkpoint: str) -> None:
+        """This process's data-loader state, after the batches of the steps done, into `checkpoint`."""
+        path = data_state_file(checkpoint, self.args.process_index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {"process": self.args.process_index, **self._stream_layout(), "loader": self._train_loader.state_dict()}
+        path.write_text(json.dumps(state), encoding="utf-8")
+
+    def _count_training_samples(
+        self, skipped: int, kept: int, skipped_images: list[str], reasons: list[str] | None = None
+    ) -> None:
         """Count a training batch's samples; stop once the skipped share is clearly over `max_skipped_share`."""
         self.training_samples_read += skipped + kept
         self.training_samples_skipped += skipped
         room = SKIP_EXAMPLES - len(self.skipped_examples)
-        self.skipped_examples += [f"{image} (cannot decode or preprocess)" for image in skipped_images[:room]]
+        reasons = reasons or ["cannot decode or preprocess"] * len(skipped_images)
+        self.skipped_examples += [f"{image} ({reason})" for image, reason in zip(skipped_images[:room], reasons)]
         read, skipped = self.training_samples_read, self.training_samples_skipped
         margin = math.sqrt(math.log(1 / SKIP_CHECK_FALSE_ALARM) / (2 * read)) if read else 0.0
         if read and skipped / read - margin > self.max_skipped_share:
@@ -393,22 +509,28 @@ class MagmaTrainer(Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """`Trainer.train`; `resume_from_checkpoint=True` takes the last *complete* checkpoint of `output_dir`
-        (incomplete ones are skipped with a warning), a path must be a complete checkpoint, and what interrupted saves
-        left in `output_dir` is removed first. A run that skipped more than `max_skipped_share` of its samples stops
-        with an error."""
+        (incomplete ones are skipped with a warning), a path must be a complete checkpoint (and, for a streamed run,
+        hold a data state this run can continue: else a [`DataStateError`] before any work), and what interrupted
+        saves left in `output_dir` is removed first. A run that skipped more than `max_skipped_share` of its samples
+        stops with an error."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"No complete checkpoint in {self.args.output_dir} to resume from")
         elif resume_from_checkpoint:
             require_complete_checkpoint(resume_from_checkpoint)
+        self._resumed_data_state = None
+        if resume_from_checkpoint and isinstance(self.train_dataset, MagmaStream) and not self.args.ignore_data_skip:
+            self._resumed_data_state = read_data_state(
+                resume_from_checkpoint, self.args.process_index, self._stream_layout()
+            )
         if self.args.should_save:
             remove_interrupted_saves(self.args.output_dir)
         output = super().train(resume_from_checkpoint, *args, **kwargs)
         total = self._sum_over_processes(self.num_skipped_samples)
         output.metrics["skipped_samples"] = self.total_skipped_samples = total
         if total and self.is_world_process_zero():
-            logger.warning(f"Skipped {total} samples whose image could not be decoded or preprocessed")
+            logger.warning(f"Skipped {total} samples that could not be used (an undecodable image, a streamed problem)")
         check_skipped_share(
             self._sum_over_processes(self.training_samples_skipped),
             self._sum_over_processes(self.training_samples_read),
@@ -480,8 +602,9 @@ class MagmaTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial) -> None:
         """Trainer's checkpoint, written as `tmp-checkpoint-N/checkpoint-N` by every process (DeepSpeed's engine writes
-        its shards there too) and renamed to `checkpoint-N` when all are done; then `save_total_limit` rotation,
-        which counts and deletes complete checkpoints only and never the new one."""
+        its shards there too, and each process of a streamed run its data-loader state) and renamed to `checkpoint-N`
+        when all are done; then `save_total_limit` rotation, which counts and deletes complete checkpoints only and
+        never the new one."""
         run_dir = super()._get_output_dir(trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staging_run_dir = os.path.join(run_dir, STAGING_PREFIX + name)
@@ -494,6 +617,8 @@ class MagmaTrainer(Trainer):
             super()._save_checkpoint(model, trial)  # its rotation sees the staging folder only: nothing to delete
         finally:
             self._staging_run_dir = None
+        if self._train_loader is not None:  # staged with the rest: the checkpoint is complete with it or absent
+            self._save_data_state(staged)
         if self._point_best_checkpoint_at(run_dir) and self.args.should_save:
             self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
         self.accelerator.wait_for_everyone()  # every process's files are in `staged`
@@ -595,11 +720,13 @@ def load_magma_weights(model: nn.Module, weights_file: str | os.PathLike) -> Non
 
 
 __all__ = [
+    "DataStateError",
     "MagmaLRSchedule",
     "MagmaTrainer",
     "checkpoint_problem",
     "last_complete_checkpoint",
     "load_magma_weights",
     "magma_parameter_groups",
+    "read_data_state",
     "require_complete_checkpoint",
 ]

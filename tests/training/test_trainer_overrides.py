@@ -21,6 +21,8 @@ SAME_PARAMETERS = [
     "create_scheduler",
     "compute_loss",
     "get_eval_dataloader",
+    "get_train_dataloader",
+    "get_resumed_dataloader",
     "evaluate",
 ]
 # Overrides that pass Trainer's parameters on (`*args, **kwargs`): (the first positional parameter they read, the
