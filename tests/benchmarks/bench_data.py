@@ -11,8 +11,8 @@ the map-style dataset), a data loader (batch `--batch-size`, `MagmaDataCollator`
 at 384 px and a tiny tokenizer) and reads:
 
 - time to the first batch: from building the dataset to the first batch out of the data loader (1 worker), the
-  median of `--repeats` fresh processes; and the CPU time the main process and the worker spent on it (which a
-  loaded machine changes less);
+  median of `--repeats` (streamed) / `--map-repeats` fresh processes; and the CPU time the main process and the
+  worker spent on it (which a loaded machine changes less);
 - peak memory: the peak RSS (VmHWM) of the main process (and how much of it came after the imports) and of the
   data-loader worker; also, sampled every 0.1 s, their sum, their PSS sum (which moves with how much of the forked
   worker's heap copy-on-write has unshared, so it is noisy) and their anonymous (not file-backed) RSS;
@@ -462,6 +462,28 @@ def print_table(results: list[dict]) -> None:
         print("| " + " | ".join(cells) + " |")
 
 
+def print_goals(results: list[dict]) -> None:
+    """The streamed path's goals: time to the first batch and memory within 1.5x across the sizes, no bytes written."""
+    streamed = sorted((r for r in results if r["path"] == "streamed"), key=lambda r: r["size"])
+    if len(streamed) < 2:
+        return
+    small, large = streamed[0], streamed[-1]
+    ratios = {
+        "first batch": statistics.median(first_batch_times(large)) / statistics.median(first_batch_times(small)),
+        "first batch CPU": statistics.median(first_batch_times(large, "first_batch_cpu_s"))
+        / statistics.median(first_batch_times(small, "first_batch_cpu_s")),
+        "peak RSS main": large["one_worker"]["peak_rss_main"] / small["one_worker"]["peak_rss_main"],
+        "peak RSS worker": large["one_worker"]["peak_rss_worker"] / small["one_worker"]["peak_rss_worker"],
+    }
+    written = max(r["bytes_written"] for r in streamed)
+    unchanged = all(r["shards_unchanged"] for r in streamed)
+    met = all(ratio <= 1.5 for ratio in ratios.values()) and written == 0 and unchanged
+    print(f"Streamed, {large['size']:,} against {small['size']:,} samples: "
+          + ", ".join(f"{name} {ratio:.2f}x" for name, ratio in ratios.items())
+          + f"; {written} bytes written to the cache/temp folders; shards {'unchanged' if unchanged else 'CHANGED'}: "
+          f"goals (within 1.5x, zero bytes) {'met' if met else 'NOT met'}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[4000, 40000], help="samples per dataset")
@@ -520,6 +542,7 @@ def main() -> None:
     print(f"Shards: {', '.join(f'{size:,} samples = {mb:.0f} MB' for size, mb in sorted(shard_mb.items()))}; "
           f"batch {args.batch_size}, {args.batches} batches timed after the first")  # fmt: skip
     print_table(results)
+    print_goals(results)
 
     flops = training_flops(args.caption_tokens)
     sustained = args.peak_tflops * 1e12 * args.mfu
