@@ -8,7 +8,7 @@ from transformers import ProcessorMixin
 from transformers.image_utils import make_flat_list_of_images
 from transformers.processing_utils import ProcessingKwargs
 
-from .hub_magma import PROCESSOR_FILES_JSON, check_json_files
+from .hub_magma import PROCESSOR_FILES_JSON, check_json_files, check_processor_files
 
 IMAGE_TOKEN = "<|image|>"
 FEATURE_STRIDE = 32  # the ResNet's total downsampling: one image token per 32x32 pixels of the crop
@@ -145,6 +145,7 @@ class MagmaProcessor(ProcessorMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         folder = os.path.join(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
         if os.path.isdir(folder):  # a truncated tokenizer.json is otherwise a bare JSONDecodeError
+            check_processor_files(folder)  # and a missing one advice to install sentencepiece
             check_json_files(folder, PROCESSOR_FILES_JSON)
         processor = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         # `auto_map` belongs to the saved files (saving writes it again), not to the live processor: without this the

@@ -250,3 +250,27 @@ def test_a_truncated_json_file_is_named(saved_folder, tmp_path, name, load):
     (folder / name).write_text(text[: len(text) // 2])
     with files_unchanged(folder), pytest.raises(OSError, match=rf"{re.escape(name)} \(\d+ bytes: .*not valid JSON"):
         load(folder)
+
+
+@pytest.mark.parametrize(
+    "removed, named",
+    [
+        (["tokenizer.json"], "tokenizer.json"),  # today: transformers' advice to install sentencepiece or tiktoken
+        (["tokenizer.json", "tokenizer_config.json"], "tokenizer.json .*, no tokenizer_config.json"),
+        (["tokenizer_config.json"], "tokenizer_config.json"),  # today: loads, without an end-of-text token
+        (["processor_config.json"], "processor_config.json"),  # today: "make sure ... preprocessor_config.json"
+    ],
+)
+def test_a_model_folder_without_its_processor_files_names_them(saved_folder, tmp_path, removed, named):
+    folder = Path(shutil.copytree(saved_folder, tmp_path / "model"))
+    for name in removed:
+        (folder / name).unlink()
+    pattern = rf"{re.escape(str(folder))} has no {named}"
+    loaders = [
+        MagmaProcessor.from_pretrained,
+        lambda path: load_model_and_processor(path, device="cpu"),
+        lambda path: pipeline("image-to-text", model=str(path), pipeline_class=MagmaImageToTextPipeline),
+    ]
+    for load in loaders:
+        with files_unchanged(folder), pytest.raises(OSError, match=pattern):
+            load(folder)
