@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from ..io_utils import atomic_path, remove_leftover_temporaries, write_text_atomically
-from .decoding import SkipReport, caption_problem, clean_captions, decode_image
+from .decoding import SkipReport, caption_problem, clean_captions, decode_image, shown_path
 
 logger = logging.get_logger(__name__)
 
@@ -66,6 +66,21 @@ def _refuse_non_empty(data_dir: Path) -> None:
             )
 
 
+def _utf8_name(name: str) -> str:
+    """`name`, its bytes that are not UTF-8 (Linux allows any in a name) written `%XX`: the dataset's json and the
+    Arrow columns the readers build hold UTF-8 only."""
+    parts, rest = [], os.fsencode(name)
+    while rest:
+        try:
+            parts.append(rest.decode("utf-8"))
+            break
+        except UnicodeDecodeError as error:
+            parts.append(rest[: error.start].decode("utf-8"))
+            parts.append("".join(f"%{byte:02X}" for byte in rest[error.start : error.end]))
+            rest = rest[error.end :]
+    return "".join(parts)
+
+
 def _unique_name(name: str, taken: set[str], sample_number: int) -> str:
     """`name`, or `stem-<k>` (then `stem-<k>-<i>`) when a file of that name, in any letter case, is in the folder."""
     path = Path(name)
@@ -93,7 +108,7 @@ def _plan_conversion(
     for source_index, item in enumerate(tqdm(ds_iterator, total=total, desc="Converting to the MAGMA layout")):
         image_path, data = item
         image_path = Path(image_path)
-        what = f"sample {source_index} ({image_path})"
+        what = f"sample {source_index} ({shown_path(image_path)})"
         sample = dict(data)
         problem = caption_problem(sample.get("captions"))
         if problem:
@@ -104,7 +119,7 @@ def _plan_conversion(
         key = str(image_path.resolve())  # two spellings of one file are one image (moving it twice would fail)
         if key not in new_locations:
             if not image_path.is_file():
-                report.skip(f"sample {source_index}", f"missing image: {image_path} does not exist")
+                report.skip(f"sample {source_index}", f"missing image: {shown_path(image_path)} does not exist")
                 continue
             image_hash = None
             if hash_fn is not None:
@@ -119,7 +134,7 @@ def _plan_conversion(
             if images_in_folder == dir_size:
                 image_folder, images_in_folder = image_folder + 1, 0
                 names_in_folder = set()
-            name = _unique_name(image_path.name, names_in_folder, n_samples)
+            name = _unique_name(_utf8_name(image_path.name), names_in_folder, n_samples)
             names_in_folder.add(name.casefold())
             images_in_folder += 1
             new_locations[key] = (f"images/{image_folder}/{name}", image_hash)

@@ -648,3 +648,15 @@ def test_file_names_that_are_not_utf8_are_named_and_skipped(tmp_path, caplog):
     named = "\\xff.json: bad file name: its image /"
     assert any(named in m and "images/0/\\xff.png is not valid UTF-8" in m for m in messages)
     assert all(message.encode("utf-8") for message in messages)  # printable: no lone surrogates
+
+
+def test_convert_dataset_gives_a_name_that_is_not_utf8_a_utf8_one(tmp_path):
+    """The converted dataset's names are the converter's to choose: today its json held the raw name, which no
+    reader could load (a codec error naming no file)."""
+    source = Path(os.fsdecode(bytes(tmp_path / "src") + b"/caf\xe9.png"))
+    write_png(source, 5)
+    convert_dataset(tmp_path / "out", [(source, {"captions": ["image 5"]})], mode="cp")
+    assert [p.name for p in (tmp_path / "out" / "images" / "0").iterdir()] == ["caf%E9.png"]
+    dataset = load_magma_dataset(tmp_path / "out")
+    assert len(dataset) == 1
+    assert_pairs_match(dataset)
