@@ -24,7 +24,7 @@ from transformers.dynamic_module_utils import get_relative_import_files
 
 from . import app_magma
 from .hub_magma import check_processor_files
-from .io_utils import atomic_path, remove_leftover_temporaries, write_text_atomically
+from .io_utils import atomic_path, remove_leftover_temporaries, utf8_file_name, write_text_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,8 @@ def space_files(model_dir: Path, examples: list[str]) -> dict[str, bytes]:
             source = module.read_text(encoding="utf-8")
             files[module.name] = f"{SPACE_MARKER} from magma_hf.\n{source}".encode()
     for number, example in enumerate(app_magma.example_images_in(examples)):  # numbered: names may repeat
-        files[f"{app_magma.EXAMPLES_FOLDER}/{number:02d}-{Path(example).name}"] = Path(example).read_bytes()
+        name = utf8_file_name(Path(example).name)  # a Space repo's names are UTF-8
+        files[f"{app_magma.EXAMPLES_FOLDER}/{number:02d}-{name}"] = Path(example).read_bytes()
     return files
 
 

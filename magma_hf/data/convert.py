@@ -16,7 +16,7 @@ import PIL.Image
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..io_utils import atomic_path, remove_leftover_temporaries, write_text_atomically
+from ..io_utils import atomic_path, remove_leftover_temporaries, utf8_file_name, write_text_atomically
 from .decoding import SkipReport, caption_problem, clean_captions, decode_image, shown_path
 
 logger = logging.get_logger(__name__)
@@ -64,21 +64,6 @@ def _refuse_non_empty(data_dir: Path) -> None:
                 f"{folder} is not empty: convert_dataset writes a new dataset and never overwrites one. "
                 "Choose an empty data_dir."
             )
-
-
-def _utf8_name(name: str) -> str:
-    """`name`, its bytes that are not UTF-8 (Linux allows any in a name) written `%XX`: the dataset's json and the
-    Arrow columns the readers build hold UTF-8 only."""
-    parts, rest = [], os.fsencode(name)
-    while rest:
-        try:
-            parts.append(rest.decode("utf-8"))
-            break
-        except UnicodeDecodeError as error:
-            parts.append(rest[: error.start].decode("utf-8"))
-            parts.append("".join(f"%{byte:02X}" for byte in rest[error.start : error.end]))
-            rest = rest[error.end :]
-    return "".join(parts)
 
 
 def _unique_name(name: str, taken: set[str], sample_number: int) -> str:
@@ -134,7 +119,7 @@ def _plan_conversion(
             if images_in_folder == dir_size:
                 image_folder, images_in_folder = image_folder + 1, 0
                 names_in_folder = set()
-            name = _unique_name(_utf8_name(image_path.name), names_in_folder, n_samples)
+            name = _unique_name(utf8_file_name(image_path.name), names_in_folder, n_samples)
             names_in_folder.add(name.casefold())
             images_in_folder += 1
             new_locations[key] = (f"images/{image_folder}/{name}", image_hash)

@@ -161,3 +161,10 @@ def test_write_space_after_a_kill_midway_finishes_and_cleans_up(space):
     assert "app.py" not in written and "requirements.txt" in written
     assert not leftover.exists()
     assert (space / "requirements.txt").read_bytes() == files["requirements.txt"]
+
+
+def test_write_space_gives_an_example_named_in_another_encoding_a_utf8_name(space, app_folder, tmp_path):
+    latin1 = os.fsdecode(bytes(tmp_path) + b"/caf\xe9.png")  # Linux allows it; a Space repo's names are UTF-8
+    shutil.copy(app_folder / "image-1.png", latin1)
+    assert "app_examples/00-caf%E9.png" in write_space(space, [latin1])
+    assert (space / "app_examples" / "00-caf%E9.png").read_bytes() == (app_folder / "image-1.png").read_bytes()
