@@ -101,7 +101,11 @@ class ImageSource:
             return self.read(index)
         except Exception as error:  # PIL raises many types for a bad file
             # Advice that works: a file id survives the removal of another image, a row number does not.
-            repair = "Replace it with a readable image of the same name" if self.ids_are_rows else "Fix or remove it"
+            repair = (
+                "Replace it with a readable image in its place (the ids are row numbers, which removing it would shift)"
+                if self.ids_are_rows
+                else "Fix or remove it"
+            )
             raise ValueError(
                 f"Cannot read the image {self.labels[index]} (id {self.ids[index]!r}): {type(error).__name__}: "
                 f"{error}. {repair}, then run the same command again: the images done are kept."

@@ -246,7 +246,7 @@ def test_a_bad_image_removed_then_the_same_command_completes(model_dir, image_di
         (magma / "image_data" / f"{row}.json").write_text(json.dumps(sample))
     output = tmp_path / "magma.jsonl"
     assert main(caption_arguments(magma, model_dir, output)) == 2
-    assert "Replace it with a readable image of the same name, then run the same command" in capsys.readouterr().out
+    assert "Replace it with a readable image in its place (the ids are row numbers" in capsys.readouterr().out
     shutil.copy(image_dir / "0.png", magma / "images" / "bad.png")
     assert main(caption_arguments(magma, model_dir, output)) == 0
     assert [r["id"] for r in _lines(output)[1:]] == ["0", "1"]
