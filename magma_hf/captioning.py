@@ -12,7 +12,9 @@ through vLLM with `--engine vllm` (`magma_hf.vllm.offline.VllmGenerator`, the sa
 The output is a record log as evaluation writes it (`evaluation.records`): a header line
 `{"format": "magma_hf.caption/1", "settings": {...}}` naming what produced the texts, then one line per image,
 `{"id", "image", "prompt", "text"}`, in the data's order once the run is complete. A rerun skips the images done; a
-rerun with another model, prompt, data or settings is refused, naming the difference. Under `accelerate launch` the
+rerun with another model, prompt, data or settings is refused, naming the difference. A folder of images may change
+between runs as long as every image done is still there (a bad image removed, new ones added: those are captioned);
+a dataset's rows are numbered, so there the rows must stay the same. Under `accelerate launch` the
 images are sharded over the processes exactly as evaluation's questions are.
 """
 
@@ -34,6 +36,7 @@ import PIL.Image
 from tqdm.auto import tqdm
 
 from .data import IMAGE_EXTENSIONS, decode_image, detect_layout, load_image_caption_dataset
+from .data.decoding import name_problem, shown_path
 from .evaluation.data import _pick_split
 from .evaluation.records import (
     Processes,
@@ -67,18 +70,28 @@ ENGINES = ("transformers", "vllm")
 RUN_KEYS = ("prompt", "max_new_tokens", "engine")
 DATA_KEYS = ("data", "split", "image_column", "data_images")
 MODEL_KEYS = ("model_weights", "dtype")
-RESUME_KEYS = RUN_KEYS + DATA_KEYS + MODEL_KEYS
+
+
+def data_keys(images: ImageSource) -> tuple[str, ...]:
+    """The data settings a resumed log must share: the images' fingerprint only where ids are row numbers. Where
+    they are file paths, the data may gain images or lose ones not yet done (the bad image the error says to
+    remove): the texts done are still those of the same files, and an id done that is gone is refused."""
+    return DATA_KEYS if images.ids_are_rows else tuple(key for key in DATA_KEYS if key != "data_images")
 
 
 # ------------------------------------------------------------------------------------------------------------ images
 @dataclass
 class ImageSource:
-    """The images to caption: `ids` (unique), `labels` (the output's `image`: a path, or `DATA[row]`), and a reader."""
+    """The images to caption: `ids` (unique), `labels` (the output's `image`: a path, or `DATA[row]`), and a reader.
+
+    `ids_are_rows`: the ids are row numbers, so that removing an image renumbers the ones after it and a log is
+    resumed only on the same rows (`data_images`); ids that are file paths let the data lose images not yet done."""
 
     source: str
     ids: list[str]
     labels: list[str]
     read: Callable[[int], PIL.Image.Image]
+    ids_are_rows: bool = True
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -87,9 +100,15 @@ class ImageSource:
         try:
             return self.read(index)
         except Exception as error:  # PIL raises many types for a bad file
+            # Advice that works: a file id survives the removal of another image, a row number does not.
+            repair = (
+                "Replace it with a readable image in its place (the ids are row numbers, which removing it would shift)"
+                if self.ids_are_rows
+                else "Fix or remove it"
+            )
             raise ValueError(
                 f"Cannot read the image {self.labels[index]} (id {self.ids[index]!r}): {type(error).__name__}: "
-                f"{error}. Fix or remove it, then run the same command again: the images done are kept."
+                f"{error}. {repair}, then run the same command again: the images done are kept."
             ) from None
 
     def fingerprint(self) -> str:
@@ -111,21 +130,32 @@ def load_images(data, split: str | None = None, image_column: str = "image") -> 
     try:
         layout = detect_layout(path)
     except ValueError:  # none of the dataset layouts: a folder of image files
-        return _from_image_folder(path.resolve())
+        return _from_image_folder(path.resolve(), "a folder of {count} image files")
+    if layout == "img2dataset":  # its captions are not used: every image is captioned, with or without one
+        return _from_image_folder(path.resolve(), "img2dataset `files` output: captioning all its {count} images")
     if layout == "hf_saved":
         return _from_hf_dataset(_pick_split(datasets.load_from_disk(str(path)), split, str(path)), image_column, path)
     return _from_reader(load_image_caption_dataset(str(path)), str(path.resolve()))
 
 
-def _from_image_folder(folder: Path) -> ImageSource:
+def _from_image_folder(folder: Path, read_as: str) -> ImageSource:
+    """The image files under `folder` (ids: their paths relative to it); `read_as` states it in the log."""
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not files:
         raise ValueError(
-            f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}, searched recursively) and is not a dataset "
-            "folder (the MAGMA layout, imagefolder, img2dataset or save_to_disk)"
+            f"{shown_path(folder)} holds no images ({', '.join(IMAGE_EXTENSIONS)}, searched recursively) and is not a "
+            "dataset folder (the MAGMA layout, imagefolder, img2dataset or save_to_disk)"
         )
+    bad_names = [shown_path(p) for p in files if name_problem(p)]
+    if bad_names:  # the output is JSON lines of UTF-8: refused before anything is written
+        shown = ", ".join(bad_names[:5]) + (f" and {len(bad_names) - 5} more" if len(bad_names) > 5 else "")
+        raise ValueError(
+            f"{len(bad_names)} image file name(s) under {shown_path(folder)} are not valid UTF-8, which the output "
+            f"cannot hold: {shown}. Rename them, then run the same command again."
+        )
+    logger.info("--data %s: %s", folder, read_as.format(count=len(files)))
     ids = [p.relative_to(folder).as_posix() for p in files]
-    return ImageSource(str(folder), ids, [str(p) for p in files], lambda i: open_image(files[i]))
+    return ImageSource(str(folder), ids, [str(p) for p in files], lambda i: open_image(files[i]), ids_are_rows=False)
 
 
 def _decoded(value) -> PIL.Image.Image:
@@ -249,17 +279,23 @@ def caption_images(
         "image_column": image_column,
         "data_images": images.fingerprint(),
     }
-    recorded = _check_output(output, settings)
+    keys = RUN_KEYS + data_keys(images)
+    recorded = _check_output(output, settings, keys)
 
     generate, identity = _engine(model, processor, engine, settings["max_new_tokens"], device, dtype, procs)
     settings.update(identity, batch_size=batch_size)
     if recorded is not None and procs.is_main:
         check_resumable(output, recorded, settings, MODEL_KEYS)
     index = {key: n for n, key in enumerate(images.ids)}
-    done = read_done(
-        output, CAPTION_FORMAT, settings, RESUME_KEYS, recorded is not None, procs, index.get, what=LOG_KIND
-    )
+    done = read_done(output, CAPTION_FORMAT, settings, keys + MODEL_KEYS, recorded is not None, procs, index.get,
+                     what=LOG_KIND)  # fmt: skip
     todo = [row for row in range(len(images)) if images.ids[row] not in done]
+    if recorded is not None and recorded.get("data_images") != settings["data_images"] and procs.is_main:
+        logger.warning(
+            "%s: the images of %s changed since this log was started (%d now); the %d done are all still there: "
+            "captioning the %d others",
+            output, images.source, len(images), len(done), len(todo),
+        )  # fmt: skip
     if done and todo and procs.is_main:
         logger.info("Resuming %s: %d of %d images already done", output, len(images) - len(todo), len(images))
     _run(images, shard(todo, procs), generate, settings, done, output, batch_size, progress, procs)
@@ -290,9 +326,9 @@ def _engine(model, processor, engine, max_new_tokens, device, dtype, procs: Proc
     return generate, identity
 
 
-def _check_output(output: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+def _check_output(output: Path, settings: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any] | None:
     """The settings of `output`'s log when this run resumes it (None for a new run), after checking that it is a
-    caption log of the same run (on the settings known before the model is loaded)."""
+    caption log of the same run (on `keys`, the settings known before the model is loaded)."""
     if output.is_dir():
         raise ValueError(f"--output {output} is a folder; give a file name, e.g. {output / 'captions.jsonl'}")
     check_no_orphaned_process_logs(output)
@@ -300,7 +336,7 @@ def _check_output(output: Path, settings: dict[str, Any]) -> dict[str, Any] | No
         _check_writable_folder(output.parent)
         return None
     recorded = read_header(output, CAPTION_FORMAT, LOG_KIND)
-    check_resumable(output, recorded, settings, RUN_KEYS + DATA_KEYS)
+    check_resumable(output, recorded, settings, keys)
     return recorded
 
 

@@ -25,6 +25,7 @@ text pretraining ever asked ("seven / Q: Is this number odd? A: yes") are asked 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging as std_logging
 import os
@@ -57,6 +58,7 @@ from transformers import (
 from .app import demo_app_command
 from .data import convert_dataset, load_magma_dataset
 from .generation import answer_text, generate_answers
+from .io_utils import write_text_atomically
 from .processing_magma import add_magma_special_tokens
 from .training.run import MagmaTrainingConfig, train
 from .weights_magma import gptj_name
@@ -67,6 +69,7 @@ VOCAB_SIZE = 400  # the corpus has a few dozen words: every one of them becomes 
 LM_BLOCK_SIZE = 64  # tokens per pretraining sequence, and the language model's context
 GENERATION = {"max_new_tokens": 8, "batch_size": 64}  # greedy answers and captions of a few words
 MARKER = ".magma-demo"  # marks a folder this command wrote, so that a rerun may replace its outputs
+MARKER_NOTE = "Written by `magma-hf demo`; a rerun replaces its outputs here, unless they changed since."
 OUTPUTS = (
     "data",
     "language-model",
@@ -470,14 +473,49 @@ def caption_with_pipeline(model_dir: Path, images: list[Image.Image], digits: li
 # The command
 
 
+def demo_files(output_dir: Path) -> dict[str, str]:
+    """The files under the demo's outputs in `output_dir`, by path relative to it: their sha256."""
+    files = {}
+    for name in OUTPUTS:
+        path = output_dir / name
+        for file in sorted([path] if path.is_file() else path.rglob("*") if path.is_dir() else []):
+            if file.is_file() and not file.is_symlink():
+                digest = hashlib.sha256()
+                with open(file, "rb") as stream:
+                    for block in iter(lambda: stream.read(1 << 20), b""):
+                        digest.update(block)
+                files[file.relative_to(output_dir).as_posix()] = digest.hexdigest()
+    return files
+
+
+def write_demo_manifest(output_dir: Path) -> None:
+    """Record in the marker every file a complete run wrote: a rerun replaces its outputs only while they are so."""
+    manifest = {"written_by": "magma-hf demo", "note": MARKER_NOTE, "files": demo_files(output_dir)}
+    write_text_atomically(output_dir / MARKER, json.dumps(manifest, indent=2) + "\n")
+
+
 def prepare_output_dir(output_dir: Path) -> None:
-    """Create `output_dir`; a previous demo's outputs there are replaced, anything else there is an error."""
+    """Create `output_dir`; a previous demo's outputs there are replaced, anything else there is an error: a folder
+    the demo did not write, or (after a complete run, whose files the marker records) a file under its outputs that
+    was added or changed since, such as a Space written into its model folder."""
     if output_dir.exists() and any(output_dir.iterdir()):
         if not (output_dir / MARKER).is_file():
             raise FileExistsError(
                 f"{output_dir} exists, is not empty and was not written by `magma-hf demo`: choose another "
                 "--output-dir (nothing was changed)"
             )
+        try:
+            recorded = json.loads((output_dir / MARKER).read_text(encoding="utf-8"))["files"]
+        except (OSError, ValueError, KeyError, TypeError):  # a run killed before its end recorded nothing: all ours
+            recorded = None
+        if isinstance(recorded, dict):
+            changed = sorted(name for name, digest in demo_files(output_dir).items() if recorded.get(name) != digest)
+            if changed:
+                shown = ", ".join(changed[:10]) + (f" and {len(changed) - 10} more" if len(changed) > 10 else "")
+                raise FileExistsError(
+                    f"{output_dir} holds files that `magma-hf demo` did not write, or that changed since: {shown}. "
+                    "A rerun would delete them: move them away, or choose another --output-dir (nothing was changed)"
+                )
         for name in OUTPUTS:
             path = output_dir / name
             if path.is_dir():
@@ -485,7 +523,7 @@ def prepare_output_dir(output_dir: Path) -> None:
             elif path.exists():
                 path.unlink()
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / MARKER).write_text("Written by `magma-hf demo`; a rerun replaces its outputs here.\n")
+    write_text_atomically(output_dir / MARKER, MARKER_NOTE + "\n")  # no files recorded until the run completes
 
 
 def write_predictions(
@@ -596,6 +634,7 @@ def run_demo(output_dir: str | os.PathLike = "demo-output", seed: int = 0, size:
         "total_seconds": time.perf_counter() - start,
     }
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_demo_manifest(output_dir)
     print_table(metrics)
     print(f"\nModel: {output_dir / 'magma'}   contact sheet: {output_dir / 'contact_sheet.png'}")
     print(f"Try it in the browser: {demo_app_command(output_dir / 'magma', output_dir / 'data' / 'test' / 'images')}")

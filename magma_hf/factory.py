@@ -24,6 +24,7 @@ from transformers import AutoTokenizer, GPTJForCausalLM, PreTrainedTokenizerBase
 from transformers.utils import logging
 
 from .configuration_magma import DEFAULT_TEXT_CONFIG, MagmaConfig, normalize_adapter_config
+from .hub_magma import PROCESSOR_FILES_NEEDED, missing_files
 from .image_processing_magma import MagmaImageProcessor
 from .modeling_magma import MagmaForConditionalGeneration, magma_generation_config
 from .processing_magma import IMAGE_TOKEN, MagmaProcessor, add_magma_special_tokens
@@ -171,6 +172,12 @@ def load_tokenizer(
     """GPT-2's tokenizer (by name or folder; a tokenizer object is taken as it is) made MAGMA's: `<|image|>` added as
     the special cls token when absent, as the original did, end-of-text as padding."""
     if isinstance(source, (str, os.PathLike)):
+        missing = missing_files(source, PROCESSOR_FILES_NEEDED[:1]) if os.path.isdir(source) else []
+        if missing:  # transformers would advise installing sentencepiece
+            raise MagmaSettingsError(
+                f"cannot load the tokenizer {str(source)!r}: the folder has no {missing[0]}; give a local folder "
+                "holding GPT-2's tokenizer files"
+            )
         try:
             source = AutoTokenizer.from_pretrained(source)
         except Exception as error:  # offline cache miss, missing folder, ...

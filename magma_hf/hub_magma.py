@@ -59,6 +59,41 @@ PROCESSOR_FILES_JSON = (
 )
 
 
+# What a MAGMA folder's processor is read from: each entry is one file or its alternatives (GPT-2's vocab.json and
+# merges.txt make the same tokenizer as tokenizer.json).
+PROCESSOR_FILES_NEEDED = (
+    ("tokenizer.json", ("vocab.json", "merges.txt")),
+    ("tokenizer_config.json",),  # its end-of-text, padding and <|image|> tokens: without it there are none
+    ("processor_config.json", ("preprocessor_config.json",)),  # the image size and normalisation
+)
+
+
+def missing_files(folder: str | os.PathLike, needed=PROCESSOR_FILES_NEEDED) -> list[str]:
+    """The entries of `needed` (a file, then its alternatives) of which `folder` holds none, as names to show."""
+    folder, missing = Path(folder), []
+    for name, *alternatives in needed:
+        if (folder / name).is_file():
+            continue
+        if any(all((folder / other).is_file() for other in names) for names in alternatives):
+            continue
+        missing.append(name + "".join(f" (nor {' and '.join(names)})" for names in alternatives))
+    return missing
+
+
+def check_processor_files(folder: str | os.PathLike) -> None:
+    """Raise an `OSError` naming the local `folder` and the processor files it lacks: transformers' own errors for
+    them advise installing sentencepiece, name another file, or (no tokenizer_config.json) none at all, loading a
+    tokenizer without an end-of-text token."""
+    missing = missing_files(folder)
+    if missing:
+        raise OSError(
+            f"{Path(folder)} has no {', no '.join(missing)}: the files of the model's processor (tokenizer and image "
+            "settings), which a MAGMA model folder holds beside the model's (the converter and `magma-hf train` save "
+            "both; MagmaProcessor.save_pretrained writes them). Copy them from the folder the model came from, or "
+            "save its processor into this folder."
+        )
+
+
 def check_json_files(folder: str | os.PathLike, names: tuple[str, ...]) -> None:
     """Raise an `OSError` naming each of `names` in a local `folder` that exists but is not valid JSON (a truncated
     download or copy): transformers reports some as a bare JSONDecodeError and silently skips a broken

@@ -79,3 +79,18 @@ def remove_leftover_temporaries(path: str | os.PathLike) -> list[Path]:
 def write_text_atomically(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as temporary:
         temporary.write_text(text, encoding="utf-8")
+
+
+def utf8_file_name(name: str) -> str:
+    """A file name to write a copy under: `name`, its bytes that are not UTF-8 (Linux allows any in a name) written
+    `%XX`, as JSON, Arrow columns and the Hub hold UTF-8 only."""
+    parts, rest = [], os.fsencode(name)
+    while rest:
+        try:
+            parts.append(rest.decode("utf-8"))
+            break
+        except UnicodeDecodeError as error:
+            parts.append(rest[: error.start].decode("utf-8"))
+            parts.append("".join(f"%{byte:02X}" for byte in rest[error.start : error.end]))
+            rest = rest[error.end :]
+    return "".join(parts)

@@ -8,7 +8,7 @@ from transformers import ProcessorMixin
 from transformers.image_utils import make_flat_list_of_images
 from transformers.processing_utils import ProcessingKwargs
 
-from .hub_magma import PROCESSOR_FILES_JSON, check_json_files
+from .hub_magma import PROCESSOR_FILES_JSON, check_json_files, check_processor_files
 
 IMAGE_TOKEN = "<|image|>"
 FEATURE_STRIDE = 32  # the ResNet's total downsampling: one image token per 32x32 pixels of the crop
@@ -114,8 +114,9 @@ class MagmaProcessor(ProcessorMixin):
 
     - Each `<|image|>` in the text stands for one image, in order, and is expanded to the image's
       `(crop_size / 32) ** 2` image tokens (144 at 384 px).
-    - A text without `<|image|>` gets its images in front, MAGMA's own layout; with `text=None` every image becomes a
-      caption prompt of its own.
+    - A text without `<|image|>` gets its images in front, MAGMA's own layout; with `text=None` every image (or every
+      list of images) becomes a caption prompt of its own. Texts and images whose counts do not match are refused,
+      naming both counts.
     - Batches are padded on the left, ready for `generate`; truncation that would cut into an image's tokens is an
       error, never a silent cut.
     - `decode` and `batch_decode` are the tokenizer's; `post_process_image_text_to_text` is MAGMA's clean-up of
@@ -145,6 +146,7 @@ class MagmaProcessor(ProcessorMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         folder = os.path.join(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
         if os.path.isdir(folder):  # a truncated tokenizer.json is otherwise a bare JSONDecodeError
+            check_processor_files(folder)  # and a missing one advice to install sentencepiece
             check_json_files(folder, PROCESSOR_FILES_JSON)
         processor = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         # `auto_map` belongs to the saved files (saving writes it again), not to the live processor: without this the
@@ -215,6 +217,11 @@ class MagmaProcessor(ProcessorMixin):
     def _put_images_in_front(self, images, text: list[str] | None) -> list[str]:
         """MAGMA's layout for text without placeholders: the sample's images come first."""
         if text is None:
+            if self._is_nested(images):  # one caption prompt per list: the grouping given is kept
+                empty = next((number for number, sample in enumerate(images) if not sample), None)
+                if empty is not None:
+                    raise ValueError(f"images[{empty}] is an empty list and there is no text for it: nothing to do")
+                return [self.image_token * len(sample) for sample in images]
             return [self.image_token] * len(make_flat_list_of_images(images))
         per_sample = self._images_per_sample(images, text)
         if per_sample is None:
@@ -232,7 +239,7 @@ class MagmaProcessor(ProcessorMixin):
     def _images_per_sample(self, images, text: list[str]) -> list[int] | None:
         """How many images belong to each text: from nested lists, or one each (or all for a single text)."""
         n_images = len(make_flat_list_of_images(images))
-        if isinstance(images, (list, tuple)) and images and isinstance(images[0], (list, tuple)):
+        if self._is_nested(images):
             if len(images) != len(text):
                 raise self._count_mismatch(text, n_images, f"{len(images)} lists of images for {len(text)} texts")
             return [len(sample_images) for sample_images in images]
@@ -243,6 +250,11 @@ class MagmaProcessor(ProcessorMixin):
         if n_images == len(text):
             return [1] * n_images
         raise self._count_mismatch(text, n_images, f"{n_images} images for {len(text)} texts")
+
+    @staticmethod
+    def _is_nested(images) -> bool:
+        """Images given as one list per sample (`[[a, b], [c]]`)."""
+        return isinstance(images, (list, tuple)) and bool(images) and isinstance(images[0], (list, tuple))
 
     def _count_mismatch(self, text: list[str], n_images: int, got: str) -> ValueError:
         """transformers' message for images and placeholders that disagree, with MAGMA's rule for text without

@@ -3,6 +3,8 @@
 
 import importlib.util
 import json
+import logging
+import os
 import re
 import shutil
 
@@ -180,3 +182,81 @@ def test_vllm_engine_side(model_dir, model_and_processor, image_dir, tmp_path, m
     with files_unchanged(tmp_path), pytest.raises(ValueError, match="engine: 'transformers' in the file, 'vllm' now"):
         caption_images(str(model_dir), image_dir, tmp_path / "t.jsonl", prompt=PROMPT, max_new_tokens=3,
                        engine="vllm", progress=False)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------- issue 18 B: bad inputs
+def caption_arguments(data, model_dir, output):
+    return ["caption", "--data", str(data), "--model", str(model_dir), "--output", str(output), "--batch-size", "1",
+            "--max-new-tokens", "2", "--no-progress"]  # fmt: skip
+
+
+def test_photos_beside_text_files_are_all_captioned(model_dir, image_dir, tmp_path, caplog):
+    """Notes among the photos made the folder "img2dataset output": refused, or (a note named like a photo) only the
+    photos with a note captioned, exit 0. An img2dataset folder's images are all captioned (captions are not used)."""
+    photos = shutil.copytree(image_dir, tmp_path / "photos")
+    for name in ("notes.txt", "b/README.txt", "1.txt"):
+        (photos / name).write_text("my own notes")
+    with caplog.at_level(logging.INFO):
+        assert main(caption_arguments(photos, model_dir, tmp_path / "photos.jsonl")) == 0
+    assert [r["id"] for r in _lines(tmp_path / "photos.jsonl")[1:]] == ["0.png", "1.png", "3.png", "4.png", "b/2.png"]
+    assert any("photos: a folder of 5 image files" in record.getMessage() for record in caplog.records)
+
+    i2d = tmp_path / "i2d" / "00000"
+    i2d.mkdir(parents=True)
+    for n in range(3):
+        random_image(n).save(i2d / f"00{n}.png")
+        if n < 2:  # the last one has no caption: the training readers skip it, captioning does not
+            (i2d / f"00{n}.txt").write_text(f"image {n}")
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main(caption_arguments(i2d.parent, model_dir, tmp_path / "i2d.jsonl")) == 0
+    assert [r["id"] for r in _lines(tmp_path / "i2d.jsonl")[1:]] == ["00000/000.png", "00000/001.png", "00000/002.png"]
+    assert any("img2dataset `files` output: captioning all its 3 images" in r.getMessage() for r in caplog.records)
+
+
+def test_a_bad_image_removed_then_the_same_command_completes(model_dir, image_dir, tmp_path, capsys, caplog):
+    """The error's advice is followed to the end: remove the bad image, run the same command, and it completes."""
+    photos = shutil.copytree(image_dir, tmp_path / "photos")
+    (photos / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    output = tmp_path / "captions.jsonl"
+    assert main(caption_arguments(photos, model_dir, output)) == 2
+    assert "Fix or remove it, then run the same command again" in capsys.readouterr().out
+    first = _lines(output)[1:]
+    assert [r["id"] for r in first] == ["0.png"]
+    (photos / "1.png").unlink()
+    with caplog.at_level(logging.INFO):
+        assert main(caption_arguments(photos, model_dir, output)) == 0  # today: refused as another run's log
+    records = _lines(output)[1:]
+    assert [r["id"] for r in records] == ["0.png", "3.png", "4.png", "b/2.png"] and records[0] == first[0]
+    assert any("changed since" in r.getMessage() and "1 done" in r.getMessage() for r in caplog.records)
+    with files_unchanged(tmp_path):  # complete: a rerun changes nothing
+        assert main(caption_arguments(photos, model_dir, output)) == 0
+    (photos / "0.png").unlink()  # one that was done: its text would be lost, so the rerun is refused
+    with files_unchanged(tmp_path):
+        assert main(caption_arguments(photos, model_dir, output)) == 2
+    assert "has results for ids not in the data (e.g. ['0.png'])" in capsys.readouterr().out
+
+    # Rows of a dataset are numbered: removing one renumbers the rest, so the advice there is to replace it.
+    magma = tmp_path / "magma"
+    (magma / "image_data").mkdir(parents=True)
+    shutil.copytree(image_dir / "b", magma / "images")
+    (magma / "images" / "bad.png").write_bytes(b"not an image")
+    for row, name in enumerate(["2", "bad"]):
+        sample = {"image_path": f"images/{name}.png", "captions": ["a caption"]}
+        (magma / "image_data" / f"{row}.json").write_text(json.dumps(sample))
+    output = tmp_path / "magma.jsonl"
+    assert main(caption_arguments(magma, model_dir, output)) == 2
+    assert "Replace it with a readable image in its place (the ids are row numbers" in capsys.readouterr().out
+    shutil.copy(image_dir / "0.png", magma / "images" / "bad.png")
+    assert main(caption_arguments(magma, model_dir, output)) == 0
+    assert [r["id"] for r in _lines(output)[1:]] == ["0", "1"]
+
+
+def test_a_file_name_that_is_not_utf8_is_named(model_dir, image_dir, tmp_path, capsys):
+    """Linux allows any bytes in a file name, the JSONL output holds UTF-8: today a codec error naming no file."""
+    photos = shutil.copytree(image_dir, tmp_path / "photos")
+    random_image(9).save(os.fsdecode(bytes(photos / "b") + b"/caf\xe9.png"), format="PNG")
+    with files_unchanged(tmp_path, no_new_files=True):
+        assert main(caption_arguments(photos, model_dir, tmp_path / "captions.jsonl")) == 2
+    out = capsys.readouterr().out
+    assert "photos/b/caf\\xe9.png" in out and "not valid UTF-8" in out and "Rename them" in out

@@ -95,3 +95,25 @@ def test_output_dir_keeps_what_the_demo_did_not_write(tmp_path):
     prepare_output_dir(previous)
     assert not (previous / "magma").exists() and not (previous / "metrics.json").exists()
     assert (previous / "notes.txt").read_text() == "keep me too"
+
+
+def test_a_rerun_keeps_files_changed_or_added_in_its_outputs(tmp_path):
+    """`magma-hf app demo-output/magma --write-space` (the README's next step) adds the user's files to the demo's
+    model folder: today a rerun of the demo deleted the whole folder, their edits included."""
+    from helpers import files_unchanged
+
+    from magma_hf.demo import write_demo_manifest
+
+    previous = tmp_path / "previous"
+    (previous / "magma").mkdir(parents=True)
+    (previous / "magma" / "config.json").write_text("{}")
+    (previous / "metrics.json").write_text("{}")
+    write_demo_manifest(previous)  # what a complete demo run records at its end
+    (previous / "magma" / "app.py").write_text("my Space")
+    (previous / "metrics.json").write_text('{"mine": 1}')
+    with files_unchanged(previous), pytest.raises(FileExistsError, match=r"magma/app\.py, metrics\.json"):
+        prepare_output_dir(previous)
+    (previous / "magma" / "app.py").unlink()
+    (previous / "metrics.json").write_text("{}")
+    prepare_output_dir(previous)
+    assert not (previous / "magma").exists() and not (previous / "metrics.json").exists()

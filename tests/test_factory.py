@@ -204,3 +204,11 @@ def test_pretrained_weights_that_do_not_fit_are_named(assets, monkeypatch):
         match=r"shape mismatch \['model\.vision_tower\.conv1\.weight: \(8, 3, 3, 3\) vs \(4, 3, 3, 3\)",
     ):
         build_model_and_processor(MagmaTrainingConfig.from_dict(values))
+
+
+def test_a_tokenizer_folder_without_tokenizer_files_names_them(tmp_path):
+    from magma_hf.factory import MagmaSettingsError, load_tokenizer
+
+    (tmp_path / "config.json").write_text("{}")  # a model folder, its tokenizer not copied: today sentencepiece advice
+    with pytest.raises(MagmaSettingsError, match=r"the folder has no tokenizer\.json \(nor vocab\.json and merges"):
+        load_tokenizer(tmp_path)

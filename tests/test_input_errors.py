@@ -250,3 +250,57 @@ def test_a_truncated_json_file_is_named(saved_folder, tmp_path, name, load):
     (folder / name).write_text(text[: len(text) // 2])
     with files_unchanged(folder), pytest.raises(OSError, match=rf"{re.escape(name)} \(\d+ bytes: .*not valid JSON"):
         load(folder)
+
+
+@pytest.mark.parametrize(
+    "removed, named",
+    [
+        (["tokenizer.json"], "tokenizer.json"),  # today: transformers' advice to install sentencepiece or tiktoken
+        (["tokenizer.json", "tokenizer_config.json"], "tokenizer.json .*, no tokenizer_config.json"),
+        (["tokenizer_config.json"], "tokenizer_config.json"),  # today: loads, without an end-of-text token
+        (["processor_config.json"], "processor_config.json"),  # today: "make sure ... preprocessor_config.json"
+    ],
+)
+def test_a_model_folder_without_its_processor_files_names_them(saved_folder, tmp_path, removed, named):
+    folder = Path(shutil.copytree(saved_folder, tmp_path / "model"))
+    for name in removed:
+        (folder / name).unlink()
+    pattern = rf"{re.escape(str(folder))} has no {named}"
+    loaders = [
+        MagmaProcessor.from_pretrained,
+        lambda path: load_model_and_processor(path, device="cpu"),
+        lambda path: pipeline("image-to-text", model=str(path), pipeline_class=MagmaImageToTextPipeline),
+    ]
+    for load in loaders:
+        with files_unchanged(folder), pytest.raises(OSError, match=pattern):
+            load(folder)
+
+
+# -------------------------------------------------------------------------------------- counts of texts and images
+def test_image_lists_without_text_keep_their_grouping(processor):
+    """One caption prompt per list of images; today `[[a, b], [c]]` became three prompts of one image each."""
+    image_id, n = processor.image_token_id, processor.num_image_tokens
+    images = [[random_image(0), random_image(1)], [random_image(2)]]
+    inputs = processor(images=images, padding=True, return_tensors="pt")
+    assert (inputs.input_ids == image_id).sum(1).tolist() == [2 * n, n]
+    assert inputs.pixel_values.shape[0] == 3
+    with pytest.raises(ValueError, match=r"images\[1\] is an empty list and there is no text for it"):
+        processor(images=[[random_image(0)], []])  # today: dropped, one prompt for two lists
+
+
+@pytest.mark.parametrize(
+    "images, text, counts",
+    [
+        ([0, 1, 2], ["a", "b"], "3 images for 2 texts"),
+        ([[0], [1]], ["a", "b", "c"], "2 lists of images for 3 texts"),
+        ([[0], [1, 2]], "a", "2 lists of images for 1 texts"),
+    ],
+)
+def test_texts_and_images_whose_counts_differ_are_refused_naming_both(processor, pipe, images, text, counts):
+    def pictures(value):
+        return [pictures(item) for item in value] if isinstance(value, list) else random_image(value)
+
+    with pytest.raises(ValueError, match=re.escape(counts)):
+        processor(images=pictures(images), text=text)
+    with pytest.raises(ValueError, match=re.escape(counts)):
+        pipe(pictures(images), text=text, generate_kwargs={"max_new_tokens": 1})

@@ -16,8 +16,8 @@ import PIL.Image
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..io_utils import atomic_path, remove_leftover_temporaries, write_text_atomically
-from .decoding import SkipReport, caption_problem, clean_captions, decode_image
+from ..io_utils import atomic_path, remove_leftover_temporaries, utf8_file_name, write_text_atomically
+from .decoding import SkipReport, caption_problem, clean_captions, decode_image, shown_path
 
 logger = logging.get_logger(__name__)
 
@@ -93,7 +93,7 @@ def _plan_conversion(
     for source_index, item in enumerate(tqdm(ds_iterator, total=total, desc="Converting to the MAGMA layout")):
         image_path, data = item
         image_path = Path(image_path)
-        what = f"sample {source_index} ({image_path})"
+        what = f"sample {source_index} ({shown_path(image_path)})"
         sample = dict(data)
         problem = caption_problem(sample.get("captions"))
         if problem:
@@ -104,7 +104,7 @@ def _plan_conversion(
         key = str(image_path.resolve())  # two spellings of one file are one image (moving it twice would fail)
         if key not in new_locations:
             if not image_path.is_file():
-                report.skip(f"sample {source_index}", f"missing image: {image_path} does not exist")
+                report.skip(f"sample {source_index}", f"missing image: {shown_path(image_path)} does not exist")
                 continue
             image_hash = None
             if hash_fn is not None:
@@ -119,7 +119,7 @@ def _plan_conversion(
             if images_in_folder == dir_size:
                 image_folder, images_in_folder = image_folder + 1, 0
                 names_in_folder = set()
-            name = _unique_name(image_path.name, names_in_folder, n_samples)
+            name = _unique_name(utf8_file_name(image_path.name), names_in_folder, n_samples)
             names_in_folder.add(name.casefold())
             images_in_folder += 1
             new_locations[key] = (f"images/{image_folder}/{name}", image_hash)

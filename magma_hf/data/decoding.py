@@ -173,6 +173,21 @@ def caption_problem(captions: Any) -> str | None:
 
 
 
+def shown_path(path: str | os.PathLike) -> str:
+    """A path as text that prints and serialises anywhere: the bytes of a name that are not UTF-8 (Linux allows any)
+    as `\\xNN`, where `str(path)` would hold lone surrogates that fail as a codec error naming no file."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def name_problem(path: str | os.PathLike) -> str | None:
+    """`None` for a path that is valid UTF-8, else why it cannot be kept: Arrow columns and JSON lines hold UTF-8."""
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return f"{shown_path(path)} is not valid UTF-8 (rename it)"
+    return None
+
+
 def utf8_problem(raw: bytes, name: str) -> str | None:
     """`None` for valid UTF-8, else where it is not: the file, its line and byte, and the offending byte."""
     try:

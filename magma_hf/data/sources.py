@@ -58,6 +58,8 @@ from .decoding import (
     decode_images_transform,
     image_label,
     is_main_local_process,
+    name_problem,
+    shown_path,
     utf8_problem,
 )
 from .shards import CAPTION_KEYS, IMAGE_KEYS, is_shard_spec, list_shards, shard_format
@@ -116,24 +118,28 @@ def _read_sample_json(data_dir: Path, json_path: Path) -> dict | tuple[str, str]
         with open(json_path, encoding="utf-8") as file:
             data = json.load(file)
     except (OSError, ValueError) as error:
-        return str(json_path), f"unreadable json: {type(error).__name__}: {error}"
+        return shown_path(json_path), f"unreadable json: {type(error).__name__}: {error}"
     if not isinstance(data, dict):
-        return str(json_path), f"unreadable json: expected an object, got {type(data).__name__}"
+        return shown_path(json_path), f"unreadable json: expected an object, got {type(data).__name__}"
     problem = caption_problem(data.get("captions"))
     if problem:
-        return str(json_path), f"bad captions: {problem}"
+        return shown_path(json_path), f"bad captions: {problem}"
     captions = clean_captions(data.get("captions"))
     if captions is None:
-        return str(json_path), "no captions: 'captions' must be a non-empty list of non-empty strings"
+        return shown_path(json_path), "no captions: 'captions' must be a non-empty list of non-empty strings"
     if data.get("image_path"):
         image_path = data_dir / data["image_path"]
         if not image_path.is_file():
-            return str(json_path), f"missing image: {image_path} does not exist"
+            return shown_path(json_path), f"missing image: {shown_path(image_path)} does not exist"
     else:
         image_path = _find_image_by_stem(data_dir, json_path)
         if image_path is None:
-            return str(json_path), f"missing image: no 'image_path' and no image named {json_path.stem}.* found"
+            stem = shown_path(json_path.stem)
+            return shown_path(json_path), f"missing image: no 'image_path' and no image named {stem}.* found"
     image_path = image_path.resolve()
+    problem = name_problem(image_path)
+    if problem:  # Arrow holds UTF-8 strings only
+        return shown_path(json_path), f"bad file name: its image {problem}"
     metadata = data.get("metadata")
     return {
         "image": image_value(image_path),
@@ -347,6 +353,9 @@ def iter_img2dataset(data_dir: str | os.PathLike) -> Iterator[tuple[Path, dict]]
     report = SkipReport(str(data_dir))
     kept = 0
     for image_path in sorted(p for p in data_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
+        if name_problem(image_path):  # Arrow and the converter's json hold UTF-8 only
+            report.skip(shown_path(image_path), "bad file name: not valid UTF-8 (rename it)")
+            continue
         metadata, captions, problem = _img2dataset_sample(image_path)
         if captions is None:
             report.skip(str(image_path), problem or "no captions: no .txt beside it and no 'caption' in its .json")
@@ -401,6 +410,7 @@ def load_img2dataset(data_dir: str | os.PathLike, shards: Sequence[str] | None =
         )
     if not rows:
         raise ValueError(f"{data_dir}: no image with a caption found (img2dataset layout: 000.jpg beside 000.txt)")
+    logger.info(f"{data_dir}: read as img2dataset `files` output: {len(rows)} images with captions")
     return _finalize(_from_rows(rows))
 
 
@@ -410,6 +420,32 @@ def load_img2dataset(data_dir: str | os.PathLike, shards: Sequence[str] | None =
 
 def _has_any(path: Path, patterns: Sequence[str]) -> bool:
     return any(next(path.glob(prefix + pattern), None) is not None for prefix in ("", "*/") for pattern in patterns)
+
+
+PAIR_SAMPLE = 1000  # images looked at to tell img2dataset's `files` output from a folder of photos
+CAPTION_SUFFIXES = (".txt", ".json")  # what img2dataset's `files` output writes beside each image
+
+
+def _images_and_pairs(path: Path, limit: int = PAIR_SAMPLE) -> tuple[int, int]:
+    """`(images, paired)`: up to `limit` image files in `path` and its sub-folders (in name order, a folder at a
+    time, so a large dataset is not walked whole) and how many of them have a same-stem .txt or .json beside them."""
+    images = paired = 0
+    folders = [path]
+    while folders and images < limit:
+        folder = folders.pop(0)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+        except OSError:
+            continue
+        names = {entry.name for entry in entries}
+        if folder == path:
+            folders += [Path(entry.path) for entry in entries if entry.is_dir()]
+        for entry in entries:
+            stem, extension = os.path.splitext(entry.name)
+            if extension.lower() in IMAGE_EXTENSIONS and images < limit:
+                images += 1
+                paired += any(stem + suffix in names for suffix in CAPTION_SUFFIXES)
+    return images, paired
 
 
 # The layouts read as streams unless a source says `streaming: false`; folders of files are read map-style.
@@ -422,16 +458,20 @@ def detect_layout(path: str | os.PathLike) -> str:
     """The layout of a dataset source, decided from its name and a look two folder levels deep:
 
     - `"webdataset"` / `"parquet"`: `.tar` / `.parquet` shards, named by a glob, a brace range, a file, a URL, or a
-      folder holding them (img2dataset's `webdataset` and `parquet` output; its per-shard `.parquet` metadata beside
-      `.tar` shards is not data);
+      folder holding them and no loose images (img2dataset's `webdataset` and `parquet` output; its per-shard
+      `.parquet` metadata beside `.tar` shards is not data);
     - `"magma"` (images/ + image_data/), `"hf_saved"` (`Dataset.save_to_disk`), `"imagefolder"` (images with a
-      metadata.jsonl/.csv), `"img2dataset"` (its `files` output: images beside .txt/.json).
+      metadata.jsonl/.csv), `"img2dataset"` (its `files` output: most images beside a same-stem .txt/.json, which
+      is logged; one stray text file among photos is not that).
+
+    A folder of images that is none of these (photos, perhaps with notes or a README) raises a `ValueError` naming
+    what it holds.
     """
     if is_shard_spec(path):
         return shard_format(list_shards(path))
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"Dataset folder {path} does not exist")
+        raise FileNotFoundError(f"Dataset folder {shown_path(path)} does not exist")
     if (path / "image_data").is_dir():
         return "magma"
     if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
@@ -439,16 +479,26 @@ def detect_layout(path: str | os.PathLike) -> str:
     # Look two levels deep only: a full walk of a large dataset just to name its layout would take minutes.
     if _has_any(path, ("metadata.jsonl", "metadata.csv")):
         return "imagefolder"
-    if _has_any(path, ("*.tar",)):
-        return "webdataset"
-    if _has_any(path, ("*.txt",)):
+    images, paired = _images_and_pairs(path)
+    if images and 2 * paired > images:  # decided from the pairs, not from one text file among photos
+        looked_at = f"the first {images}" if images >= PAIR_SAMPLE else f"the {images}"
+        logger.info(
+            f"{shown_path(path)}: read as img2dataset `files` output: {paired} of {looked_at} images have a "
+            "same-stem .txt or .json beside them"
+        )
         return "img2dataset"
-    if _has_any(path, ("*.parquet",)) and not _has_any(path, [f"*{ext}" for ext in IMAGE_EXTENSIONS]):
+    tars = _has_any(path, ("*.tar",))
+    if tars and not images:
+        return "webdataset"
+    if not images and _has_any(path, ("*.parquet",)):
         return "parquet"
+    found = f"{images}{'+' if images >= PAIR_SAMPLE else ''} image files ({paired} beside a same-stem .txt or .json)"
     raise ValueError(
-        f"Cannot tell the layout of {path}: expected the MAGMA layout (image_data/ and images/), a saved Hugging Face "
-        "dataset, an imagefolder (images + metadata.jsonl with a caption column), img2dataset output (000.jpg "
-        "beside 000.txt), or .tar / .parquet shards"
+        f"Cannot tell the layout of {shown_path(path)}: it holds {found}{' and .tar files' if tars else ''}. "
+        "Expected the MAGMA layout (image_data/ and images/), a saved Hugging Face dataset, an imagefolder (images + "
+        "metadata.jsonl with a caption column), img2dataset output (most images beside a same-stem caption: 000.jpg "
+        "beside 000.txt), or .tar / .parquet shards without loose images; a dataset source in a config may name its "
+        "layout with `format:`"
     )
 
 

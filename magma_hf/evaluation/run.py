@@ -41,6 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..generation import generate_answers
+from ..hub_magma import check_processor_files
 from ..io_utils import write_text_atomically
 from ..processing_magma import IMAGE_TOKEN, MagmaProcessor, check_processor_matches_model
 from ..prompts_magma import QA_TEMPLATE, few_shot_prompt
@@ -175,6 +176,8 @@ def load_model_and_processor(path: str | os.PathLike, device: str | None = None,
     """A MAGMA folder's model (in eval mode, on `device`) and processor."""
     if not Path(path).exists() and (Path(path).is_absolute() or str(path).startswith((".", "~"))):
         raise FileNotFoundError(f"there is no model folder {path}")  # not a Hub id: transformers would say it is
+    if Path(path).is_dir():
+        check_processor_files(path)  # before the weights load, which may take minutes
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype in (None, "auto"):
         torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32

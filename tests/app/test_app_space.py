@@ -1,6 +1,7 @@
 """`magma-hf app --write-space`: a model folder made a Space repo, started with `python app.py` where magma_hf cannot
 be imported, answering over HTTP and through the Gradio API; and what the writer does to files already there."""
 
+import logging
 import os
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 from chromium import free_port
 from helpers import WITHOUT_MAGMA_HF, files_unchanged
 
-from magma_hf.app import SPACE_MARKER, write_space
+from magma_hf.app import MANIFEST_NAME, SPACE_MARKER, write_space
 from magma_hf.app_magma import DEFAULT_MAX_NEW_TOKENS
 
 
@@ -88,11 +89,36 @@ def test_write_space_never_replaces_a_file_it_did_not_write(space):
         write_space(space)
 
 
-def test_write_space_replaces_its_own_earlier_files(space):
-    write_space(space)
-    (space / "requirements.txt").write_text(f"{SPACE_MARKER}: an older version\ntorch\n")
+def test_write_space_replaces_its_own_earlier_files(space, monkeypatch):
+    import magma_hf.app
+
+    with monkeypatch.context() as older:  # what an earlier version of magma_hf wrote
+        older.setattr(magma_hf.app, "space_requirements", lambda: f"{SPACE_MARKER}: an older version\ntorch\n")
+        write_space(space)
     assert write_space(space) == ["requirements.txt"]
     assert "transformers" in (space / "requirements.txt").read_text()
+
+
+def test_write_space_keeps_a_generated_file_the_user_edited(space, caplog):
+    """Still starting with the marker line, an edited app.py is the user's: kept and named, the rest written."""
+    write_space(space)
+    edited = (space / "app.py").read_text().replace("__main__", "__main__" + " and True")
+    (space / "app.py").write_text(edited)  # today: replaced by the next --write-space
+    (space / "app_magma.py").unlink()
+    with files_unchanged(space / "app.py"), caplog.at_level(logging.WARNING, logger="magma_hf.app"):
+        assert write_space(space) == ["app_magma.py"]
+    assert any("kept app.py" in record.getMessage() for record in caplog.records)
+    # one written by a magma_hf that recorded nothing (the marker only) and not what it writes now: kept as well
+    (space / MANIFEST_NAME).unlink()
+    (space / "requirements.txt").write_text(f"{SPACE_MARKER}: edited or older\ntorch\n")
+    with files_unchanged(space):
+        assert write_space(space) == []
+
+
+def test_write_space_names_missing_tokenizer_files(space):
+    (space / "tokenizer.json").unlink()  # today: a Space that fails when it starts
+    with files_unchanged(space, no_new_files=True), pytest.raises(OSError, match=r"space has no tokenizer\.json"):
+        write_space(space)
 
 
 def test_write_space_keeps_the_folders_model_code(space):
@@ -135,3 +161,10 @@ def test_write_space_after_a_kill_midway_finishes_and_cleans_up(space):
     assert "app.py" not in written and "requirements.txt" in written
     assert not leftover.exists()
     assert (space / "requirements.txt").read_bytes() == files["requirements.txt"]
+
+
+def test_write_space_gives_an_example_named_in_another_encoding_a_utf8_name(space, app_folder, tmp_path):
+    latin1 = os.fsdecode(bytes(tmp_path) + b"/caf\xe9.png")  # Linux allows it; a Space repo's names are UTF-8
+    shutil.copy(app_folder / "image-1.png", latin1)
+    assert "app_examples/00-caf%E9.png" in write_space(space, [latin1])
+    assert (space / "app_examples" / "00-caf%E9.png").read_bytes() == (app_folder / "image-1.png").read_bytes()

@@ -3,6 +3,7 @@
 import io
 import json
 import logging
+import os
 import tarfile
 from pathlib import Path
 
@@ -563,3 +564,78 @@ def test_convert_dataset_killed_mid_copy_drops_only_its_own_temporary(tmp_path, 
     assert_converted(out, samples)
     assert not list(out.rglob("*.tmp"))
     assert sorted(p.name for p in (out / "images" / "0").iterdir()) == ["a.png", "b.png", "b.png.partial"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Stray files and file names that are not UTF-8 (issue 18 B)
+
+
+def write_photos(root, count=4):
+    for seed in range(count):
+        write_png(root / ("trip" if seed % 2 else "") / f"photo{seed}.png", seed)
+    return root
+
+
+@pytest.mark.parametrize(
+    "strays",
+    [
+        ["notes.txt"],  # today read as img2dataset output: every photo "has no caption", all are dropped
+        ["trip/README.txt"],
+        ["photo1.txt"],  # notes about one photo: today only that photo is kept
+        ["backup.tar"],  # today read as webdataset shards: the photos are not read at all
+    ],
+)
+def test_a_folder_of_photos_with_a_stray_file_is_not_a_dataset(tmp_path, strays):
+    root = write_photos(tmp_path / "photos")
+    for name in strays:
+        (root / name).write_text("my own notes")
+    with files_unchanged(root), pytest.raises(ValueError, match=r"Cannot tell the layout .*4 image files"):
+        detect_layout(root)
+
+
+def test_img2dataset_files_output_is_told_from_its_pairs_and_stated(tmp_path, caplog):
+    root = tmp_path / "i2d"
+    write_img2dataset(root)  # 6 images, each beside a same-stem .txt or .json
+    (root / "README.txt").write_text("downloaded with img2dataset")
+    (root / "00000" / "000000099.png").write_bytes(b"")  # an image without its pair does not change the decision
+    with caplog.at_level(logging.INFO, logger="magma_hf.data"):
+        assert detect_layout(root) == "img2dataset"
+        ds = load_image_caption_dataset(str(root))
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("read as img2dataset `files` output: 6 of the 7 images" in message for message in messages)
+    assert any("read as img2dataset `files` output: 5 images with captions" in message for message in messages)
+    assert len(ds) == 5
+
+
+def test_file_names_that_are_not_utf8_are_named_and_skipped(tmp_path, caplog):
+    """Linux allows any bytes in a name; Arrow (and JSON output) hold UTF-8 only: today a codec error naming no file."""
+    i2d = tmp_path / "i2d" / "00000"
+    for name in (b"000", b"caf\xe9"):  # the second a Latin-1 name
+        write_png(Path(os.fsdecode(bytes(i2d) + b"/" + name + b".png")), len(name))
+        Path(os.fsdecode(bytes(i2d) + b"/" + name + b".txt")).write_text(f"image {len(name)}")
+    magma = tmp_path / "magma"
+    write_png(magma / "images" / "0" / "0.png", 3)
+    (magma / "image_data" / "0").mkdir(parents=True)
+    (magma / "image_data" / "0" / "0.json").write_text(json.dumps({"captions": ["image 3"]}))
+    write_png(Path(os.fsdecode(bytes(magma) + b"/images/0/\xff.png")), 5)
+    Path(os.fsdecode(bytes(magma) + b"/image_data/0/\xff.json")).write_text(json.dumps({"captions": ["image 5"]}))
+    with caplog.at_level(logging.WARNING, logger="magma_hf.data"):
+        assert load_image_caption_dataset(str(tmp_path / "i2d")).with_format(None)["captions"] == [["image 3"]]
+        assert load_image_caption_dataset(str(magma)).with_format(None)["captions"] == [["image 3"]]
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("00000/caf\\xe9.png: bad file name: not valid UTF-8" in message for message in messages)
+    named = "\\xff.json: bad file name: its image /"
+    assert any(named in m and "images/0/\\xff.png is not valid UTF-8" in m for m in messages)
+    assert all(message.encode("utf-8") for message in messages)  # printable: no lone surrogates
+
+
+def test_convert_dataset_gives_a_name_that_is_not_utf8_a_utf8_one(tmp_path):
+    """The converted dataset's names are the converter's to choose: today its json held the raw name, which no
+    reader could load (a codec error naming no file)."""
+    source = Path(os.fsdecode(bytes(tmp_path / "src") + b"/caf\xe9.png"))
+    write_png(source, 5)
+    convert_dataset(tmp_path / "out", [(source, {"captions": ["image 5"]})], mode="cp")
+    assert [p.name for p in (tmp_path / "out" / "images" / "0").iterdir()] == ["caf%E9.png"]
+    dataset = load_magma_dataset(tmp_path / "out")
+    assert len(dataset) == 1
+    assert_pairs_match(dataset)
