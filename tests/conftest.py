@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from helpers import make_processor, make_tokenizer, tiny_config  # noqa: E402
+from helpers import make_processor, make_tokenizer, run_img2dataset, tiny_config  # noqa: E402
 
 from magma_hf import MagmaForConditionalGeneration  # noqa: E402
 
@@ -43,3 +43,11 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def img2dataset_output(tmp_path_factory):
+    """img2dataset's own `webdataset` and `parquet` output of 28 urls served on 127.0.0.1, 6 of them broken, 8 per
+    shard (see helpers.run_img2dataset). Run once per session (about a minute: img2dataset starts its processes by
+    spawn); the tests read it, never write into it."""
+    return run_img2dataset(tmp_path_factory.mktemp("img2dataset"))

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import torchvision.transforms as T
 from PIL import Image
@@ -348,6 +352,18 @@ def encoded_image(seed: int, size=(24, 20), format: str = "JPEG") -> bytes:
     return buffer.getvalue()
 
 
+def write_tar(path, members: list[tuple[str, bytes]]) -> None:
+    """A tar file of `(member name, bytes)`, in that order."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+
 def write_webdataset_shards(folder, shards: int, per_shard: int, size=(24, 20), first_seed: int = 0) -> list[str]:
     """`shards` webdataset tars of `per_shard` samples each, named as img2dataset names them (`00000.tar`, keys
     `000000000`...): `.jpg`, `.txt` ("image <seed>") and `.json` (`{"key", "seed"}`) per sample. Returns the keys."""
@@ -375,3 +391,126 @@ def write_webdataset_shards(folder, shards: int, per_shard: int, size=(24, 20), 
                     tar.addfile(info, io.BytesIO(payload))
                 keys.append(f"{shard:05d}.tar/{key}")
     return keys
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# img2dataset's own output (the `img2dataset_output` fixture of conftest.py)
+
+IMG2DATASET_PER_SHARD = 8
+IMG2DATASET_IMAGE_SIZE = 64
+# Rows of the url list that fail, by what is behind them: missing files (404), files that are not images, a refused
+# connection. Rows 24-27 all fail, so the last shard has no sample: an empty tar, a parquet of failed rows only.
+IMG2DATASET_BROKEN = {3: "missing.png", 12: "corrupt.jpg", 24: "gone.webp", 25: "notes.txt", 26: None, 27: "lost.jpg"}
+
+
+@dataclass
+class Img2datasetRun:
+    """What img2dataset downloaded: its two output folders, the captions of the images served (url order) and of
+    the broken urls."""
+
+    webdataset: Path
+    parquet: Path
+    captions: list[str]
+    failed: list[str]
+
+
+def run_img2dataset(root: Path) -> Img2datasetRun:
+    """Serve generated images on 127.0.0.1 (a `http.server` started and stopped here), write a url list (parquet:
+    url, caption) and let img2dataset (its Python API, 1 process) download it into `webdataset` and `parquet` output."""
+    import functools
+    import http.server
+    import signal
+    import socket
+    import threading
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    www = root / "www"
+    www.mkdir(parents=True)
+    (www / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (www / "notes.txt").write_text("not an image")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(www)))
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    with socket.socket() as closed:  # a port nothing listens on: the connection is refused
+        closed.bind(("127.0.0.1", 0))
+        refused = f"http://127.0.0.1:{closed.getsockname()[1]}/refused.jpg"
+    urls, row_captions = [], []
+    for row in range(28):
+        if row in IMG2DATASET_BROKEN:
+            name = IMG2DATASET_BROKEN[row]
+            urls.append(refused if name is None else f"{base}/{name}")
+            row_captions.append(f"a broken link number {row}")
+        else:
+            random_image(row, size=(40 + row, 48)).save(www / f"{row}.png")
+            urls.append(f"{base}/{row}.png")
+            row_captions.append(f"a photo number {row}")
+    pq.write_table(pa.table({"url": urls, "caption": row_captions}), root / "urls.parquet")
+
+    from img2dataset import download
+
+    environment = {"NO_ALBUMENTATIONS_UPDATE": "1", "no_proxy": "127.0.0.1", "NO_PROXY": "127.0.0.1"}
+    saved = {name: os.environ.get(name) for name in environment}
+    sigint = signal.getsignal(signal.SIGINT)  # download() installs its own
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        os.environ.update(environment)
+        for output_format in ("webdataset", "parquet"):
+            download(
+                url_list=str(root / "urls.parquet"),
+                input_format="parquet",
+                url_col="url",
+                caption_col="caption",
+                output_format=output_format,
+                output_folder=str(root / output_format),
+                processes_count=1,
+                thread_count=4,
+                image_size=IMG2DATASET_IMAGE_SIZE,
+                resize_mode="border",
+                number_sample_per_shard=IMG2DATASET_PER_SHARD,
+                distributor="multiprocessing",
+                enable_wandb=False,
+                timeout=5,
+                retries=0,
+            )
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        server.shutdown()
+        server.server_close()
+    failed = [caption for row, caption in enumerate(row_captions) if row in IMG2DATASET_BROKEN]
+    served = [caption for row, caption in enumerate(row_captions) if row not in IMG2DATASET_BROKEN]
+    return Img2datasetRun(root / "webdataset", root / "parquet", served, failed)
+
+
+def img2dataset_samples(folder: Path) -> list[tuple[str, bytes, str]]:
+    """`(<shard>/<key>, image bytes, caption)` of the successful samples of img2dataset output, in shard and file
+    order, read with tarfile / pyarrow alone (what the readers under test should find)."""
+    import tarfile
+
+    import pyarrow.parquet as pq
+
+    samples = []
+    for tar_path in sorted(folder.glob("*.tar")):
+        members: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(tar_path) as tar:
+            for member in tar:
+                key, extension = member.name.split(".", 1)
+                members.setdefault(key, {})[extension] = tar.extractfile(member).read()
+        samples += [(f"{tar_path.name}/{key}", m["jpg"], m["txt"].decode()) for key, m in members.items()]
+    if samples:
+        return samples
+    for parquet_path in sorted(folder.glob("*.parquet")):
+        rows = [row for row in pq.read_table(parquet_path).to_pylist() if row["status"] == "success"]
+        samples += [(f"{parquet_path.name}/{row['key']}", row["jpg"], row["caption"]) for row in rows]
+    return samples

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from helpers import make_tokenizer, random_image, save_tiny_gptj, tiny_config
+from helpers import files_unchanged, make_tokenizer, random_image, save_tiny_gptj, tiny_config
 from safetensors.torch import load_file
 from transformers import GPTJForCausalLM, set_seed
 
@@ -140,6 +140,29 @@ def test_schedule_is_deepspeeds_warmup_decay(lr_decay_iters):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # End to end, in this process
+
+
+@pytest.mark.parametrize("output_format", ["webdataset", "parquet"])
+def test_magma_hf_train_on_img2dataset_output(assets, img2dataset_output, tmp_path, output_format):
+    """`magma-hf train` with `train_dataset_dir` at img2dataset's own output folder: it trains on the downloaded
+    samples (the evaluation captions are theirs), never meets a failed one (`max_skipped_share: 0` stops a run at its
+    first skipped sample), and leaves the shards as they were."""
+    from magma_hf import cli
+
+    folder = getattr(img2dataset_output, output_format)
+    run = tmp_path / "run"
+    values = tiny_run_config(assets, run, train_dataset_dir=str(folder), train_steps=2, save_every=2, eval_every=2,
+                             num_caption_samples=2, max_skipped_share=0)  # fmt: skip
+    config = tmp_path / "config.yml"
+    config.write_text(yaml.safe_dump(values))
+    with files_unchanged(folder):
+        assert cli.main(["train", str(config)]) == 0
+    state = json.loads((run / "checkpoint-2" / "trainer_state.json").read_text())
+    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert state["global_step"] == 2 and len(losses) == 2 and all(0 < loss < 100 for loss in losses)
+    captions = [json.loads(line) for line in (run / "eval_captions.jsonl").read_text().splitlines()]
+    assert len(captions) == 2 and all(c["references"][0] in img2dataset_output.captions for c in captions)
+    assert (run / "model.safetensors").is_file() and (run / EXPORT_DIR_NAME).is_dir()
 
 
 @pytest.fixture(scope="module")
