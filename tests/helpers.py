@@ -414,9 +414,19 @@ class Img2datasetRun:
     failed: list[str]
 
 
-def run_img2dataset(root: Path) -> Img2datasetRun:
+# docs/training.md's img2dataset example, as the tests run it: small, one process, 8 samples per shard.
+IMG2DATASET_EXAMPLE_SETTINGS = {
+    "image_size=384": f"image_size={IMG2DATASET_IMAGE_SIZE}",
+    "processes_count=16": "processes_count=1",
+    "thread_count=64": "thread_count=4",
+    "number_sample_per_shard=10000": f"number_sample_per_shard={IMG2DATASET_PER_SHARD}",
+}
+
+
+def run_img2dataset(root: Path, example: str) -> Img2datasetRun:
     """Serve generated images on 127.0.0.1 (a `http.server` started and stopped here), write a url list (parquet:
-    url, caption) and let img2dataset (its Python API, 1 process) download it into `webdataset` and `parquet` output."""
+    url, caption) and run `example` (docs/training.md's img2dataset Python example: `download(...)` in one process
+    after IMG2DATASET_EXAMPLE_SETTINGS) into `webdataset` and `parquet` output."""
     import functools
     import http.server
     import signal
@@ -452,9 +462,10 @@ def run_img2dataset(root: Path) -> Img2datasetRun:
             row_captions.append(f"a photo number {row}")
     pq.write_table(pa.table({"url": urls, "caption": row_captions}), root / "urls.parquet")
 
-    from img2dataset import download
-
-    environment = {"NO_ALBUMENTATIONS_UPDATE": "1", "no_proxy": "127.0.0.1", "NO_PROXY": "127.0.0.1"}
+    for old, new in {**IMG2DATASET_EXAMPLE_SETTINGS, '"urls.parquet"': repr(str(root / "urls.parquet"))}.items():
+        assert old in example, f"docs/training.md's img2dataset example no longer says {old}"
+        example = example.replace(old, new)
+    environment = {"no_proxy": "127.0.0.1", "NO_PROXY": "127.0.0.1"}  # urllib must not send 127.0.0.1 to a proxy
     saved = {name: os.environ.get(name) for name in environment}
     sigint = signal.getsignal(signal.SIGINT)  # download() installs its own
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -462,23 +473,9 @@ def run_img2dataset(root: Path) -> Img2datasetRun:
     try:
         os.environ.update(environment)
         for output_format in ("webdataset", "parquet"):
-            download(
-                url_list=str(root / "urls.parquet"),
-                input_format="parquet",
-                url_col="url",
-                caption_col="caption",
-                output_format=output_format,
-                output_folder=str(root / output_format),
-                processes_count=1,
-                thread_count=4,
-                image_size=IMG2DATASET_IMAGE_SIZE,
-                resize_mode="border",
-                number_sample_per_shard=IMG2DATASET_PER_SHARD,
-                distributor="multiprocessing",
-                enable_wandb=False,
-                timeout=5,
-                retries=0,
-            )
+            code = example.replace('"webdataset"', repr(output_format))
+            code = code.replace('"/data/laion-shards"', repr(str(root / output_format)))
+            exec(compile(code, "docs/training.md", "exec"), {"__name__": "__main__"})  # spawn imports no script
     finally:
         signal.signal(signal.SIGINT, sigint)
         for name, value in saved.items():
@@ -514,3 +511,36 @@ def img2dataset_samples(folder: Path) -> list[tuple[str, bytes, str]]:
         rows = [row for row in pq.read_table(parquet_path).to_pylist() if row["status"] == "success"]
         samples += [(f"{parquet_path.name}/{row['key']}", row["jpg"], row["caption"]) for row in rows]
     return samples
+
+
+@dataclass(frozen=True)
+class DocBlock:
+    where: str  # the markdown file and the opening fence's line
+    language: str
+    text: str
+
+
+def documents() -> list[Path]:
+    """The README, every markdown file under docs/, and the README of each top-level folder."""
+    repo = Path(__file__).resolve().parents[1]
+    return [repo / "README.md", *sorted((repo / "docs").rglob("*.md")), *sorted(repo.glob("*/README.md"))]
+
+
+def run_by(test_file, test: str) -> list[DocBlock]:
+    """The fenced blocks of the README and the docs marked `<!-- run by tests/PATH.py::TEST -->` (on the last non-blank
+    line before the opening fence) for this test file and test, in document order: the blocks that test runs."""
+    import re
+
+    repo = Path(__file__).resolve().parents[1]
+    marker = f"<!-- run by {Path(test_file).resolve().relative_to(repo).as_posix()}::{test} -->"
+    fenced = re.compile(r"^(?P<fence>```+)(?P<language>\w*)\n(?P<text>.*?)^(?P=fence)\s*$", re.MULTILINE | re.DOTALL)
+    chosen = []
+    for path in documents():
+        text = path.read_text(encoding="utf-8")
+        for match in fenced.finditer(text):
+            before = text[: match.start()].rstrip().rsplit("\n", 1)[-1].strip()
+            if before == marker:
+                line = text.count("\n", 0, match.start()) + 1
+                chosen.append(DocBlock(f"{path.relative_to(repo)}:{line}", match["language"], match["text"]))
+    assert chosen, f"no block of the README or the docs is marked {marker}"
+    return chosen

@@ -16,6 +16,7 @@ from helpers import (
     files_unchanged,
     img2dataset_samples,
     random_image,
+    run_by,
     save_answering_model,
     write_tar,
 )
@@ -200,6 +201,42 @@ def test_img2dataset_shards_are_captioned_where_they_lie(
         again = caption_images(model, spec, tmp_path / f"{spec.name}.jsonl", processor=processor, prompt=PROMPT,
                                batch_size=5, max_new_tokens=4, progress=False)  # fmt: skip
         assert again == records
+
+
+def test_docs_shard_commands_run(model_dir, img2dataset_output, tmp_path, monkeypatch):
+    """docs/training.md's caption and eval commands on shards, as written, on img2dataset's output in place of /data
+    and a tiny model in place of magma-v1."""
+    import shlex
+
+    from magma_hf.evaluation.caption_metrics import CaptionMetricsUnavailable, check_caption_requirements
+
+    out = img2dataset_output
+    replacements = {
+        "/data/laion-shards/{00000..00009}.tar": str(out.webdataset / "{00000..00001}.tar"),
+        "/data/laion-shards": str(out.webdataset),
+        "/data/coco-shards": str(out.parquet),
+        "magma-v1": str(model_dir),
+    }
+    (block,) = run_by(__file__, "test_docs_shard_commands_run")
+    monkeypatch.chdir(tmp_path)
+    commands = []
+    for line in block.text.splitlines():
+        for old, new in replacements.items():
+            line = line.replace(old, new)
+        commands.append(shlex.split(line))
+    assert [words[:2] for words in commands] == [["magma-hf", "caption"]] * 2 + [["magma-hf", "eval"]]
+    for words in commands[:2]:
+        assert main(words[1:]) == 0
+    assert len(_lines(tmp_path / "captions.jsonl")) == 1 + 22
+    first_two = [r["id"].split("/")[0] for r in _lines(tmp_path / "first-shards.jsonl")[1:]]
+    assert first_two == ["00000.tar"] * 7 + ["00001.tar"] * 7  # one broken url in each
+    try:
+        check_caption_requirements()
+    except CaptionMetricsUnavailable:
+        pytest.skip("the eval command needs the 'eval' extra and Java")
+    assert main(commands[2][1:]) == 0
+    result = json.loads((tmp_path / "results" / "coco.json").read_text())
+    assert result["metrics"]["num_images"] == 22 and result["examples"][0]["id"].startswith("00000.parquet/")
 
 
 def test_bad_shard_samples_are_handled_as_the_readers_handle_them(model_and_processor, tmp_path, caplog):

@@ -4,6 +4,7 @@ Captioning, evaluating and training on it: tests/test_caption.py, tests/evaluati
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -14,6 +15,7 @@ from magma_hf.data.shards import ShardIndex, open_shards
 from magma_hf.data.sources import detect_layout, reads_as_shards
 from magma_hf.data.streaming import build_stream
 
+REPO = Path(__file__).resolve().parents[2]
 SHARDS = ["00000", "00001", "00002", "00003"]  # 28 rows, 8 per shard
 
 
@@ -83,3 +85,31 @@ def test_random_access_reads_the_same_samples_without_holding_images(img2dataset
     for position in (0, 9, 21, 3):  # out of order, across shards (and parquet row groups)
         image = index.open_image(position)
         assert list(image.getdata()) == list(streamed[index.keys[position]].getdata())
+
+
+def test_the_documented_img2dataset_commands_are_the_python_example_the_fixture_runs():
+    """The README's and docs/training.md's `img2dataset` command lines give img2dataset's own options, the same as the
+    Python example (run by the img2dataset_output fixture): what runs in the tests is what the commands do."""
+    import ast
+    import inspect
+    import re
+    import shlex
+
+    from helpers import documents, run_by
+    from img2dataset import download
+
+    (example,) = run_by(REPO / "tests" / "conftest.py", "img2dataset_output")
+    call = next(node for node in ast.walk(ast.parse(example.text)) if getattr(node, "func", None) is not None)
+    python = {keyword.arg: str(ast.literal_eval(keyword.value)) for keyword in call.keywords}
+    parameters = inspect.signature(download).parameters
+    commands = []
+    for path in documents():
+        for text in re.findall(r"```bash\n(.*?)```", path.read_text(), flags=re.S):
+            for line in text.replace("\\\n", " ").splitlines():
+                if line.startswith("img2dataset "):
+                    commands.append((path.name, shlex.split(line)[1:]))
+    assert [name for name, _ in commands] == ["README.md", "training.md"]
+    for name, words in commands:
+        options = dict(zip(words[0::2], words[1::2]))
+        assert all(option.startswith("--") and option[2:] in parameters for option in options), (name, options)
+        assert {option[2:]: value for option, value in options.items()} == python, name

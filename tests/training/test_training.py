@@ -151,8 +151,10 @@ def test_magma_hf_train_on_img2dataset_output(assets, img2dataset_output, tmp_pa
 
     folder = getattr(img2dataset_output, output_format)
     run = tmp_path / "run"
-    values = tiny_run_config(assets, run, train_dataset_dir=str(folder), train_steps=2, save_every=2, eval_every=2,
-                             num_caption_samples=2, max_skipped_share=0)  # fmt: skip
+    # eval_dataset_dir too: a streamed training set has no eval_dataset_pct split (no length), a streamed eval set is
+    # its first samples
+    values = tiny_run_config(assets, run, train_dataset_dir=str(folder), eval_dataset_dir=str(folder), train_steps=2,
+                             save_every=2, eval_every=2, num_caption_samples=2, max_skipped_share=0)  # fmt: skip
     config = tmp_path / "config.yml"
     config.write_text(yaml.safe_dump(values))
     with files_unchanged(folder):
@@ -430,11 +432,73 @@ def test_pretrained_image_encoder_comes_from_open_clip(assets, monkeypatch):
     assert actual.keys() == expected.keys() and all(torch.equal(actual[k], expected[k]) for k in expected)
 
 
-def test_docs_examples_run(trained, assets, tmp_path, monkeypatch):
-    """docs/training.md's Python examples, on the tiny assets in place of the real paths."""
+STREAM_KEYS = {"streaming", "shuffle_buffer_size", "train_dataset_weights"}  # the streamed-training config keys
+
+
+def test_docs_shard_configs_load(assets, img2dataset_output, tmp_path):
+    """docs/training.md's shard configs on img2dataset's output (and this file's original-layout data) in place of
+    /data: MAGMA_v1's config with its data keys replaced loads with `MagmaTrainingConfig.from_yaml`, and the sources
+    stream as written (the brace range's shards exist; a mix draws from all three)."""
+    import dataclasses
     import re
 
-    from test_data import write_img2dataset, write_png
+    from helpers import run_by
+
+    from magma_hf.data.streaming import build_stream
+    from magma_hf.training.run import TrainingConfigError
+
+    out = img2dataset_output
+    paths = {
+        "/data/laion-shards/{00000..00099}.tar": str(out.webdataset / "{00000..00003}.tar"),
+        "/data/laion-shards": str(out.webdataset),
+        "/data/coco-shards": str(out.parquet),
+        "/data/cc3m-parquet": str(out.parquet),
+        "/data/coco_converted": str(assets / "data"),
+    }
+    blocks = run_by(__file__, "test_docs_shard_configs_load")
+    assert [block.language for block in blocks] == ["yaml", "yaml"]
+    known = {field.name for field in dataclasses.fields(MagmaTrainingConfig)}
+    for block in blocks:
+        text = block.text
+        for old, new in paths.items():
+            text = text.replace(old, new)
+        documented = yaml.safe_load(text)
+        values = {**yaml.safe_load((CONFIGS / "train_magma_v1.yml").read_text()), **documented}
+        path = tmp_path / "shards.yml"
+        path.write_text(yaml.safe_dump(values))
+        pending = sorted(set(documented) & STREAM_KEYS - known)
+        if pending:  # until the streamed-training keys are merged, they alone are refused
+            with pytest.raises(TrainingConfigError, match=re.escape(f"Unknown config keys {pending}")):
+                MagmaTrainingConfig.from_yaml(path)
+        else:
+            config = MagmaTrainingConfig.from_yaml(path)
+            assert config.train_dataset_dir == documented["train_dataset_dir"]
+
+        weights = documented.get("train_dataset_weights")
+        stream = build_stream(documented["train_dataset_dir"], weights, seed=0,
+                              shuffle_buffer_size=documented.get("shuffle_buffer_size", 1000))  # fmt: skip
+        rows = [row for _, row in zip(range(100), stream)]
+        by_source = {}
+        for row in rows:  # the original layout's corrupt image comes as a row with a problem
+            by_source.setdefault(row["key"].split(":")[0], []).extend(row["captions"] if row["image"] else [])
+        assert sorted(by_source) == [str(n) for n in range(len(weights or [1]))]
+        assert set(by_source["0"]) <= set(out.captions)
+        if weights:
+            assert set(by_source["1"]) <= set(out.captions) and set(by_source["2"]) <= set(CAPTIONS)
+        else:
+            evaluation = build_stream(documented["eval_dataset_dir"], repeat=False, shuffle_buffer_size=0)
+            assert sorted(caption for row in evaluation for caption in row["captions"]) == sorted(out.captions)
+
+
+def test_docs_examples_run(trained, assets, tmp_path, monkeypatch):
+    """docs/training.md's Python examples, on the tiny assets in place of the real paths."""
+    import importlib.util
+    import re
+
+    spec = importlib.util.spec_from_file_location("test_sources", REPO / "tests" / "data" / "test_sources.py")
+    test_sources = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(test_sources)  # its writers of the layouts (tests/data is no package)
+    write_img2dataset, write_png = test_sources.write_img2dataset, test_sources.write_png
 
     _, _, out = trained
     write_img2dataset(tmp_path / "i2d")
@@ -464,6 +528,8 @@ def test_docs_examples_run(trained, assets, tmp_path, monkeypatch):
         text = (REPO / "README.md").read_text().split("## Training and finetuning", 1)[1]
         text = re.split(r"\n## ", text, maxsplit=1)[0]
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    # img2dataset's example runs in the session fixture img2dataset_output (tests/conftest.py), on 127.0.0.1
+    blocks = [block for block in blocks if "from img2dataset import" not in block]
     assert len(blocks) == 3
     namespace: dict = {}
     for block in blocks:
