@@ -257,6 +257,11 @@ def test_bad_shard_samples_are_handled_as_the_readers_handle_them(model_and_proc
     assert any("Skipping " in r.getMessage() and "00000.tar/c" in r.getMessage() for r in caplog.records)
     with pytest.raises(FileNotFoundError, match=r"1 of its 2 shards do not exist, first \['.*00001.tar'\]"):
         caption_images(model, tmp_path / "{00000..00001}.tar", tmp_path / "x.jsonl", processor=processor)
+    for copy in ("one", "two"):
+        (tmp_path / copy).mkdir()
+        shutil.copy(tmp_path / "00000.tar", tmp_path / copy)
+    with pytest.raises(ValueError, match=r"the sample key 00000.tar/a occurs twice \(.*one/00000.tar/a and .*two/"):
+        caption_images(model, tmp_path / "*" / "00000.tar", tmp_path / "x.jsonl", processor=processor)
 
 
 def test_vllm_engine_side(model_dir, model_and_processor, image_dir, tmp_path, monkeypatch):

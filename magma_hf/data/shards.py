@@ -449,7 +449,7 @@ class ShardIndex:
                 raise ShardError(
                     f"{source.name}: the sample key {key} occurs twice ({self.labels[first[key]]} and "
                     f"{self.labels[index]}): keys must be unique to address a sample. Shards of the same name in "
-                    "different folders are read as separate sources"
+                    "different folders cannot be read together: caption or evaluate each folder on its own"
                 )
         self._groups: OrderedDict[tuple[int, int], list] = OrderedDict()
 
