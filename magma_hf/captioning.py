@@ -2,7 +2,9 @@
 
 The images come from a folder of image files, an image-caption dataset in any layout the training readers know
 (`magma_hf.data.load_image_caption_dataset`: the original MAGMA layout, imagefolder, img2dataset; their
-captions are not used), or a 🤗 dataset with an image column (a `save_to_disk` folder, or a `datasets.Dataset`).
+captions are not used), webdataset `.tar` or parquet shards (img2dataset's `webdataset` and `parquet` output: a
+folder, glob or brace range; read where they lie through `magma_hf.data.shards.ShardIndex`, ids `<shard>/<key>`), or
+a 🤗 dataset with an image column (a `save_to_disk` folder, or a `datasets.Dataset`).
 
 The prompt is evaluation's captioning prompt (`evaluation.run.build_prompt`): the image, then `--prompt` if given
 (e.g. "A picture of" or "Q: What is in the picture? A:"). Texts are generated greedily and cleaned up by the one
@@ -35,8 +37,10 @@ import datasets
 import PIL.Image
 from tqdm.auto import tqdm
 
-from .data import IMAGE_EXTENSIONS, decode_image, detect_layout, load_image_caption_dataset
+from .data import IMAGE_EXTENSIONS, SkipReport, decode_image, detect_layout, load_image_caption_dataset
 from .data.decoding import name_problem, shown_path
+from .data.shards import ShardIndex, open_shards
+from .data.sources import reads_as_shards
 from .evaluation.data import _pick_split
 from .evaluation.records import (
     Processes,
@@ -118,10 +122,13 @@ class ImageSource:
 
 def load_images(data, split: str | None = None, image_column: str = "image") -> ImageSource:
     """The images of `data`: a folder of image files (searched recursively, in sorted order; ids are the paths
-    relative to the folder), a dataset folder in a layout the training readers know, a `save_to_disk` folder, or a
-    `datasets.Dataset` (ids are row numbers)."""
+    relative to the folder), a dataset folder in a layout the training readers know, `.tar` or parquet shards (a
+    folder of them, a glob, a brace range; ids are the sample keys `<shard>/<key>`, in shard order), a `save_to_disk`
+    folder, or a `datasets.Dataset` (ids are row numbers)."""
     if isinstance(data, (datasets.Dataset, datasets.DatasetDict)):
         return _from_hf_dataset(_pick_split(data, split, "the given dataset"), image_column, "dataset")
+    if reads_as_shards(data):
+        return _from_shards(data, image_column)
     path = Path(data)
     if not path.exists():
         raise FileNotFoundError(f"--data {data}: there is no such folder")
@@ -171,6 +178,30 @@ def _from_reader(dataset: datasets.Dataset, source: str) -> ImageSource:
     paths = list(raw.select_columns(["image_path"])["image_path"])
     labels = [p or f"{source}[{row}]" for row, p in enumerate(paths)]
     return ImageSource(source, [str(row) for row in range(len(raw))], labels, lambda i: _decoded(raw[i]["image"]))
+
+
+def _from_shards(spec: str | os.PathLike, image_column: str) -> ImageSource:
+    """Shards read where they lie: an index of their samples (no image read), each image read and decoded when its
+    batch is captioned. Captions are not needed; a sample without an image is skipped, as the training readers skip
+    it (one warning each, then the counts)."""
+    spec = os.fspath(spec)
+    source = spec if "://" in spec else os.path.abspath(spec)  # the same shards from any working directory
+    # The default column name is a 🤗 dataset's; parquet shards name theirs by encode format (jpg), found by itself.
+    column = None if image_column == "image" else image_column
+    index = ShardIndex(open_shards(source, image_column=column, require_captions=False))
+    report = SkipReport(source)
+    rows = []
+    for row, sample in enumerate(index.samples):
+        if sample.image is None:
+            report.skip(index.labels[row], sample.problem or "missing image")
+        else:
+            rows.append(row)
+    report.summarize(len(rows))
+    if not rows:
+        raise ValueError(f"--data {spec}: none of its {len(index)} samples has an image (see the warnings above)")
+    return ImageSource(
+        source, [index.keys[r] for r in rows], [index.labels[r] for r in rows], lambda i: index.open_image(rows[i])
+    )
 
 
 def _from_hf_dataset(dataset: datasets.Dataset, image_column: str, source) -> ImageSource:
@@ -372,7 +403,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data",
         required=True,
-        help="a folder of images, a dataset folder (MAGMA layout, imagefolder, img2dataset) or a save_to_disk folder",
+        help="a folder of images, a dataset folder (MAGMA layout, imagefolder, img2dataset), .tar or parquet shards "
+        "(a folder, a quoted glob 'out/*.tar' or brace range 'out/{00000..00009}.tar') or a save_to_disk folder",
     )
     parser.add_argument("--model", required=True, help="a MAGMA model folder (model and processor)")
     parser.add_argument("--output", default="captions.jsonl", help="the JSONL file (default captions.jsonl)")

@@ -4,11 +4,12 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations, which would ask PyPI
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from helpers import make_processor, make_tokenizer, tiny_config  # noqa: E402
+from helpers import make_processor, make_tokenizer, run_by, run_img2dataset, tiny_config  # noqa: E402
 
 from magma_hf import MagmaForConditionalGeneration  # noqa: E402
 
@@ -43,3 +44,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def img2dataset_output(tmp_path_factory):
+    """img2dataset's own `webdataset` and `parquet` output of 28 urls served on 127.0.0.1, 6 of them broken, 8 per
+    shard, written by docs/training.md's img2dataset example (see helpers.run_img2dataset). Run once per session
+    (about a minute: img2dataset starts its processes by spawn); the tests read it, never write into it."""
+    (example,) = run_by(__file__, "img2dataset_output")
+    return run_img2dataset(tmp_path_factory.mktemp("img2dataset"), example.text)

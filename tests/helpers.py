@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import torchvision.transforms as T
 from PIL import Image
@@ -352,6 +356,18 @@ def encoded_image(seed: int, size=(24, 20), format: str = "JPEG") -> bytes:
     return buffer.getvalue()
 
 
+def write_tar(path, members: list[tuple[str, bytes]]) -> None:
+    """A tar file of `(member name, bytes)`, in that order."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+
 def write_webdataset_shards(folder, shards: int, per_shard: int, size=(24, 20), first_seed: int = 0) -> list[str]:
     """`shards` webdataset tars of `per_shard` samples each, named as img2dataset names them (`00000.tar`, keys
     `000000000`...): `.jpg`, `.txt` ("image <seed>") and `.json` (`{"key", "seed"}`) per sample. Returns the keys."""
@@ -404,3 +420,156 @@ def write_img2dataset(root):
     (root / "00000_stats.json").write_text(json.dumps({"count": 5}))
     (shard / "000000005.png").write_bytes(b"corrupt")
     (shard / "000000005.txt").write_text("image 5")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# img2dataset's own output (the `img2dataset_output` fixture of conftest.py)
+
+IMG2DATASET_PER_SHARD = 8
+IMG2DATASET_IMAGE_SIZE = 64
+# Rows of the url list that fail, by what is behind them: missing files (404), files that are not images, a refused
+# connection. Rows 24-27 all fail, so the last shard has no sample: an empty tar, a parquet of failed rows only.
+IMG2DATASET_BROKEN = {3: "missing.png", 12: "corrupt.jpg", 24: "gone.webp", 25: "notes.txt", 26: None, 27: "lost.jpg"}
+
+
+@dataclass
+class Img2datasetRun:
+    """What img2dataset downloaded: its two output folders, the captions of the images served (url order) and of
+    the broken urls."""
+
+    webdataset: Path
+    parquet: Path
+    captions: list[str]
+    failed: list[str]
+
+
+# docs/training.md's img2dataset example, as the tests run it: small, one process, 8 samples per shard.
+IMG2DATASET_EXAMPLE_SETTINGS = {
+    "image_size=384": f"image_size={IMG2DATASET_IMAGE_SIZE}",
+    "processes_count=16": "processes_count=1",
+    "thread_count=64": "thread_count=4",
+    "number_sample_per_shard=10000": f"number_sample_per_shard={IMG2DATASET_PER_SHARD}",
+}
+
+
+def run_img2dataset(root: Path, example: str) -> Img2datasetRun:
+    """Serve generated images on 127.0.0.1 (a `http.server` started and stopped here), write a url list (parquet:
+    url, caption) and run `example` (docs/training.md's img2dataset Python example: `download(...)` in one process
+    after IMG2DATASET_EXAMPLE_SETTINGS) into `webdataset` and `parquet` output."""
+    import functools
+    import http.server
+    import signal
+    import socket
+    import threading
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    www = root / "www"
+    www.mkdir(parents=True)
+    (www / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (www / "notes.txt").write_text("not an image")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(www)))
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    with socket.socket() as closed:  # a port nothing listens on: the connection is refused
+        closed.bind(("127.0.0.1", 0))
+        refused = f"http://127.0.0.1:{closed.getsockname()[1]}/refused.jpg"
+    urls, row_captions = [], []
+    for row in range(28):
+        if row in IMG2DATASET_BROKEN:
+            name = IMG2DATASET_BROKEN[row]
+            urls.append(refused if name is None else f"{base}/{name}")
+            row_captions.append(f"a broken link number {row}")
+        else:
+            random_image(row, size=(40 + row, 48)).save(www / f"{row}.png")
+            urls.append(f"{base}/{row}.png")
+            row_captions.append(f"a photo number {row}")
+    pq.write_table(pa.table({"url": urls, "caption": row_captions}), root / "urls.parquet")
+
+    for old, new in {**IMG2DATASET_EXAMPLE_SETTINGS, '"urls.parquet"': repr(str(root / "urls.parquet"))}.items():
+        assert old in example, f"docs/training.md's img2dataset example no longer says {old}"
+        example = example.replace(old, new)
+    environment = {"no_proxy": "127.0.0.1", "NO_PROXY": "127.0.0.1"}  # urllib must not send 127.0.0.1 to a proxy
+    saved = {name: os.environ.get(name) for name in environment}
+    sigint = signal.getsignal(signal.SIGINT)  # download() installs its own
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        os.environ.update(environment)
+        for output_format in ("webdataset", "parquet"):
+            code = example.replace('"webdataset"', repr(output_format))
+            code = code.replace('"/data/laion-shards"', repr(str(root / output_format)))
+            exec(compile(code, "docs/training.md", "exec"), {"__name__": "__main__"})  # spawn imports no script
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        server.shutdown()
+        server.server_close()
+    failed = [caption for row, caption in enumerate(row_captions) if row in IMG2DATASET_BROKEN]
+    served = [caption for row, caption in enumerate(row_captions) if row not in IMG2DATASET_BROKEN]
+    return Img2datasetRun(root / "webdataset", root / "parquet", served, failed)
+
+
+def img2dataset_samples(folder: Path) -> list[tuple[str, bytes, str]]:
+    """`(<shard>/<key>, image bytes, caption)` of the successful samples of img2dataset output, in shard and file
+    order, read with tarfile / pyarrow alone (what the readers under test should find)."""
+    import tarfile
+
+    import pyarrow.parquet as pq
+
+    samples = []
+    for tar_path in sorted(folder.glob("*.tar")):
+        members: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(tar_path) as tar:
+            for member in tar:
+                key, extension = member.name.split(".", 1)
+                members.setdefault(key, {})[extension] = tar.extractfile(member).read()
+        samples += [(f"{tar_path.name}/{key}", m["jpg"], m["txt"].decode()) for key, m in members.items()]
+    if samples:
+        return samples
+    for parquet_path in sorted(folder.glob("*.parquet")):
+        rows = [row for row in pq.read_table(parquet_path).to_pylist() if row["status"] == "success"]
+        samples += [(f"{parquet_path.name}/{row['key']}", row["jpg"], row["caption"]) for row in rows]
+    return samples
+
+
+@dataclass(frozen=True)
+class DocBlock:
+    where: str  # the markdown file and the opening fence's line
+    language: str
+    text: str
+
+
+def documents() -> list[Path]:
+    """The README, every markdown file under docs/, and the README of each top-level folder."""
+    repo = Path(__file__).resolve().parents[1]
+    return [repo / "README.md", *sorted((repo / "docs").rglob("*.md")), *sorted(repo.glob("*/README.md"))]
+
+
+def run_by(test_file, test: str) -> list[DocBlock]:
+    """The fenced blocks of the README and the docs marked `<!-- run by tests/PATH.py::TEST -->` (on the last non-blank
+    line before the opening fence) for this test file and test, in document order: the blocks that test runs."""
+    import re
+
+    repo = Path(__file__).resolve().parents[1]
+    marker = f"<!-- run by {Path(test_file).resolve().relative_to(repo).as_posix()}::{test} -->"
+    fenced = re.compile(r"^(?P<fence>```+)(?P<language>\w*)\n(?P<text>.*?)^(?P=fence)\s*$", re.MULTILINE | re.DOTALL)
+    chosen = []
+    for path in documents():
+        text = path.read_text(encoding="utf-8")
+        for match in fenced.finditer(text):
+            before = text[: match.start()].rstrip().rsplit("\n", 1)[-1].strip()
+            if before == marker:
+                line = text.count("\n", 0, match.start()) + 1
+                chosen.append(DocBlock(f"{path.relative_to(repo)}:{line}", match["language"], match["text"]))
+    assert chosen, f"no block of the README or the docs is marked {marker}"
+    return chosen

@@ -2,6 +2,7 @@
 (Two processes under `accelerate launch`: tests/evaluation/test_sharded.py.)"""
 
 import importlib.util
+import io
 import json
 import logging
 import os
@@ -9,9 +10,18 @@ import re
 import shutil
 
 import datasets
+import PIL.Image
 import pytest
 import torch
-from helpers import files_unchanged, random_image, save_answering_model
+from helpers import (
+    encoded_image,
+    files_unchanged,
+    img2dataset_samples,
+    random_image,
+    run_by,
+    save_answering_model,
+    write_tar,
+)
 
 from magma_hf import MagmaForConditionalGeneration
 from magma_hf.captioning import caption_images
@@ -157,6 +167,103 @@ def test_bad_input_is_named(model_dir, model_and_processor, image_dir, tmp_path,
                          "--output", str(tmp_path / "v.jsonl")]  # fmt: skip
             assert main(arguments) == 2
             assert "needs vLLM, which is not installed in this environment. `make vllm`" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("output_format", ["webdataset", "parquet"])
+def test_img2dataset_shards_are_captioned_where_they_lie(
+    model_dir, model_and_processor, img2dataset_output, tmp_path, monkeypatch, output_format
+):
+    """img2dataset's own output: every sample it downloaded, none it failed, ids `<shard>/<key>`, labels naming the
+    shard's path and the key; the same records from the folder, a glob and a brace range; nothing copied."""
+    model, processor = model_and_processor
+    folder = getattr(img2dataset_output, output_format)
+    samples = img2dataset_samples(folder)
+    assert len(samples) == 22
+    images = [[PIL.Image.open(io.BytesIO(image)).convert("RGB")] for _, image, _ in samples]
+    expected = generate_answers(model, processor, [f"<|image|>{PROMPT}"] * 22, images, max_new_tokens=4)
+    assert len(set(expected)) > 1
+
+    def refuse_arrow(*args, **kwargs):
+        raise AssertionError("shards must be read where they lie, not loaded into an Arrow cache")
+
+    monkeypatch.setattr(datasets, "load_dataset", refuse_arrow)
+    output = tmp_path / "captions.jsonl"
+    arguments = ["caption", "--data", str(folder), "--model", str(model_dir), "--output", str(output), "--prompt",
+                 PROMPT, "--batch-size", "8", "--max-new-tokens", "4", "--no-progress"]  # fmt: skip
+    with files_unchanged(folder):
+        assert main(arguments) == 0
+    header, *records = _lines(output)
+    assert header["settings"]["data"] == str(folder)
+    assert [r["id"] for r in records] == [key for key, _, _ in samples]
+    assert [r["image"] for r in records] == [f"{folder}/{key}" for key, _, _ in samples]
+    assert [r["text"] for r in records] == expected
+
+    suffix = ".tar" if output_format == "webdataset" else ".parquet"
+    for spec in (folder / f"*{suffix}", folder / f"{{00000..00003}}{suffix}"):
+        again = caption_images(model, spec, tmp_path / f"{spec.name}.jsonl", processor=processor, prompt=PROMPT,
+                               batch_size=5, max_new_tokens=4, progress=False)  # fmt: skip
+        assert again == records
+
+
+def test_docs_shard_commands_run(model_dir, img2dataset_output, tmp_path, monkeypatch):
+    """docs/training.md's caption and eval commands on shards, as written, on img2dataset's output in place of /data
+    and a tiny model in place of magma-v1."""
+    import shlex
+
+    from magma_hf.evaluation.caption_metrics import CaptionMetricsUnavailable, check_caption_requirements
+
+    out = img2dataset_output
+    replacements = {
+        "/data/laion-shards/{00000..00009}.tar": str(out.webdataset / "{00000..00001}.tar"),
+        "/data/laion-shards": str(out.webdataset),
+        "/data/coco-shards": str(out.parquet),
+        "magma-v1": str(model_dir),
+    }
+    (block,) = run_by(__file__, "test_docs_shard_commands_run")
+    monkeypatch.chdir(tmp_path)
+    commands = []
+    for line in block.text.splitlines():
+        for old, new in replacements.items():
+            line = line.replace(old, new)
+        commands.append(shlex.split(line))
+    assert [words[:2] for words in commands] == [["magma-hf", "caption"]] * 2 + [["magma-hf", "eval"]]
+    for words in commands[:2]:
+        assert main(words[1:]) == 0
+    assert len(_lines(tmp_path / "captions.jsonl")) == 1 + 22
+    first_two = [r["id"].split("/")[0] for r in _lines(tmp_path / "first-shards.jsonl")[1:]]
+    assert first_two == ["00000.tar"] * 7 + ["00001.tar"] * 7  # one broken url in each
+    try:
+        check_caption_requirements()
+    except CaptionMetricsUnavailable:
+        pytest.skip("the eval command needs the 'eval' extra and Java")
+    assert main(commands[2][1:]) == 0
+    result = json.loads((tmp_path / "results" / "coco.json").read_text())
+    assert result["metrics"]["num_images"] == 22 and result["examples"][0]["id"].startswith("00000.parquet/")
+
+
+def test_bad_shard_samples_are_handled_as_the_readers_handle_them(model_and_processor, tmp_path, caplog):
+    """A sample without an image is skipped with a warning (captions are not needed); an undecodable image stops
+    the run naming its shard and key, keeping the images done."""
+    model, processor = model_and_processor
+    write_tar(tmp_path / "00000.tar", [
+        ("a.jpg", encoded_image(0)), ("a.txt", b"one"), ("b.jpg", encoded_image(1)),  # b: no caption
+        ("c.txt", b"no image"), ("d.jpg", b"not a jpeg"), ("d.txt", b"corrupt"), ("e.jpg", encoded_image(2)),
+    ])  # fmt: skip
+    output = tmp_path / "out.jsonl"
+    with caplog.at_level("WARNING"), pytest.raises(
+        ValueError, match=r"Cannot read the image .*00000\.tar/d \(id '00000\.tar/d'\): ValueError: Unidentified"
+    ):
+        caption_images(model, tmp_path / "00000.tar", output, processor=processor, batch_size=1, max_new_tokens=2,
+                       progress=False)  # fmt: skip
+    assert [r["id"] for r in _lines(output)[1:]] == ["00000.tar/a", "00000.tar/b"]
+    assert any("Skipping " in r.getMessage() and "00000.tar/c" in r.getMessage() for r in caplog.records)
+    with pytest.raises(FileNotFoundError, match=r"1 of its 2 shards do not exist, first \['.*00001.tar'\]"):
+        caption_images(model, tmp_path / "{00000..00001}.tar", tmp_path / "x.jsonl", processor=processor)
+    for copy in ("one", "two"):
+        (tmp_path / copy).mkdir()
+        shutil.copy(tmp_path / "00000.tar", tmp_path / copy)
+    with pytest.raises(ValueError, match=r"the sample key 00000.tar/a occurs twice \(.*one/00000.tar/a and .*two/"):
+        caption_images(model, tmp_path / "*" / "00000.tar", tmp_path / "x.jsonl", processor=processor)
 
 
 def test_vllm_engine_side(model_dir, model_and_processor, image_dir, tmp_path, monkeypatch):

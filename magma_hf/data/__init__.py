@@ -4,6 +4,11 @@
 - `sources`: map-style readers (`datasets.Dataset`) of the original MAGMA layout, imagefolder, img2dataset's `files`
   output and 🤗 datasets, and the one layout detector (`detect_layout`).
 - `convert`: `convert_dataset`, any image-caption iterator into the original layout.
+- `shards`: `.tar` / parquet shards (img2dataset's `webdataset` and `parquet` output), a streamed 🤗 dataset and
+  map-style folders as lists of shards read where they lie; `ShardIndex`, random access to shards for captioning
+  and evaluation.
+- `streaming`: `MagmaStream` / `build_stream`, the training stream over shards (sharding over processes and workers,
+  shuffling, mixing, exact resume).
 
 Nothing here imports the model or the trainer: the readers also run in vLLM's environment.
 """

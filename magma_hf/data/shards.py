@@ -16,16 +16,19 @@ import json
 import os
 import re
 import tarfile
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import fsspec
+import PIL.Image
 from fsspec.implementations.local import LocalFileSystem
+from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .decoding import is_main_local_process, utf8_problem
+from .decoding import decode_image, is_main_local_process, utf8_problem
 
 logger = logging.get_logger(__name__)
 
@@ -262,10 +265,16 @@ class ParquetShards(ShardSource):
     than `"success"`) are not samples and are passed over."""
 
     def __init__(
-        self, name: str, shards: Sequence[str], image_column: str | None = None, caption_column: str | None = None
+        self,
+        name: str,
+        shards: Sequence[str],
+        image_column: str | None = None,
+        caption_column: str | None = None,
+        require_captions: bool = True,
     ):
         super().__init__(name, shards)
         self.image_column, self.caption_column = image_column, caption_column
+        self.require_captions = require_captions  # captioning reads shards without captions
 
     def _open(self, shard: int):
         import pyarrow.parquet as pq
@@ -279,6 +288,8 @@ class ParquetShards(ShardSource):
         image_column = self.image_column or next((c for c in (*IMAGE_KEYS, "image") if c in names), None)
         caption_column = self.caption_column or next((c for c in CAPTION_KEYS if c in names), None)
         for role, column in (("image", image_column), ("caption", caption_column)):
+            if role == "caption" and column is None and not self.require_captions:
+                continue
             if column is None or column not in names:
                 raise ShardError(f"The shard {path} has no {role} column {column or ''} (columns: {names})")
         return parquet, image_column, caption_column
@@ -301,20 +312,24 @@ class ParquetShards(ShardSource):
                         yield _parquet_sample(self.shards[shard], position, row, image_column, caption_column)
                     position += 1
 
-    def read_image(self, ref: ImageRef) -> bytes:
-        parquet, image_column, _ = self._open(ref.shard)
+    def read_image(self, ref: ImageRef) -> bytes | str | None:
+        return self.read_group_images(ref.shard, ref.offset)[ref.size]
+
+    def read_group_images(self, shard: int, group: int) -> list[bytes | str | None]:
+        """The images of one row group (a datasets `{"bytes", "path"}` value as its bytes, else its path)."""
+        parquet, image_column, _ = self._open(shard)
         with parquet:
-            value = parquet.read_row_group(ref.offset, columns=[image_column]).column(0)[ref.size].as_py()
-        return value.get("bytes") if isinstance(value, dict) else value
+            values = parquet.read_row_group(group, columns=[image_column]).column(0).to_pylist()
+        return [(v.get("bytes") or v.get("path")) if isinstance(v, dict) else v for v in values]
 
 
-def _parquet_sample(path: str, position: int, row: dict, image_column: str, caption_column: str) -> RawSample:
+def _parquet_sample(path: str, position: int, row: dict, image_column: str, caption_column: str | None) -> RawSample:
     key = row.get("key") or str(position)
     label = f"{_shard_name(path)}/{key}"
     image = row.pop(image_column)
     if isinstance(image, dict):  # a datasets Image struct {"bytes", "path"}
         image = image.get("bytes") or image.get("path")
-    captions = row.pop(caption_column)
+    captions = row.pop(caption_column) if caption_column else None
     problem = None if image is not None else f"missing image: the {image_column} column is empty"
     metadata = {name: value for name, value in row.items() if not isinstance(value, bytes)}
     return RawSample(label, position, image, captions, metadata, problem)
@@ -380,14 +395,19 @@ class MapShards(ShardSource):
 
 
 def open_shards(
-    spec, image_column: str | None = None, caption_column: str | None = None, name: str | None = None
+    spec,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    name: str | None = None,
+    require_captions: bool = True,
 ) -> ShardSource:
-    """The [`ShardSource`] of shard files named by `spec` (see [`list_shards`])."""
+    """The [`ShardSource`] of shard files named by `spec` (see [`list_shards`]); `require_captions=False` reads
+    parquet shards without a caption column (captioning needs only the images)."""
     paths = list_shards(spec)
     name = name or (spec if isinstance(spec, (str, os.PathLike)) else paths[0])
     if shard_format(paths) == "webdataset":
         return TarShards(str(name), paths)
-    return ParquetShards(str(name), paths, image_column, caption_column)
+    return ParquetShards(str(name), paths, image_column, caption_column, require_captions)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -396,21 +416,68 @@ def open_shards(
 
 class ShardIndex:
     """Random access to the samples of tar or parquet shards, by an index built in one pass over them: each sample's
-    key, captions, metadata and where its image is (an [`ImageRef`]: tar headers are read, image data passed over).
-    The index holds no images; an image is read when asked for."""
+    key, captions, metadata and where its image is (an [`ImageRef`]: tar headers are read, image data passed over;
+    a parquet shard's image column is not read). The index holds no images; an image is read when asked for, and
+    decoded by MAGMA's one decoder ([`decode_image`]).
+
+    `keys` are the samples' keys, `<shard name>/<sample key>` (unique: a key met twice is an error naming both
+    places); `labels` name each sample's shard by its path, and its key: `<shard path>/<sample key>`.
+    """
+
+    PARQUET_GROUPS_KEPT = 4  # row groups of images kept in memory: captioning reads in order, few-shot draws jump
 
     def __init__(self, source: ShardSource):
         if not isinstance(source, (TarShards, ParquetShards)):
             raise TypeError(f"ShardIndex reads tar or parquet shards, not {type(source).__name__}")
         self.source = source
-        self.samples: list[RawSample] = [
-            sample for shard in range(len(source)) for sample in source.read(shard, images=False)
+        self.samples: list[RawSample] = []
+        self.shard_of: list[int] = []  # each sample's shard (a tar sample without image has no ImageRef to say it)
+        for shard in tqdm(
+            range(len(source)), desc=f"Indexing {source.name}", unit="shard", disable=not is_main_local_process()
+        ):
+            for sample in source.read(shard, images=False):
+                self.samples.append(sample)
+                self.shard_of.append(shard)
+        self.keys = [sample.key for sample in self.samples]
+        self.labels = [
+            f"{source.shards[shard]}/{sample.key.partition('/')[2]}"
+            for shard, sample in zip(self.shard_of, self.samples)
         ]
+        first: dict[str, int] = {}
+        for index, key in enumerate(self.keys):
+            if first.setdefault(key, index) != index:
+                raise ShardError(
+                    f"{source.name}: the sample key {key} occurs twice ({self.labels[first[key]]} and "
+                    f"{self.labels[index]}): keys must be unique to address a sample. Shards of the same name in "
+                    "different folders cannot be read together: caption or evaluate each folder on its own"
+                )
+        self._groups: OrderedDict[tuple[int, int], list] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def image(self, index: int) -> bytes | None:
-        """The image bytes of sample `index`; `None` where the shard has none."""
+    def image(self, index: int) -> bytes | str | None:
+        """The image of sample `index` as its shard holds it (bytes, or a path for a parquet row of paths); `None`
+        where the shard has none."""
         ref = self.samples[index].image
-        return self.source.read_image(ref) if isinstance(ref, ImageRef) else ref
+        if not isinstance(ref, ImageRef):
+            return ref
+        if not isinstance(self.source, ParquetShards):
+            return self.source.read_image(ref)
+        group = (ref.shard, ref.offset)  # a parquet image is read with its row group: keep the last few groups
+        if group not in self._groups:
+            self._groups[group] = self.source.read_group_images(*group)
+            if len(self._groups) > self.PARQUET_GROUPS_KEPT:
+                self._groups.popitem(last=False)
+        self._groups.move_to_end(group)
+        return self._groups[group][ref.size]
+
+    def open_image(self, index: int) -> PIL.Image.Image:
+        """Sample `index`'s image decoded by MAGMA's one decoder; a `ValueError` saying why where it cannot be."""
+        value = self.image(index)
+        if value is None:
+            raise ValueError("the sample has no image")
+        image, problem = decode_image({"bytes": value, "path": None} if isinstance(value, bytes) else {"path": value})
+        if image is None:
+            raise ValueError(problem)
+        return image

@@ -502,6 +502,23 @@ def detect_layout(path: str | os.PathLike) -> str:
     )
 
 
+def reads_as_shards(source: str | os.PathLike) -> bool:
+    """Whether captioning and evaluation read `source` as shards where they lie ([`shards.ShardIndex`]): a `.tar` /
+    `.parquet` file, a glob or brace range of them, a URL, or a folder whose layout is `webdataset` / `parquet` with
+    the shards in the folder itself (img2dataset's output). Other folders keep their map-style readers."""
+    if is_shard_spec(source):
+        return True
+    path = Path(source)
+    if not path.is_dir():
+        return False
+    try:
+        layout = detect_layout(path)
+    except ValueError:  # no dataset layout (e.g. a folder of photos)
+        return False
+    suffix = {"webdataset": ".tar", "parquet": ".parquet"}.get(layout)
+    return suffix is not None and next(path.glob(f"*{suffix}"), None) is not None
+
+
 @dataclass
 class SourceSpec:
     """One dataset source as a config names it: a path (or a dict with these keys), its layout and whether it is

@@ -14,6 +14,13 @@ Two sources are read into one `EvalSet`:
   `question_type`, `multiple_choice_answer`; for captioning `image`, `captions` (or `caption`) and optionally
   `image_id`. Other names are mapped with `columns={"image": "img", "question": "q", ...}`.
 
+For the caption task, webdataset `.tar` and parquet shards (img2dataset's `webdataset` and `parquet` output: a
+folder, a glob, a brace range, or a list of shard files) are read where they lie, through
+`magma_hf.data.shards.ShardIndex`: the references are each sample's captions (its `.txt`, or the `caption` of its
+`.json`; the parquet caption column), the id its `image_id` metadata where it has one, else its key
+`<shard>/<key>`; images are read and decoded when their batch is evaluated. Parquet shards take `columns` for
+`image` and `captions`.
+
 Examples without an id get their row number (stable only while the data does not change).
 """
 
@@ -21,8 +28,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +38,10 @@ from typing import Any
 import datasets
 from PIL import Image
 
-from ..data import load_magma_dataset
+from ..data import SKIP_EXAMPLES, load_magma_dataset
+from ..data.decoding import caption_problem, clean_captions
+from ..data.shards import ShardIndex, TarShards, open_shards
+from ..data.sources import reads_as_shards
 from ..image_processing_magma import open_image
 from .vqa_metrics import answer_strings, most_common_answer
 
@@ -72,6 +83,7 @@ class EvalSet:
     image_column: str
     base_dir: Path | None = None
     source: str = ""
+    read_image: Callable[[int], Image.Image] | None = None  # images not in `dataset` (shards): row -> decoded image
     _id_index: dict[str, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -92,9 +104,10 @@ class EvalSet:
 
     def image(self, index: int) -> Image.Image:
         """The decoded image of row `index`."""
-        value = self.dataset[index][self.image_column]
         try:
-            return _to_pil(value, self.base_dir)
+            if self.read_image is not None:
+                return self.read_image(index)
+            return _to_pil(self.dataset[index][self.image_column], self.base_dir)
         except Exception as error:
             raise ValueError(
                 f"{self.source}: cannot read the image of example {self.ids[index]!r} ({error})"
@@ -116,6 +129,7 @@ class EvalSet:
             image_column=self.image_column,
             base_dir=self.base_dir,
             source=self.source,
+            read_image=self.read_image,
         )
 
 
@@ -163,7 +177,8 @@ def load_eval_set(
 
     Args:
         source: a folder in the original layout (or a list of them), a `save_to_disk` folder, a name or folder that
-            `datasets.load_dataset` reads, or a `datasets.Dataset` / `DatasetDict`.
+            `datasets.load_dataset` reads, or a `datasets.Dataset` / `DatasetDict`; for `caption`, also `.tar` or
+            parquet shards (a folder of them, a glob, a brace range, or a list of shard files).
         task: one of `vqa`, `okvqa`, `gqa`, `caption`.
         split: the split of a dataset with several.
         columns: field -> column name mapping for 🤗 datasets (see the module docstring for the fields).
@@ -174,7 +189,10 @@ def load_eval_set(
         return _from_columns(
             _pick_split(source, split, "the given dataset"), task, parse_columns(columns), None, "data"
         )
-    paths = [Path(p) for p in source] if isinstance(source, (list, tuple)) else [Path(source)]
+    items = list(source) if isinstance(source, (list, tuple)) else [source]
+    if task == "caption" and items and all(reads_as_shards(item) for item in items):
+        return _from_shards(items if len(items) > 1 else items[0], parse_columns(columns))
+    paths = [Path(p) for p in items]
     if all(is_original_layout(p) for p in paths):
         return _from_original_layout(paths, task)
     if len(paths) != 1:
@@ -283,6 +301,41 @@ def _from_original_layout(paths: list[Path], task: str) -> EvalSet:
             row["captions"] = caps
         rows.append(row)
     return _build(task, rows, dataset, "image", None, source)
+
+
+def _from_shards(spec, mapping: Mapping[str, str]) -> EvalSet:
+    """Captioning references from shards read where they lie. Every sample is scored, so a sample that cannot be
+    (no image, no caption, a caption that is not text) is an error naming it, as for the original layout."""
+    specs = [os.fspath(item) for item in (spec if isinstance(spec, list) else [spec])]
+    specs = [item if "://" in item else os.path.abspath(item) for item in specs]  # the same from any directory
+    source = ", ".join(specs)
+    unknown = sorted(set(mapping) - {"image", "captions"})
+    if unknown:
+        raise ValueError(f"{source}: shards map only the image and captions columns, not {unknown}")
+    shards = open_shards(specs if len(specs) > 1 else specs[0], mapping.get("image"), mapping.get("captions"), source)
+    if mapping and isinstance(shards, TarShards):
+        raise ValueError(f"{source}: a column mapping names parquet columns; .tar shards have members, not columns")
+    index = ShardIndex(shards)
+    rows, problems = [], []
+    for label, sample in zip(index.labels, index.samples):
+        problem = sample.problem or caption_problem(sample.captions)
+        captions = None if problem else clean_captions(sample.captions)
+        if problem or captions is None:
+            problems.append(f"{label} ({problem or 'no captions'})")
+            continue
+        image_id = sample.metadata.get("image_id")
+        rows.append({"image_id": sample.key if image_id is None else image_id, "captions": captions})
+    if problems:
+        first = "; ".join(problems[:SKIP_EXAMPLES])
+        raise ValueError(
+            f"{source}: {len(problems)} of {len(index)} samples cannot be scored: {first}. Evaluation scores every "
+            "sample: fix or remove them"
+        )
+    if not rows:
+        raise ValueError(f"{source}: the shards hold no samples")
+    eval_set = _build("caption", rows, None, "", None, source)
+    eval_set.read_image = index.open_image  # rows are the index's samples, in order
+    return eval_set
 
 
 def _as_dict(value) -> dict:

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..data.shards import is_shard_spec
 from ..generation import generate_answers
 from ..hub_magma import check_processor_files
 from ..io_utils import write_text_atomically
@@ -148,7 +149,8 @@ def data_name(source, eval_set: EvalSet) -> str:
     if isinstance(source, (list, tuple)):
         return ", ".join(data_name(item, eval_set) for item in source)
     if isinstance(source, (str, os.PathLike)):
-        return str(Path(source).resolve()) if Path(source).exists() else str(source)
+        local_shards = is_shard_spec(source) and "://" not in str(source)  # a glob or brace range exists as no path
+        return str(Path(source).resolve()) if Path(source).exists() or local_shards else str(source)
     return eval_set.source  # a datasets.Dataset or an EvalSet: its questions' fingerprint identifies it
 
 
@@ -465,8 +467,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data",
         required=True,
         nargs="+",
-        help="evaluation data: folder(s) in the original layout, a save_to_disk folder, or a "
-        "datasets.load_dataset name/folder",
+        help="evaluation data: folder(s) in the original layout, a save_to_disk folder, a "
+        "datasets.load_dataset name/folder, or (--task caption) .tar or parquet shards: a folder, glob or brace range",
     )
     parser.add_argument("--model", required=True, help="a MAGMA model folder (model and processor)")
     parser.add_argument("--shots", type=int, default=0, help="few-shot examples per prompt (default 0)")

@@ -4,7 +4,15 @@ import json
 
 import pytest
 import torch
-from helpers import KILLED_AT_SECOND_FLUSH, files_unchanged, random_image, save_answering_model
+from helpers import (
+    KILLED_AT_SECOND_FLUSH,
+    encoded_image,
+    files_unchanged,
+    img2dataset_samples,
+    random_image,
+    save_answering_model,
+    write_tar,
+)
 
 from magma_hf import MagmaForConditionalGeneration
 from magma_hf.evaluation.data import draw_support, load_eval_set, parse_columns
@@ -215,6 +223,71 @@ def test_caption_task(model_and_processor, tmp_path):
         shown = captions[int(record["support_ids"][0][2:])][0]  # a support example shows its first caption
         assert record["prompt"] == f"<|image|>{shown}\n<|image|>"
         assert set(record["score"]) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr-D"}
+
+
+@pytest.mark.parametrize("output_format", ["webdataset", "parquet"])
+def test_caption_task_on_img2dataset_shards(model_dir, model_and_processor, img2dataset_output, tmp_path,
+                                            monkeypatch, capsys, output_format):  # fmt: skip
+    """img2dataset's own output, read where it lies: the references are each downloaded sample's caption, ids its
+    key; 0-shot answers are generate_answers' for its images; few-shot examples come from the shards themselves."""
+    import io
+
+    import datasets
+    from PIL import Image
+
+    from magma_hf.cli import main
+    from magma_hf.generation import generate_answers
+
+    _skip_without_caption_tool()
+    model, processor = model_and_processor
+    folder = getattr(img2dataset_output, output_format)
+    samples = img2dataset_samples(folder)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("shards were loaded into Arrow"))
+
+    eval_set = load_eval_set(str(folder), "caption")
+    assert eval_set.ids == [key for key, _, _ in samples] and eval_set.image_keys == eval_set.ids
+    assert eval_set.references == [[caption] for _, _, caption in samples]
+    images = [Image.open(io.BytesIO(image)).convert("RGB") for _, image, _ in samples]
+    assert list(eval_set.image(5).getdata()) == list(images[5].getdata())
+
+    output = tmp_path / "caption.json"
+    argv = ["eval", "--task", "caption", "--data", str(folder), "--model", str(model_dir), "--output", str(output),
+            "--batch-size", "8", "--max-new-tokens", "4", "--no-progress"]  # fmt: skip
+    with files_unchanged(folder):
+        assert main(argv) == 0
+    result = json.loads(output.read_text())
+    expected = generate_answers(model, processor, ["<|image|>"] * 22, [[i] for i in images], max_new_tokens=4)
+    assert [r["id"] for r in result["examples"]] == eval_set.ids
+    assert [r["answer"] for r in result["examples"]] == expected
+    assert [r["references"] for r in result["examples"]] == eval_set.references
+    assert result["metrics"]["num_images"] == 22 and result["settings"]["data"] == str(folder)
+    assert "caption 0-shot" in capsys.readouterr().out
+
+    # The shard files one by one (as a shell expands `out/*.tar`), one shot drawn from them, never the query itself.
+    suffix = ".tar" if output_format == "webdataset" else ".parquet"
+    files = [str(path) for path in sorted(folder.glob(f"*{suffix}"))]
+    result = evaluate("caption", model, processor, files, shots=1, limit=6, batch_size=3, max_new_tokens=4,
+                      output=tmp_path / "one-shot.json", progress=False)  # fmt: skip
+    for record in result["examples"]:
+        (support,) = record["support_ids"]
+        assert support != record["id"] and support in eval_set.ids
+        assert record["prompt"] == f"<|image|>{eval_set.targets[eval_set.index_of(support)]}\n<|image|>"
+
+
+def test_caption_shards_that_cannot_be_scored_are_named(tmp_path):
+    write_tar(tmp_path / "00000.tar", [
+        ("a.jpg", encoded_image(0)), ("a.json", b'{"image_id": 7, "caption": "from the json"}'),
+        ("b.jpg", encoded_image(1)), ("b.txt", b"  "), ("c.txt", b"no image"), ("d.jpg", encoded_image(2)),
+    ])  # fmt: skip
+    named = r"3 of 4 samples cannot be scored: .*00000\.tar/b \(no captions\); .*00000\.tar/c \(missing image"
+    with pytest.raises(ValueError, match=named + ".*Evaluation scores every sample: fix or remove them"):
+        load_eval_set(str(tmp_path / "00000.tar"), "caption")
+    (tmp_path / "good").mkdir()
+    write_tar(tmp_path / "good" / "00000.tar", [("a.jpg", encoded_image(0)), ("a.json", b'{"image_id": 7}'),
+                                                ("a.txt", b"a caption")])  # fmt: skip
+    assert load_eval_set(str(tmp_path / "good"), "caption").ids == [7]  # the sample's image_id, where it has one
+    with pytest.raises(ValueError, match=r"shards map only the image and captions columns, not \['question'\]"):
+        load_eval_set(str(tmp_path / "good"), "caption", columns="question=q")
 
 
 def test_data_errors_are_named(vqa_dir, tmp_path):
