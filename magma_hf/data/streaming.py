@@ -52,6 +52,9 @@ from .sources import SourceSpec, load_image_caption_dataset, parse_source
 logger = logging.get_logger(__name__)
 
 DEFAULT_SHUFFLE_BUFFER_SIZE = 1000
+# A reader whose shards of a pass are all empty goes on to the next pass, where the shards are dealt anew; this many
+# empty passes in a row (or the reader count, if larger) means the source has too little data for its readers.
+MAX_EMPTY_PASSES = 16
 _MIX_BLOCK = 4096  # mix draws made at once, from a generator seeded by (seed, reader, block)
 
 
@@ -213,6 +216,7 @@ class MagmaStream(torch.utils.data.IterableDataset):
     def _source_rows(self, source: int, cursor: dict, reader: int, readers: int) -> Iterator[dict]:
         """The rows of one source for this reader, from `cursor` on, updating it as each row is handed out."""
         size = self.shuffle_buffer_size or 1
+        empty_passes = 0  # passes in a row in which this reader's shards held nothing (img2dataset writes empty tars)
         while True:
             order = self._order(source, cursor["epoch"], reader, readers)
             has_samples = False
@@ -236,11 +240,13 @@ class MagmaStream(torch.utils.data.IterableDataset):
                 samples = _chain_one(following, samples)
             if not self.repeat:
                 return
-            if not has_samples:
+            empty_passes = 0 if has_samples else empty_passes + 1
+            if empty_passes > max(MAX_EMPTY_PASSES, readers):
                 raise ValueError(
                     f"{self.sources[source].name}: reader {reader} of {readers} (processes x data-loader workers) got "
-                    f"no sample in a whole pass over its {len(self.sources[source])} shards: there are fewer samples "
-                    "than readers. Use fewer processes or dataloader_num_workers"
+                    f"no sample in {empty_passes} passes in a row over its {len(self.sources[source])} shards: they "
+                    "hold fewer samples than there are readers, or are empty. Use fewer processes or "
+                    "dataloader_num_workers"
                 )
             cursor.update(epoch=cursor["epoch"] + 1, part=0, position=0, window=0, taken=0)
 

@@ -24,6 +24,14 @@ def read_keys(stream, workers: int, rank: int = 0, world: int = 1) -> list[str]:
     return [key for batch in loader for key in batch]
 
 
+def read_first(stream, workers: int, rank: int, world: int, count: int) -> list[str]:
+    """The keys of the first `count` rows an endless stream gives process `rank` of `world`."""
+    stream.distribute(rank, world)
+    loader = StatefulDataLoader(stream, batch_size=1, num_workers=workers, collate_fn=keys_of)
+    batches = iter(loader)
+    return [next(batches)[0] for _ in range(count)]
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     folder = tmp_path_factory.mktemp("wds")
@@ -166,9 +174,29 @@ def test_shard_names_as_webdataset_writes_them(tmp_path):
 
 
 def test_a_streamed_tar_is_not_copied(shards, tmp_path, monkeypatch):
+    import datasets
+
     folder, keys = shards
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")  # read when a dataset is built
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
     rows = list(MagmaStream([TarShards("wds", list_shards(str(folder)))], repeat=False))
     assert len(rows) == len(keys)
-    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*"))
+    assert not any(tmp_path.rglob("*"))
     assert json.loads(rows[0]["metadata"])["key"] in rows[0]["key"]
+
+
+def test_an_empty_shard_leaves_its_reader_waiting_for_the_next_pass(tmp_path):
+    """img2dataset writes an empty tar where every url of a shard failed: its reader goes on to the next pass."""
+    keys = write_webdataset_shards(tmp_path, shards=3, per_shard=4)
+    with tarfile.open(tmp_path / "00003.tar", "w"):
+        pass
+    stream = build_stream(str(tmp_path), seed=1, shuffle_buffer_size=2)
+    seen = read_first(stream, workers=2, rank=1, world=2, count=3 * len(keys))
+    assert set(seen) <= {f"0:{key}" for key in keys} and len(seen) == 3 * len(keys)
+
+
+def test_a_source_too_small_for_its_readers_is_named(tmp_path):
+    with tarfile.open(tmp_path / "00000.tar", "w"):
+        pass
+    with pytest.raises(ValueError, match=r"reader 0 of 1 .* got no sample in 17 passes in a row"):
+        next(iter(build_stream(str(tmp_path))))
