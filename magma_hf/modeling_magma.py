@@ -274,12 +274,12 @@ class MagmaModel(MagmaPreTrainedModel):
 
     @can_return_tuple
     def get_image_features(
-        self,
-        pixel_values: torch.Tensor,
-        output_hidden_states: bool | None = None,
-        **kwargs: Unpack[TransformersKwargs],
+        self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
     ) -> BaseModelOutputWithPooling | tuple:
         """Encode images.
+
+        `output_hidden_states` comes through `kwargs`, as LLaVA takes it: `generate` gives this method every argument
+        its signature names and drops those from the decoding steps, which would then return no hidden states.
 
         Args:
             pixel_values: `[n_images, 3, image_size, image_size]`.
@@ -293,6 +293,7 @@ class MagmaModel(MagmaPreTrainedModel):
             feature maps `[n_images, c, h, w]` of the stem and of each of the four stages (the last one is
             `last_hidden_state` before flattening), as ResNets in transformers give them.
         """
+        output_hidden_states = kwargs.get("output_hidden_states")
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         self.check_pixel_values(pixel_values)
