@@ -32,6 +32,24 @@ def magma_pipeline_is_registered() -> bool:
 
 
 @contextmanager
+def auto_map_left_unchanged(*holders: dict) -> Iterator[None]:
+    """Puts each holder's `auto_map` back as it was on entry, also when the block raises. The holders are the attribute
+    dicts (`vars(obj)`, a tokenizer's `init_kwargs`) on which transformers' code export records `auto_map` to write it.
+
+    MAGMA's rule: `auto_map` names a saved folder's code and belongs to the saved files. Saving writes it and leaves
+    the live object as it was; loading drops it (configs: where `import magma_hf` registered MAGMA, see
+    `MagmaConfig.__post_init__`), so that every save/load round trip gives back an equal object."""
+    saved = [(holder, copy.deepcopy(holder.get("auto_map"))) for holder in holders]
+    try:
+        yield
+    finally:
+        for holder, auto_map in saved:
+            holder.pop("auto_map", None)
+            if auto_map is not None:
+                holder["auto_map"] = auto_map
+
+
+@contextmanager
 def config_left_unchanged(config: PreTrainedConfig) -> Iterator[None]:
     """Puts the config's own attributes back as they were on entry, also when the block raises: transformers' saving
     sets `architectures`, `dtype` and (code export) `auto_map` on the live config to write them, and they belong to

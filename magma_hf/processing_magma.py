@@ -1,6 +1,5 @@
 """MAGMA's processor: CLIP image preprocessing plus the GPT-2 tokenizer with `<|image|>`."""
 
-import copy
 import os
 from collections.abc import Callable
 
@@ -8,7 +7,7 @@ from transformers import ProcessorMixin
 from transformers.image_utils import make_flat_list_of_images
 from transformers.processing_utils import ProcessingKwargs
 
-from .hub_magma import PROCESSOR_FILES_JSON, check_json_files
+from .hub_magma import PROCESSOR_FILES_JSON, auto_map_left_unchanged, check_json_files
 
 IMAGE_TOKEN = "<|image|>"
 FEATURE_STRIDE = 32  # the ResNet's total downsampling: one image token per 32x32 pixels of the crop
@@ -147,8 +146,7 @@ class MagmaProcessor(ProcessorMixin):
         if os.path.isdir(folder):  # a truncated tokenizer.json is otherwise a bare JSONDecodeError
             check_json_files(folder, PROCESSOR_FILES_JSON)
         processor = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        # `auto_map` belongs to the saved files (saving writes it again), not to the live processor: without this the
-        # reloaded processor differs from the one that was saved.
+        # `auto_map` belongs to the saved files (`auto_map_left_unchanged`): the tokenizer loads it into `init_kwargs`.
         for holder in processor._auto_map_holders():
             holder.pop("auto_map", None)
         return processor
@@ -156,14 +154,8 @@ class MagmaProcessor(ProcessorMixin):
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         """transformers' saving, which writes `auto_map` into the saved files by setting it on the live processor,
         its image processor and its tokenizer: here they are put back as they were, so saving changes nothing."""
-        saved = [(holder, copy.deepcopy(holder.get("auto_map"))) for holder in self._auto_map_holders()]
-        try:
+        with auto_map_left_unchanged(*self._auto_map_holders()):
             return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
-        finally:
-            for holder, auto_map in saved:
-                holder.pop("auto_map", None)
-                if auto_map is not None:
-                    holder["auto_map"] = auto_map
 
     def _auto_map_holders(self) -> list[dict]:
         """Where saving records `auto_map`: the processor's and image processor's attributes, the tokenizer's

@@ -16,6 +16,7 @@ from transformers import (
     AutoModel,
     AutoModelForImageTextToText,
     AutoProcessor,
+    AutoTokenizer,
     GPTJForCausalLM,
     pipeline,
 )
@@ -24,9 +25,11 @@ from magma_hf import (
     MagmaConfig,
     MagmaForConditionalGeneration,
     MagmaImageProcessor,
+    MagmaImageProcessorTorchvision,
     MagmaImageToTextPipeline,
     MagmaModel,
     MagmaProcessor,
+    MagmaVisionConfig,
 )
 from magma_hf.modeling_magma import gptj_name
 
@@ -75,6 +78,88 @@ def test_saving_keeps_an_existing_model_card(saved, tmp_path):
     (tmp_path / "README.md").write_text("my own card")
     model.save_pretrained(tmp_path)
     assert (tmp_path / "README.md").read_text() == "my own card"
+
+
+# `auto_map` names a saved folder's code: saving writes it into the files and leaves the live object as it was, and
+# loading (where `import magma_hf` registered MAGMA) drops it, so that every round trip gives back an equal object.
+
+
+def contents(loaded) -> dict:
+    """`to_dict()` without `_name_or_path`, where `AutoConfig` records the folder it read."""
+    return {key: value for key, value in loaded.to_dict().items() if key != "_name_or_path"}
+
+
+def round_trips(load_functions, folder, before: dict, again) -> None:
+    """Each loader gives `before` back from `folder`, and what it loaded saves and reloads to `before` again."""
+    for load in load_functions:
+        loaded = load(folder)
+        assert contents(loaded) == before, load
+        loaded.save_pretrained(again)
+        assert contents(loaded) == before, load
+        assert contents(load(again)) == before, load
+
+
+def test_a_config_round_trips_to_an_equal_dict_through_every_entry_point(config, saved, tmp_path):
+    before = contents(config)
+    config.save_pretrained(tmp_path / "config")
+    config.save_pretrained(tmp_path / "nested" / "sub")
+    assert contents(config) == before
+    assert json.loads((tmp_path / "config" / "config.json").read_text())["auto_map"]  # the files name the code
+    loaders = (MagmaConfig.from_pretrained, AutoConfig.from_pretrained)
+    round_trips(loaders, tmp_path / "config", before, tmp_path / "again")
+    assert contents(MagmaConfig.from_pretrained(tmp_path / "nested", subfolder="sub")) == before
+    assert contents(AutoConfig.from_pretrained(tmp_path / "nested", subfolder="sub")) == before
+    # the vision config saved alone, and the config of a whole saved model
+    vision_before = config.vision_config.to_dict()
+    config.vision_config.save_pretrained(tmp_path / "vision")
+    assert MagmaVisionConfig.from_pretrained(tmp_path / "vision").to_dict() == vision_before
+    model_config = contents(MagmaConfig.from_pretrained(saved[0]))
+    assert "auto_map" not in model_config and contents(AutoConfig.from_pretrained(saved[0])) == model_config
+    round_trips(loaders, saved[0], model_config, tmp_path / "model_again")
+
+
+def test_an_image_processor_round_trips_to_an_equal_dict_through_every_entry_point(processor, tmp_path):
+    image_processor = MagmaImageProcessor(image_size=64)
+    before = image_processor.to_dict()
+    image_processor.save_pretrained(tmp_path / "alone")
+    assert image_processor.to_dict() == before
+    assert json.loads((tmp_path / "alone" / "preprocessor_config.json").read_text())["auto_map"]
+    loaders = (MagmaImageProcessor.from_pretrained, AutoImageProcessor.from_pretrained)
+    round_trips(loaders, tmp_path / "alone", before, tmp_path / "again")
+    # saved within a processor (nested in processor_config.json), and as the processor holds it
+    processor.save_pretrained(tmp_path / "processor")
+    assert processor.image_processor.to_dict() == before
+    round_trips(loaders, tmp_path / "processor", before, tmp_path / "again_from_processor")
+    assert MagmaProcessor.from_pretrained(tmp_path / "processor").image_processor.to_dict() == before
+    torchvision = MagmaImageProcessorTorchvision(image_size=64)
+    torchvision_before = torchvision.to_dict()
+    torchvision.save_pretrained(tmp_path / "torchvision")
+    assert torchvision.to_dict() == torchvision_before
+    round_trips(
+        [MagmaImageProcessorTorchvision.from_pretrained],
+        tmp_path / "torchvision",
+        torchvision_before,
+        tmp_path / "torchvision_again",
+    )
+
+
+def test_a_processor_round_trips_to_an_equal_dict_through_every_entry_point(processor, tmp_path):
+    before = processor.to_dict()
+    processor.save_pretrained(tmp_path / "processor")
+    assert processor.to_dict() == before
+    round_trips(
+        (MagmaProcessor.from_pretrained, AutoProcessor.from_pretrained),
+        tmp_path / "processor",
+        before,
+        tmp_path / "again",
+    )
+    # built from its parts, each loaded through its own Auto class, it equals the processor loaded whole
+    parts = {
+        "image_processor": AutoImageProcessor.from_pretrained(tmp_path / "processor"),
+        "tokenizer": AutoTokenizer.from_pretrained(tmp_path / "processor"),
+    }
+    assert MagmaProcessor(**parts).to_dict() == MagmaProcessor.from_pretrained(tmp_path / "processor").to_dict()
+    assert MagmaProcessor(**parts).to_dict() == before
 
 
 REMOTE_SCRIPT = textwrap.dedent(
