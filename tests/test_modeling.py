@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import IMAGE, random_image, tiny_config
+from helpers import IMAGE, random_image, save_tiny_magma, tiny_config
 from open_clip.modified_resnet import ModifiedResNet
 from transformers import AutoModel, AutoModelForImageTextToText
 
@@ -220,6 +220,29 @@ def test_bfloat16_loads_and_runs_on_cpu(saved_model_dir, processor):
     assert (logits.float() - reference).abs().max() < 0.1
     generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert generated.shape == (1, inputs.input_ids.shape[1] + 4)
+
+
+@pytest.mark.parametrize("adapter_type", ["normal", "parallel", "scaled_parallel"])
+def test_generation_offloaded_to_disk_equals_generation_in_memory(tokenizer, processor, tmp_path, adapter_type):
+    """`device_map="auto"` with less memory than the model needs puts the GPT-J blocks, adapters included, on disk;
+    accelerate's hooks load a module's weights at its forward. The CPU equivalent of transformers' offload tests
+    (which need an accelerator); on main `scaled_parallel` failed with a meta tensor at the adapter's scale."""
+    adapter = {"adapter_type": adapter_type, "downsample_factor": 4}
+    config = tiny_config(tokenizer, adapter_config={"mlp": adapter, "attention": adapter})
+    model = save_tiny_magma(tmp_path / "model", tokenizer, processor, config=config)  # adapters (and scales) not 1
+    budget = int(0.9 * model.get_memory_footprint())
+    offloaded = MagmaForConditionalGeneration.from_pretrained(
+        tmp_path / "model", device_map="auto", max_memory={"cpu": budget}, offload_folder=tmp_path / "offload"
+    )
+    on_disk = [name for name, where in offloaded.hf_device_map.items() if where == "disk"]
+    assert "cpu" in offloaded.hf_device_map.values() and "model.language_model.h" in on_disk
+    inputs = batch_with_padding(processor)
+    settings = {"max_new_tokens": 4, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
+    with torch.no_grad():
+        expected = model.generate(**inputs, **settings)
+        generated = offloaded.generate(**inputs, **settings)
+    torch.testing.assert_close(generated.sequences, expected.sequences, rtol=0, atol=0)
+    torch.testing.assert_close(torch.stack(generated.logits), torch.stack(expected.logits))
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tokenizer, processor):
