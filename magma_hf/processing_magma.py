@@ -5,7 +5,7 @@ from collections.abc import Callable
 
 from transformers import ProcessorMixin
 from transformers.image_utils import make_flat_list_of_images
-from transformers.processing_utils import ProcessingKwargs
+from transformers.processing_utils import MultiModalData, ProcessingKwargs
 
 from .hub_magma import PROCESSOR_FILES_JSON, auto_map_left_unchanged, check_json_files
 
@@ -178,6 +178,21 @@ class MagmaProcessor(ProcessorMixin):
         """Image tokens per image, from the image processor's crop size."""
         crop = self.image_processor.crop_size
         return (crop["height"] // FEATURE_STRIDE) * (crop["width"] // FEATURE_STRIDE)
+
+    def _get_num_multimodal_tokens(self, image_sizes: list[list[int]] | None = None, **kwargs) -> MultiModalData:
+        """The image tokens a call inserts per image, as vLLM and transformers ask a processor (LLaVA's has it).
+
+        Args:
+            image_sizes: `(height, width)` of each image before preprocessing. Every image is resized and cropped to
+                the image processor's `crop_size`, so each gets `num_image_tokens` tokens, in one patch.
+            kwargs: Processing kwargs (vLLM passes them); they do not change the count, which a call takes from
+                `crop_size` too.
+        """
+        if image_sizes is None:
+            return MultiModalData()
+        return MultiModalData(
+            num_image_tokens=[self.num_image_tokens] * len(image_sizes), num_image_patches=[1] * len(image_sizes)
+        )
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         return self.image_token * self.num_image_tokens
