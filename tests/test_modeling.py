@@ -273,6 +273,47 @@ def test_gradient_checkpointing_gives_the_same_gradients(tokenizer, processor):
         torch.testing.assert_close(plain[name], checkpointed[name], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize(
+    ("enable", "settings"),
+    [
+        ("activation_checkpointing_enable", {}),
+        ("gradient_checkpointing_enable", {}),
+        ("gradient_checkpointing_enable", {"gradient_checkpointing_kwargs": {"use_reentrant": True}}),
+    ],
+    ids=["activation_checkpointing", "gradient_checkpointing", "reentrant"],
+)
+def test_gradient_checkpointing_covers_the_image_encoder(tokenizer, processor, enable, settings):
+    """MAGMA trains the image encoder: its residual blocks are recomputed in the backward pass too, with the gradients
+    and the BatchNorm statistics of a step without checkpointing (the replay must not update them a second time)."""
+    torch.manual_seed(0)
+    model = MagmaForConditionalGeneration(tiny_config(tokenizer, image_embed_dropout_prob=0.0)).train()
+    images, text = [random_image(9), random_image(10)], ["a cat", "a dog on a beach"]
+    inputs = processor(images=images, text=text, return_tensors="pt", padding=True)
+    labels = inputs.input_ids.masked_fill(inputs.attention_mask == 0, -100)
+    encoder = model.vision_tower
+    start = {name: tensor.clone() for name, tensor in encoder.state_dict().items()}
+
+    def training_step() -> tuple[dict, dict]:
+        encoder.load_state_dict(start)  # the same BatchNorm statistics before each step
+        model.zero_grad()
+        model(**inputs, labels=labels).loss.backward()
+        gradients = {name: param.grad.clone() for name, param in encoder.named_parameters()}
+        return gradients, {name: buffer.clone() for name, buffer in encoder.named_buffers()}
+
+    plain_gradients, plain_buffers = training_step()
+    block_runs = []
+    encoder.layer1[0].conv1.register_forward_hook(lambda *args: block_runs.append(1))
+    getattr(model, enable)(**settings)
+    gradients, buffers = training_step()
+    assert len(block_runs) == 2  # the block ran again in the backward pass: its activations were not kept
+    assert gradients.keys() == plain_gradients.keys() and len(gradients) > 0
+    for name in gradients:
+        torch.testing.assert_close(gradients[name], plain_gradients[name], rtol=1e-5, atol=1e-7)
+    assert not torch.equal(buffers["layer1.0.bn1.running_mean"], start["layer1.0.bn1.running_mean"])  # they moved
+    for name in buffers:
+        torch.testing.assert_close(buffers[name], plain_buffers[name], rtol=0, atol=0, msg=name)
+
+
 @pytest.mark.parametrize("freeze_image_encoder", [False, True])
 def test_training_policy_keeps_gptj_bitwise_unchanged(tokenizer, processor, freeze_image_encoder):
     torch.manual_seed(0)
