@@ -67,10 +67,27 @@ def test_saved_folder_is_a_hub_repo(saved):
     assert processor_config["auto_map"]["AutoProcessor"] == "processing_magma.MagmaProcessor"
     card = (path / "README.md").read_text()
     metadata = yaml.safe_load(card.split("---")[1])
-    assert metadata["library_name"] == "transformers" and metadata["pipeline_tag"] == "image-to-text"
-    assert metadata["license"] == "mit" and metadata["base_model"] == ["EleutherAI/gpt-j-6b"]
+    assert metadata["library_name"] == "transformers" and metadata["pipeline_tag"] == "image-text-to-text"
     generation = json.loads((path / "generation_config.json").read_text())
     assert (generation["temperature"], generation["top_p"], generation["do_sample"]) == (0.7, 0.9, True)
+
+
+def test_the_model_card_names_transformers_5s_task_and_parses_as_hub_metadata(saved):
+    """The Hub reads `pipeline_tag` to pick the widget and `pipeline(model=repo)` the task: transformers 5 names the
+    task `image-text-to-text` (`image-to-text` is only redirected there)."""
+    from huggingface_hub import ModelCard, ModelCardData
+    from transformers.pipelines import check_task
+
+    path, _ = saved
+    card = ModelCard.load(path / "README.md", ignore_metadata_errors=False)
+    data = card.data
+    assert isinstance(data, ModelCardData)
+    assert data.pipeline_tag == "image-text-to-text" and check_task(data.pipeline_tag)[0] == data.pipeline_tag
+    assert data.library_name == "transformers" and data.license == "mit"
+    assert data.base_model == ["EleutherAI/gpt-j-6b", "timm/resnet50x16_clip.openai"]  # GPT-J, CLIP RN50x16
+    assert "image-text-to-text" in data.tags and "custom_code" in data.tags
+    assert ModelCardData(**data.to_dict()).to_dict() == data.to_dict()  # well-formed metadata, nothing dropped
+    assert 'pipeline("image-text-to-text"' in card.text and 'pipeline("image-to-text"' not in card.text
 
 
 def test_saving_keeps_an_existing_model_card(saved, tmp_path):
@@ -176,7 +193,9 @@ REMOTE_SCRIPT = textwrap.dedent(
     inputs = processor(images=[image], text=["a photo of"], return_tensors="pt")
     generated = model.generate(**inputs, **greedy)[:, inputs.input_ids.shape[1]:]
     pipe = pipeline("image-to-text", model=path, trust_remote_code=True)
+    card_pipe = pipeline("image-text-to-text", model=path, trust_remote_code=True)  # as the model card shows it
     print(json.dumps({
+        "card_caption": card_pipe(image, generate_kwargs=greedy),
         "model_module": type(model).__module__,
         "processor_class": type(processor).__name__,
         "generate": processor.post_process_image_text_to_text(generated)[0],
@@ -198,6 +217,7 @@ def test_trust_remote_code_works_where_the_package_cannot_be_imported(saved, pro
     )
     assert out["generate"] == photo_of
     assert [item["generated_text"] for item in out["caption"]] == [caption]
+    assert [item["generated_text"] for item in out["card_caption"]] == [caption]
     assert [item["generated_text"] for item in out["answer"]] == [answer]
     assert len({caption, photo_of, answer}) > 1  # the prompts make a difference
 
