@@ -114,6 +114,18 @@ def init_adapter_tensor_(tensor: torch.Tensor) -> None:
         tensor.normal_(0.0, ADAPTER_INIT_STD).clamp_(-2 * ADAPTER_INIT_STD, 2 * ADAPTER_INIT_STD)
 
 
+class MagmaAdapterScales(nn.ParameterDict):
+    """The `scaled_parallel` adapters' learned scales, one `[1]` parameter per adapter name, applied by calling this
+    module: accelerate's offload hooks (`device_map` with CPU or disk offload) load a module's weights when its forward
+    runs, so a scale read by indexing from another module's forward would still be on the meta device."""
+
+    __call__ = nn.Module.__call__  # ParameterDict refuses to be called
+
+    def forward(self, adapter_name: str, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`hidden_states` `[..., hidden]` times the adapter's scale."""
+        return hidden_states * self[adapter_name]
+
+
 class MagmaAdapterLayer(nn.Module, BaseTunerLayer):
     """Wraps a block's MLP or attention module and adds MAGMA adapters to its output.
 
@@ -134,7 +146,7 @@ class MagmaAdapterLayer(nn.Module, BaseTunerLayer):
         self.magma_down = nn.ModuleDict()
         self.magma_up = nn.ModuleDict()
         self.magma_norm = nn.ModuleDict()
-        self.magma_scale = nn.ParameterDict()
+        self.magma_scale = MagmaAdapterScales()
         self.magma_adapter_type: dict[str, str] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
@@ -194,7 +206,7 @@ class MagmaAdapterLayer(nn.Module, BaseTunerLayer):
             x = self.magma_norm[adapter_name](x)
         out = self.magma_up[adapter_name](torch.relu(down(x)))
         if adapter_name in self.magma_scale:
-            out = out * self.magma_scale[adapter_name]
+            out = self.magma_scale(adapter_name, out)
         return out.to(hidden_states.dtype)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):

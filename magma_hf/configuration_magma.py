@@ -171,6 +171,9 @@ class MagmaConfig(PreTrainedConfig):
         # registered the pipeline, it is dropped: transformers would otherwise demand trust_remote_code for it.
         if magma_pipeline_is_registered():
             kwargs.pop("custom_pipelines", None)
+            # Likewise its `auto_map` (`auto_map_left_unchanged`): the Auto classes find MAGMA by model type here. Where
+            # this class came from a folder's code, AutoModel reads it from the live config to find the model's code.
+            kwargs.pop("auto_map", None)
         if self.adapter_config is None:
             self.adapter_config = copy.deepcopy(DEFAULT_ADAPTER_CONFIG)
         self.adapter_config = normalize_adapter_config(self.adapter_config)

@@ -32,6 +32,24 @@ def magma_pipeline_is_registered() -> bool:
 
 
 @contextmanager
+def auto_map_left_unchanged(*holders: dict) -> Iterator[None]:
+    """Puts each holder's `auto_map` back as it was on entry, also when the block raises. The holders are the attribute
+    dicts (`vars(obj)`, a tokenizer's `init_kwargs`) on which transformers' code export records `auto_map` to write it.
+
+    MAGMA's rule: `auto_map` names a saved folder's code and belongs to the saved files. Saving writes it and leaves
+    the live object as it was; loading drops it (configs: where `import magma_hf` registered MAGMA, see
+    `MagmaConfig.__post_init__`), so that every save/load round trip gives back an equal object."""
+    saved = [(holder, copy.deepcopy(holder.get("auto_map"))) for holder in holders]
+    try:
+        yield
+    finally:
+        for holder, auto_map in saved:
+            holder.pop("auto_map", None)
+            if auto_map is not None:
+                holder["auto_map"] = auto_map
+
+
+@contextmanager
 def config_left_unchanged(config: PreTrainedConfig) -> Iterator[None]:
     """Puts the config's own attributes back as they were on entry, also when the block raises: transformers' saving
     sets `architectures`, `dtype` and (code export) `auto_map` on the live config to write them, and they belong to
@@ -47,7 +65,9 @@ def config_left_unchanged(config: PreTrainedConfig) -> Iterator[None]:
         attributes.update(before)
 
 
-BASE_MODELS = ("EleutherAI/gpt-j-6b",)
+# What MAGMA is built on: GPT-J-6B and CLIP RN50x16's image encoder (on the Hub as timm's copy of OpenAI's weights,
+# which open_clip also downloads).
+BASE_MODELS = ("EleutherAI/gpt-j-6b", "timm/resnet50x16_clip.openai")
 
 MODEL_FILES_JSON = ("config.json", "generation_config.json", "model.safetensors.index.json")
 PROCESSOR_FILES_JSON = (
@@ -127,12 +147,13 @@ This folder carries its code (`trust_remote_code=True`), or use it with `pip ins
 ```python
 from transformers import pipeline
 
-captioner = pipeline("image-to-text", model="{repo}", trust_remote_code=True)
+captioner = pipeline("image-text-to-text", model="{repo}", trust_remote_code=True)
 captioner("photo.jpg", generate_kwargs={{"do_sample": False}})              # a caption
 captioner("photo.jpg", text="Q: What is in the picture? A:")               # an answer
 ```
 
-With `import magma_hf`, `trust_remote_code` is not needed, and `"image-text-to-text"` names the same pipeline.
+With `import magma_hf`, `trust_remote_code` is not needed. `"image-to-text"`, which transformers 5 redirects to
+`"image-text-to-text"`, names the same pipeline.
 
 The shipped generation config uses the original's settings (temperature 0.7, top-p 0.9) as true nucleus sampling;
 the original's filter in effect sampled at temperature 0.7 without a nucleus (`top_p=1.0, temperature=0.7, top_k=0`
@@ -150,10 +171,10 @@ def write_model_card(save_directory: str | os.PathLike) -> bool:
         return False
     card_data = ModelCardData(
         library_name="transformers",
-        pipeline_tag="image-to-text",
+        pipeline_tag=PIPELINE_TASK,  # transformers 5's task name, which the Hub and `pipeline(model=repo)` read
         license="mit",
         base_model=list(BASE_MODELS),
-        tags=["magma", "vision-language", "image-to-text", "custom_code"],
+        tags=["magma", "vision-language", PIPELINE_TASK, "custom_code"],
     )
     body = MODEL_CARD_BODY.format(repo=Path(save_directory).name)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.writing")

@@ -13,6 +13,8 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImage
 from transformers.models.clip.image_processing_clip import CLIPImageProcessor
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from .hub_magma import auto_map_left_unchanged
+
 DEFAULT_IMAGE_SIZE = 384  # CLIP RN50x16
 # Pillow's modes deeper than 8 bits per channel: its RGB conversion clips them at 255 (a 16-bit image turns white).
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -121,7 +123,13 @@ class MagmaImageProcessingMixin:
         if image_size is not None:
             kwargs.setdefault("size", {"shortest_edge": image_size})
             kwargs.setdefault("crop_size", {"height": image_size, "width": image_size})
+        kwargs.pop("auto_map", None)  # loaded from a saved folder: it belongs to the files (`auto_map_left_unchanged`)
         super().__init__(**kwargs)
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """transformers' saving, which records `auto_map` on the live image processor to write it: put back."""
+        with auto_map_left_unchanged(vars(self)):
+            return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     def process_image(self, image, *args, **kwargs):
         """Scale 16-bit, 32-bit and float PIL images to 8 bits before the RGB conversion, which would clip them."""

@@ -2,6 +2,7 @@
 
 import copy
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,11 +67,38 @@ def magma_generation_config(config: MagmaConfig) -> GenerationConfig:
     )
 
 
+def keeping_statistics_on_replay(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`module` as the function gradient checkpointing runs twice: in the forward pass, and again in the backward
+    pass to recompute its activations. In training mode BatchNorm normalises with the batch's statistics and updates
+    its running statistics: the replay runs the same operations with momentum 0 (a running statistic updated to
+    itself) and puts its batch count back, so that checkpointing changes no buffer."""
+    runs = 0
+
+    def run(hidden_states: torch.Tensor) -> torch.Tensor:
+        nonlocal runs
+        runs += 1
+        if runs == 1:
+            return module(hidden_states)
+        norms = [norm for norm in module.modules() if isinstance(norm, nn.modules.batchnorm._BatchNorm)]
+        before = [(norm.momentum, norm.num_batches_tracked.clone()) for norm in norms]
+        for norm in norms:
+            norm.momentum = 0.0
+        try:
+            return module(hidden_states)
+        finally:  # also where torch stops the replay early, by raising, once it has what the backward pass needs
+            for norm, (momentum, batches) in zip(norms, before):
+                norm.momentum = momentum
+                norm.num_batches_tracked.copy_(batches)
+
+    return run
+
+
 class MagmaVisionPreTrainedModel(PreTrainedModel):
     config: MagmaVisionConfig
     config_class = MagmaVisionConfig
     main_input_name = "pixel_values"
     input_modalities = ("image",)
+    supports_gradient_checkpointing = True
     _no_split_modules = ["Bottleneck"]
     _can_compile_fullgraph = True
     # No attention layer: any attention implementation the composite model asks for leaves the encoder as it is.
@@ -93,7 +121,9 @@ class MagmaVisionModel(MagmaVisionPreTrainedModel):
 
     The trunk's modules sit directly on this model under open_clip's and OpenAI's names (`conv1`, `bn1`, ...,
     `layer4.*`), so CLIP weights, converted checkpoints and saved folders load as they are. Output: the last feature
-    map, flattened row-major into a sequence.
+    map, flattened row-major into a sequence. With gradient checkpointing on, each residual block (`Bottleneck`) is
+    recomputed in the backward pass, as transformers' encoders recompute their layers (the stem, like their
+    embeddings, is not).
     """
 
     def __init__(self, config: MagmaVisionConfig):
@@ -108,6 +138,7 @@ class MagmaVisionModel(MagmaVisionPreTrainedModel):
         for name, module in trunk.named_children():
             if name != "attnpool":  # MAGMA replaced CLIP's attention pooling by a reshape: every position is a token
                 self.add_module(name, module)
+        self.gradient_checkpointing = False
         self.post_init()
 
     def stem(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -123,8 +154,13 @@ class MagmaVisionModel(MagmaVisionPreTrainedModel):
             output_hidden_states = self.config.output_hidden_states
         x = self.stem(pixel_values.to(self.conv1.weight.dtype))
         stages = [x]
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x = stage(x)
+            if checkpointing:
+                for block in stage:
+                    x = self._gradient_checkpointing_func(keeping_statistics_on_replay(block), x)
+            else:
+                x = stage(x)
             stages.append(x)
         return BaseModelOutputWithNoAttention(
             last_hidden_state=x.flatten(2).transpose(1, 2),  # row-major: every position is an image token
@@ -274,12 +310,12 @@ class MagmaModel(MagmaPreTrainedModel):
 
     @can_return_tuple
     def get_image_features(
-        self,
-        pixel_values: torch.Tensor,
-        output_hidden_states: bool | None = None,
-        **kwargs: Unpack[TransformersKwargs],
+        self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
     ) -> BaseModelOutputWithPooling | tuple:
         """Encode images.
+
+        `output_hidden_states` comes through `kwargs`, as LLaVA takes it: `generate` gives this method every argument
+        its signature names and drops those from the decoding steps, which would then return no hidden states.
 
         Args:
             pixel_values: `[n_images, 3, image_size, image_size]`.
@@ -293,6 +329,7 @@ class MagmaModel(MagmaPreTrainedModel):
             feature maps `[n_images, c, h, w]` of the stem and of each of the four stages (the last one is
             `last_hidden_state` before flattening), as ResNets in transformers give them.
         """
+        output_hidden_states = kwargs.get("output_hidden_states")
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         self.check_pixel_values(pixel_values)

@@ -1,14 +1,13 @@
 """MAGMA's processor: CLIP image preprocessing plus the GPT-2 tokenizer with `<|image|>`."""
 
-import copy
 import os
 from collections.abc import Callable
 
 from transformers import ProcessorMixin
 from transformers.image_utils import make_flat_list_of_images
-from transformers.processing_utils import ProcessingKwargs
+from transformers.processing_utils import MultiModalData, ProcessingKwargs
 
-from .hub_magma import PROCESSOR_FILES_JSON, check_json_files, check_processor_files
+from .hub_magma import PROCESSOR_FILES_JSON, auto_map_left_unchanged, check_json_files, check_processor_files
 
 IMAGE_TOKEN = "<|image|>"
 FEATURE_STRIDE = 32  # the ResNet's total downsampling: one image token per 32x32 pixels of the crop
@@ -149,8 +148,7 @@ class MagmaProcessor(ProcessorMixin):
             check_processor_files(folder)  # and a missing one advice to install sentencepiece
             check_json_files(folder, PROCESSOR_FILES_JSON)
         processor = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        # `auto_map` belongs to the saved files (saving writes it again), not to the live processor: without this the
-        # reloaded processor differs from the one that was saved.
+        # `auto_map` belongs to the saved files (`auto_map_left_unchanged`): the tokenizer loads it into `init_kwargs`.
         for holder in processor._auto_map_holders():
             holder.pop("auto_map", None)
         return processor
@@ -158,14 +156,8 @@ class MagmaProcessor(ProcessorMixin):
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         """transformers' saving, which writes `auto_map` into the saved files by setting it on the live processor,
         its image processor and its tokenizer: here they are put back as they were, so saving changes nothing."""
-        saved = [(holder, copy.deepcopy(holder.get("auto_map"))) for holder in self._auto_map_holders()]
-        try:
+        with auto_map_left_unchanged(*self._auto_map_holders()):
             return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
-        finally:
-            for holder, auto_map in saved:
-                holder.pop("auto_map", None)
-                if auto_map is not None:
-                    holder["auto_map"] = auto_map
 
     def _auto_map_holders(self) -> list[dict]:
         """Where saving records `auto_map`: the processor's and image processor's attributes, the tokenizer's
@@ -188,6 +180,21 @@ class MagmaProcessor(ProcessorMixin):
         """Image tokens per image, from the image processor's crop size."""
         crop = self.image_processor.crop_size
         return (crop["height"] // FEATURE_STRIDE) * (crop["width"] // FEATURE_STRIDE)
+
+    def _get_num_multimodal_tokens(self, image_sizes: list[list[int]] | None = None, **kwargs) -> MultiModalData:
+        """The image tokens a call inserts per image, as vLLM and transformers ask a processor (LLaVA's has it).
+
+        Args:
+            image_sizes: `(height, width)` of each image before preprocessing. Every image is resized and cropped to
+                the image processor's `crop_size`, so each gets `num_image_tokens` tokens, in one patch.
+            kwargs: Processing kwargs (vLLM passes them); they do not change the count, which a call takes from
+                `crop_size` too.
+        """
+        if image_sizes is None:
+            return MultiModalData()
+        return MultiModalData(
+            num_image_tokens=[self.num_image_tokens] * len(image_sizes), num_image_patches=[1] * len(image_sizes)
+        )
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         return self.image_token * self.num_image_tokens

@@ -16,6 +16,7 @@ from transformers import (
     AutoModel,
     AutoModelForImageTextToText,
     AutoProcessor,
+    AutoTokenizer,
     GPTJForCausalLM,
     pipeline,
 )
@@ -24,9 +25,11 @@ from magma_hf import (
     MagmaConfig,
     MagmaForConditionalGeneration,
     MagmaImageProcessor,
+    MagmaImageProcessorTorchvision,
     MagmaImageToTextPipeline,
     MagmaModel,
     MagmaProcessor,
+    MagmaVisionConfig,
 )
 from magma_hf.modeling_magma import gptj_name
 
@@ -64,10 +67,27 @@ def test_saved_folder_is_a_hub_repo(saved):
     assert processor_config["auto_map"]["AutoProcessor"] == "processing_magma.MagmaProcessor"
     card = (path / "README.md").read_text()
     metadata = yaml.safe_load(card.split("---")[1])
-    assert metadata["library_name"] == "transformers" and metadata["pipeline_tag"] == "image-to-text"
-    assert metadata["license"] == "mit" and metadata["base_model"] == ["EleutherAI/gpt-j-6b"]
+    assert metadata["library_name"] == "transformers" and metadata["pipeline_tag"] == "image-text-to-text"
     generation = json.loads((path / "generation_config.json").read_text())
     assert (generation["temperature"], generation["top_p"], generation["do_sample"]) == (0.7, 0.9, True)
+
+
+def test_the_model_card_names_transformers_5s_task_and_parses_as_hub_metadata(saved):
+    """The Hub reads `pipeline_tag` to pick the widget and `pipeline(model=repo)` the task: transformers 5 names the
+    task `image-text-to-text` (`image-to-text` is only redirected there)."""
+    from huggingface_hub import ModelCard, ModelCardData
+    from transformers.pipelines import check_task
+
+    path, _ = saved
+    card = ModelCard.load(path / "README.md", ignore_metadata_errors=False)
+    data = card.data
+    assert isinstance(data, ModelCardData)
+    assert data.pipeline_tag == "image-text-to-text" and check_task(data.pipeline_tag)[0] == data.pipeline_tag
+    assert data.library_name == "transformers" and data.license == "mit"
+    assert data.base_model == ["EleutherAI/gpt-j-6b", "timm/resnet50x16_clip.openai"]  # GPT-J, CLIP RN50x16
+    assert "image-text-to-text" in data.tags and "custom_code" in data.tags
+    assert ModelCardData(**data.to_dict()).to_dict() == data.to_dict()  # well-formed metadata, nothing dropped
+    assert 'pipeline("image-text-to-text"' in card.text and 'pipeline("image-to-text"' not in card.text
 
 
 def test_saving_keeps_an_existing_model_card(saved, tmp_path):
@@ -75,6 +95,88 @@ def test_saving_keeps_an_existing_model_card(saved, tmp_path):
     (tmp_path / "README.md").write_text("my own card")
     model.save_pretrained(tmp_path)
     assert (tmp_path / "README.md").read_text() == "my own card"
+
+
+# `auto_map` names a saved folder's code: saving writes it into the files and leaves the live object as it was, and
+# loading (where `import magma_hf` registered MAGMA) drops it, so that every round trip gives back an equal object.
+
+
+def contents(loaded) -> dict:
+    """`to_dict()` without `_name_or_path`, where `AutoConfig` records the folder it read."""
+    return {key: value for key, value in loaded.to_dict().items() if key != "_name_or_path"}
+
+
+def round_trips(load_functions, folder, before: dict, again) -> None:
+    """Each loader gives `before` back from `folder`, and what it loaded saves and reloads to `before` again."""
+    for load in load_functions:
+        loaded = load(folder)
+        assert contents(loaded) == before, load
+        loaded.save_pretrained(again)
+        assert contents(loaded) == before, load
+        assert contents(load(again)) == before, load
+
+
+def test_a_config_round_trips_to_an_equal_dict_through_every_entry_point(config, saved, tmp_path):
+    before = contents(config)
+    config.save_pretrained(tmp_path / "config")
+    config.save_pretrained(tmp_path / "nested" / "sub")
+    assert contents(config) == before
+    assert json.loads((tmp_path / "config" / "config.json").read_text())["auto_map"]  # the files name the code
+    loaders = (MagmaConfig.from_pretrained, AutoConfig.from_pretrained)
+    round_trips(loaders, tmp_path / "config", before, tmp_path / "again")
+    assert contents(MagmaConfig.from_pretrained(tmp_path / "nested", subfolder="sub")) == before
+    assert contents(AutoConfig.from_pretrained(tmp_path / "nested", subfolder="sub")) == before
+    # the vision config saved alone, and the config of a whole saved model
+    vision_before = config.vision_config.to_dict()
+    config.vision_config.save_pretrained(tmp_path / "vision")
+    assert MagmaVisionConfig.from_pretrained(tmp_path / "vision").to_dict() == vision_before
+    model_config = contents(MagmaConfig.from_pretrained(saved[0]))
+    assert "auto_map" not in model_config and contents(AutoConfig.from_pretrained(saved[0])) == model_config
+    round_trips(loaders, saved[0], model_config, tmp_path / "model_again")
+
+
+def test_an_image_processor_round_trips_to_an_equal_dict_through_every_entry_point(processor, tmp_path):
+    image_processor = MagmaImageProcessor(image_size=64)
+    before = image_processor.to_dict()
+    image_processor.save_pretrained(tmp_path / "alone")
+    assert image_processor.to_dict() == before
+    assert json.loads((tmp_path / "alone" / "preprocessor_config.json").read_text())["auto_map"]
+    loaders = (MagmaImageProcessor.from_pretrained, AutoImageProcessor.from_pretrained)
+    round_trips(loaders, tmp_path / "alone", before, tmp_path / "again")
+    # saved within a processor (nested in processor_config.json), and as the processor holds it
+    processor.save_pretrained(tmp_path / "processor")
+    assert processor.image_processor.to_dict() == before
+    round_trips(loaders, tmp_path / "processor", before, tmp_path / "again_from_processor")
+    assert MagmaProcessor.from_pretrained(tmp_path / "processor").image_processor.to_dict() == before
+    torchvision = MagmaImageProcessorTorchvision(image_size=64)
+    torchvision_before = torchvision.to_dict()
+    torchvision.save_pretrained(tmp_path / "torchvision")
+    assert torchvision.to_dict() == torchvision_before
+    round_trips(
+        [MagmaImageProcessorTorchvision.from_pretrained],
+        tmp_path / "torchvision",
+        torchvision_before,
+        tmp_path / "torchvision_again",
+    )
+
+
+def test_a_processor_round_trips_to_an_equal_dict_through_every_entry_point(processor, tmp_path):
+    before = processor.to_dict()
+    processor.save_pretrained(tmp_path / "processor")
+    assert processor.to_dict() == before
+    round_trips(
+        (MagmaProcessor.from_pretrained, AutoProcessor.from_pretrained),
+        tmp_path / "processor",
+        before,
+        tmp_path / "again",
+    )
+    # built from its parts, each loaded through its own Auto class, it equals the processor loaded whole
+    parts = {
+        "image_processor": AutoImageProcessor.from_pretrained(tmp_path / "processor"),
+        "tokenizer": AutoTokenizer.from_pretrained(tmp_path / "processor"),
+    }
+    assert MagmaProcessor(**parts).to_dict() == MagmaProcessor.from_pretrained(tmp_path / "processor").to_dict()
+    assert MagmaProcessor(**parts).to_dict() == before
 
 
 REMOTE_SCRIPT = textwrap.dedent(
@@ -91,7 +193,9 @@ REMOTE_SCRIPT = textwrap.dedent(
     inputs = processor(images=[image], text=["a photo of"], return_tensors="pt")
     generated = model.generate(**inputs, **greedy)[:, inputs.input_ids.shape[1]:]
     pipe = pipeline("image-to-text", model=path, trust_remote_code=True)
+    card_pipe = pipeline("image-text-to-text", model=path, trust_remote_code=True)  # as the model card shows it
     print(json.dumps({
+        "card_caption": card_pipe(image, generate_kwargs=greedy),
         "model_module": type(model).__module__,
         "processor_class": type(processor).__name__,
         "generate": processor.post_process_image_text_to_text(generated)[0],
@@ -113,6 +217,7 @@ def test_trust_remote_code_works_where_the_package_cannot_be_imported(saved, pro
     )
     assert out["generate"] == photo_of
     assert [item["generated_text"] for item in out["caption"]] == [caption]
+    assert [item["generated_text"] for item in out["card_caption"]] == [caption]
     assert [item["generated_text"] for item in out["answer"]] == [answer]
     assert len({caption, photo_of, answer}) > 1  # the prompts make a difference
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import IMAGE, random_image, tiny_config
+from helpers import IMAGE, random_image, save_tiny_magma, tiny_config
 from open_clip.modified_resnet import ModifiedResNet
 from transformers import AutoModel, AutoModelForImageTextToText
 
@@ -222,6 +222,29 @@ def test_bfloat16_loads_and_runs_on_cpu(saved_model_dir, processor):
     assert generated.shape == (1, inputs.input_ids.shape[1] + 4)
 
 
+@pytest.mark.parametrize("adapter_type", ["normal", "parallel", "scaled_parallel"])
+def test_generation_offloaded_to_disk_equals_generation_in_memory(tokenizer, processor, tmp_path, adapter_type):
+    """`device_map="auto"` with less memory than the model needs puts the GPT-J blocks, adapters included, on disk;
+    accelerate's hooks load a module's weights at its forward. The CPU equivalent of transformers' offload tests
+    (which need an accelerator); on main `scaled_parallel` failed with a meta tensor at the adapter's scale."""
+    adapter = {"adapter_type": adapter_type, "downsample_factor": 4}
+    config = tiny_config(tokenizer, adapter_config={"mlp": adapter, "attention": adapter})
+    model = save_tiny_magma(tmp_path / "model", tokenizer, processor, config=config)  # adapters (and scales) not 1
+    budget = int(0.9 * model.get_memory_footprint())
+    offloaded = MagmaForConditionalGeneration.from_pretrained(
+        tmp_path / "model", device_map="auto", max_memory={"cpu": budget}, offload_folder=tmp_path / "offload"
+    )
+    on_disk = [name for name, where in offloaded.hf_device_map.items() if where == "disk"]
+    assert "cpu" in offloaded.hf_device_map.values() and "model.language_model.h" in on_disk
+    inputs = batch_with_padding(processor)
+    settings = {"max_new_tokens": 4, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
+    with torch.no_grad():
+        expected = model.generate(**inputs, **settings)
+        generated = offloaded.generate(**inputs, **settings)
+    torch.testing.assert_close(generated.sequences, expected.sequences, rtol=0, atol=0)
+    torch.testing.assert_close(torch.stack(generated.logits), torch.stack(expected.logits))
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(tokenizer, processor):
     torch.manual_seed(0)
     model = MagmaForConditionalGeneration(tiny_config(tokenizer, image_embed_dropout_prob=0.0))
@@ -248,6 +271,47 @@ def test_gradient_checkpointing_gives_the_same_gradients(tokenizer, processor):
     assert plain.keys() == checkpointed.keys() and any(".magma_down." in name for name in plain)
     for name in plain:
         torch.testing.assert_close(plain[name], checkpointed[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("enable", "settings"),
+    [
+        ("activation_checkpointing_enable", {}),
+        ("gradient_checkpointing_enable", {}),
+        ("gradient_checkpointing_enable", {"gradient_checkpointing_kwargs": {"use_reentrant": True}}),
+    ],
+    ids=["activation_checkpointing", "gradient_checkpointing", "reentrant"],
+)
+def test_gradient_checkpointing_covers_the_image_encoder(tokenizer, processor, enable, settings):
+    """MAGMA trains the image encoder: its residual blocks are recomputed in the backward pass too, with the gradients
+    and the BatchNorm statistics of a step without checkpointing (the replay must not update them a second time)."""
+    torch.manual_seed(0)
+    model = MagmaForConditionalGeneration(tiny_config(tokenizer, image_embed_dropout_prob=0.0)).train()
+    images, text = [random_image(9), random_image(10)], ["a cat", "a dog on a beach"]
+    inputs = processor(images=images, text=text, return_tensors="pt", padding=True)
+    labels = inputs.input_ids.masked_fill(inputs.attention_mask == 0, -100)
+    encoder = model.vision_tower
+    start = {name: tensor.clone() for name, tensor in encoder.state_dict().items()}
+
+    def training_step() -> tuple[dict, dict]:
+        encoder.load_state_dict(start)  # the same BatchNorm statistics before each step
+        model.zero_grad()
+        model(**inputs, labels=labels).loss.backward()
+        gradients = {name: param.grad.clone() for name, param in encoder.named_parameters()}
+        return gradients, {name: buffer.clone() for name, buffer in encoder.named_buffers()}
+
+    plain_gradients, plain_buffers = training_step()
+    block_runs = []
+    encoder.layer1[0].conv1.register_forward_hook(lambda *args: block_runs.append(1))
+    getattr(model, enable)(**settings)
+    gradients, buffers = training_step()
+    assert len(block_runs) == 2  # the block ran again in the backward pass: its activations were not kept
+    assert gradients.keys() == plain_gradients.keys() and len(gradients) > 0
+    for name in gradients:
+        torch.testing.assert_close(gradients[name], plain_gradients[name], rtol=1e-5, atol=1e-7)
+    assert not torch.equal(buffers["layer1.0.bn1.running_mean"], start["layer1.0.bn1.running_mean"])  # they moved
+    for name in buffers:
+        torch.testing.assert_close(buffers[name], plain_buffers[name], rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.parametrize("freeze_image_encoder", [False, True])

@@ -5,7 +5,7 @@ import pytest
 import torch
 from helpers import IMAGE, make_processor, random_image
 
-from magma_hf import MagmaProcessor
+from magma_hf import MagmaImageProcessor, MagmaProcessor
 
 
 def generated_caption(processor) -> list[int]:
@@ -75,3 +75,20 @@ def test_saving_leaves_the_live_processor_as_the_reloaded_one(tmp_path):
     assert reloaded.to_dict() == before
     reloaded.save_pretrained(tmp_path / "again")
     assert reloaded.to_dict() == before
+
+
+def test_num_multimodal_tokens_are_those_the_processor_call_inserts(processor):
+    """`_get_num_multimodal_tokens`, which vLLM and transformers' processor tests ask of a processor (as LLaVA's has
+    it): per image, the image tokens a call inserts for an image of that `(height, width)`, and one patch."""
+    image_sizes = [(100, 100), (300, 100), (500, 30), (213, 167)]
+    images = [[random_image(n, size=(width, height))] for n, (height, width) in enumerate(image_sizes)]
+    inputs = processor(
+        text=[f"{IMAGE} lower newer"] * len(images), images=images, padding=True, return_mm_token_type_ids=True
+    )
+    inserted = [ids.count(processor.image_token_id) for ids in inputs["input_ids"]]
+    data = processor._get_num_multimodal_tokens(image_sizes=image_sizes)
+    assert data["num_image_tokens"] == inserted == [sum(types) for types in inputs["mm_token_type_ids"]]
+    assert data["num_image_patches"] == [1] * len(image_sizes)
+    larger = MagmaProcessor(image_processor=MagmaImageProcessor(image_size=96), tokenizer=processor.tokenizer)
+    assert larger._get_num_multimodal_tokens(image_sizes=image_sizes[:1])["num_image_tokens"] == [9]  # (96 / 32)²
+    assert "num_image_tokens" not in processor._get_num_multimodal_tokens()

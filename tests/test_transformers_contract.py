@@ -303,3 +303,75 @@ def test_a_forward_with_images_compiles_as_one_graph(model, inputs):
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(**inputs).logits, model(**inputs).logits)
+
+
+# 5. Every `output_*` flag of `generate` gives its tensors at every step, in the shapes transformers' generation tests
+# check (tests/generation/test_utils.py `_check_generate_outputs`)
+
+NEW_TOKENS = 3
+GENERATION_MODES = {
+    "greedy": {"do_sample": False},
+    "sample": {"do_sample": True, "top_k": 10},
+    "beam": {"do_sample": False, "num_beams": 2, "num_return_sequences": 2},
+    "beam_sample": {"do_sample": True, "num_beams": 2},
+    "assisted": {"do_sample": False},  # the model as its own assistant, one prompt (assisted decoding's limit)
+    "prompt_lookup": {"do_sample": False, "prompt_lookup_num_tokens": 2},
+    "compiled": {"do_sample": False, "cache_implementation": "static"},
+}
+
+
+@pytest.mark.parametrize("with_image", [True, False], ids=["image", "text_only"])
+@pytest.mark.parametrize("mode", list(GENERATION_MODES))
+def test_every_output_flag_of_generate_gives_its_tensors_at_every_step(model, processor, mode, with_image):
+    """`generate`'s `get_image_features` call at prefill must not take the `output_*` flags the decoding steps need
+    (on main `output_hidden_states=True` gave `hidden_states=(None, ...)` and assisted decoding a TypeError)."""
+    from transformers import CompileConfig
+
+    model.set_attn_implementation("eager")  # sdpa returns no attentions
+    batch_size = 1 if mode in ("assisted", "prompt_lookup") else 2
+    texts = ["<|image|> a photo of", "<|image|> a dog running on the"][:batch_size]
+    if with_image:
+        inputs = processor(text=texts, images=[[random_image(i)] for i in range(batch_size)], padding=True)
+    else:
+        inputs = processor(text=[text.removeprefix("<|image|>") for text in texts], padding=True)
+    inputs = inputs.convert_to_tensors("pt")
+    settings = dict(GENERATION_MODES[mode])
+    if mode == "assisted":
+        settings["assistant_model"] = model
+    if mode == "compiled":
+        torch._dynamo.reset()
+        settings["compile_config"] = CompileConfig(fullgraph=True, dynamic=False, backend="eager")
+        settings["compile_config"]._compile_all_devices = True
+    flags = {f"output_{name}": True for name in ("hidden_states", "attentions", "scores", "logits")}
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(
+            **inputs,
+            **settings,
+            **flags,
+            return_dict_in_generate=True,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+        )
+
+    text_config = model.config.text_config
+    prompt_length = inputs["input_ids"].shape[1]
+    assert out.sequences.shape[1] == prompt_length + NEW_TOKENS
+    rows = batch_size * settings.get("num_beams", 1)  # the batch the decoding steps ran on
+    assert len(out.scores) == len(out.logits) == len(out.hidden_states) == len(out.attentions) == NEW_TOKENS
+    assert [tuple(step.shape) for step in out.scores] == [(rows, text_config.vocab_size)] * NEW_TOKENS
+    assert [tuple(step.shape) for step in out.logits] == [(rows, text_config.vocab_size)] * NEW_TOKENS
+    static_length = out.cache.get_max_length() if mode == "compiled" else None
+    for step, (hidden_states, attentions) in enumerate(zip(out.hidden_states, out.attentions)):
+        step_length = prompt_length if step == 0 else 1  # the prompt at prefill, then one token from the cache
+        assert isinstance(hidden_states, tuple) and len(hidden_states) == text_config.n_layer + 1
+        assert {tuple(layer.shape) for layer in hidden_states} == {(rows, step_length, text_config.n_embd)}
+        assert isinstance(attentions, tuple) and len(attentions) == text_config.n_layer
+        key_length = static_length or prompt_length + step
+        assert {tuple(layer.shape) for layer in attentions} == {(rows, text_config.n_head, step_length, key_length)}
+    # The prefill's hidden states are those of a forward on the prompt: the image embeddings did reach them
+    with torch.no_grad():
+        prompt_rows = {key: value.repeat_interleave(rows // batch_size, 0) for key, value in inputs.items()}
+        expected = model(**prompt_rows, output_hidden_states=True).hidden_states
+    real = prompt_rows["attention_mask"].bool()  # padding's hidden states depend on how the cache masks it
+    torch.testing.assert_close(out.hidden_states[0][-1][real], expected[-1][real], rtol=1e-4, atol=1e-5)

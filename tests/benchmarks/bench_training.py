@@ -1,11 +1,17 @@
-"""Training throughput and peak memory of MagmaTrainer on CPU, for the tiny test config and a small config.
+"""Training throughput and peak memory of MagmaTrainer on CPU, for the tiny test config and a small config, without
+and with gradient checkpointing.
 
-Each config runs in its own process (so that peak memory is its own): MagmaTrainer with MagmaDataCollator on
-in-memory random images and real captions, fp32, AdamW, the original's schedule; `--warmup` steps untimed, then
-`--steps` timed optimizer steps. Prints samples/s, seconds per step, the process's peak resident memory, and, for
-scale, the parameter counts of MAGMA_v1 at full size (built on the meta device) and the size of its adapter export.
+Each config and checkpointing setting runs in its own process (so that peak memory is its own): MagmaTrainer with
+MagmaDataCollator on in-memory random images and real captions, fp32, AdamW, the original's schedule; `--warmup`
+steps untimed, then `--steps` timed optimizer steps. Checkpointing: `none`; `gptj`, GPT-J's blocks only (all it
+covered before it covered the image encoder); `all`, GPT-J's blocks and the image encoder's residual blocks
+(`activation_checkpointing_enable()`). Prints samples/s, seconds per step, the process's peak resident memory, the
+peak tensor memory of one training step (forward and backward, from torch.profiler's allocation records: what
+checkpointing saves, which the resident memory of a small model hides), and, for scale, the parameter counts of
+MAGMA_v1 at full size (built on the meta device) and the size of its adapter export.
 
-    python tests/benchmarks/bench_training.py [--configs tiny small] [--steps 5] [--warmup 2] [--threads N]
+    python tests/benchmarks/bench_training.py [--configs tiny small] [--checkpointing none gptj all] [--steps 5]
+        [--warmup 2] [--threads N]
 """
 
 import argparse
@@ -42,7 +48,25 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def run_one(name: str, steps: int, warmup: int) -> dict:
+CHECKPOINTING = ("none", "gptj", "all")
+
+
+def step_peak_mib(model, batch: dict) -> float:
+    """Peak of the tensor memory allocated, and not yet freed, during one forward and backward pass: the allocations
+    and frees torch.profiler records, summed in the order their operations started (MiB above the memory before)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model.zero_grad(set_to_none=True)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        model(**batch).loss.backward()
+    live = peak = 0
+    for event in sorted(profiler.events(), key=lambda event: event.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def run_one(name: str, steps: int, warmup: int, checkpointing: str = "none") -> dict:
     from helpers import CORPUS, make_tokenizer, random_image
     from transformers import TrainerCallback, TrainingArguments
 
@@ -62,6 +86,9 @@ def run_one(name: str, steps: int, warmup: int) -> dict:
     )
     torch.manual_seed(0)
     model = MagmaForConditionalGeneration(config)
+    if checkpointing != "none":
+        model.activation_checkpointing_enable()
+        model.vision_tower.gradient_checkpointing = checkpointing == "all"
     size = spec["vision_config"]["image_size"]
     processor = MagmaProcessor(image_processor=MagmaImageProcessor(image_size=size), tokenizer=tokenizer)
     rows = [{"image": random_image(k, size=(size + 16, size)), "captions": [CORPUS[k % 5]]} for k in range(64)]
@@ -98,8 +125,12 @@ def run_one(name: str, steps: int, warmup: int) -> dict:
     )
     trainer.train()
     elapsed = time.perf_counter() - timer.start
+    batch = next(iter(trainer.get_train_dataloader()))
+    model.train()
+    step_peak = min(step_peak_mib(model, batch) for _ in range(2))  # the first step after training may allocate more
     return {
         "config": name,
+        "checkpointing": checkpointing,
         "batch": spec["batch_size"],
         "image_tokens": config.num_image_tokens,
         "params_total": sum(p.numel() for p in model.parameters()),
@@ -108,6 +139,7 @@ def run_one(name: str, steps: int, warmup: int) -> dict:
         "s_per_step": elapsed / steps,
         "peak_rss_mib": peak_rss_mib(),
         "rss_after_build_mib": rss_after_build,
+        "step_peak_mib": step_peak,
     }
 
 
@@ -130,6 +162,7 @@ def magma_v1_sizes() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--checkpointing", nargs="+", default=list(CHECKPOINTING), choices=CHECKPOINTING)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
@@ -138,21 +171,24 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
-        print(json.dumps(run_one(args.child, args.steps, args.warmup)))
+        print(json.dumps(run_one(args.child, args.steps, args.warmup, args.checkpointing[0])))
         return
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, fp32")
-    print(f"{'config':<7}{'batch':>6}{'img tok':>8}{'params':>12}{'trainable':>12}{'samples/s':>11}{'s/step':>9}"
-          f"{'peak RSS MiB':>14}{'after build':>13}")  # fmt: skip
+    print(f"{'config':<7}{'ckpt':>5}{'batch':>6}{'img tok':>8}{'params':>12}{'trainable':>12}{'samples/s':>11}"
+          f"{'s/step':>9}{'peak RSS MiB':>14}{'after build':>13}{'step peak MiB':>15}")  # fmt: skip
     for name in args.configs:
-        command = [sys.executable, __file__, "--child", name, "--steps", str(args.steps), "--warmup", str(args.warmup)]
-        if args.threads:
-            command += ["--threads", str(args.threads)]
-        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        r = json.loads(output.strip().splitlines()[-1])
-        print(f"{r['config']:<7}{r['batch']:>6}{r['image_tokens']:>8}{r['params_total']:>12,}"
-              f"{r['params_trainable']:>12,}{r['samples_per_s']:>11.2f}{r['s_per_step']:>9.3f}"
-              f"{r['peak_rss_mib']:>14.0f}{r['rss_after_build_mib']:>13.0f}")  # fmt: skip
+        for checkpointing in args.checkpointing:
+            command = [sys.executable, __file__, "--child", name, "--checkpointing", checkpointing]
+            command += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+            if args.threads:
+                command += ["--threads", str(args.threads)]
+            output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            r = json.loads(output.strip().splitlines()[-1])
+            print(f"{r['config']:<7}{r['checkpointing']:>5}{r['batch']:>6}{r['image_tokens']:>8}"
+                  f"{r['params_total']:>12,}{r['params_trainable']:>12,}{r['samples_per_s']:>11.2f}"
+                  f"{r['s_per_step']:>9.3f}{r['peak_rss_mib']:>14.0f}{r['rss_after_build_mib']:>13.0f}"
+                  f"{r['step_peak_mib']:>15.2f}")  # fmt: skip
 
     sizes = magma_v1_sizes()
     own = sizes["adapters"] + sizes["image_encoder"] + sizes["projection"]

@@ -221,7 +221,7 @@ def test_output_is_a_hub_repo_that_loads_with_the_auto_classes_and_the_pipeline(
         0.9,
         0,
     )
-    assert "pipeline_tag: image-to-text" in (folder / "README.md").read_text()
+    assert "pipeline_tag: image-text-to-text" in (folder / "README.md").read_text()
 
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(folder)
