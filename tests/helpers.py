@@ -550,9 +550,11 @@ class DocBlock:
 
 
 def documents() -> list[Path]:
-    """The README, every markdown file under docs/, and the README of each top-level folder."""
+    """The README, every markdown file under docs/, and the README of each top-level folder of the project (not of
+    hidden ones: img2dataset installs a README.md at the root of the virtual environment)."""
     repo = Path(__file__).resolve().parents[1]
-    return [repo / "README.md", *sorted((repo / "docs").rglob("*.md")), *sorted(repo.glob("*/README.md"))]
+    folders = sorted(path for path in repo.glob("*/README.md") if not path.parent.name.startswith("."))
+    return [repo / "README.md", *sorted((repo / "docs").rglob("*.md")), *folders]
 
 
 def run_by(test_file, test: str) -> list[DocBlock]:
