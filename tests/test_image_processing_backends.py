@@ -3,17 +3,66 @@
 import numpy as np
 import pytest
 import torch
-from helpers import CLIP_MEAN, CLIP_STD, random_image
+from helpers import CLIP_MEAN, CLIP_STD, random_image, sample_photos
 from PIL import Image
 from transformers import AutoImageProcessor
 
 from magma_hf import MagmaImageProcessor, MagmaImageProcessorTorchvision
 from magma_hf.image_processing_magma import TORCHVISION_BACKEND
+from magma_hf.resampling_magma import FILTERS, pillow_resize
 
 # Measured by tests/benchmarks/bench_image_processors.py on 10 photographs: at most two 8-bit steps
 # (0.030 after normalisation), mean 4.7e-5, 0.32% of the values differ.
 EIGHT_BIT_STEP = 1 / (255 * min(CLIP_STD))
 MAX_DIFFERENCE = 2 * EIGHT_BIT_STEP + 1e-5
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+# (height, width) -> (height, width); noise images, so the filters' overshoot is clipped at 0 and 255 everywhere.
+RESIZES = [
+    ((427, 640), (384, 575)),  # a photo to CLIP's shortest side
+    ((61, 83), (64, 87)),  # slightly up
+    ((9, 7), (53, 41)),  # far up
+    ((333, 517), (47, 73)),  # far down: filters 7 times wider
+    ((1, 1), (5, 3)),
+    ((5, 700), (9, 384)),  # up in one axis, down in the other
+    ((700, 5), (30, 2)),  # over 100 times taller than wide: Pillow resizes such images vertically first
+    ((64, 80), (64, 33)),  # only one axis changes
+]
+
+
+@pytest.mark.parametrize("resample", list(FILTERS), ids=lambda f: f.name)
+@pytest.mark.parametrize(("in_size", "out_size"), RESIZES, ids=str)
+def test_pillow_resize_equals_pillow_bit_for_bit(resample, in_size, out_size):
+    rng = np.random.default_rng(in_size[0] * 1000 + in_size[1])
+    rgb = rng.integers(0, 256, (*in_size, 3), dtype=np.uint8)
+    gray = rng.integers(0, 256, in_size, dtype=np.uint8)
+    size = (out_size[1], out_size[0])
+    expected_rgb = np.asarray(Image.fromarray(rgb).resize(size, resample)).transpose(2, 0, 1)
+    expected_gray = np.asarray(Image.fromarray(gray).resize(size, resample))[None]
+    batch = torch.from_numpy(np.stack([rgb.transpose(2, 0, 1), np.repeat(gray[None], 3, 0)]))
+    resized = pillow_resize(batch, out_size, resample)
+    assert resized.dtype == torch.uint8 and resized.shape == (2, 3, *out_size)
+    np.testing.assert_array_equal(resized[0].numpy(), expected_rgb)
+    np.testing.assert_array_equal(resized[1, :1].numpy(), expected_gray)
+    np.testing.assert_array_equal(pillow_resize(torch.from_numpy(gray), out_size, resample).numpy(), expected_gray[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pillow_resize_equals_pillow_on_real_photographs(device):
+    for photo in sample_photos():
+        for size in [(384, 575), (96, 144), (1000, 1500)]:
+            expected = np.asarray(photo.resize(size[::-1], Image.Resampling.BICUBIC)).transpose(2, 0, 1)
+            images = torch.from_numpy(np.asarray(photo).transpose(2, 0, 1).copy()).to(device)
+            np.testing.assert_array_equal(pillow_resize(images, size).cpu().numpy(), expected)
+
+
+def test_pillow_resize_refuses_what_it_cannot_reproduce():
+    with pytest.raises(TypeError, match="uint8"):
+        pillow_resize(torch.zeros(3, 8, 8), (4, 4))
+    with pytest.raises(ValueError, match="NEAREST"):
+        pillow_resize(torch.zeros(3, 8, 8, dtype=torch.uint8), (4, 4), Image.Resampling.NEAREST)
 
 
 def smooth_image() -> Image.Image:
