@@ -13,7 +13,13 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 import torch
-from transformers.image_transforms import get_resize_output_image_size, get_size_with_aspect_ratio
+from transformers.image_transforms import convert_to_rgb as pil_convert_to_rgb
+from transformers.image_transforms import (
+    get_resize_output_image_size,
+    get_size_with_aspect_ratio,
+    group_images_by_shape,
+    reorder_images,
+)
 from transformers.image_transforms import resize as pil_resize_array
 from transformers.image_utils import (
     OPENAI_CLIP_MEAN,
@@ -242,12 +248,56 @@ class MagmaImageProcessorTorchvision(MagmaImageProcessingMixin, CLIPImageProcess
     Output `pixel_values`: `[n_images, 3, image_size, image_size]`.
     """
 
+    def process_image(self, image, do_convert_rgb=None, input_data_format=None, device=None, **kwargs) -> torch.Tensor:
+        """transformers' conversion to a `[channels, height, width]` tensor, except that a PIL image's pixels stay
+        channels last, where numpy put them (a `permute` view, not a copy): [`pillow_resize`] reads them so, which
+        saves a copy of the full-size image (stacking a batch makes one anyway)."""
+        if not isinstance(image, PIL.Image.Image):
+            return super().process_image(
+                image, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format, device=device, **kwargs
+            )
+        image = to_8bit(image, decoded_from_file=False)
+        tensor = torch.from_numpy(pil_convert_to_rgb(image, return_numpy=True) if do_convert_rgb else np.array(image))
+        tensor = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
+        return tensor if device is None else tensor.to(device)
+
+    def _preprocess(
+        self, images: list[torch.Tensor], do_resize: bool, size, resample, do_center_crop: bool, crop_size, **kwargs
+    ):
+        """transformers' torchvision `_preprocess`, the resize and the crop done in one step where [`pillow_resize`]
+        applies: only the crop's pixels are computed (the same values as resizing, then cropping)."""
+        if do_resize and do_center_crop:
+            grouped, order = group_images_by_shape(images, disable_grouping=kwargs.get("disable_grouping"))
+            cropped = {
+                shape: self._resize_and_crop(stacked, size, resample, crop_size) for shape, stacked in grouped.items()
+            }
+            images, do_resize, do_center_crop = reorder_images(cropped, order), False, False
+        return super()._preprocess(
+            images,
+            do_resize=do_resize,
+            size=size,
+            resample=resample,
+            do_center_crop=do_center_crop,
+            crop_size=crop_size,
+            **kwargs,
+        )
+
+    def _resize_and_crop(self, images: torch.Tensor, size, resample, crop_size) -> torch.Tensor:
+        """`center_crop(resize(images))` for `[n, channels, height, width]` images."""
+        resample = _pil_resampling(resample)
+        height, width = _resize_output_size(images, size)
+        if _pillow_resize_applies(images, resample) and crop_size.height <= height and crop_size.width <= width:
+            top, left = torchvision_crop_offsets(height, width, crop_size.height, crop_size.width)
+            crop = (top, left, crop_size.height, crop_size.width)
+            return pillow_resize(images.to(torch.uint8), (height, width), resample, crop=crop)
+        return self.center_crop(self.resize(images, size, resample), crop_size)
+
     def resize(self, image: torch.Tensor, size, resample=None, antialias: bool = True, **kwargs) -> torch.Tensor:
         """Resize `[n, channels, height, width]` images to `size` as the PIL backend does (`antialias` is ignored:
         Pillow's filters always are)."""
         resample = _pil_resampling(resample)
         new_size = _resize_output_size(image, size)
-        if image.shape[-3] in (1, 3) and not image.is_floating_point() and resample in FILTERS:
+        if _pillow_resize_applies(image, resample):
             # The PIL backend casts integer arrays to uint8 for Pillow (`check_8bit_array` refused any beyond 8 bits)
             return pillow_resize(image.to(torch.uint8), new_size, resample)
         resized = [
@@ -309,7 +359,7 @@ class MagmaImageProcessorTorchvision(MagmaImageProcessingMixin, CLIPImageProcess
             table = self._rescale_and_normalize(levels, do_rescale, rescale_factor, do_normalize, image_mean, image_std)
             table = table[..., 0].to(images.device)  # [channels, 256]
             offsets = torch.arange(channels, device=images.device)[:, None, None] * 256
-            return table.reshape(-1)[images.to(torch.int64) + offsets]
+            return torch.take(table, images.to(torch.int64) + offsets)
         return self._rescale_and_normalize(images, do_rescale, rescale_factor, do_normalize, image_mean, image_std)
 
     @staticmethod
@@ -330,6 +380,12 @@ class MagmaImageProcessorTorchvision(MagmaImageProcessingMixin, CLIPImageProcess
 
 
 TORCHVISION_CLASS_NAME = MagmaImageProcessorTorchvision.__name__
+
+
+def _pillow_resize_applies(images: torch.Tensor, resample: PILImageResampling) -> bool:
+    """Whether [`pillow_resize`] gives what Pillow gives the PIL backend for these `[n, channels, height, width]`
+    images: 8-bit values (any integer type) in an `L` or `RGB` image and one of Pillow's filters (NEAREST is none)."""
+    return images.shape[-3] in (1, 3) and not images.is_floating_point() and resample in FILTERS
 
 
 def _pil_resampling(resample) -> PILImageResampling:

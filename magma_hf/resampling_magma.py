@@ -109,60 +109,76 @@ def pillow_coefficients(in_size: int, out_size: int, resample: int) -> tuple[np.
 CPU_CHUNK_ROWS = 1024
 
 
-def _resample_axis(images: torch.Tensor, dim: int, out_size: int, resample: int) -> torch.Tensor:
-    """One of Pillow's passes along `dim`, which must not be the last axis (gathering whole rows is a copy of
-    contiguous memory; the horizontal pass transposes first): `images.shape[dim]` -> `out_size`, uint8 out.
+@functools.lru_cache(maxsize=64)
+def _axis_plan(in_size: int, out_size: int, resample: int, start: int, stop: int):
+    """How outputs `start..stop-1` of one axis are computed from inputs `low..high-1`: returns `(low, high, index,
+    weights)`, `index` `[taps, n]` (input pixels relative to `low`) and `weights` `[taps, n]` (int64, Pillow's)."""
+    first, weights = pillow_coefficients(in_size, out_size, resample)
+    first, weights = first[start:stop], weights[start:stop]
+    taps = weights.shape[1]
+    count = taps - np.argmax(weights[:, ::-1] != 0, axis=1)  # past the last non-zero weight nothing is read
+    low, high = int(first.min()), int(min((first + count).max(), in_size))
+    # Past an output's last input pixel the weight is 0: any index inside the read range will do.
+    index = np.minimum(first[None, :] - low + np.arange(taps)[:, None], high - low - 1)
+    return low, high, index, np.ascontiguousarray(weights.T)
 
-    `images` holds 8-bit values, as uint8 or already in the accumulator's integer type.
-    """
-    in_size = images.shape[dim]
-    first, weights = pillow_coefficients(in_size, out_size, int(resample))
-    dtype = _accumulator_dtype(weights)
-    images = images.to(dtype)  # once, not at every tap
-    first = torch.from_numpy(first).to(images.device)
-    weights = torch.from_numpy(weights).to(device=images.device, dtype=dtype)
-    weights = weights.view(out_size, weights.shape[1], *([1] * (images.dim() - dim - 1)))
-    shape = list(images.shape)
-    shape[dim] = out_size
-    total = torch.full(shape, HALF, dtype=dtype, device=images.device)
-    for tap in range(weights.shape[1]):  # a tap at a time: memory stays at one output image
-        index = (first + tap).clamp_(max=in_size - 1)  # past the last input pixel the weight is 0: any index will do
-        total.addcmul_(images.index_select(dim, index), weights[:, tap])
+
+@functools.lru_cache(maxsize=64)
+def _device_plan(in_size: int, out_size: int, resample: int, start: int, stop: int, device: str):
+    """[`_axis_plan`]'s index and weights as tensors on `device`, the weights in the accumulator's type: Pillow sums
+    in a C int, and int32 is as exact wherever the largest possible sum fits (always, for Pillow's filters) and
+    several times faster than int64 on the CPU, which is used otherwise."""
+    low, high, index, weights = _axis_plan(in_size, out_size, resample, start, stop)
+    dtype = torch.int32 if HALF + 255 * int(np.abs(weights).sum(axis=0).max()) < 2**31 else torch.int64
+    return low, high, torch.from_numpy(index).to(device), torch.from_numpy(weights).to(device=device, dtype=dtype)
+
+
+def _filter_axis(images: torch.Tensor, dim: int, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """One of Pillow's passes along `dim`, which must not be the last axis (gathering whole rows copies contiguous
+    memory): `images` (8-bit values) -> uint8, `dim` of size `index.shape[1]`."""
+    # Once, not at every tap; contiguous, or index_select would copy the whole input at every tap
+    images = images.to(weights.dtype, memory_format=torch.contiguous_format)
+    shape = (-1, *([1] * (images.dim() - dim - 1)))  # the weights along `dim`
+    total = images.index_select(dim, index[0]).mul_(weights[0].view(shape)).add_(HALF)
+    for tap in range(1, index.shape[0]):  # a tap at a time: memory stays at one output image
+        total.addcmul_(images.index_select(dim, index[tap]), weights[tap].view(shape))
     return total.bitwise_right_shift_(PRECISION_BITS).clamp_(0, 255).to(torch.uint8)
 
 
-def _accumulator_dtype(weights: np.ndarray) -> torch.dtype:
-    """Pillow sums in a C int: int32 is as exact wherever the largest possible sum fits (always, for Pillow's
-    filters), and several times faster than int64 on the CPU; int64 otherwise."""
-    bound = HALF + 255 * int(np.abs(weights).sum(axis=1).max())
-    return torch.int32 if bound < 2**31 else torch.int64
-
-
-def _resample_rows(images: torch.Tensor, out_width: int, resample: int) -> torch.Tensor:
-    """Pillow's horizontal pass: `[batch, height, width]` -> `[batch, height, out_width]`, uint8."""
-    batch, height, width = images.shape
-    rows = images.reshape(batch * height, width)
-    dtype = _accumulator_dtype(pillow_coefficients(width, out_width, int(resample))[1])
-    chunk = CPU_CHUNK_ROWS if images.device.type == "cpu" else rows.shape[0]
-    out = torch.empty((out_width, rows.shape[0]), dtype=torch.uint8, device=images.device)
+def _filter_rows(images: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Pillow's horizontal pass on `[batch, height, width, k]` (contiguous; k: channels stored last, or 1): a chunk
+    of rows at a time made width-first (so that a tap gathers whole rows), filtered, and put back in place.
+    Returns `[batch, height, index.shape[1], k]` uint8."""
+    batch, height, width, k = images.shape
+    rows = images.reshape(batch * height, width, k)
+    chunk = CPU_CHUNK_ROWS if images.device.type == "cpu" else max(rows.shape[0], 1)
+    out = torch.empty((index.shape[1], rows.shape[0], k), dtype=torch.uint8, device=images.device)
     for start in range(0, rows.shape[0], chunk):
         part = rows[start : start + chunk]
-        columns = torch.empty((width, part.shape[0]), dtype=dtype, device=images.device).copy_(part.t())
-        out[:, start : start + part.shape[0]] = _resample_axis(columns, 0, out_width, resample)
-    return out.t().contiguous().view(batch, height, out_width)
+        columns = torch.empty((width, part.shape[0], k), dtype=weights.dtype, device=images.device)
+        out[:, start : start + part.shape[0]] = _filter_axis(columns.copy_(part.transpose(0, 1)), 0, index, weights)
+    return out.transpose(0, 1).reshape(batch, height, index.shape[1], k)
 
 
-def pillow_resize(images: torch.Tensor, size: tuple[int, int], resample: int = Resampling.BICUBIC) -> torch.Tensor:
+def pillow_resize(
+    images: torch.Tensor,
+    size: tuple[int, int],
+    resample: int = Resampling.BICUBIC,
+    crop: tuple[int, int, int, int] | None = None,
+) -> torch.Tensor:
     """Resize 8-bit images exactly as Pillow's `Image.resize((width, height), resample)` does (no `box`, no
     `reducing_gap`) on an `L` or `RGB` image holding the same pixels.
 
     Args:
-        images: `[..., height, width]` uint8 (e.g. `[n, channels, height, width]`), on any device.
-        size: `(height, width)` of the output.
+        images: `[..., height, width]` uint8 (e.g. `[n, channels, height, width]`), on any device; channels stored
+            last in memory (a `permute(2, 0, 1)` of an `[height, width, channels]` array) are read as they are.
+        size: `(height, width)` of the resized image.
         resample: BOX, BILINEAR, HAMMING, BICUBIC or LANCZOS (`PIL.Image.Resampling` or its int).
+        crop: `(top, left, height, width)` of the resized image to return: only those pixels are computed (each
+            output pixel depends only on its own row's and column's coefficients, so they are the same values).
 
     Returns:
-        `[..., size[0], size[1]]` uint8, contiguous, on the images' device.
+        `[..., height, width]` (of `crop`, else of `size`) uint8, contiguous, on the images' device.
     """
     if images.dtype != torch.uint8:
         raise TypeError(f"pillow_resize takes uint8 images, got {images.dtype}")
@@ -171,19 +187,34 @@ def pillow_resize(images: torch.Tensor, size: tuple[int, int], resample: int = R
         raise ValueError(f"pillow_resize has no {Resampling(resample).name} filter (Pillow's are {names})")
     *leading, height, width = images.shape
     out_height, out_width = size
-    if out_height < 1 or out_width < 1:
-        raise ValueError(f"height and width must be > 0, got {tuple(size)}")
-    x = images.reshape(-1, height, width)
-    if x.shape[0] == 0 or (out_height, out_width) == (height, width):
-        return images.clone().contiguous()
-    horizontal, vertical = out_width != width, out_height != height
-    if height > width * TALL_IMAGE_RATIO and out_height < height:  # Pillow's order for very tall images
-        x = _resample_axis(x, 1, out_height, resample)
-        x = _resample_rows(x, out_width, resample) if horizontal else x
+    top, left, crop_height, crop_width = crop if crop is not None else (0, 0, out_height, out_width)
+    if min(out_height, out_width, crop_height, crop_width) < 1:
+        raise ValueError(f"height and width must be > 0, got size {tuple(size)}, crop {crop}")
+    if top < 0 or left < 0 or top + crop_height > out_height or left + crop_width > out_width:
+        raise ValueError(f"crop {crop} is not inside the resized image of size {tuple(size)}")
+    device = str(images.device)
+    # Where an axis keeps its size Pillow leaves it as it is (no pass), and the crop is a slice of the input.
+    vertical = out_height != height and _device_plan(height, out_height, int(resample), top, top + crop_height, device)
+    horizontal = out_width != width and _device_plan(width, out_width, int(resample), left, left + crop_width, device)
+    row_low, row_high = vertical[:2] if vertical else (top, top + crop_height)
+    column_low, column_high = horizontal[:2] if horizontal else (left, left + crop_width)
+    # Work on [batch, height, width, k]: channels stored last stay so (k = channels, no transposing copy here),
+    # any other layout is made [..., height, width] contiguous (k = 1).
+    channels_last = images.dim() >= 3 and images.stride(-3) == 1 and images.shape[-3] > 1
+    x = images.movedim(-3, -1) if channels_last else images.unsqueeze(-1)
+    x = x.reshape(-1, height, width, x.shape[-1])[:, row_low:row_high, column_low:column_high].contiguous()
+    if x.numel() > 0:
+        if height > width * TALL_IMAGE_RATIO and out_height < height:  # Pillow's order for very tall images
+            x = _filter_axis(x, 1, *vertical[2:]) if vertical else x
+            x = _filter_rows(x, *horizontal[2:]) if horizontal else x
+        else:
+            x = _filter_rows(x, *horizontal[2:]) if horizontal else x
+            x = _filter_axis(x, 1, *vertical[2:]) if vertical else x
+    if channels_last:
+        x = x.reshape(*leading[:-1], crop_height, crop_width, leading[-1]).movedim(-1, -3)
     else:
-        x = _resample_rows(x, out_width, resample) if horizontal else x
-        x = _resample_axis(x, 1, out_height, resample) if vertical else x
-    return x.reshape(*leading, out_height, out_width).contiguous()
+        x = x.reshape(*leading, crop_height, crop_width)
+    return x.contiguous() if vertical or horizontal else x.clone(memory_format=torch.contiguous_format)
 
 
 __all__ = ["FILTERS", "PRECISION_BITS", "pillow_coefficients", "pillow_resize"]

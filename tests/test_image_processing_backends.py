@@ -45,6 +45,9 @@ def test_pillow_resize_equals_pillow_bit_for_bit(resample, in_size, out_size):
     np.testing.assert_array_equal(resized[0].numpy(), expected_rgb)
     np.testing.assert_array_equal(resized[1, :1].numpy(), expected_gray)
     np.testing.assert_array_equal(pillow_resize(torch.from_numpy(gray), out_size, resample).numpy(), expected_gray[0])
+    top, left, height, width = out_size[0] // 3, out_size[1] // 4, out_size[0] - out_size[0] // 3, out_size[1] // 2 + 1
+    cropped = pillow_resize(batch, out_size, resample, crop=(top, left, height, width))  # only the crop computed
+    torch.testing.assert_close(cropped, resized[..., top : top + height, left : left + width], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -52,8 +55,9 @@ def test_pillow_resize_equals_pillow_on_real_photographs(device):
     for photo in sample_photos():
         for size in [(384, 575), (96, 144), (1000, 1500)]:
             expected = np.asarray(photo.resize(size[::-1], Image.Resampling.BICUBIC)).transpose(2, 0, 1)
-            images = torch.from_numpy(np.asarray(photo).transpose(2, 0, 1).copy()).to(device)
-            np.testing.assert_array_equal(pillow_resize(images, size).cpu().numpy(), expected)
+            channels_last = torch.from_numpy(np.array(photo)).to(device).permute(2, 0, 1)  # as numpy holds them
+            for images in (channels_last, channels_last.contiguous()):
+                np.testing.assert_array_equal(pillow_resize(images, size).cpu().numpy(), expected)
 
 
 def test_pillow_resize_refuses_what_it_cannot_reproduce():
@@ -61,6 +65,8 @@ def test_pillow_resize_refuses_what_it_cannot_reproduce():
         pillow_resize(torch.zeros(3, 8, 8), (4, 4))
     with pytest.raises(ValueError, match="NEAREST"):
         pillow_resize(torch.zeros(3, 8, 8, dtype=torch.uint8), (4, 4), Image.Resampling.NEAREST)
+    with pytest.raises(ValueError, match="not inside"):
+        pillow_resize(torch.zeros(3, 8, 8, dtype=torch.uint8), (4, 4), crop=(1, 0, 4, 4))
 
 
 def assert_backends_equal(images, init: dict | None = None, **call) -> torch.Tensor:
