@@ -422,6 +422,5 @@ __all__ = [
     "MagmaImageProcessorTorchvision",
     "TORCHVISION_BACKEND",
     "open_image",
-    "pillow_resize",
     "to_8bit",
 ]
