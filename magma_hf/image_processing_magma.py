@@ -182,10 +182,13 @@ class MagmaImageProcessingMixin:
         code's `auto_map` names both classes by backend, so `trust_remote_code` resolves `backend=` as the package
         does."""
         output = super().to_dict()
-        output["image_processor_type"] = SAVED_TYPE
+        ours = (SAVED_TYPE, TORCHVISION_CLASS_NAME)  # a subclass of either saves its own name, as transformers does
+        if output.get("image_processor_type") in ours:
+            output["image_processor_type"] = SAVED_TYPE
         auto_map = output.get("auto_map")
         reference = auto_map.get("AutoImageProcessor") if isinstance(auto_map, dict) else None
-        if isinstance(reference, str):  # "image_processing_magma.<class>", as transformers writes it when saving
+        # "image_processing_magma.<class>", as transformers writes it when saving
+        if isinstance(reference, str) and reference.rsplit(".", 1)[-1] in ours:
             module = reference.rsplit(".", 1)[0]
             output["auto_map"] = {
                 **auto_map,
