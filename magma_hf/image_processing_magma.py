@@ -3,6 +3,7 @@ and grayscale; see [`MagmaImageProcessor`] for transparent, palette and CMYK ima
 transformers' torchvision backend (the default one), and the one image decoder every MAGMA path uses (training
 readers, evaluation, processor and pipeline)."""
 
+import inspect
 import io
 import math
 import os
@@ -129,6 +130,9 @@ def torchvision_crop_offsets(height: int, width: int, crop_height: int, crop_wid
     return int(round((height - crop_height) / 2.0)), int(round((width - crop_width) / 2.0))
 
 
+# Whether transformers has its newer RGB conversion (`return_numpy`; transparency composited over white, arrays
+# converted too), which both backends use; older 5.x versions (vLLM's) convert only PIL images, with `convert("RGB")`.
+CONVERT_TO_RGB_RETURNS_NUMPY = "return_numpy" in inspect.signature(pil_convert_to_rgb).parameters
 # The type both image processors save, as transformers' own backend pairs do (`CLIPImageProcessorPil` saves
 # "CLIPImageProcessor"): a saved folder names no backend, `AutoImageProcessor` picks the class for the one asked for.
 SAVED_TYPE = "MagmaImageProcessor"
@@ -255,7 +259,7 @@ class MagmaImageProcessorTorchvision(MagmaImageProcessingMixin, CLIPImageProcess
         """transformers' conversion to a `[channels, height, width]` tensor, except that a PIL image's pixels stay
         channels last, where numpy put them (a `permute` view, not a copy): [`pillow_resize`] reads them so, which
         saves a copy of the full-size image (stacking a batch makes one anyway)."""
-        if not isinstance(image, PIL.Image.Image):
+        if not isinstance(image, PIL.Image.Image) or not CONVERT_TO_RGB_RETURNS_NUMPY:
             return super().process_image(
                 image, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format, device=device, **kwargs
             )
@@ -330,19 +334,21 @@ class MagmaImageProcessorTorchvision(MagmaImageProcessingMixin, CLIPImageProcess
         top, left = (height - size.height) // 2 + top_pad, (width - size.width) // 2 + left_pad
         return padded[..., max(0, top) : top + size.height, max(0, left) : left + size.width]
 
-    def convert_to_rgb(self, image: torch.Tensor, input_data_format=None) -> torch.Tensor:
+    def convert_to_rgb(self, image, *args, **kwargs):
         """RGB from a 1- or 4-channel `[channels, height, width]` tensor as the PIL backend converts arrays: an
         alpha channel composited over white in float64 and rounded half to even (torchvision's conversion truncates).
-        """
+        Where transformers is older (see `CONVERT_TO_RGB_RETURNS_NUMPY`), its own conversion, as the PIL backend's."""
+        if not CONVERT_TO_RGB_RETURNS_NUMPY or not isinstance(image, torch.Tensor):
+            return super().convert_to_rgb(image, *args, **kwargs)
         if image.ndim == 3 and image.shape[0] == 4:
             if image.is_floating_point() and (image.min() < 0.0 or image.max() > 1.0):
-                return super().convert_to_rgb(image, input_data_format=input_data_format)  # its error message
+                return super().convert_to_rgb(image, *args, **kwargs)  # its error message
             white = 1.0 if image.is_floating_point() else 255
             work = image if image.is_floating_point() else image.to(torch.float64)
             alpha = work[3:4] / white
             composite = alpha * work[:3] + (1 - alpha) * white
             return (composite if image.is_floating_point() else composite.round()).to(image.dtype)
-        return super().convert_to_rgb(image, input_data_format=input_data_format)
+        return super().convert_to_rgb(image, *args, **kwargs)
 
     def rescale_and_normalize(
         self,
