@@ -5,8 +5,9 @@ Each output pixel's coefficients are the filter sampled around its centre (stret
 downscaling, which is the antialiasing), normalised to sum 1 and turned into fixed point with 22 fractional bits
 (`PRECISION_BITS`, 32 - 8 - 2 in libImaging/Resample.c). A pass adds `pixel * coefficient` to half a unit in an
 integer and keeps the bits above the fraction, clipped to 0..255. Here the coefficients are computed on the CPU in
-float64 with Pillow's own operation order (so they are the same integers), and the passes run in int64 on the
-images' device: integer sums have no rounding to depend on the order or the hardware, so the result is Pillow's,
+float64 with Pillow's own operation order (so they are the same integers), and the passes run in integers on the
+images' device (int32, Pillow's C int, where the largest possible sum fits, as it does for all of Pillow's filters;
+int64 otherwise): integer sums have no rounding to depend on the order or the hardware, so the result is Pillow's,
 bit for bit. Checked against the installed Pillow in tests/test_image_processing_backends.py.
 """
 
@@ -16,11 +17,13 @@ import math
 import numpy as np
 import PIL.Image
 import torch
+from packaging.version import Version
 
 PRECISION_BITS = 32 - 8 - 2
 HALF = 1 << (PRECISION_BITS - 1)  # the rounding term a pass starts its sum from
-# Pillow resizes an image taller than 100 times its width vertically first when it shrinks it vertically.
-TALL_IMAGE_RATIO = 100
+# Pillow 12.2 and later resize an image taller than 100 times its width vertically first when they shrink it
+# vertically (the arithmetic is otherwise the same since Pillow 10.0 at least, the oldest this package supports).
+TALL_IMAGE_RATIO = 100 if Version(PIL.__version__).release >= (12, 2) else None
 Resampling = PIL.Image.Resampling
 
 
@@ -204,7 +207,7 @@ def pillow_resize(
     x = images.movedim(-3, -1) if channels_last else images.unsqueeze(-1)
     x = x.reshape(-1, height, width, x.shape[-1])[:, row_low:row_high, column_low:column_high].contiguous()
     if x.numel() > 0:
-        if height > width * TALL_IMAGE_RATIO and out_height < height:  # Pillow's order for very tall images
+        if TALL_IMAGE_RATIO and height > width * TALL_IMAGE_RATIO and out_height < height:  # Pillow's order
             x = _filter_axis(x, 1, *vertical[2:]) if vertical else x
             x = _filter_rows(x, *horizontal[2:]) if horizontal else x
         else:
