@@ -122,15 +122,11 @@ def __dir__() -> list[str]:
 def _register_config_and_processors() -> None:
     AutoConfig.register(MagmaConfig.model_type, MagmaConfig, exist_ok=True)
     AutoConfig.register(MagmaVisionConfig.model_type, MagmaVisionConfig, exist_ok=True)
-    # The faithful PIL processor for "pil" and "torchvision" (transformers asks for torchvision by default): the
-    # torchvision one differs from it by rounding (README), so it is only given when asked for by its own name.
+    # As transformers maps CLIP and Llava: "pil", then "torchvision" (the one it asks for by default); an unknown
+    # backend name falls back to the first. The two classes give equal pixel values, bit for bit.
     AutoImageProcessor.register(
         MagmaConfig,
-        image_processor_classes={
-            "pil": MagmaImageProcessor,
-            "torchvision": MagmaImageProcessor,
-            TORCHVISION_BACKEND: MagmaImageProcessorTorchvision,
-        },
+        image_processor_classes={"pil": MagmaImageProcessor, TORCHVISION_BACKEND: MagmaImageProcessorTorchvision},
         exist_ok=True,
     )
     AutoProcessor.register(MagmaConfig, MagmaProcessor, exist_ok=True)
@@ -144,6 +140,7 @@ def _register_models() -> None:
     MagmaConfig.register_for_auto_class()
     MagmaForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
     MagmaImageProcessor.register_for_auto_class("AutoImageProcessor")
+    MagmaImageProcessorTorchvision.register_for_auto_class("AutoImageProcessor")
     MagmaProcessor.register_for_auto_class("AutoProcessor")
 
 

@@ -46,13 +46,24 @@ def test_auto_classes_resolve_with_the_package_imported(saved):
     assert type(AutoModel.from_pretrained(path)) is MagmaModel
     assert type(AutoModelForImageTextToText.from_pretrained(path)) is MagmaForConditionalGeneration
     assert type(AutoProcessor.from_pretrained(path)) is MagmaProcessor
-    assert type(AutoImageProcessor.from_pretrained(path)) is MagmaImageProcessor
+    assert type(AutoImageProcessor.from_pretrained(path)) is MagmaImageProcessorTorchvision  # transformers' default
+    assert type(AutoImageProcessor.from_pretrained(path, backend="pil")) is MagmaImageProcessor
 
 
 def test_saved_folder_is_a_hub_repo(saved):
     path, _ = saved
     names = set(os.listdir(path))
-    modules = ("configuration", "modeling", "adapters", "processing", "image_processing", "pipeline", "hub", "weights")
+    modules = (
+        "configuration",
+        "modeling",
+        "adapters",
+        "processing",
+        "image_processing",
+        "resampling",
+        "pipeline",
+        "hub",
+        "weights",
+    )
     for module in modules:
         assert f"{module}_magma.py" in names
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in names)
@@ -183,7 +194,7 @@ REMOTE_SCRIPT = textwrap.dedent(
     """
     import json
     from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, pipeline
 
     path = sys.argv[1]
     image = Image.open(sys.argv[2])
@@ -194,10 +205,16 @@ REMOTE_SCRIPT = textwrap.dedent(
     generated = model.generate(**inputs, **greedy)[:, inputs.input_ids.shape[1]:]
     pipe = pipeline("image-to-text", model=path, trust_remote_code=True)
     card_pipe = pipeline("image-text-to-text", model=path, trust_remote_code=True)  # as the model card shows it
+    image_processors = {
+        str(backend): type(AutoImageProcessor.from_pretrained(path, trust_remote_code=True, backend=backend)).__name__
+        for backend in (None, "torchvision", "pil")
+    }
     print(json.dumps({
         "card_caption": card_pipe(image, generate_kwargs=greedy),
         "model_module": type(model).__module__,
         "processor_class": type(processor).__name__,
+        "image_processor_class": type(processor.image_processor).__name__,
+        "image_processors": image_processors,
         "generate": processor.post_process_image_text_to_text(generated)[0],
         "caption": pipe(image, generate_kwargs=greedy),
         "answer": pipe(image, text="Q: What is in the picture? A:", generate_kwargs=greedy),
@@ -212,6 +229,13 @@ def test_trust_remote_code_works_where_the_package_cannot_be_imported(saved, pro
     image.save(tmp_path / "image.png")
     out = run_without_magma_hf(REMOTE_SCRIPT, str(path), str(tmp_path / "image.png"), cwd=tmp_path)
     assert out["model_module"].startswith("transformers_modules.") and out["processor_class"] == "MagmaProcessor"
+    # the Hub code resolves backends as the package does: torchvision by default
+    assert out["image_processor_class"] == "MagmaImageProcessorTorchvision"
+    assert out["image_processors"] == {
+        "None": "MagmaImageProcessorTorchvision",
+        "torchvision": "MagmaImageProcessorTorchvision",
+        "pil": "MagmaImageProcessor",
+    }
     caption, photo_of, answer = greedy_texts(
         model, processor, image, ["", "a photo of", "Q: What is in the picture? A:"]
     )
