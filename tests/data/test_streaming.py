@@ -200,3 +200,25 @@ def test_a_source_too_small_for_its_readers_is_named(tmp_path):
         pass
     with pytest.raises(ValueError, match=r"reader 0 of 1 .* got no sample in 17 passes in a row"):
         next(iter(build_stream(str(tmp_path))))
+
+
+def test_a_dataset_streamed_by_datasets_with_its_column_mapping(tmp_path):
+    """`{"format": "hub", "path": <name or folder>}` streams through `load_dataset(..., streaming=True)`: its shards
+    (here the folder's two parquet files) dealt to readers like tar shards, the column mapping applied."""
+    import datasets
+
+    for part in range(2):
+        rows = {
+            "picture": [{"bytes": encoded_image(10 * part + i), "path": None} for i in range(3)],
+            "description": [f"image {10 * part + i}" for i in range(3)],
+        }
+        features = datasets.Features({"picture": datasets.Image(), "description": datasets.Value("string")})
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / f"part-{part}.parquet"))
+    source = {"path": str(tmp_path), "format": "hub", "image_column": "picture", "caption_column": "description"}
+    seen = []
+    for rank in range(2):
+        stream = build_stream(source, repeat=False, shuffle_buffer_size=0)
+        assert len(stream.sources[0]) == 2
+        stream.distribute(rank, 2)
+        seen += [(row["captions"][0], row["image"].size) for row in stream]
+    assert sorted(seen) == sorted((f"image {n}", (24, 20)) for n in (0, 1, 2, 10, 11, 12))
