@@ -1,9 +1,9 @@
 """The README's Python examples run as written, on a tiny model in place of the converted checkpoint."""
 
-import re
 from pathlib import Path
 
 import torch
+from doc_blocks import run_by
 from helpers import random_image, tiny_config
 
 from magma_hf import MagmaForConditionalGeneration
@@ -12,14 +12,9 @@ README = Path(__file__).parents[1] / "README.md"
 MODEL_DIR_LINE = 'model_dir = "magma-v1"'
 
 
-def python_blocks() -> list[str]:
-    """The examples of this environment: those of vLLM's (`from vllm`, the server's client) run in tests/vllm."""
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    return [block for block in blocks if not re.search(r"^from (vllm|openai) import", block, flags=re.M)]
-
-
 def test_readme_examples_run(tmp_path, monkeypatch, tokenizer, processor):
-    blocks = python_blocks()
+    """The blocks marked as run by this test, in order, in one namespace (vLLM's run in tests/vllm)."""
+    blocks = [block.text for block in run_by(__file__, "test_readme_examples_run")]
     assert len(blocks) >= 5 and MODEL_DIR_LINE in blocks[0]
     torch.manual_seed(0)
     model_dir = tmp_path / "tiny-magma"

@@ -19,14 +19,19 @@ MODEL_CLASS = "magma_hf.vllm.model:MagmaForConditionalGeneration"
 
 def register() -> None:
     """The plugin: MAGMA's architecture in vLLM's `ModelRegistry`, its config and processor in transformers' Auto
-    classes (vLLM reads the config and the processor through them; `import magma_hf` registers those). Safe to call
-    more than once."""
+    classes (vLLM reads the config and the processor through them; `import magma_hf` registers those), and on the CPU
+    a KV cache size that fits the machine for a MAGMA model whose user chose none (`cpu_kv_cache`). Safe to call more
+    than once."""
     from vllm import ModelRegistry
 
     import magma_hf  # noqa: F401  (registers MAGMA's config and processors with transformers' Auto classes)
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+    # On vLLM's CPU backend, a KV cache that fits where the user chose no size (cpu_kv_cache.py says why)
+    from magma_hf.vllm import cpu_kv_cache
+
+    cpu_kv_cache.install()
 
 
 __all__ = ["ARCHITECTURE", "MODEL_CLASS", "register"]

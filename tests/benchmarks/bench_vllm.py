@@ -4,18 +4,21 @@
 Run with vLLM's python (`.venv-vllm`); the transformers half runs in the model's environment, with
 `--reference-python` (default: `MAGMA_HF_REFERENCE_PYTHON`, else `.venv/bin/python`):
 
-    .venv-vllm/bin/python tests/benchmarks/bench_vllm.py [--workdir DIR] [--batch-sizes 1 8 16 32 64]
+    .venv-vllm/bin/python tests/benchmarks/bench_vllm.py [--workdir DIR] [--batch-sizes 1 8 16 32 64] [--runs N]
 
 Prints tokens/s of `generate` at each batch size (every prompt left-padded in its batch), of vLLM (its own
 scheduling; startup and one warm-up request not timed), and the ratio of vLLM to `generate` at its best batch size.
-On the CPU, vLLM keeps one core for its front end by default; `VLLM_CPU_NUM_OF_RESERVED_CPU=0` gives the model every
-core, as `generate` has them.
+With `--runs N` the two alternate N times (`generate`'s sweep, then vLLM in a fresh process), each run with the load
+average before it, and the medians over the runs are printed last. On the CPU, vLLM keeps one core for its front end
+by default; `VLLM_CPU_NUM_OF_RESERVED_CPU=0` gives the model every core, as `generate` has them. The plugin sizes
+vLLM's KV cache (the CPU backend's default reserves 92% of memory).
 """
 
 import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -82,33 +85,67 @@ def run_vllm(workdir: Path, folder: str, enforce_eager: bool) -> float:
     return N_PROMPTS * NEW_TOKENS / seconds
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", type=Path, default=Path("bench-vllm"))
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 16, 32, 64])
-    parser.add_argument("--enforce-eager", action="store_true", help="vLLM without torch.compile")
-    parser.add_argument("--reference-python", default=os.environ.get("MAGMA_HF_REFERENCE_PYTHON",
-                                                                     str(REPO / ".venv/bin/python")))  # fmt: skip
-    parser.add_argument("--transformers-only", action="store_true", help=argparse.SUPPRESS)  # the reference side
-    args = parser.parse_args()
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    if args.transformers_only:
-        print(json.dumps(build_and_run_transformers(args.workdir, args.batch_sizes)))
-        return
+def one_run(args) -> dict:
+    """`generate`'s sweep in the model's environment, then vLLM in a fresh process of this one."""
+    load = os.getloadavg()[0]
     command = [args.reference_python, __file__, "--transformers-only", "--workdir", str(args.workdir),
                "--batch-sizes", *map(str, args.batch_sizes)]  # fmt: skip
     result = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
     reference = json.loads(result.stdout.strip().splitlines()[-1])
     generate = {int(size): rate for size, rate in reference["tokens_per_s"].items()}
-    vllm_rate = run_vllm(args.workdir, reference["folder"], args.enforce_eager)
+    command = [sys.executable, __file__, "--vllm-only", reference["folder"], "--workdir", str(args.workdir)]
+    command += ["--enforce-eager"] if args.enforce_eager else []
+    result = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
+    # vLLM logs to stdout too, its shutdown after the result
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith('{"tokens_per_s":')]
+    vllm_rate = json.loads(line)["tokens_per_s"]
     best = max(generate, key=generate.get)
+    return {"load": load, "generate": generate, "vllm": vllm_rate, "best": best, "ratio": vllm_rate / generate[best]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=Path("bench-vllm"))
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 16, 32, 64])
+    parser.add_argument("--runs", type=int, default=1, help="alternate generate and vLLM this many times; medians")
+    parser.add_argument("--enforce-eager", action="store_true", help="vLLM without torch.compile")
+    parser.add_argument("--reference-python", default=os.environ.get("MAGMA_HF_REFERENCE_PYTHON",
+                                                                     str(REPO / ".venv/bin/python")))  # fmt: skip
+    parser.add_argument("--transformers-only", action="store_true", help=argparse.SUPPRESS)  # the reference side
+    parser.add_argument("--vllm-only", metavar="FOLDER", help=argparse.SUPPRESS)  # one vLLM measurement
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.transformers_only:
+        print(json.dumps(build_and_run_transformers(args.workdir, args.batch_sizes)))
+        return
+    if args.vllm_only:
+        print(json.dumps({"tokens_per_s": run_vllm(args.workdir, args.vllm_only, args.enforce_eager)}))
+        return
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}")
-    print(f"{N_PROMPTS} image prompts x {NEW_TOKENS} new tokens, GPT-J 8x512, ResNet width 32 at 224 px, float32")
-    for size, rate in sorted(generate.items()):
-        print(f"  generate, batch {size:>2}: {rate:8.1f} tokens/s")
-    print(f"  vLLM{' (eager)' if args.enforce_eager else ''}:          {vllm_rate:8.1f} tokens/s")
-    print(f"  ratio vLLM / generate at batch {best}: {vllm_rate / generate[best]:.2f}")
+    print(f"{N_PROMPTS} image prompts x {NEW_TOKENS} new tokens, GPT-J 8x512, ResNet width 32 at 224 px, float32;"
+          f" VLLM_CPU_NUM_OF_RESERVED_CPU={os.environ.get('VLLM_CPU_NUM_OF_RESERVED_CPU', 'unset')}")  # fmt: skip
+    vllm_name = "vLLM (eager)" if args.enforce_eager else "vLLM"
+    runs = []
+    for number in range(1, args.runs + 1):
+        run = one_run(args)
+        runs.append(run)
+        rates = " / ".join(f"{run['generate'][size]:.1f}" for size in sorted(run["generate"]))
+        print(f"run {number}: load average {run['load']:.2f} before; generate {rates} tokens/s at batch "
+              f"{'/'.join(map(str, sorted(run['generate'])))}; {vllm_name} {run['vllm']:.1f} tokens/s; "
+              f"vLLM / generate at batch {run['best']}: {run['ratio']:.2f}", flush=True)  # fmt: skip
+    median = statistics.median
+    print(f"medians over {len(runs)} run(s), load average {median(run['load'] for run in runs):.2f} before"
+          f" (range {min(run['load'] for run in runs):.2f} to {max(run['load'] for run in runs):.2f}):")  # fmt: skip
+    for size in sorted(runs[0]["generate"]):
+        print(f"  generate, batch {size:>2}: {median(run['generate'][size] for run in runs):8.1f} tokens/s")
+    best_generate = [max(run["generate"].values()) for run in runs]
+    print(f"  generate, best batch:   {median(best_generate):8.1f} tokens/s")
+    print(f"  {vllm_name + ':':<24}{median(run['vllm'] for run in runs):8.1f} tokens/s")
+    print(
+        f"  vLLM / best generate, per run: median {median(run['ratio'] for run in runs):.2f}, "
+        f"range {min(run['ratio'] for run in runs):.2f} to {max(run['ratio'] for run in runs):.2f}"
+    )
 
 
 if __name__ == "__main__":

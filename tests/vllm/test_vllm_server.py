@@ -52,10 +52,10 @@ def serve_command(folder: Path, port: int) -> list[str]:
     ]  # fmt: skip
 
 
-def wait_until_healthy(process: subprocess.Popen, port: int, log: Path) -> None:
+def wait_until_healthy(process: subprocess.Popen, port: int, log: Path, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
     import urllib.request
 
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             pytest.fail(f"vllm serve exited with {process.returncode}:\n{log.read_text()[-4000:]}")
@@ -66,7 +66,7 @@ def wait_until_healthy(process: subprocess.Popen, port: int, log: Path) -> None:
         except OSError:
             pass
         time.sleep(2)
-    pytest.fail(f"vllm serve did not answer /health within {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
+    pytest.fail(f"vllm serve did not answer /health within {timeout_s} s:\n{log.read_text()[-4000:]}")
 
 
 def stop(process: subprocess.Popen) -> None:
