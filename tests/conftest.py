@@ -9,7 +9,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from helpers import make_processor, make_tokenizer, run_by, run_img2dataset, tiny_config  # noqa: E402
+from doc_blocks import run_by  # noqa: E402
+from helpers import make_processor, make_tokenizer, run_img2dataset, tiny_config  # noqa: E402
 
 from magma_hf import MagmaForConditionalGeneration  # noqa: E402
 

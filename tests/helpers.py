@@ -540,38 +540,3 @@ def img2dataset_samples(folder: Path) -> list[tuple[str, bytes, str]]:
         rows = [row for row in pq.read_table(parquet_path).to_pylist() if row["status"] == "success"]
         samples += [(f"{parquet_path.name}/{row['key']}", row["jpg"], row["caption"]) for row in rows]
     return samples
-
-
-@dataclass(frozen=True)
-class DocBlock:
-    where: str  # the markdown file and the opening fence's line
-    language: str
-    text: str
-
-
-def documents() -> list[Path]:
-    """The README, every markdown file under docs/, and the README of each top-level folder of the project (not of
-    hidden ones: img2dataset installs a README.md at the root of the virtual environment)."""
-    repo = Path(__file__).resolve().parents[1]
-    folders = sorted(path for path in repo.glob("*/README.md") if not path.parent.name.startswith("."))
-    return [repo / "README.md", *sorted((repo / "docs").rglob("*.md")), *folders]
-
-
-def run_by(test_file, test: str) -> list[DocBlock]:
-    """The fenced blocks of the README and the docs marked `<!-- run by tests/PATH.py::TEST -->` (on the last non-blank
-    line before the opening fence) for this test file and test, in document order: the blocks that test runs."""
-    import re
-
-    repo = Path(__file__).resolve().parents[1]
-    marker = f"<!-- run by {Path(test_file).resolve().relative_to(repo).as_posix()}::{test} -->"
-    fenced = re.compile(r"^(?P<fence>```+)(?P<language>\w*)\n(?P<text>.*?)^(?P=fence)\s*$", re.MULTILINE | re.DOTALL)
-    chosen = []
-    for path in documents():
-        text = path.read_text(encoding="utf-8")
-        for match in fenced.finditer(text):
-            before = text[: match.start()].rstrip().rsplit("\n", 1)[-1].strip()
-            if before == marker:
-                line = text.count("\n", 0, match.start()) + 1
-                chosen.append(DocBlock(f"{path.relative_to(repo)}:{line}", match["language"], match["text"]))
-    assert chosen, f"no block of the README or the docs is marked {marker}"
-    return chosen

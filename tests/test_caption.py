@@ -13,12 +13,12 @@ import datasets
 import PIL.Image
 import pytest
 import torch
+from doc_blocks import run_by
 from helpers import (
     encoded_image,
     files_unchanged,
     img2dataset_samples,
     random_image,
-    run_by,
     save_answering_model,
     write_tar,
 )

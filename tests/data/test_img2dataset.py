@@ -95,7 +95,7 @@ def test_the_documented_img2dataset_commands_are_the_python_example_the_fixture_
     import re
     import shlex
 
-    from helpers import documents, run_by
+    from doc_blocks import documents, run_by
     from img2dataset import download
 
     (example,) = run_by(REPO / "tests" / "conftest.py", "img2dataset_output")

@@ -442,7 +442,7 @@ def test_docs_shard_configs_load(assets, img2dataset_output, tmp_path):
     import dataclasses
     import re
 
-    from helpers import run_by
+    from doc_blocks import run_by
 
     from magma_hf.data.streaming import build_stream
     from magma_hf.training.run import TrainingConfigError
