@@ -169,15 +169,21 @@ class MagmaStream(torch.utils.data.IterableDataset):
     def load_state_dict(self, state: dict) -> None:
         self._state = dict(state) if state else None
 
+    def layout(self, processes: int, num_workers: int) -> dict:
+        """What a saved position depends on, each changing which samples a reader reads: processes x data-loader
+        workers (the readers the shards are dealt to), the seed, the shards per source and the shuffle buffer."""
+        return {
+            "processes": processes,
+            "dataloader_num_workers": num_workers,
+            "seed": self.seed,
+            "shards": [len(source) for source in self.sources],
+            "shuffle_buffer_size": self.shuffle_buffer_size,
+        }
+
     def _placement(self) -> dict:
         reader, readers = self._reader()
-        return {
-            "reader": reader,
-            "readers": readers,
-            "seed": self.seed,
-            "shards": [len(s) for s in self.sources],
-            "buffer": self.shuffle_buffer_size,
-        }
+        info = torch.utils.data.get_worker_info()
+        return {"reader": reader, "readers": readers, **self.layout(self.world_size, info.num_workers if info else 0)}
 
     def _initial_state(self) -> dict:
         placement = self._placement()
@@ -185,9 +191,9 @@ class MagmaStream(torch.utils.data.IterableDataset):
         if state:
             if state.get("placement") != placement:
                 raise ValueError(
-                    f"Cannot resume this data stream: it was saved as {state.get('placement')} (reader, readers = "
-                    "processes x data-loader workers, seed, shards per source, shuffle buffer) and is now read as "
-                    f"{placement}. Resume with the same processes, dataloader_num_workers, seed and data"
+                    f"Cannot resume this data stream: it was saved as {state.get('placement')} and is now read as "
+                    f"{placement}. Resume with the same processes, dataloader_num_workers, seed, shuffle buffer and "
+                    "data"
                 )
             self._state = None  # used once: a later pass over a one-pass stream starts from its beginning
             return json.loads(json.dumps(state))

@@ -197,8 +197,6 @@ def require_complete_checkpoint(path: str | os.PathLike) -> None:
 # Streamed training data: each checkpoint holds where every process's data loader is
 
 DATA_STATE_DIR = "data_state"
-# What a data state must have been saved with to resume a stream (each changes which samples a reader reads).
-STREAM_LAYOUT_KEYS = ("processes", "dataloader_num_workers", "seed", "shards", "shuffle_buffer_size")
 
 
 class DataStateError(ValueError):
@@ -207,20 +205,8 @@ class DataStateError(ValueError):
 
 def data_state_file(checkpoint: str | os.PathLike, process: int) -> Path:
     """`checkpoint/data_state/process-{process}.json`: that process's `StatefulDataLoader.state_dict()` and the
-    layout it was saved with (see [`stream_layout`])."""
+    layout it was saved with ([`MagmaStream.layout`])."""
     return Path(checkpoint) / DATA_STATE_DIR / f"process-{process}.json"
-
-
-def stream_layout(stream: MagmaStream, processes: int, num_workers: int) -> dict:
-    """The settings a saved stream position depends on: processes x data-loader workers (the readers the shards are
-    dealt to), the seed, the shards per source and the shuffle buffer."""
-    return {
-        "processes": processes,
-        "dataloader_num_workers": num_workers,
-        "seed": stream.seed,
-        "shards": [len(source) for source in stream.sources],
-        "shuffle_buffer_size": stream.shuffle_buffer_size,
-    }
 
 
 def read_data_state(checkpoint: str | os.PathLike, process: int, layout: dict) -> dict:
@@ -240,7 +226,7 @@ def read_data_state(checkpoint: str | os.PathLike, process: int, layout: dict) -
         )
     own = data_state_file(checkpoint, process)
     saved = json.loads((own if own.is_file() else files[0]).read_text(encoding="utf-8"))
-    differing = [key for key in STREAM_LAYOUT_KEYS if saved.get(key) != layout[key]]
+    differing = [key for key in layout if saved.get(key) != layout[key]]
     if differing:
         was = ", ".join(f"{key} {saved.get(key)}" for key in differing)
         now = ", ".join(f"{key} {layout[key]}" for key in differing)
@@ -475,7 +461,7 @@ class MagmaTrainer(Trainer):
         return dataloader
 
     def _stream_layout(self) -> dict:
-        return stream_layout(self.train_dataset, self.args.world_size, self.args.dataloader_num_workers)
+        return self.train_dataset.layout(self.args.world_size, self.args.dataloader_num_workers)
 
     def _save_data_state(self, checkpoint: str) -> None:
         """This process's data-loader state, after the batches of the steps done, into `checkpoint`."""
