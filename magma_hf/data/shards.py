@@ -159,9 +159,6 @@ class ShardSource:
     def __len__(self) -> int:
         return len(self.shards)
 
-    def shard_label(self, shard: int) -> str:
-        return str(self.shards[shard])
-
     def read(self, shard: int, start: int = 0, images: bool = True) -> Iterator[RawSample]:
         """The samples of shard `shard` from position `start` on; with `images=False` each sample's `image` is an
         [`ImageRef`] (where its bytes are) instead of the bytes, for an index that holds no images."""
@@ -356,9 +353,6 @@ class HubShards(ShardSource):
         self.stream, self.image_column, self.caption_column = stream, image_column, caption_column
         super().__init__(path, list(range(stream.n_shards)))
 
-    def shard_label(self, shard: int) -> str:
-        return f"{self.name} shard {shard} of {len(self)}"
-
     def read(self, shard: int, start: int = 0, images: bool = True) -> Iterator[RawSample]:
         part = self.stream.shard(num_shards=len(self), index=shard, contiguous=True)
         if start:
@@ -380,10 +374,6 @@ class MapShards(ShardSource):
         self.rows = dataset.with_format(None)
         starts = range(0, len(self.rows), rows_per_shard)
         super().__init__(name, [(s, min(s + rows_per_shard, len(self.rows))) for s in starts])
-
-    def shard_label(self, shard: int) -> str:
-        first, end = self.shards[shard]
-        return f"{self.name} rows {first}-{end - 1}"
 
     def read(self, shard: int, start: int = 0, images: bool = True) -> Iterator[RawSample]:
         first, end = self.shards[shard]
