@@ -48,10 +48,12 @@ def start_chromium():
     return webdriver.Chrome(service=webdriver.ChromeService(shutil.which("chromedriver")), options=options), profile
 
 
-def by_css(driver, selector: str):
-    from selenium.webdriver.common.by import By
-
-    return driver.find_element(By.CSS_SELECTOR, selector)
+def by_css(driver, selector: str, timeout: float = 30):
+    """The first element `selector` matches, once the page shows one: Gradio renders asynchronously (an accordion's
+    contents appear some time after the click), so looking once can miss an element that is on its way."""
+    found = lambda: driver.find_elements("css selector", selector)  # noqa: E731
+    wait_for(driver, found, f"an element matching {selector!r}", timeout)
+    return found()[0]
 
 
 def wait_for(driver, condition, what: str, timeout: float = 30):
