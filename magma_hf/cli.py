@@ -2,11 +2,23 @@
 
 Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`; modules are
 imported only when their command runs, so `magma-hf --help` stays fast.
+
+One convention for a refused input, in every command: one line `error: ...` on stderr and exit status
+`EXIT_REFUSED` (2, as argparse exits for a bad command line), written by `refuse`.
 """
 
 import argparse
 import importlib
 import sys
+
+EXIT_REFUSED = 2  # the input (arguments, config, data, folders) was refused; nothing was done, or what was is kept
+
+
+def refuse(error: object) -> int:
+    """Report a refused input the one way every command does: one line on stderr; returns `EXIT_REFUSED`."""
+    print(f"error: {error}", file=sys.stderr)
+    return EXIT_REFUSED
+
 
 # command -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -43,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     known, _ = parser.parse_known_args(argv[:1])
     if known.command is None:
         parser.print_help()
-        return 2
+        return EXIT_REFUSED
     module = importlib.import_module(SUBCOMMANDS[known.command][0])
     subparser = argparse.ArgumentParser(prog=f"magma-hf {known.command}", description=SUBCOMMANDS[known.command][1])
     module.add_arguments(subparser)
