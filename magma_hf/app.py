@@ -183,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
         if not space_metadata_present(Path(args.model_dir) / "README.md"):
             print("To run it on the Hub, README.md's metadata needs `sdk: gradio` (the model card's has none: add it)")
         return 0
-    from .evaluation.run import load_model_and_processor
+    from .jobs import load_model_and_processor
 
     examples = app_magma.example_images_in(args.examples)  # a missing example is named before the model loads
     app_magma.require_gradio()

@@ -6,18 +6,19 @@ captions are not used), webdataset `.tar` or parquet shards (img2dataset's `webd
 folder, glob or brace range; read where they lie through `magma_hf.data.shards.ShardIndex`, ids `<shard>/<key>`), or
 a 🤗 dataset with an image column (a `save_to_disk` folder, or a `datasets.Dataset`).
 
-The prompt is evaluation's captioning prompt (`evaluation.run.build_prompt`): the image, then `--prompt` if given
+The prompt is evaluation's captioning prompt (`evaluation.prompts.build_prompt`): the image, then `--prompt` if given
 (e.g. "A picture of" or "Q: What is in the picture? A:"). Texts are generated greedily and cleaned up by the one
 generation path, `magma_hf.generation.generate_answers` (batched with left padding, cut at the first newline), or
 through vLLM with `--engine vllm` (`magma_hf.vllm.offline.VllmGenerator`, the same greedy answers).
 
-The output is a record log as evaluation writes it (`evaluation.records`): a header line
+The output is a record log as evaluation writes it, by the resumable job of both (`magma_hf.jobs`): a header line
 `{"format": "magma_hf.caption/1", "settings": {...}}` naming what produced the texts, then one line per image,
 `{"id", "image", "prompt", "text"}`, in the data's order once the run is complete. A rerun skips the images done; a
 rerun with another model, prompt, data or settings is refused, naming the difference. A folder of images may change
 between runs as long as every image done is still there (a bad image removed, new ones added: those are captioned);
 a dataset's rows are numbered, so there the rows must stay the same. Under `accelerate launch` the
-images are sharded over the processes exactly as evaluation's questions are.
+images are sharded over the processes exactly as evaluation's questions are. This module gives the job only the
+captioning's identity (`RUN_KEYS`, `data_keys`, the engine's model) and its records (one per image).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import argparse
 import hashlib
 import importlib.util
 import json
-import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,45 +35,27 @@ from typing import Any
 
 import datasets
 import PIL.Image
-from tqdm.auto import tqdm
+from transformers.utils import logging
 
 from .data import IMAGE_EXTENSIONS, SkipReport, decode_image, detect_layout, load_image_caption_dataset
 from .data.decoding import name_problem, shown_path
 from .data.shards import ShardIndex, open_shards
 from .data.sources import reads_as_shards
-from .evaluation.data import _pick_split
-from .evaluation.records import (
-    Processes,
-    append_records,
-    check_no_orphaned_process_logs,
-    check_resumable,
-    merge_process_logs,
-    open_for_append,
-    processes,
-    read_done,
-    read_header,
-    shard,
-)
-from .evaluation.run import (
-    DEFAULT_MAX_NEW_TOKENS,
-    _check_writable_folder,
-    build_prompt,
-    load_model_and_processor,
-    weights_fingerprint,
-)
+from .evaluation.data import pick_split
+from .evaluation.prompts import DEFAULT_MAX_NEW_TOKENS, build_prompt
 from .generation import generate_answers
 from .image_processing_magma import open_image
+from .jobs import Job, Processes, load_model, model_identity, processes, run_command
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 CAPTION_FORMAT = "magma_hf.caption/1"
 LOG_KIND = "caption log"
 ENGINES = ("transformers", "vllm")
-# What produced a caption log's texts: a log written with other values is not resumed. The model's keys are known only
-# once it is loaded, so they are checked after the others.
+# What produced a caption log's texts: a log written with other values is not resumed. The model's keys
+# (`jobs.MODEL_KEYS`) are known only once it is loaded, so they are checked after these.
 RUN_KEYS = ("prompt", "max_new_tokens", "engine")
 DATA_KEYS = ("data", "split", "image_column", "data_images")
-MODEL_KEYS = ("model_weights", "dtype")
 
 
 def data_keys(images: ImageSource) -> tuple[str, ...]:
@@ -126,7 +108,7 @@ def load_images(data, split: str | None = None, image_column: str = "image") -> 
     folder of them, a glob, a brace range; ids are the sample keys `<shard>/<key>`, in shard order), a `save_to_disk`
     folder, or a `datasets.Dataset` (ids are row numbers)."""
     if isinstance(data, (datasets.Dataset, datasets.DatasetDict)):
-        return _from_hf_dataset(_pick_split(data, split, "the given dataset"), image_column, "dataset")
+        return _from_hf_dataset(pick_split(data, split, "the given dataset"), image_column, "dataset")
     if reads_as_shards(data):
         return _from_shards(data, image_column)
     path = Path(data)
@@ -141,7 +123,7 @@ def load_images(data, split: str | None = None, image_column: str = "image") -> 
     if layout == "img2dataset":  # its captions are not used: every image is captioned, with or without one
         return _from_image_folder(path.resolve(), "img2dataset `files` output: captioning all its {count} images")
     if layout == "hf_saved":
-        return _from_hf_dataset(_pick_split(datasets.load_from_disk(str(path)), split, str(path)), image_column, path)
+        return _from_hf_dataset(pick_split(datasets.load_from_disk(str(path)), split, str(path)), image_column, path)
     return _from_reader(load_image_caption_dataset(str(path)), str(path.resolve()))
 
 
@@ -285,13 +267,7 @@ def caption_images(
     Returns:
         The records `{"id", "image", "prompt", "text"}` in the data's order (on every process).
     """
-    if engine not in ENGINES:
-        raise ValueError(f"Unknown engine {engine!r}; engines are {', '.join(ENGINES)}")
-    for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if engine == "vllm" and not isinstance(model, (str, os.PathLike)):
-        raise ValueError("--engine vllm takes a model folder, not a loaded model")
+    _check_arguments(model, engine, batch_size, max_new_tokens)
     procs = processes()
     if engine == "vllm" and procs.count > 1:
         raise ValueError(
@@ -310,28 +286,51 @@ def caption_images(
         "image_column": image_column,
         "data_images": images.fingerprint(),
     }
-    keys = RUN_KEYS + data_keys(images)
-    recorded = _check_output(output, settings, keys)
+    job = _start_job(output, settings, images, procs)
 
     generate, identity = _engine(model, processor, engine, settings["max_new_tokens"], device, dtype, procs)
     settings.update(identity, batch_size=batch_size)
-    if recorded is not None and procs.is_main:
-        check_resumable(output, recorded, settings, MODEL_KEYS)
     index = {key: n for n, key in enumerate(images.ids)}
-    done = read_done(output, CAPTION_FORMAT, settings, keys + MODEL_KEYS, recorded is not None, procs, index.get,
-                     what=LOG_KIND)  # fmt: skip
-    todo = [row for row in range(len(images)) if images.ids[row] not in done]
-    if recorded is not None and recorded.get("data_images") != settings["data_images"] and procs.is_main:
+    job.resume(known=index.get)
+    todo = job.pending(images.ids)
+    if job.recorded is not None and job.recorded.get("data_images") != settings["data_images"] and procs.is_main:
         logger.warning(
             "%s: the images of %s changed since this log was started (%d now); the %d done are all still there: "
             "captioning the %d others",
-            output, images.source, len(images), len(done), len(todo),
+            output, images.source, len(images), len(job.done), len(todo),
         )  # fmt: skip
-    if done and todo and procs.is_main:
-        logger.info("Resuming %s: %d of %d images already done", output, len(images) - len(todo), len(images))
-    _run(images, shard(todo, procs), generate, settings, done, output, batch_size, progress, procs)
-    merge_process_logs(output, done, images.ids, procs)
-    return procs.broadcast([done[key] for key in images.ids] if procs.is_main else None)
+
+    def records_for(batch: list[int]) -> list[dict[str, Any]]:
+        texts = generate([settings["prompt"]] * len(batch), [[images.image(row)] for row in batch])
+        return [
+            {"id": images.ids[row], "image": images.labels[row], "prompt": settings["prompt"], "text": text}
+            for row, text in zip(batch, texts)
+        ]
+
+    job.run(todo, len(images), records_for, batch_size, noun="images", desc="captioning", unit="image",
+            progress=progress)  # fmt: skip
+    job.finish(images.ids)
+    return procs.broadcast([job.done[key] for key in images.ids] if procs.is_main else None)
+
+
+def _check_arguments(model, engine: str, batch_size: int, max_new_tokens: int | None) -> None:
+    if engine not in ENGINES:
+        raise ValueError(f"Unknown engine {engine!r}; engines are {', '.join(ENGINES)}")
+    for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if engine == "vllm" and not isinstance(model, (str, os.PathLike)):
+        raise ValueError("--engine vllm takes a model folder, not a loaded model")
+
+
+def _start_job(output: Path, settings: dict[str, Any], images: ImageSource, procs: Processes) -> Job:
+    """The job writing the caption log `output`, checked to be a caption log of the same run (on the settings known
+    before the model is loaded) when it exists."""
+    if output.is_dir():
+        raise ValueError(f"--output {output} is a folder; give a file name, e.g. {output / 'captions.jsonl'}")
+    job = Job(CAPTION_FORMAT, output, settings, RUN_KEYS + data_keys(images), procs, what=LOG_KIND)
+    job.check_output()
+    return job
 
 
 def _engine(model, processor, engine, max_new_tokens, device, dtype, procs: Processes):
@@ -340,62 +339,15 @@ def _engine(model, processor, engine, max_new_tokens, device, dtype, procs: Proc
         llm_kwargs = {} if dtype in (None, "auto") else {"dtype": dtype}
         identity = {"model": str(model), "model_weights": weight_files_fingerprint(model), "dtype": dtype or "auto"}
         return vllm_generator(str(model), max_new_tokens, **llm_kwargs), identity
-    if isinstance(model, (str, os.PathLike)):
-        name = str(model)
-        model, loaded_processor = load_model_and_processor(model, device=device or procs.device, dtype=dtype)
-        processor = processor or loaded_processor
-    else:
-        name = getattr(model, "name_or_path", "") or type(model).__name__
+    model, processor, name = load_model(model, processor, device, dtype, procs)
     if processor is None:
         raise ValueError("caption_images() needs the model's processor (or a model folder to load both from)")
-    dtype_name = str(model.dtype).removeprefix("torch.")
-    identity = {"model": name, "model_weights": weights_fingerprint(model), "dtype": dtype_name}
+    identity = model_identity(model, name)
 
     def generate(prompts: list[str], batch_images: list[list[PIL.Image.Image]]) -> list[str]:
         return generate_answers(model, processor, prompts, batch_images, max_new_tokens=max_new_tokens)
 
     return generate, identity
-
-
-def _check_output(output: Path, settings: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any] | None:
-    """The settings of `output`'s log when this run resumes it (None for a new run), after checking that it is a
-    caption log of the same run (on `keys`, the settings known before the model is loaded)."""
-    if output.is_dir():
-        raise ValueError(f"--output {output} is a folder; give a file name, e.g. {output / 'captions.jsonl'}")
-    check_no_orphaned_process_logs(output)
-    if not output.exists():
-        _check_writable_folder(output.parent)
-        return None
-    recorded = read_header(output, CAPTION_FORMAT, LOG_KIND)
-    check_resumable(output, recorded, settings, keys)
-    return recorded
-
-
-def _run(images: ImageSource, todo, generate, settings, done, output, batch_size, progress, procs) -> None:
-    sharded = f" (process 1 of {procs.count})" if procs.count > 1 else ""
-    initial = len(images) - len(todo) if procs.count == 1 else 0
-    bar = tqdm(
-        total=initial + len(todo),
-        initial=initial,
-        desc=f"captioning{sharded}",
-        unit="image",
-        disable=not progress or not procs.is_main,
-    )
-    log = open_for_append(output, CAPTION_FORMAT, settings, procs)
-    try:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            texts = generate([settings["prompt"]] * len(batch), [[images.image(row)] for row in batch])
-            records = [
-                {"id": images.ids[row], "image": images.labels[row], "prompt": settings["prompt"], "text": text}
-                for row, text in zip(batch, texts)
-            ]
-            done.update((record["id"], record) for record in records)
-            append_records(log, records)
-            bar.update(len(batch))
-    finally:
-        bar.close()
-        log.close()
 
 
 # --------------------------------------------------------------------------------------------------------------- CLI
@@ -425,9 +377,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        records = caption_images(
+    def work() -> list[dict[str, Any]]:
+        return caption_images(
             args.model,
             args.data,
             args.output,
@@ -441,12 +392,8 @@ def run(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             progress=not args.no_progress,
         )
-    except (ValueError, OSError) as error:  # bad data, settings, model folder or output: the message names it
-        print(f"error: {error}")
-        return 2
-    if processes().is_main:
-        print(f"{len(records)} texts: {args.output}")
-    return 0
+
+    return run_command(work, lambda records: print(f"{len(records)} texts: {args.output}"))
 
 
 __all__ = ["ImageSource", "caption_images", "load_images"]

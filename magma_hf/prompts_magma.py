@@ -4,7 +4,7 @@ Images sit where their `<|image|>` placeholders are; a text without placeholders
 processor's rule, `place_images_in_front`). Few-shot examples come first, each an image, its text and a newline, then
 the query: `<|image|>example 1\\n<|image|>example 2\\n<|image|>query`. The newline ends an example as it ends a
 generated answer (`magma_hf.generation.ANSWER_END` is this separator), so the examples show the model where an answer
-ends. The evaluation harness (`magma_hf.evaluation.run.build_prompt`) and the app (`app_magma.py`) both build their
+ends. The evaluation harness (`magma_hf.evaluation.prompts.build_prompt`) and the app (`app_magma.py`) both build their
 prompts here.
 """
 

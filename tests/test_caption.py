@@ -26,8 +26,8 @@ from helpers import (
 from magma_hf import MagmaForConditionalGeneration
 from magma_hf.captioning import caption_images
 from magma_hf.cli import main
-from magma_hf.evaluation.run import load_model_and_processor
 from magma_hf.generation import generate_answers
+from magma_hf.jobs import load_model_and_processor
 
 PROMPT = "Q: What is in the picture? A:"
 
@@ -161,12 +161,12 @@ def test_bad_input_is_named(model_dir, model_and_processor, image_dir, tmp_path,
 
     with files_unchanged(tmp_path):
         assert main(["caption", "--data", str(tmp_path / "nowhere"), "--model", str(model_dir)]) == 2
-        assert "nowhere: there is no such folder" in capsys.readouterr().out
+        assert "nowhere: there is no such folder" in capsys.readouterr().err
         if importlib.util.find_spec("vllm") is None:
             arguments = ["caption", "--data", str(image_dir), "--model", str(model_dir), "--engine", "vllm",
                          "--output", str(tmp_path / "v.jsonl")]  # fmt: skip
             assert main(arguments) == 2
-            assert "needs vLLM, which is not installed in this environment. `make vllm`" in capsys.readouterr().out
+            assert "needs vLLM, which is not installed in this environment. `make vllm`" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("output_format", ["webdataset", "parquet"])
@@ -327,7 +327,7 @@ def test_a_bad_image_removed_then_the_same_command_completes(model_dir, image_di
     (photos / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     output = tmp_path / "captions.jsonl"
     assert main(caption_arguments(photos, model_dir, output)) == 2
-    assert "Fix or remove it, then run the same command again" in capsys.readouterr().out
+    assert "Fix or remove it, then run the same command again" in capsys.readouterr().err
     first = _lines(output)[1:]
     assert [r["id"] for r in first] == ["0.png"]
     (photos / "1.png").unlink()
@@ -341,7 +341,7 @@ def test_a_bad_image_removed_then_the_same_command_completes(model_dir, image_di
     (photos / "0.png").unlink()  # one that was done: its text would be lost, so the rerun is refused
     with files_unchanged(tmp_path):
         assert main(caption_arguments(photos, model_dir, output)) == 2
-    assert "has results for ids not in the data (e.g. ['0.png'])" in capsys.readouterr().out
+    assert "has results for ids not in the data (e.g. ['0.png'])" in capsys.readouterr().err
 
     # Rows of a dataset are numbered: removing one renumbers the rest, so the advice there is to replace it.
     magma = tmp_path / "magma"
@@ -353,7 +353,7 @@ def test_a_bad_image_removed_then_the_same_command_completes(model_dir, image_di
         (magma / "image_data" / f"{row}.json").write_text(json.dumps(sample))
     output = tmp_path / "magma.jsonl"
     assert main(caption_arguments(magma, model_dir, output)) == 2
-    assert "Replace it with a readable image in its place (the ids are row numbers" in capsys.readouterr().out
+    assert "Replace it with a readable image in its place (the ids are row numbers" in capsys.readouterr().err
     shutil.copy(image_dir / "0.png", magma / "images" / "bad.png")
     assert main(caption_arguments(magma, model_dir, output)) == 0
     assert [r["id"] for r in _lines(output)[1:]] == ["0", "1"]
@@ -365,5 +365,5 @@ def test_a_file_name_that_is_not_utf8_is_named(model_dir, image_dir, tmp_path, c
     random_image(9).save(os.fsdecode(bytes(photos / "b") + b"/caf\xe9.png"), format="PNG")
     with files_unchanged(tmp_path, no_new_files=True):
         assert main(caption_arguments(photos, model_dir, tmp_path / "captions.jsonl")) == 2
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "photos/b/caf\\xe9.png" in out and "not valid UTF-8" in out and "Rename them" in out

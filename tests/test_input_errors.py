@@ -12,7 +12,7 @@ from helpers import files_unchanged, make_processor, make_tokenizer, random_imag
 from transformers import pipeline
 
 from magma_hf import MagmaForConditionalGeneration, MagmaImageToTextPipeline, MagmaProcessor
-from magma_hf.evaluation.run import load_model_and_processor
+from magma_hf.jobs import load_model_and_processor
 from magma_hf.processing_magma import add_magma_special_tokens
 
 N_TOKENS = 4  # tiny config: 64 px images, (64 / 32) ** 2 image tokens

@@ -27,7 +27,6 @@ Examples without an id get their row number (stable only while the data does not
 from __future__ import annotations
 
 import json
-import logging
 import os
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -37,6 +36,7 @@ from typing import Any
 
 import datasets
 from PIL import Image
+from transformers.utils import logging
 
 from ..data import SKIP_EXAMPLES, load_magma_dataset
 from ..data.decoding import caption_problem, clean_captions
@@ -45,7 +45,7 @@ from ..data.sources import reads_as_shards
 from ..image_processing_magma import open_image
 from .vqa_metrics import answer_strings, most_common_answer
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 QA_TASKS = ("vqa", "okvqa", "gqa")
 TASKS = (*QA_TASKS, "caption")
@@ -187,7 +187,7 @@ def load_eval_set(
         raise ValueError(f"Unknown task {task!r}; tasks are {', '.join(TASKS)}")
     if isinstance(source, (datasets.Dataset, datasets.DatasetDict)):
         return _from_columns(
-            _pick_split(source, split, "the given dataset"), task, parse_columns(columns), None, "data"
+            pick_split(source, split, "the given dataset"), task, parse_columns(columns), None, "data"
         )
     items = list(source) if isinstance(source, (list, tuple)) else [source]
     if task == "caption" and items and all(reads_as_shards(item) for item in items):
@@ -199,7 +199,7 @@ def load_eval_set(
         raise ValueError(f"Several data folders are only read in the original layout (with image_data/): {paths}")
     path = paths[0]
     if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
-        dataset = _pick_split(datasets.load_from_disk(str(path)), split, str(path))
+        dataset = pick_split(datasets.load_from_disk(str(path)), split, str(path))
         return _from_columns(dataset, task, parse_columns(columns), path, str(path))
     try:
         loaded = datasets.load_dataset(str(path), split=split)
@@ -208,10 +208,12 @@ def load_eval_set(
             f"Cannot read evaluation data from {str(path)!r}: it is not a folder in the original MAGMA layout (no "
             f"image_data/ in it), not a save_to_disk folder, and datasets.load_dataset failed: {error}"
         ) from error
-    return _from_columns(_pick_split(loaded, split, str(path)), task, parse_columns(columns), path, str(path))
+    return _from_columns(pick_split(loaded, split, str(path)), task, parse_columns(columns), path, str(path))
 
 
-def _pick_split(dataset, split: str | None, name: str):
+def pick_split(dataset, split: str | None, name: str):
+    """The one split of `dataset` to read: `split`, or its only one; an error naming the splits otherwise (`name`
+    names the data in it)."""
     if isinstance(dataset, datasets.Dataset):
         return dataset
     if split is not None:

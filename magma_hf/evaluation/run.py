@@ -1,15 +1,6 @@
-"""Zero- and few-shot evaluation of MAGMA on VQA v2, OK-VQA, GQA and image captioning (`magma-hf eval`).
+"""`magma-hf eval`: zero- and few-shot evaluation of MAGMA on VQA v2, OK-VQA, GQA and image captioning (`evaluate`).
 
-Prompts (the paper's open-ended format):
-
-- zero-shot question answering: `<|image|>Q: {question} A:`;
-- K-shot: K support examples, each `<|image|>Q: {question} A: {answer}` followed by a newline, then the query, in
-  one interleaved sequence: `<|image|>Q: q1 A: a1\\n<|image|>Q: q2 A: a2\\n<|image|>Q: {question} A:`;
-- captioning: the image alone (MAGMA's pretraining format: image, then caption), or `<|image|>{caption}\\n` per
-  support example before the query image; `prompt_template` sets a caption prompt such as "A picture of".
-
-The newline ends each example because the generated answer is cut at the first newline (and generation stops
-there); the few-shot examples thus show the model where an answer ends. Answers are generated greedily
+The prompts are the paper's open-ended format (`evaluation.prompts`). Answers are generated greedily
 (`do_sample=False`), batched with left padding, and stripped of surrounding whitespace. Few-shot examples are drawn
 per question from a support split with a seeded generator that depends only on `(seed, question id)`.
 
@@ -20,8 +11,9 @@ model (a sha256 of its weights, its dtype). An interrupted run started again wit
 examples already there; a run that differs in any of these is refused, naming the difference. When all are done,
 `OUTPUT` (JSON) gets the aggregate metrics, the settings and every record with its score. Both are written
 atomically, and a file the harness did not write is never replaced. Under `accelerate launch` the examples are
-sharded over the processes, each appending to its own log, merged by the main process (`evaluation.records`); the
-result equals one process's.
+sharded over the processes, each appending to its own log, merged by the main process; the result equals one
+process's. All of that is the resumable job of `magma_hf.jobs`: this module gives it the evaluation's identity
+(`RUN_KEYS`, `DATA_KEYS`) and its records (one per question or image, with its score).
 """
 
 from __future__ import annotations
@@ -29,73 +21,33 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import logging
 import math
 import os
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from tqdm.auto import tqdm
+from transformers.utils import logging
 
+from ..cli import refuse
 from ..data.shards import is_shard_spec
 from ..generation import generate_answers
-from ..hub_magma import check_processor_files
-from ..io_utils import write_text_atomically
-from ..processing_magma import IMAGE_TOKEN, MagmaProcessor, check_processor_matches_model
-from ..prompts_magma import QA_TEMPLATE, few_shot_prompt
+from ..jobs import Job, load_model, model_identity, processes, run_command
 from .caption_metrics import CaptionMetricsUnavailable, caption_scores, check_caption_requirements
 from .data import QA_TASKS, TASKS, EvalSet, draw_support, load_eval_set
-from .records import (
-    append_records,
-    check_no_orphaned_process_logs,
-    check_resumable,
-    differences,
-    merge_process_logs,
-    open_for_append,
-    processes,
-    read_done,
-    read_header,
-    remove_leftovers,
-    shard,
-)
+from .prompts import DEFAULT_MAX_NEW_TOKENS, build_prompt
 from .vqa_metrics import aggregate_accuracy, gqa_accuracy, vqa_accuracy
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
-DEFAULT_MAX_NEW_TOKENS = {"vqa": 10, "okvqa": 10, "gqa": 10, "caption": 30}
 # 2: the log records the model's weights and the data's questions (1 recorded names only).
 RESULTS_FORMAT = "magma_hf.evaluation/2"
 SUPPORT_FROM_DATA = "the evaluation data"  # few-shot examples drawn from the evaluated data itself
-# What produced a log's answers: a log written with other values is not resumed. The model's keys are known only
-# once it is loaded, so they are checked after the others (which a rerun can check before loading 12 GB).
+# What produced a log's answers: a log written with other values is not resumed. The model's keys
+# (`jobs.MODEL_KEYS`) are known only once it is loaded, so they are checked after these.
 RUN_KEYS = ("task", "shots", "seed", "max_new_tokens", "prompt_template")
 DATA_KEYS = ("data", "split", "data_questions", "support", "support_split", "support_questions")
-MODEL_KEYS = ("model_weights", "dtype")
-RESUME_KEYS = RUN_KEYS + DATA_KEYS + MODEL_KEYS
-
-
-# ----------------------------------------------------------------------------------------------------------- prompts
-def query_text(task: str, prompt: str, template: str | None) -> str:
-    """The text after the query image: the filled question template, or the caption prompt."""
-    if task in QA_TASKS:
-        return (template or QA_TEMPLATE).format(question=prompt)
-    return template or ""
-
-
-def example_text(task: str, prompt: str, target: str, template: str | None) -> str:
-    """A support example's text: its query text followed by its answer (or caption)."""
-    head = query_text(task, prompt, template)
-    return f"{head} {target}" if head else target
-
-
-def build_prompt(task: str, prompt: str, shots: list[tuple[str, str]], template: str | None = None) -> str:
-    """The full prompt with one `<|image|>` per image: `shots` as (prompt, target) pairs, then the query (MAGMA's
-    few-shot layout, `prompts_magma.few_shot_prompt`)."""
-    examples = [example_text(task, p, t, template) for p, t in shots]
-    return few_shot_prompt(examples, IMAGE_TOKEN + query_text(task, prompt, template))
 
 
 # ------------------------------------------------------------------------------------------------------- generation
@@ -111,31 +63,11 @@ class _Generator:
         return generate_answers(self.model, self.processor, prompts, images, max_new_tokens=self.max_new_tokens)
 
 
-# ---------------------------------------------------------------------------------------------------- results files
+# ---------------------------------------------------------------------------------------------------------- identity
 def results_log_path(output: str | os.PathLike) -> Path:
     """`results.json` -> `results.jsonl` (the per-example log beside the aggregate)."""
     output = Path(output)
     return output.with_suffix(".jsonl") if output.suffix == ".json" else output.with_name(output.name + ".jsonl")
-
-
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 of the model's state dict (names, dtypes, shapes and bytes), the identity of what answers.
-
-    Exact: any changed weight changes it, and the same weights give the same value whatever folder, copy or device
-    they come from (a dtype is other bytes, hence another identity: it gives other answers too). Tensors are hashed
-    in threads (hashlib releases the GIL), so a 12 GB model takes seconds, against hours of generation.
-    """
-    state = model.state_dict()
-
-    def tensor_digest(name: str) -> str:
-        tensor = state[name].detach()
-        digest = hashlib.sha256(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
-        digest.update(memoryview(tensor.reshape(-1).contiguous().cpu().view(torch.uint8).numpy()))
-        return digest.hexdigest()
-
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        digests = list(pool.map(tensor_digest, sorted(state)))
-    return "sha256:" + hashlib.sha256("".join(digests).encode()).hexdigest()
 
 
 def questions_fingerprint(eval_set: EvalSet) -> str:
@@ -159,7 +91,8 @@ def score_answer(task: str, answer: str, references: list[str]) -> float:
     return gqa_accuracy(answer, references) if task == "gqa" else vqa_accuracy(answer, references)
 
 
-def _aggregate(task: str, eval_set: EvalSet, records: list[dict]) -> dict[str, Any]:
+def aggregate_metrics(task: str, eval_set: EvalSet, records: list[dict]) -> dict[str, Any]:
+    """The metrics of `records` (of `eval_set`, in its order); for captions, each record's `score` is set too."""
     if task in QA_TASKS:
         groups = {
             name: [labels[eval_set.index_of(r["id"])] for r in records] for name, labels in eval_set.groups.items()
@@ -174,24 +107,16 @@ def _aggregate(task: str, eval_set: EvalSet, records: list[dict]) -> dict[str, A
 
 
 # --------------------------------------------------------------------------------------------------------- evaluate
-def load_model_and_processor(path: str | os.PathLike, device: str | None = None, dtype: str | None = None):
-    """A MAGMA folder's model (in eval mode, on `device`) and processor."""
-    if not Path(path).exists() and (Path(path).is_absolute() or str(path).startswith((".", "~"))):
-        raise FileNotFoundError(f"there is no model folder {path}")  # not a Hub id: transformers would say it is
-    if Path(path).is_dir():
-        check_processor_files(path)  # before the weights load, which may take minutes
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype in (None, "auto"):
-        torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    else:
-        torch_dtype = getattr(torch, dtype)
-    from ..modeling_magma import MagmaForConditionalGeneration  # here: `magma-hf caption --engine vllm` imports this
-    # module in vLLM's environment, whose transformers has only MAGMA's config and processors (README)
+@dataclass
+class _Examples:
+    """What an evaluation asks: `full` is the data as loaded (the log's ids and the few-shot draws refer to it),
+    `asked` its first `limit` examples, and `support_rows[row]` the rows of `support` shown before asked row `row`."""
 
-    model = MagmaForConditionalGeneration.from_pretrained(str(path), dtype=torch_dtype).to(device).eval()
-    processor = MagmaProcessor.from_pretrained(str(path))
-    check_processor_matches_model(processor, model.config, str(path))
-    return model, processor
+    full: EvalSet
+    asked: EvalSet
+    support: EvalSet | None
+    support_rows: list[list[int]]
+    separate_support: bool  # the few-shot examples come from other data than `full`
 
 
 def evaluate(
@@ -246,101 +171,22 @@ def evaluate(
     _check_arguments(task, shots, batch_size, max_new_tokens, limit, prompt_template)
     if task == "caption":  # fail before hours of generation, not after
         check_caption_requirements()
-    if dataset is None:
-        raise ValueError("evaluate() needs a dataset")
-    if support_split is not None and support is None:  # it would be ignored: the support is the data itself
-        raise ValueError(f"support_split={support_split!r} (--support-split) is given without support data (--support)")
-    if support is not None and not shots:
-        logger.warning("Support data is given but shots is 0: no few-shot examples are shown")
-    if processor is None and not isinstance(model, (str, os.PathLike)):
-        raise ValueError("evaluate() needs the model's processor (or a model path to load both from)")
+    _check_sources(model, processor, dataset, shots, support, support_split)
 
     # Everything that can go wrong with the data or the output is found before the model is loaded or a file written.
-    full_set = dataset if isinstance(dataset, EvalSet) else load_eval_set(dataset, task, split=split, columns=columns)
-    eval_set = full_set.select(limit) if limit is not None else full_set
-    if shots and support is not None:
-        support_set = support if isinstance(support, EvalSet) else load_eval_set(support, task, support_split, columns)
-    else:
-        support_set = full_set if shots else None  # all of it, so that `limit` does not change the draws
-        if shots:
-            logger.warning(
-                "No support split given: few-shot examples come from the evaluated data itself (never "
-                "the question itself or its image). Pass the training split as support for the usual protocol."
-            )
-    separate_support = bool(shots) and support is not None
-    # Drawn now, so that too few support examples is an error before anything is written.
-    support_rows = [
-        draw_support(support_set, shots, seed, eval_set.ids[row], eval_set.image_keys[row], not separate_support)
-        for row in range(len(eval_set))
-    ]
-    settings = {
-        "task": task,
-        "shots": shots,
-        "seed": seed,
-        "max_new_tokens": max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task],
-        "prompt_template": prompt_template,
-        "data": data_name(dataset, full_set),
-        "split": split,
-        "data_questions": questions_fingerprint(full_set),
-        "support": None if not shots else data_name(support, support_set) if separate_support else SUPPORT_FROM_DATA,
-        "support_split": support_split if separate_support else None,
-        "support_questions": questions_fingerprint(support_set) if separate_support else None,
-    }
-    log_path = results_log_path(output) if output is not None else None
-    procs = processes()
-    if procs.count > 1 and output is None:
-        raise ValueError(
-            f"A sharded evaluation ({procs.count} processes) needs an output: the processes' results meet in its log"
-        )
-    recorded = _check_output(Path(output), log_path, settings) if output is not None else None
+    examples = _load_examples(task, dataset, shots, support, seed, limit, split, support_split, columns)
+    settings = _settings(task, shots, seed, max_new_tokens, prompt_template, dataset, split, support, support_split,
+                         examples)  # fmt: skip
+    job = _start_job(output, settings)
 
-    if isinstance(model, (str, os.PathLike)):
-        model_name = str(model)
-        model, loaded_processor = load_model_and_processor(model, device=device or procs.device, dtype=dtype)
-        processor = processor or loaded_processor
-    else:
-        model_name = getattr(model, "name_or_path", "") or type(model).__name__
-    settings.update(
-        model=model_name,
-        model_weights=weights_fingerprint(model) if output is not None else None,  # identifies a resumable run
-        dtype=str(model.dtype).removeprefix("torch."),
-        batch_size=batch_size,
-    )
+    model, processor, model_name = load_model(model, processor, device, dtype, job.procs)
+    settings.update(model_identity(model, model_name, fingerprint=output is not None), batch_size=batch_size)
     generator = _Generator(model, processor, settings["max_new_tokens"])
 
-    done: dict[str, dict] = {}
-    if log_path is not None:
-        if recorded is not None and procs.is_main:
-            check_resumable(log_path, recorded, settings, MODEL_KEYS)
-        done = read_done(
-            log_path, RESULTS_FORMAT, settings, RESUME_KEYS, recorded is not None, procs, known=full_set.index_of
-        )
-    todo = [row for row in range(len(eval_set)) if str(eval_set.ids[row]) not in done]
-    if done and todo and procs.is_main:
-        logger.info("Resuming %s: %d of %d examples already done", log_path, len(eval_set) - len(todo), len(eval_set))
-    was_training = model.training
-    model.eval()
-    try:
-        _run(
-            task, eval_set, support_set, support_rows, shard(todo, procs), generator, settings, done, log_path,
-            batch_size, progress, procs,
-        )  # fmt: skip
-    finally:
-        model.train(was_training)
-
-    if log_path is not None:
-        merge_process_logs(log_path, done, [str(example_id) for example_id in full_set.ids], procs)
-    if procs.is_main:
-        records = [done[str(example_id)] for example_id in eval_set.ids]
-        metrics = _aggregate(task, eval_set, records)
-        result = {"task": task, "metrics": metrics, "settings": settings, "examples": records}
-        if output is not None:
-            result["results_log"] = str(log_path)
-            remove_leftovers(Path(output))
-            write_text_atomically(
-                Path(output), json.dumps({"format": RESULTS_FORMAT, **result}, indent=1, ensure_ascii=False) + "\n"
-            )
-    return procs.broadcast(result if procs.is_main else None)
+    job.resume(known=examples.full.index_of)
+    _answer(job, examples, generator, model, batch_size, progress)
+    job.finish([str(example_id) for example_id in examples.full.ids])
+    return job.procs.broadcast(_results(job, examples) if job.procs.is_main else None)
 
 
 def _check_arguments(
@@ -368,85 +214,101 @@ def _check_arguments(
             ) from None
 
 
-def _check_output(output: Path, log_path: Path, settings: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The settings recorded in `output`'s log when this run resumes it (None for a new run), after checking that
-    neither the log nor a finished `output` belongs to another run: those are never continued or overwritten."""
-    if output.is_dir() or log_path.is_dir():
+def _check_sources(model, processor, dataset, shots: int, support, support_split: str | None) -> None:
+    """The data, the support and the model are given in forms `evaluate` can use."""
+    if dataset is None:
+        raise ValueError("evaluate() needs a dataset")
+    if support_split is not None and support is None:  # it would be ignored: the support is the data itself
+        raise ValueError(f"support_split={support_split!r} (--support-split) is given without support data (--support)")
+    if support is not None and not shots:
+        logger.warning("Support data is given but shots is 0: no few-shot examples are shown")
+    if processor is None and not isinstance(model, (str, os.PathLike)):
+        raise ValueError("evaluate() needs the model's processor (or a model path to load both from)")
+
+
+def _load_examples(task, dataset, shots, support, seed, limit, split, support_split, columns) -> _Examples:
+    """The data, its first `limit` examples and the few-shot examples drawn for each of those: drawn now, so that
+    too few support examples is an error before anything is written."""
+    full_set = dataset if isinstance(dataset, EvalSet) else load_eval_set(dataset, task, split=split, columns=columns)
+    eval_set = full_set.select(limit) if limit is not None else full_set
+    if shots and support is not None:
+        support_set = support if isinstance(support, EvalSet) else load_eval_set(support, task, support_split, columns)
+    else:
+        support_set = full_set if shots else None  # all of it, so that `limit` does not change the draws
+        if shots:
+            logger.warning(
+                "No support split given: few-shot examples come from the evaluated data itself (never "
+                "the question itself or its image). Pass the training split as support for the usual protocol."
+            )
+    separate_support = bool(shots) and support is not None
+    support_rows = [
+        draw_support(support_set, shots, seed, eval_set.ids[row], eval_set.image_keys[row], not separate_support)
+        for row in range(len(eval_set))
+    ]
+    return _Examples(full_set, eval_set, support_set, support_rows, separate_support)
+
+
+def _settings(
+    task, shots, seed, max_new_tokens, prompt_template, dataset, split, support, support_split, examples: _Examples
+) -> dict[str, Any]:
+    """The evaluation's identity as its log records it: `RUN_KEYS` and `DATA_KEYS` (the model's come once loaded)."""
+    separate = examples.separate_support
+    return {
+        "task": task,
+        "shots": shots,
+        "seed": seed,
+        "max_new_tokens": max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task],
+        "prompt_template": prompt_template,
+        "data": data_name(dataset, examples.full),
+        "split": split,
+        "data_questions": questions_fingerprint(examples.full),
+        "support": None if not shots else data_name(support, examples.support) if separate else SUPPORT_FROM_DATA,
+        "support_split": support_split if separate else None,
+        "support_questions": questions_fingerprint(examples.support) if separate else None,
+    }
+
+
+def _start_job(output: str | os.PathLike | None, settings: dict[str, Any]) -> Job:
+    """The job writing `output` and its log beside it (None: in memory only), with its output checked."""
+    log_path = results_log_path(output) if output is not None else None
+    procs = processes()
+    if procs.count > 1 and output is None:
+        raise ValueError(
+            f"A sharded evaluation ({procs.count} processes) needs an output: the processes' results meet in its log"
+        )
+    output = Path(output) if output is not None else None
+    if output is not None and (output.is_dir() or log_path.is_dir()):
         raise ValueError(f"--output {output}: {output if output.is_dir() else log_path} is a folder; give a file name")
-    check_no_orphaned_process_logs(log_path)
-    if not log_path.exists():
-        _check_writable_folder(output.parent)
-        if output.exists():  # results whose log is gone: never overwrite them
-            raise ValueError(
-                f"{output} exists but its per-example log {log_path} does not, so the run cannot resume; move "
-                f"{output} away or choose another --output."
-            )
-        return None
-    recorded = read_header(log_path, RESULTS_FORMAT)
-    check_resumable(log_path, recorded, settings, RUN_KEYS + DATA_KEYS)
-    if output.exists():  # a finished run: the aggregate is rewritten only when it is this run's
-        try:
-            finished = json.loads(output.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            finished = None
-        if not isinstance(finished, dict) or finished.get("format") != RESULTS_FORMAT:
-            raise ValueError(
-                f"{output} is not a magma_hf results file of this format; move it or choose another --output"
-            )
-        details = differences(finished.get("settings", {}), recorded, RESUME_KEYS)
-        if details:
-            raise ValueError(
-                f"{output} holds the results of another run than its log {log_path} ({details}); move one away"
-            )
-    return recorded
+    job = Job(RESULTS_FORMAT, log_path, settings, RUN_KEYS + DATA_KEYS, procs, results_path=output)
+    job.check_output()
+    return job
 
 
-def _check_writable_folder(folder: Path) -> None:
-    """An error naming the folder when results cannot be written into it (it, or the nearest existing parent)."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ValueError(f"Cannot write the results into {folder}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"Cannot write the results into {folder}: {existing} is not writable")
+def _answer(job: Job, examples: _Examples, generator: _Generator, model, batch_size: int, progress: bool) -> None:
+    """Answer the examples not done yet (this process's share) in eval mode, each batch's records logged."""
+    task, shots, template = job.settings["task"], job.settings["shots"], job.settings["prompt_template"]
+    eval_set, support_set, support_rows = examples.asked, examples.support, examples.support_rows
 
+    def records_for(batch: list[int]) -> list[dict[str, Any]]:
+        prompts, images = [], []
+        for row in batch:
+            shot_pairs = [(support_set.prompts[r], support_set.targets[r]) for r in support_rows[row]]
+            prompts.append(build_prompt(task, eval_set.prompts[row], shot_pairs, template))
+            images.append([support_set.image(r) for r in support_rows[row]] + [eval_set.image(row)])
+        answers = generator(prompts, images)
+        return [
+            _record(task, eval_set, row, prompt, answer, [support_set.ids[r] for r in support_rows[row]])
+            for row, prompt, answer in zip(batch, prompts, answers)
+        ]
 
-def _run(
-    task, eval_set, support_set, support_rows, todo, generator, settings, done, log_path, batch_size, progress, procs
-) -> None:
-    """Answer the rows `todo` (this process's share), appending each batch's records to this process's log."""
-    shots, template = settings["shots"], settings["prompt_template"]
-    sharded = f" (process 1 of {procs.count})" if procs.count > 1 else ""
-    initial = len(eval_set) - len(todo) if procs.count == 1 else 0
-    bar = tqdm(
-        total=initial + len(todo),
-        initial=initial,
-        desc=f"{task} {shots}-shot{sharded}",
-        disable=not progress or not procs.is_main,
-    )
-    log = open_for_append(log_path, RESULTS_FORMAT, settings, procs) if log_path is not None else None
+    todo = job.pending(eval_set.ids)
+    was_training = model.training
+    model.eval()
     try:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            prompts, images = [], []
-            for row in batch:
-                shot_pairs = [(support_set.prompts[r], support_set.targets[r]) for r in support_rows[row]]
-                prompts.append(build_prompt(task, eval_set.prompts[row], shot_pairs, template))
-                images.append([support_set.image(r) for r in support_rows[row]] + [eval_set.image(row)])
-            answers = generator(prompts, images)
-            records = [
-                _record(task, eval_set, row, prompt, answer, [support_set.ids[r] for r in support_rows[row]])
-                for row, prompt, answer in zip(batch, prompts, answers)
-            ]
-            done.update((str(record["id"]), record) for record in records)
-            if log is not None:
-                append_records(log, records)
-            bar.update(len(batch))
+        job.run(todo, len(eval_set), records_for, batch_size, noun="examples", desc=f"{task} {shots}-shot",
+                progress=progress)  # fmt: skip
     finally:
-        bar.close()
-        if log is not None:
-            log.close()
+        model.train(was_training)
 
 
 def _record(task: str, eval_set: EvalSet, row: int, prompt: str, answer: str, support_ids: list) -> dict[str, Any]:
@@ -458,6 +320,18 @@ def _record(task: str, eval_set: EvalSet, row: int, prompt: str, answer: str, su
     record["references"] = eval_set.references[row]
     record["support_ids"] = support_ids
     return record
+
+
+def _results(job: Job, examples: _Examples) -> dict[str, Any]:
+    """The result (metrics, settings, every record with its score), written to the output when there is one."""
+    task = job.settings["task"]
+    records = [job.done[str(example_id)] for example_id in examples.asked.ids]
+    metrics = aggregate_metrics(task, examples.asked, records)
+    result = {"task": task, "metrics": metrics, "settings": job.settings, "examples": records}
+    if job.results_path is not None:
+        result["results_log"] = str(job.log_path)
+        job.write_results(result)
+    return result
 
 
 # --------------------------------------------------------------------------------------------------------------- CLI
@@ -496,18 +370,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     output = args.output or f"eval-{args.task}-{args.shots}shot.json"
     data = args.data if len(args.data) > 1 else args.data[0]
     support = None if args.support is None else (args.support if len(args.support) > 1 else args.support[0])
-    if args.task == "caption":
+    if args.task == "caption":  # named before anything is read
         try:
             check_caption_requirements()
         except CaptionMetricsUnavailable as error:
-            print(f"error: {error}")
-            return 2
-    try:  # the model is loaded inside, once the data and the output are known to be usable
-        result = evaluate(
+            return refuse(error)
+
+    def work() -> dict[str, Any]:
+        return evaluate(
             args.task,
             args.model,
             None,
@@ -527,13 +400,12 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
         )
-    except (ValueError, OSError) as error:  # bad data, settings, model folder or output: the message names it
-        print(f"error: {error}")
-        return 2
-    if processes().is_main:  # under accelerate launch every process has the result; one prints it
+
+    def report(result: dict[str, Any]) -> None:
         print(format_metrics(result))
         print(f"results: {output} (per example: {results_log_path(output)})")
-    return 0
+
+    return run_command(work, report)
 
 
 def format_metrics(result: Mapping[str, Any]) -> str:
@@ -550,4 +422,4 @@ def format_metrics(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["build_prompt", "evaluate", "load_model_and_processor", "results_log_path"]
+__all__ = ["evaluate", "format_metrics", "results_log_path"]

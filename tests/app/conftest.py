@@ -30,7 +30,7 @@ def loaded(app_folder):
     """The folder's model and processor as `magma-hf app` loads them, and the pipeline that is the reference."""
     from transformers import pipeline
 
-    from magma_hf.evaluation.run import load_model_and_processor
+    from magma_hf.jobs import load_model_and_processor
 
     model, processor = load_model_and_processor(app_folder / "magma", device="cpu")
     return model, processor, pipeline("image-text-to-text", model=model, processor=processor)

@@ -19,7 +19,7 @@ from chromium import (
 from conftest import ARTIFACTS
 
 from magma_hf.app_magma import DEFAULT_MAX_NEW_TOKENS
-from magma_hf.evaluation.run import build_prompt
+from magma_hf.evaluation.prompts import build_prompt
 
 pytestmark = pytest.mark.usefixtures("app_url", "browser")
 

@@ -5,7 +5,7 @@ import threading
 import pytest
 
 from magma_hf.app_magma import InputError, MagmaApp, Settings, build_query, default_settings
-from magma_hf.evaluation.run import build_prompt
+from magma_hf.evaluation.prompts import build_prompt
 from magma_hf.modeling_magma import magma_generation_config
 
 

@@ -25,7 +25,7 @@ from chromium import (  # noqa: E402
 )
 
 from magma_hf import app_magma  # noqa: E402
-from magma_hf.evaluation.run import load_model_and_processor  # noqa: E402
+from magma_hf.jobs import load_model_and_processor  # noqa: E402
 
 QUESTION = "Q: Is this number odd? A:"
 

@@ -65,4 +65,4 @@ def test_cli_caption_task_stops_before_loading_anything(monkeypatch, capsys, tmp
     monkeypatch.setattr(caption_metrics.shutil, "which", lambda name: None)
     argv = ["eval", "--task", "caption", "--data", str(tmp_path / "none"), "--model", str(tmp_path / "none")]
     assert main(argv) == 2
-    assert "Caption metrics need Java" in capsys.readouterr().out
+    assert "Caption metrics need Java" in capsys.readouterr().err

@@ -16,7 +16,8 @@ from helpers import (
 
 from magma_hf import MagmaForConditionalGeneration
 from magma_hf.evaluation.data import draw_support, load_eval_set, parse_columns
-from magma_hf.evaluation.run import build_prompt, evaluate, results_log_path
+from magma_hf.evaluation.prompts import build_prompt
+from magma_hf.evaluation.run import evaluate, results_log_path
 from magma_hf.evaluation.vqa_metrics import gqa_accuracy, vqa_accuracy
 
 # (image, question, ten answers, answer type); images 0 and 1 carry two questions each.
@@ -43,7 +44,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_and_processor(model_dir):
-    from magma_hf.evaluation.run import load_model_and_processor
+    from magma_hf.jobs import load_model_and_processor
 
     return load_model_and_processor(model_dir, device="cpu")
 
@@ -467,7 +468,7 @@ def test_files_beside_the_output_are_never_touched(vqa_dir, model_and_processor,
 CHILD = """
 import os, signal, sys
 import torch
-import magma_hf.evaluation.records as records
+import magma_hf.jobs as records
 import magma_hf.evaluation.run as evaluation
 
 torch.set_num_threads(1)
@@ -549,9 +550,9 @@ def test_cli_reads_the_data_before_loading_the_model(vqa_dir, tmp_path, capsys):
     argv = ["eval", "--task", "vqa", "--data", str(tmp_path / "data"), "--model", str(tmp_path / "no-model")]
     with files_unchanged(tmp_path):
         assert main(argv + ["--output", str(tmp_path / "out.json"), "--no-progress"]) == 2
-    assert "no 'question' column" in capsys.readouterr().out
+    assert "no 'question' column" in capsys.readouterr().err
     argv[argv.index("--data") + 1] = str(vqa_dir)
     with files_unchanged(tmp_path):
         assert main(argv + ["--output", str(tmp_path / "out.json"), "--no-progress"]) == 2
-    out = capsys.readouterr().out
-    assert out == f"error: there is no model folder {tmp_path / 'no-model'}\n"
+    out = capsys.readouterr().err  # the refusal's line, after the data reader's progress bar (also on stderr)
+    assert out.splitlines()[-1] == f"error: there is no model folder {tmp_path / 'no-model'}" and out.endswith("\n")

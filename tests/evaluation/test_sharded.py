@@ -12,7 +12,8 @@ import pytest
 from helpers import KILLED_AT_SECOND_FLUSH, accelerate_launch, random_image, save_answering_model
 
 from magma_hf.captioning import caption_images
-from magma_hf.evaluation.run import evaluate, load_model_and_processor, results_log_path
+from magma_hf.evaluation.run import evaluate, results_log_path
+from magma_hf.jobs import load_model_and_processor
 
 N_QUESTIONS, N_IMAGES = 12, 6
 QUESTIONS = ["What is in the picture?", "Is it red?", "How many dogs?", "Is it night?"]
@@ -58,7 +59,7 @@ def _caption_args(root, output):
 # and SIGKILLs the process: the kill lands mid-append; torchrun then stops process 0.
 KILLED = """
 import json, os, signal, sys
-import magma_hf.evaluation.records as records
+import magma_hf.jobs as records
 from magma_hf.cli import main
 
 caption_args, eval_args = json.loads(sys.argv[1]), json.loads(sys.argv[2])
