@@ -28,7 +28,12 @@ from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from .configuration_magma import ADAPTER_LOCATIONS, DEFAULT_ADAPTER_CONFIG, normalize_adapter_config
+from .configuration_magma import (
+    ADAPTER_LOCATIONS,
+    DEFAULT_ADAPTER_CONFIG,
+    check_adapter_locations,
+    normalize_adapter_config,
+)
 
 ADAPTER_INIT_STD = 1e-3  # the original MAGMA initialisation: normal(0, 1e-3), clamped to +-2 std
 NON_MERGEABLE_MESSAGE = (
@@ -86,9 +91,11 @@ class MagmaAdapterConfig(PeftConfig):
 
     @classmethod
     def from_magma_adapter_config(cls, adapter_config: dict, **kwargs: Any) -> MagmaAdapterConfig:
-        """Build from an original MAGMA `adapter_config` (`{"mlp": {...}, "attention": {...}}`)."""
-        normalized = normalize_adapter_config(adapter_config)
-        return cls(mlp=normalized.get("mlp"), attention=normalized.get("attention"), **kwargs)
+        """Build from an original MAGMA `adapter_config` (`{"mlp": {...}, "attention": {...}}`), e.g. a
+        `MagmaConfig.adapter_config`: split into its locations, which `__post_init__` normalises."""
+        adapter_config = adapter_config or {}
+        check_adapter_locations(adapter_config)
+        return cls(mlp=adapter_config.get("mlp"), attention=adapter_config.get("attention"), **kwargs)
 
     def location_of(self, module_name: str) -> str:
         """'mlp' or 'attention' for a targeted module's (last) name."""

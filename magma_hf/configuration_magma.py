@@ -23,19 +23,25 @@ DEFAULT_ADAPTER_CONFIG = {"mlp": {"adapter_type": "normal", "downsample_factor":
 DEFAULT_TEXT_CONFIG = {"tie_word_embeddings": False, "pad_token_id": 50256}
 
 
+def check_adapter_locations(adapter_config: dict) -> None:
+    """An adapter config in the original MAGMA schema names no location but `mlp` and `attention`."""
+    unknown_locations = sorted(set(adapter_config) - set(ADAPTER_LOCATIONS))
+    if unknown_locations:
+        raise ValueError(
+            f"adapter_config has unknown locations {unknown_locations}; expected {list(ADAPTER_LOCATIONS)}"
+        )
+
+
 def normalize_adapter_config(adapter_config: dict | None) -> dict:
-    """Validate an adapter config in the original MAGMA schema and fill in its defaults.
+    """Validate an adapter config in the original MAGMA schema and fill in its defaults: the normal form that
+    `MagmaConfig.adapter_config` holds (and `MagmaAdapterConfig` its locations).
 
     `{"mlp": {"adapter_type": ..., "downsample_factor": 4, "add_layernorm": False}, "attention": {...}}`,
     either location optional. `None` or `{}` means no adapters.
     """
     if not adapter_config:
         return {}
-    unknown_locations = sorted(set(adapter_config) - set(ADAPTER_LOCATIONS))
-    if unknown_locations:
-        raise ValueError(
-            f"adapter_config has unknown locations {unknown_locations}; expected {list(ADAPTER_LOCATIONS)}"
-        )
+    check_adapter_locations(adapter_config)
     normalized = {}
     for location, settings in adapter_config.items():
         if not settings:

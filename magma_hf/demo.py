@@ -60,7 +60,8 @@ from .data import convert_dataset, load_magma_dataset
 from .generation import answer_text, generate_answers
 from .io_utils import write_text_atomically
 from .processing_magma import add_magma_special_tokens
-from .training.run import MagmaTrainingConfig, train
+from .training.config import MagmaTrainingConfig
+from .training.run import train
 from .weights_magma import gptj_name
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")

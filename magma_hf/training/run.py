@@ -10,36 +10,30 @@ accelerate launch --config_file configuration/accelerate/deepspeed_zero2.yaml \\
 
 Keys after the config file override it: `magma-hf train cfg.yml train_steps=10 training_args.bf16=false`.
 See `docs/training.md` for every key.
+
+The config is `training.config`, DeepSpeed `training.deepspeed`; this module builds the model, the data and the
+`TrainingArguments`, checks the folders, runs and saves.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
-import difflib
 import itertools
 import json
 import logging as std_logging
-import math
 import os
 import re
 import shutil
-import socket
-import sys
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from transformers import AutoConfig, GPTJConfig, TrainingArguments, set_seed
+from transformers import AutoConfig, TrainingArguments, set_seed
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import IntervalStrategy
 from transformers.utils import logging
 
+from ..cli import refuse
 from ..configuration_magma import normalize_adapter_config
 from ..data import (
     MAX_SKIPPED_SHARE,
@@ -49,7 +43,7 @@ from ..data import (
     recording_skips,
 )
 from ..data.decoding import SkipReport
-from ..data.streaming import DEFAULT_SHUFFLE_BUFFER_SIZE, MagmaStream, build_stream
+from ..data.streaming import MagmaStream, build_stream
 from ..factory import (
     DEFAULT_TOKENIZER,
     MODEL_KEYS,
@@ -66,6 +60,8 @@ from ..modeling_magma import MagmaForConditionalGeneration
 from ..processing_magma import MagmaProcessor, check_processor_matches_model
 from ..weights_magma import MAGMA_WEIGHTS_NAME, is_magma_weight
 from .collator import MagmaDataCollator
+from .config import MagmaTrainingConfig, TrainingConfigError, check_model_config
+from .deepspeed import deepspeed_config, launcher_runs_deepspeed_on_cpu, resolve_deepspeed
 from .export import export_staging_name, save_adapter_export
 from .trainer import (
     CAPTIONS_LOG_NAME,
@@ -85,407 +81,6 @@ from .trainer import (
 logger = logging.get_logger(__name__)
 
 
-class TrainingConfigError(ValueError):
-    """A training config, or the folders it names, that cannot run as given; the message names the key or folder."""
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The config
-
-
-@dataclass
-class MagmaTrainingConfig:
-    """A training run. Keys and defaults of the original MAGMA's `MultimodalConfig`, plus this package's own.
-
-    Where a default is `None` and the model already exists (`model_name_or_path`), the model's own setting is kept.
-    """
-
-    # the original's training keys
-    batch_size: int  # samples per optimizer step, over all processes and accumulation steps (DeepSpeed's)
-    train_steps: int  # optimizer steps
-    lr: float = 8.0e-4  # adapters and image projection
-    image_enc_lr: float | None = None  # image encoder; None: lr
-    min_lr: float = 0.0
-    lr_decay_iters: int | None = None  # linear decay to min_lr at this step; None: constant after warm-up
-    warmup_num_steps: int = 100
-    gradient_accumulation_steps: int = 1
-    zero_stage: int | None = None  # 1-3: DeepSpeed ZeRO with the shipped config; None/0: no DeepSpeed from here
-    gradient_clipping: float = 1.0
-    weight_decay: float = 0.0
-    run_blind: bool = False
-    load_optimizer: bool = True  # False: take only the weights of the checkpoint in `load`, start at step 0
-    overwrite: bool = False  # let a new run replace an earlier run's outputs in `save` (never other files)
-    # checkpoints and logging
-    save: str | None = None
-    load: str | None = None
-    save_every: int = 2500
-    eval_every: int = 250
-    eval_steps: int = 25  # evaluation batches per evaluation (the original's meaning, not TrainingArguments')
-    log_every: int = 1
-    name: str | None = None
-    wandb_project: str | None = None
-    # data
-    train_dataset_dir: Any = None  # a dataset folder, shards (folder of .tar/.parquet, glob, brace range), a source
-    eval_dataset_dir: Any = None  # dict, or a list of them
-    eval_dataset_pct: float = 0.1  # split off map-style training data when eval_dataset_dir is None
-    train_dataset_weights: list | None = None  # sampling probability per train source: a mix, which streams them all
-    streaming: bool | None = None  # None: per source (shards and hub datasets stream, folders of files do not)
-    shuffle_buffer_size: int = DEFAULT_SHUFFLE_BUFFER_SIZE  # a stream's shuffling window, in samples (0: in order)
-    seq_len: int | None = None  # longest sequence, image tokens included; None: the language model's context
-    max_skipped_share: float | None = None  # stop when more samples are skipped; None: data.MAX_SKIPPED_SHARE (0.5)
-    # model
-    encoder_name: str | None = None
-    image_size: int | None = None
-    freeze_img_encoder: bool | None = None
-    adapter_config: dict | None = None
-    image_embed_dropout_prob: float | None = None
-    use_image_embed_layernorm: bool | None = None
-    lm_name: str | None = None
-    tokenizer_name: str | None = None  # the original's name for tokenizer_name_or_path
-    lm_dtype: str | None = None  # GPT-J's frozen weights: float32/bfloat16/float16; None: as stored (new model: fp32)
-    # this package's keys
-    model_name_or_path: str | None = None
-    model_config: dict | None = None
-    tokenizer_name_or_path: str | None = None
-    num_caption_samples: int = 2
-    training_args: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> MagmaTrainingConfig:
-        """Build from a YAML mapping; unknown keys are an error naming them."""
-        values = dict(values)
-        for key in sorted(set(values) & set(IGNORED_ORIGINAL_KEYS)):
-            value = values.pop(key)
-            problem = IGNORED_ORIGINAL_KEYS[key](value)
-            if problem:
-                raise TrainingConfigError(f"Config key {key}: {problem}")
-            logger.info(f"Config key {key}={value!r} is the original's and has no effect here")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise TrainingConfigError(
-                f"Unknown config keys {unknown}. Known keys: {sorted(known)}; TrainingArguments settings go under "
-                "training_args:"
-            )
-        missing = [name for name in ("batch_size", "train_steps") if values.get(name) is None]
-        if missing:
-            raise TrainingConfigError(f"Config keys {missing} are required")
-        values = {key: _typed_value(key, value, CONFIG_TYPES[key]) for key, value in values.items()}
-        config = cls(**values)
-        config.validate()
-        return config
-
-    @classmethod
-    def from_yaml(cls, path: str | os.PathLike, overrides: list[str] | None = None) -> MagmaTrainingConfig:
-        if not Path(path).is_file():
-            raise TrainingConfigError(f"Config file {path} does not exist")
-        try:
-            with open(path, encoding="utf-8") as file:
-                values = yaml.safe_load(file) or {}
-        except yaml.YAMLError as error:  # names the line and column
-            raise TrainingConfigError(f"{path} is not valid YAML: {error}".replace("\n", " ")) from None
-        if not isinstance(values, dict):
-            raise TrainingConfigError(f"{path} must hold a mapping of config keys, got {type(values).__name__}")
-        for override in overrides or []:
-            apply_override(values, override)
-        return cls.from_dict(values)
-
-    def validate(self) -> None:
-        def positive(name):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise TrainingConfigError(f"{name} must be a positive integer, got {value!r}")
-
-        for name in ("batch_size", "train_steps", "gradient_accumulation_steps", "save_every", "eval_every"):
-            positive(name)
-        if self.zero_stage not in (None, 0, 1, 2, 3):
-            raise TrainingConfigError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
-        if (self.model_name_or_path is None) == (self.model_config is None):
-            raise TrainingConfigError(
-                "Give exactly one of model_name_or_path (an existing MAGMA folder, e.g. a converted checkpoint) and "
-                "model_config (a new model)"
-            )
-        if self.model_config is not None:
-            if not isinstance(self.model_config, dict):
-                raise TrainingConfigError(f"model_config must be a mapping, got {type(self.model_config).__name__}")
-            _check_model_config({k: v for k, v in self.model_config.items() if k not in ("lm_name", "pretrained")})
-        if self.train_dataset_dir is None:
-            raise TrainingConfigError("train_dataset_dir is required (a dataset folder, or a list of them)")
-        if self.save is None and "output_dir" not in self.training_args:
-            raise TrainingConfigError("save is required: the folder for checkpoints and the trained model")
-        if self.max_skipped_share is not None and not 0 <= self.max_skipped_share <= 1:
-            raise TrainingConfigError(f"max_skipped_share must be in [0, 1], got {self.max_skipped_share}")
-        if not 0 <= self.eval_dataset_pct < 1:
-            raise TrainingConfigError(f"eval_dataset_pct must be in [0, 1), got {self.eval_dataset_pct}")
-        if self.shuffle_buffer_size < 0:
-            raise TrainingConfigError(
-                f"shuffle_buffer_size must be >= 0 (0 reads in order), got {self.shuffle_buffer_size}"
-            )
-        self._check_train_dataset_weights()
-        if not isinstance(self.training_args, dict):
-            raise TrainingConfigError(f"training_args must be a mapping, got {type(self.training_args).__name__}")
-        taken = sorted(set(self.training_args) & set(TRAINING_ARGS_FROM_KEYS))
-        if taken:
-            raise TrainingConfigError(
-                "Set these through the config's own keys, not training_args: "
-                + ", ".join(f"training_args.{k} -> {TRAINING_ARGS_FROM_KEYS[k]}" for k in taken)
-            )
-        self.training_args = _checked_training_args(self.training_args)
-        if self.training_args.get("remove_unused_columns"):
-            raise TrainingConfigError(
-                "training_args.remove_unused_columns must stay false: the collator needs every column"
-            )
-        if self.training_args.get("load_best_model_at_end"):
-            raise TrainingConfigError(
-                "training_args.load_best_model_at_end is not supported (checkpoints hold MAGMA's weights)"
-            )
-        if self.lm_dtype not in (None, *LM_DTYPES):
-            raise TrainingConfigError(f"lm_dtype must be one of {list(LM_DTYPES)}, got {self.lm_dtype!r}")
-        if self.tokenizer_name is not None and self.tokenizer_name_or_path is not None:
-            raise TrainingConfigError("Give tokenizer_name_or_path or the original's tokenizer_name, not both")
-
-    def _check_train_dataset_weights(self) -> None:
-        weights = self.train_dataset_weights
-        if weights is None:
-            return
-        if not isinstance(weights, (list, tuple)):
-            raise TrainingConfigError(
-                f"train_dataset_weights must be a list of numbers, one per train_dataset_dir source, got {weights!r}"
-            )
-        weights = [_typed_value(f"train_dataset_weights[{i}]", weight, float) for i, weight in enumerate(weights)]
-        sources = self.train_dataset_dir
-        count = len(sources) if isinstance(sources, (list, tuple)) else 1
-        if len(weights) != count:
-            raise TrainingConfigError(
-                f"train_dataset_weights has {len(weights)} weights for {count} train_dataset_dir sources: give one "
-                "weight per source"
-            )
-        if any(not math.isfinite(weight) or weight < 0 for weight in weights) or sum(weights) <= 0:
-            raise TrainingConfigError(
-                f"train_dataset_weights must be non-negative numbers with a positive sum, got {weights}"
-            )
-        self.train_dataset_weights = weights
-
-    @property
-    def tokenizer_source(self) -> str | None:
-        return self.tokenizer_name_or_path or self.tokenizer_name
-
-    @property
-    def output_dir(self) -> str:
-        return self.training_args.get("output_dir") or self.save
-
-
-LM_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-# key -> its annotation (int, float | None, dict, Any, ...), which a YAML value must match
-CONFIG_TYPES = typing.get_type_hints(MagmaTrainingConfig)
-_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}
-# What PyYAML reads as a string but is a number: YAML 1.1 wants a dot in a float, so `1e-4` stays "1e-4".
-_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
-
-
-def _typed_value(key: str, value: Any, annotation: Any) -> Any:
-    """`value` when it has the type of config key `key` (a float key takes an int, and a number YAML left a string:
-    `lr: 1e-4`); else an error naming the key, the type expected and the value given. Annotations other than unions of
-    int, float, bool, str, dict and None (enums, `list[str]`, `Any`) are not checked here."""
-    allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
-    if not set(allowed) <= {*_TYPE_NAMES, type(None)}:
-        return value
-    if value is None and type(None) in allowed:
-        return value
-    for kind in allowed:
-        if kind is float and isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
-            return float(value)
-        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if kind is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if kind in (bool, str, dict) and isinstance(value, kind):
-            return value
-    expected = " or ".join(_TYPE_NAMES.get(kind, "null") for kind in allowed)
-    raise TrainingConfigError(f"Config key {key} must be {expected}, got {value!r} ({type(value).__name__})")
-
-
-def _checked_training_args(training_args: dict) -> dict:
-    """`training_args` keys must be `TrainingArguments` fields, and their values of the field's type: it takes any
-    value silently (`bf16: "no"` would turn bf16 on)."""
-    fields = typing.get_type_hints(TrainingArguments)
-    for key in training_args:
-        if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise TrainingConfigError(f"training_args.{key} is not a TrainingArguments setting{hint}")
-    return {key: _typed_value(f"training_args.{key}", value, fields[key]) for key, value in training_args.items()}
-
-
-def _must_be(expected):
-    return lambda value: None if value == expected else f"only {expected!r} is supported here, got {value!r}"
-
-
-def _ignored(value):
-    return None
-
-
-# Keys of the original's config that have no effect here (or only one allowed value), accepted so its YAMLs load.
-IGNORED_ORIGINAL_KEYS = {
-    "train_dataset_name": _ignored,
-    "eval_dataset_name": _ignored,
-    "dataset_type": _ignored,
-    "vqa_dir": _ignored,
-    "gqa_dir": _ignored,
-    "image_seq_len": _ignored,
-    "pretrained_img_encoder": _ignored,
-    "fine_tune": _ignored,
-    "optimizer_name": _must_be("AdamW"),
-    "freeze_lm": _must_be(True),
-    "class_dict": _must_be(None),
-}
-# TrainingArguments fields that the config's own keys set.
-TRAINING_ARGS_FROM_KEYS = {
-    "max_steps": "train_steps",
-    "learning_rate": "lr",
-    "per_device_train_batch_size": "batch_size",
-    "per_device_eval_batch_size": "batch_size",
-    "gradient_accumulation_steps": "gradient_accumulation_steps",
-    "max_grad_norm": "gradient_clipping",
-    "weight_decay": "weight_decay",
-    "save_steps": "save_every",
-    "eval_steps": "eval_every",
-    "logging_steps": "log_every",
-    "run_name": "name",
-}
-
-
-def apply_override(values: dict, override: str) -> None:
-    """`key=value` (value parsed as YAML); dotted keys reach into mappings: `training_args.bf16=true`."""
-    if "=" not in override:
-        raise TrainingConfigError(f"Override {override!r} must look like key=value (e.g. train_steps=100)")
-    key, raw = override.split("=", 1)
-    target = values
-    *parents, leaf = key.strip().split(".")
-    for parent in parents:
-        target = target.setdefault(parent, {})
-        if not isinstance(target, dict):
-            raise TrainingConfigError(f"Override {override!r}: {parent} is not a mapping")
-    target[leaf] = yaml.safe_load(raw)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# DeepSpeed
-
-# The shipped configuration/deepspeed/zero{1,2,3}.json (a test keeps them equal). "auto" values are filled from
-# TrainingArguments, which stays the one source of truth; no optimizer or scheduler section, so MAGMA's parameter
-# groups and schedule are used. The fp16 loss scaling is the original's (loss_scale_window 250).
-_DEEPSPEED_COMMON = {
-    "fp16": {
-        "enabled": "auto",
-        "loss_scale": 0,
-        "loss_scale_window": 250,
-        "initial_scale_power": 16,
-        "hysteresis": 2,
-        "min_loss_scale": 1,
-    },
-    "bf16": {"enabled": "auto"},
-    "gradient_accumulation_steps": "auto",
-    "gradient_clipping": "auto",
-    "train_batch_size": "auto",
-    "train_micro_batch_size_per_gpu": "auto",
-    "steps_per_print": 1000000,
-    "wall_clock_breakdown": False,
-}
-_ZERO = {
-    1: {"stage": 1},
-    2: {
-        "stage": 2,
-        "overlap_comm": True,
-        "contiguous_gradients": True,
-        "allgather_partitions": True,
-        "allgather_bucket_size": 500000000,
-        "reduce_scatter": True,
-        "reduce_bucket_size": "auto",
-    },
-    3: {
-        "stage": 3,
-        "overlap_comm": True,
-        "contiguous_gradients": True,
-        "sub_group_size": 1000000000,
-        "reduce_bucket_size": "auto",
-        "stage3_prefetch_bucket_size": "auto",
-        "stage3_param_persistence_threshold": "auto",
-        "stage3_max_live_parameters": 1000000000,
-        "stage3_max_reuse_distance": 1000000000,
-        "stage3_gather_16bit_weights_on_model_save": True,
-    },
-}
-
-
-def deepspeed_config(stage: int) -> dict:
-    """The DeepSpeed config of ZeRO stage 1, 2 or 3, as shipped in `configuration/deepspeed/zero{stage}.json`."""
-    if stage not in _ZERO:
-        raise ValueError(f"ZeRO stage must be 1, 2 or 3, got {stage!r}")
-    return {**copy.deepcopy(_DEEPSPEED_COMMON), "zero_optimization": copy.deepcopy(_ZERO[stage])}
-
-
-def _launcher_uses_deepspeed() -> bool:
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-
-
-def _launcher_zero_stage() -> int | None:
-    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-    if path and os.path.isfile(path):
-        with open(path) as file:
-            return json.load(file).get("zero_optimization", {}).get("stage")
-    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
-    return int(stage) if stage else None
-
-
-def _launcher_runs_deepspeed_on_cpu() -> bool:
-    """`accelerate launch` brings DeepSpeed, and DeepSpeed runs on the CPU (it found no GPU). Its DeepSpeed launcher
-    does not pass the config's `use_cpu: true` on (no `ACCELERATE_USE_CPU`, which every other launcher exports), so
-    `TrainingArguments` would look for a GPU, find none and count one process while DeepSpeed runs them all."""
-    if not _launcher_uses_deepspeed():
-        return False
-    from deepspeed.accelerator import get_accelerator
-
-    return get_accelerator().device_name() == "cpu"
-
-
-def _single_process_distributed_env() -> None:
-    """DeepSpeed in a plain `python` process: give it the environment a launcher would (else it looks for MPI)."""
-    if "WORLD_SIZE" in os.environ or "RANK" in os.environ:
-        return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update(
-        {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    )
-
-
-def resolve_deepspeed(config: MagmaTrainingConfig) -> dict | str | None:
-    """What `TrainingArguments(deepspeed=...)` gets: the user's, the shipped config of `zero_stage`, or `None` when no
-    DeepSpeed is asked for or when `accelerate launch` already brings its own DeepSpeed config (which then wins)."""
-    if "deepspeed" in config.training_args:
-        return config.training_args["deepspeed"]
-    if _launcher_uses_deepspeed():
-        accumulation = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "auto")
-        if accumulation.isdigit() and int(accumulation) != config.gradient_accumulation_steps:
-            raise TrainingConfigError(
-                f"The accelerate config sets DeepSpeed's gradient_accumulation_steps: {accumulation}, the training "
-                f"config gradient_accumulation_steps: {config.gradient_accumulation_steps}: make them equal"
-            )
-        launcher_stage = _launcher_zero_stage()
-        if config.zero_stage and launcher_stage is not None and launcher_stage != config.zero_stage:
-            logger.warning(
-                f"zero_stage={config.zero_stage} in the config, but the accelerate launcher configures ZeRO stage "
-                f"{launcher_stage}: the launcher's DeepSpeed config is used"
-            )
-        return None
-    if not config.zero_stage:
-        return None
-    _single_process_distributed_env()
-    return deepspeed_config(config.zero_stage)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Model and processor
 
@@ -503,7 +98,7 @@ def _new_model(config: MagmaTrainingConfig):
         raise TrainingConfigError(f"lm_name is given twice: {config.lm_name!r} and model_config.lm_name {lm_name!r}")
     lm_name = lm_name or config.lm_name
     pretrained = options.pop("pretrained", None)
-    _check_model_config(options)
+    check_model_config(options)
     vision_config = dict(options.pop("vision_config", None) or {})
     if config.image_size is not None:
         vision_config["image_size"] = config.image_size
@@ -519,35 +114,6 @@ def _new_model(config: MagmaTrainingConfig):
     except MagmaSettingsError as error:
         raise TrainingConfigError(str(error)) from None
     return model, build_processor(magma_config, tokenizer), lm_name
-
-
-MODEL_CONFIG_KEYS = ("lm_name", "pretrained", "text_config", "vision_config")
-VISION_CONFIG_KEYS = ("layers", "width", "image_size")
-
-
-def _check_model_config(options: dict) -> None:
-    """`model_config` keys, and those of its `text_config` / `vision_config`: configs accept any name silently."""
-    top_level = sorted(set(options) & {"adapter_config", "image_embed_dropout_prob", "use_image_embed_layernorm"})
-    if top_level:
-        raise TrainingConfigError(
-            f"Set {top_level} at the top level of the config (the original's keys), not in model_config"
-        )
-    if "image_token_id" in options:
-        raise TrainingConfigError(
-            "model_config.image_token_id comes from the tokenizer (its <|image|> token); remove it"
-        )
-    unknown = sorted(set(options) - {"text_config", "vision_config"})
-    if unknown:
-        raise TrainingConfigError(f"Unknown model_config keys {unknown}; expected {list(MODEL_CONFIG_KEYS)}")
-    defaults = GPTJConfig().to_dict()
-    unknown = sorted(k for k in options.get("text_config") or {} if k not in defaults)
-    if unknown:
-        raise TrainingConfigError(f"Unknown model_config.text_config keys {unknown}: not GPTJConfig fields")
-    unknown = sorted(set(options.get("vision_config") or {}) - set(VISION_CONFIG_KEYS))
-    if unknown:
-        raise TrainingConfigError(
-            f"Unknown model_config.vision_config keys {unknown}; expected {list(VISION_CONFIG_KEYS)}"
-        )
 
 
 def _existing_model(config: MagmaTrainingConfig):
@@ -748,7 +314,7 @@ def training_arguments_kwargs(config: MagmaTrainingConfig, processes: int) -> di
     if "lr_scheduler_type" in config.training_args:  # Trainer's schedule instead of the original's
         kwargs["warmup_steps"] = config.warmup_num_steps
     kwargs.update({k: v for k, v in config.training_args.items() if k != "deepspeed"})
-    if "use_cpu" not in kwargs and _launcher_runs_deepspeed_on_cpu():
+    if "use_cpu" not in kwargs and launcher_runs_deepspeed_on_cpu():
         kwargs["use_cpu"] = True
     if kwargs.get("gradient_checkpointing") and "gradient_checkpointing_kwargs" not in kwargs:
         kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
@@ -1011,8 +577,7 @@ def run(args: argparse.Namespace) -> int:
         config = MagmaTrainingConfig.from_yaml(args.config, overrides)
         train(config)
     except (TrainingConfigError, TooManySkippedError, DataStateError) as error:  # the user's to fix: one line
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        return refuse(error)
     return 0
 
 

@@ -92,7 +92,7 @@ def main() -> None:
 
     from magma_hf import MagmaImageProcessor, MagmaProcessor
     from magma_hf.training.collator import MagmaDataCollator
-    from magma_hf.training.run import _single_process_distributed_env, deepspeed_config
+    from magma_hf.training.deepspeed import deepspeed_config, single_process_distributed_env
     from magma_hf.training.trainer import MagmaLRSchedule, MagmaTrainer
 
     cuda = not args.tiny
@@ -104,7 +104,7 @@ def main() -> None:
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
 
-    _single_process_distributed_env()  # DeepSpeed in one plain process
+    single_process_distributed_env()  # DeepSpeed in one plain process
     # The tokenizer: the tests' byte-level BPE (no download); captions take ~3x the tokens GPT-2's would.
     tokenizer = make_tokenizer()
     image_token_id = tokenizer.convert_tokens_to_ids("<|image|>")

@@ -72,7 +72,7 @@ def test_overwrite_replaces_a_runs_outputs_and_keeps_the_users_files(assets, fin
     config = write_config(tmp_path / "cfg.yml", run_config(assets, save, training_args={"use_cpu": True, "seed": 1}))
 
     with files_unchanged(save, no_new_files=True):
-        assert cli.main(["train", str(config)]) == 1
+        assert cli.main(["train", str(config)]) == 2
     error = capsys.readouterr().err
     listing = "a finished run (model.safetensors, config.json, adapter_export/, "
     assert f"save {save} is not empty: it holds {listing}" in error
@@ -282,7 +282,7 @@ def test_a_float_yaml_reads_as_a_string_is_taken_as_the_number(tmp_path):
 def test_cli_names_the_bad_override_in_one_line(assets, tmp_path, capsys):
     config = write_config(tmp_path / "cfg.yml", run_config(assets, tmp_path / "out"))
     with files_unchanged(tmp_path, no_new_files=True):
-        assert cli.main(["train", str(config), "lr=fast"]) == 1
+        assert cli.main(["train", str(config), "lr=fast"]) == 2
     error = capsys.readouterr().err
     assert error.strip() == "error: Config key lr must be a number, got 'fast' (str)"
 
@@ -290,9 +290,9 @@ def test_cli_names_the_bad_override_in_one_line(assets, tmp_path, capsys):
 def test_cli_names_a_missing_or_broken_config_file(tmp_path, capsys):
     broken = tmp_path / "broken.yml"
     broken.write_text("batch_size: 8\ntrain_steps: [10\n")
-    assert cli.main(["train", str(tmp_path / "nope.yml")]) == 1
+    assert cli.main(["train", str(tmp_path / "nope.yml")]) == 2
     assert capsys.readouterr().err.strip() == f"error: Config file {tmp_path / 'nope.yml'} does not exist"
-    assert cli.main(["train", str(broken)]) == 1
+    assert cli.main(["train", str(broken)]) == 2
     error = capsys.readouterr().err
     assert error.startswith(f"error: {broken} is not valid YAML: ") and "line 3" in error
 
@@ -318,7 +318,7 @@ def test_load_of_an_incomplete_checkpoint_is_a_config_error_in_one_line(assets, 
     (save / "checkpoint-4").mkdir(parents=True)  # no trainer_state.json: a save that was cut short
     config = write_config(tmp_path / "cfg.yml", run_config(assets, save, load=str(save / "checkpoint-4")))
     with files_unchanged(tmp_path, no_new_files=True):
-        assert cli.main(["train", str(config)]) == 1
+        assert cli.main(["train", str(config)]) == 2
     error = capsys.readouterr().err
     assert error.startswith(f"error: load: Cannot resume from {save / 'checkpoint-4'}") and "Traceback" not in error
     assert "Skipping" not in error  # no warning that contradicts the error

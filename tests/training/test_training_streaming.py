@@ -267,7 +267,7 @@ def test_resuming_a_stream_otherwise_is_an_error_in_one_line(mixed_run, tmp_path
     config = write_config(tmp_path / "cfg.yml", {**values, "save": str(run), "load": str(run), "train_steps": 6,
                                                  "training_args": training_args})  # fmt: skip
     with files_unchanged(run, no_new_files=True):
-        assert cli.main(["train", str(config)]) == 1
+        assert cli.main(["train", str(config)]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith(f"error: Cannot resume the streamed training data from {run / 'checkpoint-4'}: ")
     assert expected in error
@@ -293,7 +293,7 @@ def test_stream_config_errors_are_one_line(data, tmp_path, capsys, override, exp
     values = streamed_values(root, tmp_path / "out", train_dataset_dir=[str(root / "train"), str(root / "other")])
     config = write_config(tmp_path / "cfg.yml", values)
     override = override.replace("TRAIN", str(root / "train")).replace("OTHER", str(root / "other"))
-    assert cli.main(["train", str(config), override]) == 1
+    assert cli.main(["train", str(config), override]) == 2
     error = capsys.readouterr().err
     assert error.strip().splitlines()[-1] == f"error: {expected.replace('TRAIN', str(root / 'train'))}"
     assert "Traceback" not in error
