@@ -123,7 +123,11 @@ def _existing_model(config: MagmaTrainingConfig):
     model_config = model.config
     conflicts = []
     if config.adapter_config is not None:
-        if normalize_adapter_config(config.adapter_config) != model_config.adapter_config:
+        try:
+            adapter_config = normalize_adapter_config(config.adapter_config)
+        except ValueError as error:  # the config's key, named in one line like every other bad key
+            raise TrainingConfigError(str(error)) from None
+        if adapter_config != model_config.adapter_config:
             conflicts.append(f"adapter_config {config.adapter_config} vs {model_config.adapter_config}")
     if config.image_size is not None and config.image_size != model_config.vision_config.image_size:
         conflicts.append(f"image_size {config.image_size} vs {model_config.vision_config.image_size}")

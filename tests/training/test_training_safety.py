@@ -322,3 +322,15 @@ def test_load_of_an_incomplete_checkpoint_is_a_config_error_in_one_line(assets, 
     error = capsys.readouterr().err
     assert error.startswith(f"error: load: Cannot resume from {save / 'checkpoint-4'}") and "Traceback" not in error
     assert "Skipping" not in error  # no warning that contradicts the error
+
+
+def test_a_bad_adapter_config_for_an_existing_model_is_one_line(assets, finished_run, tmp_path, capsys):
+    values = run_config(assets, tmp_path / "out", model_name_or_path=str(finished_run))
+    del values["model_config"]
+    values["adapter_config"] = {"ffn": {"adapter_type": "normal", "downsample_factor": 4}}
+    config = write_config(tmp_path / "cfg.yml", values)
+    assert cli.main(["train", str(config)]) == 2
+    error = capsys.readouterr().err
+    assert error.strip().splitlines()[-1] == (
+        "error: adapter_config has unknown locations ['ffn']; expected ['mlp', 'attention']"
+    ) and "Traceback" not in error
