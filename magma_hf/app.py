@@ -23,8 +23,8 @@ from pathlib import Path
 from transformers.dynamic_module_utils import get_relative_import_files
 
 from . import app_magma
+from .folders import atomic_path, remove_leftover_temporaries, utf8_file_name, write_text_atomically
 from .hub_magma import check_processor_files
-from .io_utils import atomic_path, remove_leftover_temporaries, utf8_file_name, write_text_atomically
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import PIL.Image
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..io_utils import atomic_path, remove_leftover_temporaries, utf8_file_name, write_text_atomically
+from ..folders import atomic_path, remove_leftover_temporaries, utf8_file_name, write_text_atomically
 from .decoding import SkipReport, caption_problem, clean_captions, decode_image, shown_path
 
 logger = logging.get_logger(__name__)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..io_utils import remove_leftover_temporaries, write_text_atomically
+from ..folders import remove_leftover_temporaries, write_text_atomically
 
 logger = logging.getLogger(__name__)
 

@@ -41,9 +41,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.shards import is_shard_spec
+from ..folders import write_text_atomically
 from ..generation import generate_answers
 from ..hub_magma import check_processor_files
-from ..io_utils import write_text_atomically
 from ..processing_magma import IMAGE_TOKEN, MagmaProcessor, check_processor_matches_model
 from ..prompts_magma import QA_TEMPLATE, few_shot_prompt
 from .caption_metrics import CaptionMetricsUnavailable, caption_scores, check_caption_requirements

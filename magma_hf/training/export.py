@@ -30,7 +30,7 @@ from transformers import GPTJForCausalLM, PreTrainedModel
 
 from ..configuration_magma import MagmaConfig
 from ..factory import empty_model, load_model_from_state_dict
-from ..io_utils import move_files_into
+from ..folders import move_files_into
 from ..modeling_magma import MagmaForConditionalGeneration
 from ..weights_magma import (
     IMAGE_PREFIX_FILE,

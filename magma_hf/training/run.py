@@ -61,7 +61,7 @@ from ..factory import (
     model_settings,
     new_model,
 )
-from ..io_utils import move_files_into
+from ..folders import move_files_into
 from ..modeling_magma import MagmaForConditionalGeneration
 from ..processing_magma import MagmaProcessor, check_processor_matches_model
 from ..weights_magma import MAGMA_WEIGHTS_NAME, is_magma_weight
