@@ -5,30 +5,38 @@ Hugging Face Space repo that runs it with `python app.py`, loading the model fro
 The Space files are `app.py`, `requirements.txt`, the app's own code (`app_magma.py`, `prompts_magma.py`, and any
 module they import that the folder lacks) and, with `--examples`, the example images in `app_examples/`. Each is
 written atomically and only where it is absent, identical (nothing to do), or exactly as an earlier `--write-space`
-wrote it (its sha256 in the folder's `MANIFEST_NAME`). A generated file the user changed since (it may still start
-with `SPACE_MARKER`) is the user's: kept, and named; any other file in the way is named and nothing is written. A run
-killed midway leaves complete files (and temporaries, which the next run removes): running it again finishes the job.
+wrote it (its record in the folder's `MANIFEST_NAME`, the one manifest format of `folders.py`). A generated file the
+user changed since (it may still start with `SPACE_MARKER`) is the user's: kept, and named; any other file in the way
+is named and nothing is written. A run killed midway leaves complete files (and temporaries, which the next run
+removes): running it again finishes the job.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.metadata
-import json
-import logging
 import os
 from pathlib import Path
 
 from transformers.dynamic_module_utils import get_relative_import_files
+from transformers.utils import logging
 
 from . import app_magma
+from .folders import (
+    atomic_path,
+    file_record,
+    manifest_text,
+    owned_files,
+    read_manifest,
+    remove_leftover_temporaries,
+    utf8_file_name,
+    write_text_atomically,
+)
 from .hub_magma import check_processor_files
-from .io_utils import atomic_path, remove_leftover_temporaries, utf8_file_name, write_text_atomically
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
-MANIFEST_NAME = ".magma_space.json"  # the sha256 of each file --write-space wrote: what a later run may replace
+MANIFEST_NAME = ".magma_space.json"  # the record of each file --write-space wrote: what a later run may replace
 SPACE_MARKER = "# Written by `magma-hf app --write-space`"
 APP_PY = f'''{SPACE_MARKER}: this folder as a Hugging Face Space (the Gradio SDK runs `python app.py`).
 # The app's code and the model's code come from this folder (trust_remote_code=True); magma_hf is not needed.
@@ -78,43 +86,30 @@ def written_by_us(path: Path) -> bool:
         return stream.read(len(SPACE_MARKER)) == SPACE_MARKER.encode()
 
 
-def sha256_of(content: bytes) -> str:
-    return hashlib.sha256(content).hexdigest()
-
-
-def read_manifest(model_dir: Path) -> dict[str, str]:
-    """What earlier `--write-space` runs wrote, by path: their sha256. Nothing where there is no readable manifest."""
-    try:
-        files = json.loads((model_dir / MANIFEST_NAME).read_text(encoding="utf-8"))["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
-    if not isinstance(files, dict):
-        return {}
-    return {name: digest for name, digest in files.items() if isinstance(digest, str)}
-
-
 def write_space(model_dir: str | os.PathLike, examples: list[str] = ()) -> list[str]:
     """Make `model_dir` a Space repo; returns the paths written (relative), empty when all were already there.
 
-    A file is replaced only where it is byte-identical to what an earlier run wrote (the manifest's sha256): one the
-    user changed since is kept, and named in a warning. Raises `FileExistsError` naming every other file in the way
-    (not written by `--write-space`, and not what it would write) before writing anything."""
+    The one ownership rule of `folders.py`: a file is replaced only where the manifest lists it unchanged (its size
+    and sha256). A generated file the user changed since (recorded, or starting with `SPACE_MARKER`) is the user's:
+    kept, and named in a warning. Raises `FileExistsError` naming every other file in the way (not written by
+    `--write-space`, and not what it would write) before writing anything."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} has no config.json: give a saved MAGMA model folder")
     check_processor_files(model_dir)  # a Space without them would fail only when it starts
     files = space_files(model_dir, list(examples))
-    recorded = read_manifest(model_dir)
+    recorded = read_manifest(model_dir, MANIFEST_NAME) or {}
+    ours = owned_files(model_dir, MANIFEST_NAME)
     manifest = dict(recorded)
     in_the_way, edited, to_write = [], [], {}
     for name, content in files.items():
         path = model_dir / name
         current = path.read_bytes() if path.is_file() and not path.is_symlink() else None
         if current == content:
-            manifest[name] = sha256_of(content)  # ours either way
+            manifest[name] = file_record(path)  # ours either way
         elif not path.exists() and not path.is_symlink():
             to_write[name] = content
-        elif current is not None and recorded.get(name) == sha256_of(current):  # as an earlier run wrote it
+        elif name in ours:  # as an earlier run wrote it
             to_write[name] = content
         elif current is not None and (name in recorded or (name.endswith((".py", ".txt")) and written_by_us(path))):
             edited.append(name)  # generated, then changed by the user: the user's now
@@ -132,12 +127,11 @@ def write_space(model_dir: str | os.PathLike, examples: list[str] = ()) -> list[
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as temporary:
             temporary.write_bytes(content)
-        manifest[name] = sha256_of(content)
+        manifest[name] = file_record(path)
     if manifest != recorded or not (model_dir / MANIFEST_NAME).is_file():
         remove_leftover_temporaries(model_dir / MANIFEST_NAME)
         note = "What `magma-hf app --write-space` wrote here; it replaces a file only while it is unchanged."
-        text = json.dumps({"written_by": "magma-hf app --write-space", "note": note, "files": manifest}, indent=2)
-        write_text_atomically(model_dir / MANIFEST_NAME, text + "\n")
+        write_text_atomically(model_dir / MANIFEST_NAME, manifest_text("magma-hf app --write-space", note, manifest))
     if edited:
         logger.warning(
             "%s: kept %s, changed since `magma-hf app --write-space` wrote it (or written by an earlier version and "

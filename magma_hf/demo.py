@@ -57,8 +57,8 @@ from transformers import (
 
 from .app import demo_app_command
 from .data import convert_dataset, load_magma_dataset
+from .folders import write_text_atomically
 from .generation import answer_text, generate_answers
-from .io_utils import write_text_atomically
 from .processing_magma import add_magma_special_tokens
 from .training.config import MagmaTrainingConfig
 from .training.run import train

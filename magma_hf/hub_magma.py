@@ -165,7 +165,11 @@ def write_model_card(save_directory: str | os.PathLike) -> bool:
     """Write `README.md` with Hub metadata unless the folder already has one (the user's card is kept).
 
     Written under a temporary name and linked into place, so that a reader never sees half a card and a card that
-    appears meanwhile is not replaced."""
+    appears meanwhile is not replaced. This is the rule of a plain `save_pretrained` into a folder where nothing records
+    what is ours (and code the Hub folder carries cannot import `magma_hf.folders`): the commands that write into a
+    user's folder (the converter, `magma-hf train`) save into an empty staging folder, where the card is always
+    written, and their manifest decides at installation whether a README.md there is theirs (`folders.FolderWriter`).
+    """
     path = Path(save_directory) / "README.md"
     if path.exists():
         return False

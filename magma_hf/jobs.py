@@ -45,8 +45,8 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from .cli import refuse
+from .folders import remove_leftover_temporaries, write_text_atomically
 from .hub_magma import check_processor_files
-from .io_utils import remove_leftover_temporaries, write_text_atomically
 from .processing_magma import MagmaProcessor, check_processor_matches_model
 
 logger = logging.get_logger(__name__)

@@ -28,15 +28,12 @@ another row would make an unreachable id look like a real token.
 from __future__ import annotations
 
 import argparse
-import glob
-import hashlib
 import json
 import math
 import os
 import re
 import shutil
 import sys
-import tempfile
 import zipfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -49,7 +46,7 @@ from typing import Any
 import huggingface_hub
 import torch
 from transformers.dynamic_module_utils import get_relative_import_files
-from transformers.utils import CHAT_TEMPLATE_FILE, SAFE_WEIGHTS_INDEX_NAME
+from transformers.utils import CHAT_TEMPLATE_FILE
 from transformers.utils import logging as hf_logging
 
 from .. import configuration_magma, image_processing_magma, modeling_magma, processing_magma
@@ -62,7 +59,7 @@ from ..factory import (
     load_tokenizer,
     read_magma_settings,
 )
-from ..io_utils import leftover_temporaries, move_files_into, sync_folder, sync_path, write_text_atomically
+from ..folders import FolderChanges, FolderWriter, is_weights_name
 from ..modeling_magma import MagmaForConditionalGeneration
 from ..weights_magma import LANGUAGE_MODEL_PREFIX, LM_HEAD_PREFIX, PROJECTOR_PREFIX, VISION_TOWER_PREFIX
 from .safetensors_writer import (
@@ -722,10 +719,17 @@ def write_weights(
 
 MANIFEST_NAME = "magma_conversion.json"  # what the conversion wrote into the folder: what a later --overwrite replaces
 MODEL_CARD_NAME = "README.md"  # a card the user wrote is kept, as `write_model_card` keeps it
-WORKSPACE_INFIX = ".converting-"  # the temporary folder next to the output: `.{output name}.converting-XXXX`
-LOCK_NAME = "converting.lock"  # held (flock) while a conversion runs; the kernel drops it when the process dies
-INSTALL_JOURNAL = "install.json"  # written before files are moved into an existing output, for a rollback
-SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+# How a conversion writes into `output`: manifest, its temporary folder beside it (`.{output name}.converting-XXXX`,
+# locked while it runs), the wording of its errors (`--output out`).
+CONVERSION_FOLDER = FolderWriter(
+    manifest_name=MANIFEST_NAME,
+    written_by="magma_hf.convert_magma_checkpoint",
+    note="The files a MAGMA conversion wrote here; a conversion with --overwrite replaces only these.",
+    infix=".converting-",
+    lock_name="converting.lock",
+    error=MagmaConversionError,
+    keeps=lambda path: path.name == MODEL_CARD_NAME,  # the user's card is kept, and the conversion's not installed
+)
 
 
 @lru_cache(maxsize=1)
@@ -746,138 +750,13 @@ def always_written_names() -> frozenset[str]:
     }
 
 
-def is_weights_name(name: str) -> bool:
-    return name in ("model.safetensors", SAFE_WEIGHTS_INDEX_NAME) or SHARD_NAME.fullmatch(name) is not None
-
-
-def file_record(path: Path) -> dict[str, Any]:
-    """How the manifest recognises a file later: its size, and its sha256, or for the weights (verified against the
-    checkpoint; hashing 12 GB would double the conversion's reading) its modification time."""
-    stat = path.stat()
-    if is_weights_name(path.name):
-        return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    return {"size": stat.st_size, "sha256": sha256_of(path)}
-
-
-def matches_record(path: Path, record: dict[str, Any]) -> bool:
-    stat = path.stat()
-    if stat.st_size != record.get("size"):
-        return False
-    if "sha256" in record:
-        return sha256_of(path) == record["sha256"]
-    return stat.st_mtime_ns == record.get("mtime_ns")
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def written_by_a_conversion(output: Path) -> dict[str, dict[str, Any]]:
-    """The files of `output` that a conversion wrote and that are unchanged since, as its manifest records them."""
-    try:
-        manifest = json.loads((output / MANIFEST_NAME).read_text())
-        records = dict(manifest["files"])
-    except (OSError, ValueError, KeyError, TypeError):  # no manifest (or a damaged one): nothing is known to be ours
-        return {}
-    unchanged = {}
-    for name, record in records.items():
-        path = output / name
-        if Path(name).name != name or path.is_symlink() or not path.is_file():
-            continue
-        if isinstance(record, dict) and matches_record(path, record):
-            unchanged[name] = record
-    unchanged[MANIFEST_NAME] = {}  # it was read: it is a conversion's
-    return unchanged
-
-
-@dataclass
-class OutputChanges:
-    """What installing a conversion does to the entries already in `output` (names in the folder)."""
-
-    replaced: list[str] = field(default_factory=list)  # an earlier conversion's (unchanged), written again: replaced
-    removed: list[str] = field(default_factory=list)  # an earlier conversion's, not written this time: removed
-    kept: list[str] = field(default_factory=list)  # not a conversion's: left as they are
-    conflicts: list[str] = field(default_factory=list)  # named like a file this conversion writes, not a conversion's
-
-    @property
-    def earlier_conversion(self) -> list[str]:
-        return self.replaced + self.removed
-
-    @property
-    def keeps_card(self) -> bool:
-        return MODEL_CARD_NAME in self.kept
-
-
-def output_changes(output: Path, writes: Callable[[str], bool]) -> OutputChanges:
-    """Sort what `output` holds: an earlier conversion's files, the user's files, and the user's files that a
-    conversion would have to replace (`writes(name)`: this conversion writes `name`)."""
-    changes = OutputChanges()
-    if not output.is_dir():
-        return changes
-    ours = written_by_a_conversion(output)
-    for path in sorted(output.iterdir()):
-        name = path.name
-        if name in ours:
-            (changes.replaced if writes(name) else changes.removed).append(name)
-        elif writes(name) and name != MODEL_CARD_NAME:
-            changes.conflicts.append(name)
-        else:  # the user's model card is kept, and this conversion's not installed
-            changes.kept.append(name)
-    return changes
-
-
-def check_output(output: Path, overwrite: bool, writes: Callable[[str], bool]) -> OutputChanges:
-    """What installing into `output` would change; raises when that would replace a file no conversion wrote, or an
-    earlier conversion without `overwrite`."""
-    if output.is_file() or (output.is_symlink() and not output.is_dir()):
-        raise MagmaConversionError(f"--output {output} is a file; give a folder")
-    changes = output_changes(output, writes)
-    if changes.conflicts:
-        raise MagmaConversionError(
-            f"--output {output} holds {len(changes.conflicts)} files that a conversion writes but that no conversion "
-            f"wrote there (or that changed since it did, per {MANIFEST_NAME}): {', '.join(changes.conflicts)}. "
-            "Nothing was written; they are not replaced, even with --overwrite: move them away or choose another "
-            "folder."
-        )
-    if changes.earlier_conversion and not overwrite:
-        kept = f"; the other {len(changes.kept)} entries there are kept either way" if changes.kept else ""
-        raise MagmaConversionError(
-            f"--output {output} holds an earlier conversion ({len(changes.earlier_conversion)} files, listed in "
-            f"{MANIFEST_NAME}); nothing was written. Pass --overwrite (overwrite=True) to replace those files once "
-            f"the new conversion is complete{kept}, or choose another folder."
-        )
-    return changes
-
-
 def may_be_written(name: str) -> bool:
     """Before the conversion: the names it will surely write (the exact check follows once they are staged)."""
     return name in always_written_names() or is_weights_name(name)
 
 
-def output_parent(output: Path) -> Path:
-    """Where the conversion is built, next to `output` on its file system (where a symlinked `output` points)."""
-    return (output.resolve() if output.is_dir() else output.absolute()).parent
-
-
-def check_output_parent(output: Path) -> None:
-    """The folder that is to hold `output` exists and is writable: the conversion is built next to `output`."""
-    parent = output_parent(output)
-    if not parent.is_dir():
-        what = "is a file" if parent.exists() else "does not exist"
-        raise MagmaConversionError(
-            f"cannot write --output {output}: the folder {parent} that should hold it {what}; create it (or fix the "
-            "path) first"
-        )
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise MagmaConversionError(f"cannot write --output {output}: the folder {parent} is not writable")
-
-
 def check_free_space(output: Path, nbytes: int) -> None:
-    parent = output_parent(output)
+    parent = CONVERSION_FOLDER.parent(output)
     free = shutil.disk_usage(parent).free
     needed = nbytes + 64 * 2**20  # the shards, and room for the configs, tokenizer and code files
     if free < needed:
@@ -885,183 +764,6 @@ def check_free_space(output: Path, nbytes: int) -> None:
             f"not enough space for --output {output}: the conversion writes {needed / 1e9:.2f} GB, {parent} has "
             f"{free / 1e9:.2f} GB free; nothing was written"
         )
-
-
-# Interrupted conversions ---------------------------------------------------------------------------------------------
-
-
-def leftover_workspaces(output: Path) -> list[Path]:
-    """The temporary folders of conversions into `output`: exactly mkdtemp's `.{name}.converting-XXXXXXXX`, so that
-    another output's (`out.converting-x`, or `run1` for `run[1]`) is never taken for one."""
-    pattern = re.compile(rf"\.{re.escape(output.name)}{re.escape(WORKSPACE_INFIX)}[a-z0-9_]{{8}}")
-    candidates = output_parent(output).glob(f".{glob.escape(output.name)}{WORKSPACE_INFIX}*")
-    return sorted(path for path in candidates if path.is_dir() and pattern.fullmatch(path.name))
-
-
-def recover_interrupted_conversions(output: Path) -> list[str]:
-    """Clean up after conversions into `output` that were killed: a temporary folder holding only a half-written
-    conversion is removed; an installation into an existing `output` that was cut short is rolled back (the earlier
-    files moved back). Returns what was done, one line each; raises naming the folder where it cannot tell."""
-    done = []
-    for workspace in leftover_workspaces(output):
-        lock = workspace / LOCK_NAME
-        journal_writes = {path.name for path in leftover_temporaries(workspace / INSTALL_JOURNAL)}  # killed mid-write
-        ours = {LOCK_NAME, output.name, INSTALL_JOURNAL, "previous"} | journal_writes
-        if not lock.is_file() or not {path.name for path in workspace.iterdir()} <= ours:
-            raise MagmaConversionError(
-                f"{workspace} is named like the temporary folder of a conversion into {output} but does not look "
-                f"like one (no {LOCK_NAME}, or other files in it): check what it holds, then move or delete it"
-            )
-        if not lock_is_free(lock):
-            raise MagmaConversionError(
-                f"another conversion into {output} is running ({lock.read_text().strip() or 'pid unknown'}, "
-                f"temporary folder {workspace}); wait for it to finish, or stop it"
-            )
-        if (workspace / INSTALL_JOURNAL).is_file():
-            restored = roll_back_installation(workspace, output)
-            done.append(
-                f"rolled back the interrupted installation of a conversion into {output} ({restored} files of the "
-                f"earlier conversion moved back) and removed its temporary folder {workspace.name}"
-            )
-        else:  # killed before installing (or after a complete one: `previous` then holds replaced files)
-            done.append(f"removed {workspace.name}, the temporary folder of an interrupted conversion into {output}")
-        shutil.rmtree(workspace)
-    for line in done:
-        logger.warning(line)
-    return done
-
-
-def lock_is_free(lock: Path) -> bool:
-    """Nobody holds the lock: the conversion that took it has ended (a SIGKILL too releases it)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: a leftover cannot be told from a running conversion
-        return False
-    descriptor = os.open(lock, os.O_RDONLY)
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(descriptor)
-
-
-def take_lock(workspace: Path) -> int:
-    descriptor = os.open(workspace / LOCK_NAME, os.O_CREAT | os.O_WRONLY, 0o644)
-    try:  # locked before anything else: another run's `lock_is_free` must never see this workspace unlocked
-        import fcntl
-
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except ImportError:
-        pass
-    os.write(descriptor, f"pid {os.getpid()}\n".encode())
-    return descriptor
-
-
-def roll_back_installation(workspace: Path, output: Path) -> int:
-    """Undo a cut-short `install_files`: the new files already moved into `output` go back to the staging folder, the
-    earlier ones back into `output`. Moves only, so that a rollback cut short in turn can be run again."""
-    journal = json.loads((workspace / INSTALL_JOURNAL).read_text())
-    staging, previous = workspace / journal["staging"], workspace / "previous"
-    for name in journal["installing"]:
-        if not (staging / name).exists() and (output / name).is_file():
-            os.rename(output / name, staging / name)  # moved in before the kill: this conversion's own file
-    restored = 0
-    for name in journal["moving_aside"]:
-        if (previous / name).exists():
-            if (output / name).exists():
-                raise MagmaConversionError(
-                    f"cannot roll back the interrupted conversion into {output}: {output / name} exists and so does "
-                    f"the earlier {previous / name}; keep one of them, then delete {workspace}"
-                )
-            os.rename(previous / name, output / name)
-            restored += 1
-    sync_path(output)
-    return restored
-
-
-# Staging and installing ----------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def staged_folder(output: Path, overwrite: bool):
-    """A folder named like `output`, inside a temporary folder next to it (same file system, locked while this
-    conversion runs). Once the block completes, its files are installed (`install_files`); the `OutputChanges` it
-    made are put into the list yielded with the folder."""
-    parent = output_parent(output)
-    try:
-        workspace = Path(tempfile.mkdtemp(prefix=f".{output.name}{WORKSPACE_INFIX}", dir=parent))
-    except OSError as error:
-        raise MagmaConversionError(f"cannot write --output {output}: {parent}: {error.strerror}") from error
-    lock = take_lock(workspace)
-    staging = workspace / output.name  # the folder's own name: the model card shows it
-    try:
-        staging.mkdir()
-        result: list[OutputChanges] = []
-        yield staging, result
-        result.append(install_files(staging, output, overwrite))
-    except OSError as error:  # disk full, permissions: the folder named, not a temporary path
-        outcome = (
-            f"the cut-short installation is kept in {workspace} and the next conversion into {output} rolls it back"
-            if (workspace / INSTALL_JOURNAL).exists()
-            else f"nothing was moved into {output}"
-        )
-        raise MagmaConversionError(
-            f"writing the conversion for --output {output} failed: {error.strerror or error}; {outcome}"
-        ) from error
-    finally:
-        if (workspace / INSTALL_JOURNAL).exists():  # a rollback that failed: the earlier files are in there
-            logger.warning(
-                f"the cut-short installation into {output} is kept in {workspace}; the next conversion into {output} "
-                "rolls it back"
-            )
-        else:
-            shutil.rmtree(workspace, ignore_errors=True)
-        os.close(lock)
-
-
-def install_files(staging: Path, output: Path, overwrite: bool) -> OutputChanges:
-    """Move the complete, synced conversion into place. A new `output` is the staging folder renamed (atomic);
-    into an existing one, the earlier conversion's files are moved aside, then the new ones moved in, under a journal
-    that lets the next run roll back a cut-short installation. Files no conversion wrote stay as they are."""
-    staged = {path.name for path in staging.iterdir()} | {MANIFEST_NAME}
-    changes = check_output(output, overwrite, lambda name: name in staged)  # again: the exact names, and the folder
-    if changes.keeps_card:  # may have changed since the first check
-        (staging / MODEL_CARD_NAME).unlink()
-    write_manifest(staging)
-    sync_folder(staging)
-    if not output.exists():
-        os.rename(staging, output)
-        sync_path(output_parent(output))
-        return changes
-    installing = sorted(path.name for path in staging.iterdir() if path.name != MANIFEST_NAME) + [MANIFEST_NAME]
-    workspace = staging.parent
-    journal = {"staging": staging.name, "moving_aside": changes.earlier_conversion, "installing": installing}
-    write_text_atomically(workspace / INSTALL_JOURNAL, json.dumps(journal, indent=2) + "\n")
-    previous = workspace / "previous"
-    try:
-        previous.mkdir()
-        for name in changes.earlier_conversion:
-            os.rename(output / name, previous / name)
-        # the manifest last: until it is in place, the folder does not claim the new files
-        move_files_into([staging / name for name in installing], output)
-    except BaseException:
-        roll_back_installation(workspace, output)  # if this fails too, the journal stays for the next run
-        os.unlink(workspace / INSTALL_JOURNAL)
-        raise
-    os.unlink(workspace / INSTALL_JOURNAL)  # complete: nothing to roll back
-    return changes
-
-
-def write_manifest(folder: Path) -> None:
-    files = {path.name: file_record(path) for path in sorted(folder.iterdir()) if path.name != MANIFEST_NAME}
-    manifest = {
-        "written_by": "magma_hf.convert_magma_checkpoint",
-        "note": "The files a MAGMA conversion wrote here; a conversion with --overwrite replaces only these.",
-        "files": files,
-    }
-    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def pickle_files(folder: Path) -> list[str]:
@@ -1096,7 +798,7 @@ class ConversionReport:
     dropped_aliases: int
     bookkeeping: dict[str, Any]
     verify: VerifyReport | None
-    changes: OutputChanges = field(default_factory=OutputChanges)  # what happened to what `output` held before
+    changes: FolderChanges = field(default_factory=FolderChanges)  # what happened to what `output` held before
     recovered: list[str] = field(default_factory=list)  # interrupted conversions cleaned up first
     non_finite: list[str] = field(default_factory=list)  # tensors with NaN/inf, written under `allow_non_finite`
 
@@ -1136,7 +838,7 @@ class ConversionReport:
         ):
             if names:
                 lines.append(f"  {what}: {', '.join(names)}")
-        if changes.keeps_card:
+        if MODEL_CARD_NAME in changes.kept:
             lines.append(f"  {MODEL_CARD_NAME} is yours and was kept: the conversion's model card was not written")
         return "\n".join(lines)
 
@@ -1214,9 +916,9 @@ def convert_magma_checkpoint(
         MagmaConversionError: for anything that stops the conversion; `output` is then left as it was.
     """
     output = Path(os.path.abspath(output))  # `--output .` has a name (the folder's), which the staging folder takes
-    check_output_parent(output)
-    recovered = recover_interrupted_conversions(output)
-    check_output(output, overwrite, may_be_written)  # fails before any download or reading
+    CONVERSION_FOLDER.check_parent(output)
+    recovered = CONVERSION_FOLDER.recover(output)
+    CONVERSION_FOLDER.check(output, overwrite, may_be_written)  # fails before any download or reading
     with settings_errors():
         settings = read_magma_settings(magma_config)
     text_overrides = read_json_argument(text_config, "text config")
@@ -1235,7 +937,7 @@ def convert_magma_checkpoint(
     with MappedFile(checkpoint_path) as pages:
         plan = plan_conversion(original, targets, config, len(tokenizer), pages)
         check_free_space(output, sum(entry.nbytes for entry in plan.entries))
-        with staged_folder(output, overwrite) as (folder, installed):
+        with CONVERSION_FOLDER.staged(output, overwrite) as (folder, installed):
             save_model_files(model, folder)
             build_processor(config, tokenizer).save_pretrained(folder)
             shards, verified, non_finite = write_weights(

@@ -37,7 +37,7 @@ from safetensors import safe_open
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 from transformers.utils import logging as hf_logging
 
-from ..io_utils import sync_path, write_text_atomically
+from ..folders import sync_path, write_text_atomically
 
 SAFETENSORS_DTYPES = {
     torch.float16: "F16",

@@ -16,7 +16,7 @@ import PIL.Image
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..io_utils import atomic_path, remove_leftover_temporaries, utf8_file_name, write_text_atomically
+from ..folders import atomic_path, remove_leftover_temporaries, sync_path, utf8_file_name, write_text_atomically
 from .decoding import SkipReport, caption_problem, clean_captions, decode_image, shown_path
 
 logger = logging.get_logger(__name__)
@@ -240,6 +240,7 @@ def _publish(data_dir: Path, staging: Path) -> None:
             if (data_dir / sub).exists():
                 (data_dir / sub).rmdir()  # empty: checked before the conversion started
             os.rename(staging / sub, data_dir / sub)
+    sync_path(data_dir)  # the renames are durable before the transfer list, which could finish them, goes
     (staging / TRANSFERS_FILE).unlink(missing_ok=True)
     staging.rmdir()
 

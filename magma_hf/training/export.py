@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -30,7 +29,7 @@ from transformers import GPTJForCausalLM, PreTrainedModel
 
 from ..configuration_magma import MagmaConfig
 from ..factory import empty_model, load_model_from_state_dict
-from ..io_utils import move_files_into
+from ..folders import FolderWriter
 from ..modeling_magma import MagmaForConditionalGeneration
 from ..weights_magma import (
     IMAGE_PREFIX_FILE,
@@ -41,7 +40,22 @@ from ..weights_magma import (
     peft_name_to_model_name,
 )
 
-EXPORT_INFO_FILE = "magma_export.json"
+EXPORT_INFO_FILE = "magma_export.json"  # the export's manifest (folders.py's format) and its base language model
+# How an export writes into its folder: built in `.{name}.exporting` beside it (one fixed name, which `magma-hf train`
+# knows as its own); the user's README.md is kept; the export's own earlier files are replaced.
+EXPORT_FOLDER = FolderWriter(
+    manifest_name=EXPORT_INFO_FILE,
+    written_by="magma_hf.training.export.save_adapter_export",
+    note="The files an adapter export wrote here; a later export replaces only these, while unchanged.",
+    infix=".exporting",
+    lock_name="exporting.lock",
+    error=FileExistsError,
+    noun="adapter export",
+    label="the export folder",
+    overwrite_flag="",
+    keeps=lambda path: path.name == "README.md",
+    fixed_workspace=True,
+)
 EXPORT_README = """# MAGMA adapters, image encoder and projection
 
 The weights MAGMA adds to GPT-J ({base}), without GPT-J itself. Rebuild the full model with
@@ -80,13 +94,10 @@ def save_adapter_export(
     """
     export_dir = Path(export_dir)
     export_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Written whole in a hidden folder beside, then moved in file by file: a kill leaves the previous export's files
-    # complete, and files in `export_dir` that the export does not write (the user's) are never touched.
-    staging = export_dir.parent / export_staging_name(export_dir.name)
-    if staging.is_dir():
-        shutil.rmtree(staging)  # left by a killed export: this function's own folder
-    staging.mkdir()
-    try:
+    # Written whole in a hidden folder beside, then moved in (folders.FolderWriter): a kill leaves the previous export's
+    # files complete, and files in `export_dir` that no export wrote (the user's) are never touched.
+    EXPORT_FOLDER.recover(export_dir)  # what a killed export left
+    with EXPORT_FOLDER.workspace(export_dir) as staging:
         if model.config.adapter_config:
             model.save_peft_adapter(staging, base_model_name_or_path=base_model_name_or_path, state_dict=state_dict)
         state_dict = model.state_dict() if state_dict is None else state_dict
@@ -99,30 +110,18 @@ def save_adapter_export(
         model.config.save_pretrained(staging)
         if processor is not None:
             processor.save_pretrained(staging)
-        if not _is_users_readme(export_dir / "README.md"):
-            card = EXPORT_README.format(base=base_model_name_or_path or "EleutherAI/gpt-j-6B")
-            (staging / "README.md").write_text(card)
-        info = {"base_language_model": base_model_name_or_path, "files": _export_files(model)}
-        (staging / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        export_dir.mkdir(exist_ok=True)
-        # the index of the export last: it lists the files, which are all in place then
-        move_files_into(sorted(staging.iterdir(), key=lambda path: path.name == EXPORT_INFO_FILE), export_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        card = EXPORT_README.format(base=base_model_name_or_path or "EleutherAI/gpt-j-6B")
+        (staging / "README.md").write_text(card)  # installed unless the folder holds the user's
+        # the manifest (the export's index, moved in last) lists the model's files first
+        EXPORT_FOLDER.install(
+            staging, export_dir, overwrite=True, first=_export_files(model), base_language_model=base_model_name_or_path
+        )
     return export_dir
 
 
 def export_staging_name(export_dir_name: str) -> str:
     """The hidden folder beside an export in which `save_adapter_export` writes it."""
-    return f".{export_dir_name}.exporting"
-
-
-def _is_users_readme(path: Path) -> bool:
-    """A README.md there that the export did not write (its first line differs): kept as it is."""
-    if not path.is_file():
-        return False
-    with open(path, encoding="utf-8", errors="replace") as stream:
-        return stream.readline() != EXPORT_README.splitlines(keepends=True)[0]
+    return EXPORT_FOLDER.workspace_name(Path(export_dir_name))
 
 
 def _export_files(model) -> list[str]:

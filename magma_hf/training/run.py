@@ -18,12 +18,11 @@ The config is `training.config`, DeepSpeed `training.deepspeed`; this module bui
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import logging as std_logging
 import os
-import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -55,14 +54,14 @@ from ..factory import (
     model_settings,
     new_model,
 )
-from ..io_utils import move_files_into
+from ..folders import FolderWriter, is_weights_name
 from ..modeling_magma import MagmaForConditionalGeneration
 from ..processing_magma import MagmaProcessor, check_processor_matches_model
-from ..weights_magma import MAGMA_WEIGHTS_NAME, is_magma_weight
+from ..weights_magma import IMAGE_PREFIX_FILE, MAGMA_WEIGHTS_NAME, is_magma_weight
 from .collator import MagmaDataCollator
 from .config import MagmaTrainingConfig, TrainingConfigError, check_model_config
 from .deepspeed import deepspeed_config, launcher_runs_deepspeed_on_cpu, resolve_deepspeed
-from .export import export_staging_name, save_adapter_export
+from .export import EXPORT_FOLDER, export_staging_name, save_adapter_export
 from .trainer import (
     CAPTIONS_LOG_NAME,
     CHECKPOINT_NAME,
@@ -413,6 +412,7 @@ def check_output_dir(config: MagmaTrainingConfig, checkpoint: str | None) -> Non
             )
     if output.exists() and not output.is_dir():
         raise TrainingConfigError(f"save {output} is a file, not a folder")
+    check_final_outputs(output)
     if checkpoint is not None and config.load_optimizer and Path(checkpoint).resolve().is_relative_to(output):
         return  # the run resumes its own checkpoint: it continues the run that is there
     entries = sorted(output.iterdir()) if output.is_dir() else []
@@ -520,31 +520,53 @@ def train(config: MagmaTrainingConfig):
 
 
 FINAL_MODEL_STAGING = ".final-model.saving"
-# The weight files of a saved model: a previous save's that the new one does not write would be loaded instead of it.
-_WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
+# How the final model is written into `save`, which also holds the run's checkpoints and export: staged in
+# `save/.final-model.saving` (one fixed name, which every process finds), recorded in `magma_model.json`, moved in.
+FINAL_MODEL_FOLDER = FolderWriter(
+    manifest_name="magma_model.json",
+    written_by="magma_hf.training.run.save_final_model",
+    note="The files the final model save of `magma-hf train` wrote here; a later run replaces only these, while "
+    "unchanged.",
+    infix=FINAL_MODEL_STAGING,
+    lock_name="saving.lock",
+    error=FileExistsError,
+    noun="final model save",
+    label="save",
+    overwrite_flag="",
+    keeps=lambda path: path.name == "README.md",
+    inside=True,
+)
+
+
+def check_final_outputs(output: Path) -> None:
+    """Before the run: the final model's and the export's main files in `save` are a run's (their manifests list them,
+    unchanged), or absent. Else (the user's, or an older version's that recorded nothing) the saves at the end would
+    stop on them: named now, before any training."""
+    model_files = (FINAL_MODEL_FOLDER, output, lambda name: name == "config.json" or is_weights_name(name))
+    export_files = (EXPORT_FOLDER, output / EXPORT_DIR_NAME, lambda name: name in (IMAGE_PREFIX_FILE, "config.json"))
+    for writer, folder, writes in (model_files, export_files):
+        try:
+            writer.check(folder, overwrite=True, writes=writes)
+        except FileExistsError as error:
+            raise TrainingConfigError(str(error)) from None
 
 
 def save_final_model(trainer, output_dir: Path) -> None:
-    """`trainer.save_model` into a hidden folder in `output_dir`, then moved in file by file: a kill midway leaves the
-    previous model's files complete (a resumed or overwriting run replaces them only once its own are whole). A
-    README.md already there (the user's card, or an earlier run's) is kept; files the save does not write are never
-    touched, except an earlier save's weight files that the new one lacks, which would load in its place."""
-    staging = output_dir / FINAL_MODEL_STAGING
-    if trainer.is_world_process_zero() and staging.exists():
-        shutil.rmtree(staging)  # a killed save's leftover: this function's own folder
-    trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(staging))  # a collective under ZeRO-3: every process calls it
-    if trainer.is_world_process_zero():
-        written = sorted(staging.iterdir())
-        indexes = [path for path in written if path.name.endswith(".index.json")]
-        keep = {"README.md"} & {path.name for path in output_dir.iterdir()}
-        move_files_into([path for path in written if path not in indexes and path.name not in keep], output_dir)
-        names = {path.name for path in written}
-        for stale in [path for path in output_dir.iterdir() if _WEIGHT_FILE.fullmatch(path.name)]:
-            if stale.name not in names:
-                stale.unlink()
-        move_files_into(indexes, output_dir)  # last: the index names the shards, which are all in place now
-        shutil.rmtree(staging)
+    """`trainer.save_model` into a hidden folder in `output_dir`, then moved in (folders.FolderWriter): a kill midway
+    leaves the previous model's files complete (a resumed or overwriting run replaces them only once its own are
+    whole). An earlier save's files (its `magma_model.json` lists them) are replaced, and those the new one lacks
+    (weight files that would load in its place) removed; the user's README.md is kept; other files are never touched,
+    and a user's file named like one the save writes stops it."""
+    main = trainer.is_world_process_zero()
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        FINAL_MODEL_FOLDER.recover(output_dir)  # a killed save's leftover: this function's own folder
+    staging = output_dir / FINAL_MODEL_STAGING / output_dir.name  # what `FINAL_MODEL_FOLDER.workspace` makes
+    with FINAL_MODEL_FOLDER.workspace(output_dir) if main else contextlib.nullcontext():
+        trainer.accelerator.wait_for_everyone()  # the staging folder exists
+        trainer.save_model(str(staging))  # a collective under ZeRO-3: every process calls it
+        if main:
+            FINAL_MODEL_FOLDER.install(staging, output_dir, overwrite=True)
     trainer.accelerator.wait_for_everyone()
 
 

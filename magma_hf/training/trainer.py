@@ -25,6 +25,7 @@ from transformers.utils import logging
 
 from ..data import MAX_SKIPPED_SHARE, SKIP_EXAMPLES, TooManySkippedError, check_skipped_share
 from ..data.streaming import MagmaStream
+from ..folders import sync_folder, sync_path
 from ..generation import generate_answers
 from ..weights_magma import MAGMA_WEIGHTS_NAME, magma_state_dict
 from .collator import EMPTY_KEY, SKIPPED_IMAGES_KEY, SKIPPED_KEY, SKIPPED_REASONS_KEY, MagmaDataCollator
@@ -267,7 +268,9 @@ def commit_checkpoint(staged: str | os.PathLike, final: str | os.PathLike) -> No
         kept = _free_name(final.parent, SUPERSEDED_PREFIX + final.name)
         os.rename(final, kept)
         logger.warning(f"{final} already existed ({checkpoint_problem(kept) or 'complete'}): kept as {kept}")
+    sync_folder(staged)  # on disk before it is named complete: a power loss leaves it whole or absent
     os.rename(staged, final)
+    sync_path(final.parent)
 
 
 def rotate_complete_checkpoints(folder: str | os.PathLike, limit: int | None, keep: set[str]) -> None:

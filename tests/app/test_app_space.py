@@ -168,3 +168,22 @@ def test_write_space_gives_an_example_named_in_another_encoding_a_utf8_name(spac
     shutil.copy(app_folder / "image-1.png", latin1)
     assert "app_examples/00-caf%E9.png" in write_space(space, [latin1])
     assert (space / "app_examples" / "00-caf%E9.png").read_bytes() == (app_folder / "image-1.png").read_bytes()
+
+
+def test_write_space_records_its_files_in_the_one_manifest_format(space):
+    """`.magma_space.json` is a `folders.py` manifest (size and sha256 by name); one an earlier version wrote (the
+    sha256 alone) still names that version's files as ours."""
+    import hashlib
+    import json
+
+    write_space(space)
+    manifest = json.loads((space / MANIFEST_NAME).read_text())
+    assert manifest["written_by"] == "magma-hf app --write-space"
+    assert set(manifest["files"]["app.py"]) == {"size", "sha256"}
+    older = f"{SPACE_MARKER}: an older version\ntorch\n".encode()
+    (space / "requirements.txt").write_bytes(older)
+    files = {name: record["sha256"] for name, record in manifest["files"].items()}
+    files["requirements.txt"] = hashlib.sha256(older).hexdigest()
+    (space / MANIFEST_NAME).write_text(json.dumps({"written_by": "magma-hf app --write-space", "files": files}))
+    assert write_space(space) == ["requirements.txt"]
+    assert "transformers" in (space / "requirements.txt").read_text()

@@ -21,6 +21,7 @@ from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor, 
 
 import magma_hf.conversion.magma_checkpoint as converter
 import magma_hf.conversion.safetensors_writer as writer
+import magma_hf.folders as folders
 from magma_hf import MagmaForConditionalGeneration, MagmaModel, MagmaProcessor
 from magma_hf.cli import main as cli_main
 from magma_hf.conversion.magma_checkpoint import (
@@ -603,18 +604,18 @@ def test_a_killed_conversion_leaves_the_output_and_the_next_run_cleans_up(tmp_pa
     argv += ["--overwrite", "--max-shard-size", "200KB"]
     with files_unchanged(output):  # a real SIGKILL (then, when cut short while installing, the rollback)
         assert kill_a_conversion(tmp_path, argv, stop_at) == -9
-        (leftover,) = converter.leftover_workspaces(output)
+        (leftover,) = converter.CONVERSION_FOLDER.leftover_workspaces(output)
         assert leftover.name.startswith(".out.converting-")
         if stop_at == "install":  # some files moved: a mixed folder until the next run rolls it back
-            assert (leftover / converter.INSTALL_JOURNAL).is_file()
+            assert (leftover / folders.INSTALL_JOURNAL).is_file()
             assert {"config.json", "notes.txt"} < set(os.listdir(output))
-            recovered = converter.recover_interrupted_conversions(output)
+            recovered = converter.CONVERSION_FOLDER.recover(output)
             assert len(recovered) == 1 and "rolled back" in recovered[0] and leftover.name in recovered[0]
     if stop_at == "weights":  # the next run recognises the leftover, removes it and converts
         report = convert_small(tmp_path, small, tokenizer_dir, overwrite=True)
         assert len(report.recovered) == 1 and f"removed {leftover.name}" in str(report)
         assert (output / "notes.txt").read_text() == "mine" and report.shards == ["model.safetensors"]
-    assert not leftover.exists() and not converter.leftover_workspaces(output)
+    assert not leftover.exists() and not converter.CONVERSION_FOLDER.leftover_workspaces(output)
 
 
 def test_a_failure_while_installing_rolls_back(tmp_path, small, tokenizer_dir, monkeypatch):
@@ -632,13 +633,13 @@ def test_a_failure_while_installing_rolls_back(tmp_path, small, tokenizer_dir, m
     monkeypatch.setattr(os, "replace", failing_replace)
     with files_unchanged(output), pytest.raises(MagmaConversionError, match="No space left on device"):
         convert_small(tmp_path, small, tokenizer_dir, overwrite=True)
-    assert not converter.leftover_workspaces(output)
+    assert not converter.CONVERSION_FOLDER.leftover_workspaces(output)
 
 
 def test_a_running_conversion_is_not_taken_for_a_leftover(tmp_path, small, tokenizer_dir):
     workspace = tmp_path / ".out.converting-abc12345"
     workspace.mkdir()
-    descriptor = converter.take_lock(workspace)  # held, as a running conversion holds it
+    descriptor = converter.CONVERSION_FOLDER.take_lock(workspace)  # held, as a running conversion holds it
     try:
         with (
             files_unchanged(tmp_path),
@@ -649,7 +650,7 @@ def test_a_running_conversion_is_not_taken_for_a_leftover(tmp_path, small, token
         os.close(descriptor)
     assert workspace.is_dir()
 
-    (workspace / converter.LOCK_NAME).unlink()
+    (workspace / converter.CONVERSION_FOLDER.lock_name).unlink()
     (workspace / "my-notes.txt").write_text("not a conversion's")  # named like one, but not a conversion's folder
     with files_unchanged(tmp_path), pytest.raises(MagmaConversionError, match="does not look like one"):
         convert_small(tmp_path, small, tokenizer_dir)
@@ -658,8 +659,8 @@ def test_a_running_conversion_is_not_taken_for_a_leftover(tmp_path, small, token
 def test_a_kill_while_writing_the_install_journal_is_cleaned_up(tmp_path, small, tokenizer_dir):
     workspace = tmp_path / ".out.converting-abcd1234"
     (workspace / "out").mkdir(parents=True)
-    os.close(converter.take_lock(workspace))  # released, as a SIGKILL releases it
-    (workspace / f".{converter.INSTALL_JOURNAL}.k1ll3d_x.tmp").write_text('{"stag')  # the journal's atomic write
+    os.close(converter.CONVERSION_FOLDER.take_lock(workspace))  # released, as a SIGKILL releases it
+    (workspace / f".{folders.INSTALL_JOURNAL}.k1ll3d_x.tmp").write_text('{"stag')  # the journal's atomic write
     report = convert_small(tmp_path, small, tokenizer_dir)
     assert f"removed {workspace.name}" in str(report) and not workspace.exists()
 
@@ -704,7 +705,7 @@ def test_output_parent_missing_or_read_only_is_one_line(tmp_path, small, tokeniz
     def read_only(*args, **kwargs):  # what a folder without write permission gives a user who is not root
         raise PermissionError(13, "Permission denied", str(kwargs.get("dir")))
 
-    monkeypatch.setattr(converter.tempfile, "mkdtemp", read_only)
+    monkeypatch.setattr(folders.tempfile, "mkdtemp", read_only)
     argv[argv.index("--output") + 1] = str(tmp_path / "out")
     with files_unchanged(tmp_path, no_new_files=True):
         assert cli_main(argv) == 1

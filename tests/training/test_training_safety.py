@@ -88,6 +88,19 @@ def test_overwrite_replaces_a_runs_outputs_and_keeps_the_users_files(assets, fin
     assert (save / "eval_captions.jsonl").read_text() == ""  # the earlier run's log is not continued
 
 
+def test_a_model_no_run_recorded_is_named_before_training(assets, finished_run, tmp_path, capsys):
+    """Model files in `save` that no run's manifest lists (the user's, or an older version's that recorded nothing) are
+    never replaced, even with --overwrite: the run stops before training, naming them, instead of at its final save."""
+    save = tmp_path / "run"
+    shutil.copytree(finished_run, save, ignore=shutil.ignore_patterns("checkpoint-*"))
+    (save / "magma_model.json").unlink()
+    config = write_config(tmp_path / "cfg.yml", run_config(assets, save))
+    with files_unchanged(save, no_new_files=True):
+        assert cli.main(["train", str(config), "--overwrite"]) == 1
+    error = capsys.readouterr().err
+    assert "config.json, model.safetensors" in error and "magma_model.json" in error and "Traceback" not in error
+
+
 @pytest.mark.parametrize(
     "key, overwrite",
     [("model_name_or_path", False), ("model_name_or_path", True), ("tokenizer_name_or_path", True),
@@ -137,6 +150,7 @@ def test_a_final_save_that_fails_midway_leaves_the_previous_model_whole(assets, 
     monkeypatch.setattr(MagmaTrainer, "save_model", save_model)
     trained = ["model.safetensors", "training_args.bin", *(f"adapter_export/{name}.safetensors" for name in
                ("adapter_model", "image_prefix"))]  # fmt: skip
+    trained += ["magma_model.json", "adapter_export/magma_export.json"]  # the manifests: they record those files
     trained.append(".final-model.saving/model.safetensors")  # the failed save's leftover, which the rerun removes
     with files_unchanged(save, may_change=trained):
         train(MagmaTrainingConfig.from_dict(values))
