@@ -96,7 +96,7 @@ def test_a_model_no_run_recorded_is_named_before_training(assets, finished_run, 
     (save / "magma_model.json").unlink()
     config = write_config(tmp_path / "cfg.yml", run_config(assets, save))
     with files_unchanged(save, no_new_files=True):
-        assert cli.main(["train", str(config), "--overwrite"]) == 1
+        assert cli.main(["train", str(config), "--overwrite"]) == 2
     error = capsys.readouterr().err
     assert "config.json, model.safetensors" in error and "magma_model.json" in error and "Traceback" not in error
 
