@@ -58,21 +58,26 @@ def test_import_magma_hf_leaves_training_evaluation_and_conversion_unimported():
     assert result.stdout.strip() == "[]"
 
 
-def test_python_m_convert_magma_checkpoint_runs_the_converter_command_line(tmp_path):
-    result = run_python("-m", "magma_hf.convert_magma_checkpoint", "--help")
+def test_python_m_magma_hf_conversion_runs_the_converter_command_line(tmp_path):
+    result = run_python("-m", "magma_hf.conversion", "--help")
     assert result.returncode == 0, result.stderr
     assert "--checkpoint" in result.stdout and "--output" in result.stdout
     # and it converts: a missing checkpoint is named, not silently ignored
     missing = tmp_path / "missing.pt"
-    result = run_python(
-        "-m", "magma_hf.convert_magma_checkpoint", "--checkpoint", str(missing), "--output", str(tmp_path / "out")
-    )
+    result = run_python("-m", "magma_hf.conversion", "--checkpoint", str(missing), "--output", str(tmp_path / "out"))
     assert result.returncode != 0
     assert "missing.pt" in result.stdout + result.stderr
     assert not (tmp_path / "out").exists()
 
 
-def test_importing_the_command_line_module_says_where_the_function_is():
-    result = run_python("-c", "import magma_hf.convert_magma_checkpoint")
-    assert result.returncode != 0
-    assert "from magma_hf import convert_magma_checkpoint" in result.stderr
+def test_only_the_function_is_named_convert_magma_checkpoint():
+    """The converter's command line is `magma_hf.conversion` (`python -m`) or `magma-hf convert`: no module of the
+    function's name shadows it, whatever is imported."""
+    code = (
+        "import importlib.util, magma_hf, magma_hf.conversion.magma_checkpoint; "
+        "print(importlib.util.find_spec('magma_hf.convert_magma_checkpoint'), "
+        "type(magma_hf.convert_magma_checkpoint).__name__, magma_hf.convert_magma_checkpoint.__module__)"
+    )
+    result = run_python("-c", code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["None", "function", "magma_hf.conversion.magma_checkpoint"]
