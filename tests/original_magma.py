@@ -2,7 +2,7 @@
 independently of magma_hf: the key layout, tiny random checkpoints in DeepSpeed's file layout, and the original
 model's logits (GPT-J blocks of the GPT-Neo fork with `jax=True`, MAGMA's adapters, CLIP's ModifiedResNet trunk).
 
-The benchmark (conversion/benchmark_conversion.py) reuses `original_layout` for the full-size synthetic checkpoint.
+The benchmark (tests/benchmarks/bench_conversion.py) reuses `original_layout` for the full-size synthetic checkpoint.
 """
 
 from __future__ import annotations

@@ -100,14 +100,14 @@ def command_lines(text: str) -> list[str]:
 
 def magma_hf_arguments(line: str) -> list[str] | None:
     """The arguments after `magma-hf`, `python -m magma_hf` (`accelerate launch ... -m magma_hf`) or the converter's
-    script; None for other commands."""
+    `python -m magma_hf.conversion`; None for other commands."""
     words = shlex.split(line)
     if words[:1] == ["magma-hf"]:
         return words[1:]
     for start in range(len(words) - 1):
         if words[start : start + 2] == ["-m", "magma_hf"]:
             return words[start + 2 :]
-        if words[start + 1] == "conversion/convert_magma_checkpoint.py" and words[start].startswith("python"):
+        if words[start : start + 2] == ["-m", "magma_hf.conversion"]:
             return ["convert", *words[start + 2 :]]
     return None
 

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -58,21 +59,23 @@ def test_import_magma_hf_leaves_training_evaluation_and_conversion_unimported():
     assert result.stdout.strip() == "[]"
 
 
-def test_python_m_convert_magma_checkpoint_runs_the_converter_command_line(tmp_path):
-    result = run_python("-m", "magma_hf.convert_magma_checkpoint", "--help")
+def test_python_m_magma_hf_conversion_runs_the_converter_command_line(tmp_path):
+    result = run_python("-m", "magma_hf.conversion", "--help")
     assert result.returncode == 0, result.stderr
     assert "--checkpoint" in result.stdout and "--output" in result.stdout
     # and it converts: a missing checkpoint is named, not silently ignored
     missing = tmp_path / "missing.pt"
-    result = run_python(
-        "-m", "magma_hf.convert_magma_checkpoint", "--checkpoint", str(missing), "--output", str(tmp_path / "out")
-    )
+    result = run_python("-m", "magma_hf.conversion", "--checkpoint", str(missing), "--output", str(tmp_path / "out"))
     assert result.returncode != 0
     assert "missing.pt" in result.stdout + result.stderr
     assert not (tmp_path / "out").exists()
 
 
-def test_importing_the_command_line_module_says_where_the_function_is():
-    result = run_python("-c", "import magma_hf.convert_magma_checkpoint")
-    assert result.returncode != 0
-    assert "from magma_hf import convert_magma_checkpoint" in result.stderr
+def test_only_the_function_is_named_convert_magma_checkpoint():
+    """The converter's command line is `python -m magma_hf.conversion` or `magma-hf convert`: no module of the
+    function's name shadows it, whatever is imported."""
+    import magma_hf.conversion.magma_checkpoint  # noqa: F401
+
+    assert not list(Path(magma_hf.__file__).parent.glob("convert_magma_checkpoint*"))
+    function = magma_hf.convert_magma_checkpoint
+    assert type(function).__name__ == "function" and function.__module__ == "magma_hf.conversion.magma_checkpoint"

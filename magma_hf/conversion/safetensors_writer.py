@@ -11,7 +11,7 @@ Why the header is written by hand rather than with `safetensors.torch.save_file`
 tensor of the shard in memory at once (2 GB shards, materialised from the memory map; their pages stay resident until
 the shard is written), while this writer holds one tensor at a time and copies slices that need no cast file to file
 in the kernel (`os.copy_file_range`). Measured once on the full-size synthetic MAGMA checkpoint (12.99 GB, 7 shards of
-2 GB, verification on; `conversion/benchmark_conversion.py --also-save-file`, see conversion/README.md): this writer
+2 GB, verification on; `tests/benchmarks/bench_conversion.py --also-save-file`, see conversion/README.md): this writer
 77.1 s, peak RSS 1.90 GB; `save_file` per shard 79.2 s, peak RSS 3.29 GB, above the 3 GB target (the copy took
 61.0 s on that shared disk, so both meet the 2x-copy time target).
 """

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import files_unchanged, original_preprocess, photo_variants, sample_photos
+from helpers import files_unchanged, original_preprocess, photo_variants, sample_photos, tiny_config
 from original_magma import OriginalMagma, deepspeed_checkpoint, original_state_dict, tiny_original_model
 from safetensors import safe_open
 from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor, pipeline
@@ -31,7 +31,6 @@ from magma_hf.conversion.magma_checkpoint import (
     resolve_checkpoint,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 MLP_V1 = {"mlp": {"adapter_type": "normal", "downsample_factor": 4}}
 V2 = {
     "mlp": {"adapter_type": "normal", "downsample_factor": 8},
@@ -239,6 +238,64 @@ def test_output_is_a_hub_repo_that_loads_with_the_auto_classes_and_the_pipeline(
     assert caption[0]["generated_text"] == processor.post_process_image_text_to_text(expected)[0]
 
 
+# What every converted folder holds besides the weights: the configs, the processor's files, the model card, the
+# conversion's manifest, and the code of the Hub export (the configuration and modeling files and what they import).
+FOLDER_FILES = {
+    "README.md",
+    "chat_template.jinja",
+    "config.json",
+    "generation_config.json",
+    "magma_conversion.json",
+    "processor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+}
+
+
+def exported_code_files() -> set[str]:
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    from magma_hf import configuration_magma, modeling_magma
+
+    files = set()
+    for module in (configuration_magma, modeling_magma):
+        files |= {module.__file__, *get_relative_import_files(module.__file__)}
+    return {Path(file).name for file in files}
+
+
+@pytest.mark.parametrize("name", ["v1-float16-deepspeed", "parallel-layernorm-sharded"])
+def test_converted_folder_holds_exactly_the_expected_files_and_loads(conversions, name):
+    _, _, report = conversions(name)
+    n = len(report.shards)
+    assert (n == 1) == (name == "v1-float16-deepspeed")
+    weights = {"model.safetensors"} if n == 1 else {f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)}
+    weights |= {"model.safetensors.index.json"} if n > 1 else set()
+    assert {"modeling_magma.py", "configuration_magma.py", "pipeline_magma.py"} <= exported_code_files()
+    assert sorted(os.listdir(report.output)) == sorted(FOLDER_FILES | exported_code_files() | weights)
+    model, info = AutoModelForImageTextToText.from_pretrained(report.output, output_loading_info=True)
+    assert isinstance(model, MagmaForConditionalGeneration) and not any(info.values()), info
+    assert isinstance(AutoProcessor.from_pretrained(report.output), MagmaProcessor)
+
+
+def test_the_model_files_are_what_save_pretrained_writes_besides_the_weights(tmp_path, tokenizer):
+    """The converter writes config.json, generation_config.json, the code and the card itself (no `save_pretrained`
+    whose weights are then deleted): byte for byte what `save_pretrained` writes, the live config left as it was."""
+    from magma_hf.factory import empty_model
+
+    model = empty_model(tiny_config(tokenizer), torch.bfloat16)  # as the converter builds it
+    before = model.config.to_dict()
+    written, saved = tmp_path / "written" / "magma", tmp_path / "saved" / "magma"  # the card names the folder
+    written.mkdir(parents=True)
+    converter.save_model_files(model, written)
+    assert model.config.to_dict() == before
+    model.save_pretrained(saved, state_dict={})
+    names = sorted(name for name in os.listdir(saved) if not name.startswith("model.safetensors"))
+    assert sorted(os.listdir(written)) == names
+    assert {"config.json", "generation_config.json", "README.md", "modeling_magma.py"} <= set(names)
+    for name in names:
+        assert (written / name).read_bytes() == (saved / name).read_bytes(), name
+
+
 def test_written_processor_reproduces_the_original_preprocessing_on_photographs(conversions):
     _, _, report = conversions("v1-float16-deepspeed")
     image_processor = AutoProcessor.from_pretrained(report.output).image_processor
@@ -277,14 +334,14 @@ def test_command_line_wrapper_converts(tmp_path, tokenizer, tokenizer_dir, monke
     checkpoint = save_checkpoint(tmp_path, original_state_dict(original, torch.float16))
     sizes = configs(original)
     argv = [
-        "convert_magma_checkpoint.py", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "out"),
+        "python -m magma_hf.conversion", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "out"),
         "--magma-config", str(write_yaml(tmp_path, MLP_V1)), "--text-config", json.dumps(sizes["text_config"]),
         "--vision-config", json.dumps(sizes["vision_config"]), "--tokenizer", str(tokenizer_dir),
         "--dtype", "float32", "--max-shard-size", "300000", "--no-verify",
     ]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(str(REPO_ROOT / "conversion" / "convert_magma_checkpoint.py"), run_name="__main__")
+    with pytest.raises(SystemExit) as exit_info:  # as `python -m magma_hf.conversion ...` runs it
+        runpy.run_module("magma_hf.conversion", run_name="__main__", alter_sys=True)
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert "float32" in printed and "verified" not in printed
@@ -493,7 +550,7 @@ def test_output_holding_the_checkpoint_keeps_it_and_the_users_files(tmp_path, sm
 
     argv = ["convert", "--checkpoint", str(checkpoint), "--output", str(output), "--tokenizer", str(tokenizer_dir)]
     with files_unchanged(tmp_path, no_new_files=True):  # the same command twice: refused, nothing written
-        assert cli_main(argv) == 1
+        assert cli_main(argv) == 2
     error = capsys.readouterr().err
     assert "holds an earlier conversion" in error and "--overwrite" in error and "3 entries there are kept" in error
 
@@ -545,8 +602,9 @@ def test_a_failing_overwrite_leaves_the_earlier_conversion(tmp_path, small, toke
 KILLED_CONVERSION = """
 import json, os, signal, sys, time
 import magma_hf.conversion.magma_checkpoint as converter
+import magma_hf.conversion.weights as weights
 marker, stop_at, argv = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-calls, produce = [], converter.produce_parts
+calls, produce = [], weights.produce_parts
 
 def produce_then_wait(entry, *args, **kwargs):  # in the middle of a shard: the file is half written
     calls.append(entry.name)
@@ -562,7 +620,7 @@ def moved_then_die(move):  # os.rename moves the earlier files aside, os.replace
             os.kill(os.getpid(), signal.SIGKILL)  # some new files in place, the earlier ones moved aside
     return moving
 
-converter.produce_parts = produce_then_wait
+weights.produce_parts = produce_then_wait
 os.rename, os.replace = moved_then_die(os.rename), moved_then_die(os.replace)
 sys.exit(converter.main(argv))
 """
@@ -698,7 +756,7 @@ def test_output_parent_missing_or_read_only_is_one_line(tmp_path, small, tokeniz
     missing = tmp_path / "no" / "such"
     argv = ["convert", *cli_arguments(tmp_path, small, tokenizer_dir, checkpoint, missing / "out")]
     with files_unchanged(tmp_path, no_new_files=True):
-        assert cli_main(argv) == 1
+        assert cli_main(argv) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and f"the folder {missing} that should hold it does not exist" in error
 
@@ -708,7 +766,7 @@ def test_output_parent_missing_or_read_only_is_one_line(tmp_path, small, tokeniz
     monkeypatch.setattr(folders.tempfile, "mkdtemp", read_only)
     argv[argv.index("--output") + 1] = str(tmp_path / "out")
     with files_unchanged(tmp_path, no_new_files=True):
-        assert cli_main(argv) == 1
+        assert cli_main(argv) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "Traceback" not in error and "converting" not in error
     assert f"{tmp_path}: Permission denied" in error
@@ -756,7 +814,7 @@ def refused_conversion_error(checkpoint: Path, tmp_path: Path, tokenizer_dir: Pa
     """`magma-hf convert` of `checkpoint` into `tmp_path/out` fails, writes nothing, changes nothing: its stderr."""
     argv = ["convert", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "out")]
     with files_unchanged(tmp_path, no_new_files=True):
-        assert cli_main(argv + ["--tokenizer", str(tokenizer_dir)]) == 1
+        assert cli_main(argv + ["--tokenizer", str(tokenizer_dir)]) == 2
     return capsys.readouterr().err
 
 

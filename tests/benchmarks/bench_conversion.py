@@ -1,6 +1,6 @@
 """Benchmark the converter on a full-size synthetic checkpoint (not part of the test suite).
 
-    python conversion/benchmark_conversion.py --workdir /tmp/magma-benchmark
+    python tests/benchmarks/bench_conversion.py --workdir /tmp/magma-benchmark
 
 1. Writes `mp_rank_00_model_states.pt` in the original layout (tests/original_magma.py): GPT-J-6B + CLIP RN50x16,
    MLP adapters, float16 random values, the fork's attention buffers, the alias keys, DeepSpeed's bookkeeping; about
@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 
@@ -47,7 +47,7 @@ from original_magma import (  # noqa: E402
     rotary_tables,
 )
 
-from magma_hf.conversion.magma_checkpoint import CHECKPOINT_FILENAME  # noqa: E402
+from magma_hf.conversion.checkpoint import CHECKPOINT_FILENAME  # noqa: E402
 from magma_hf.conversion.safetensors_writer import MappedFile  # noqa: E402
 
 GB = 1e9
