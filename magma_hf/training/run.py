@@ -64,7 +64,7 @@ from ..factory import (
 from ..io_utils import move_files_into
 from ..modeling_magma import MagmaForConditionalGeneration
 from ..processing_magma import MagmaProcessor, check_processor_matches_model
-from ..weights_magma import MAGMA_WEIGHTS_NAME, is_magma_weight
+from ..weights_magma import MAGMA_WEIGHTS_NAME, MODEL_WEIGHTS_FILE, MODEL_WEIGHTS_INDEX_FILE, is_magma_weight
 from .collator import MagmaDataCollator
 from .export import export_staging_name, save_adapter_export
 from .trainer import (
@@ -817,7 +817,7 @@ def _input_folders(config: MagmaTrainingConfig) -> list[tuple[str, str]]:
 
 EXPORT_DIR_NAME = "adapter_export"
 # What marks a finished run in `save` (Trainer.save_model, the adapter export): named first when refusing the folder.
-FINISHED_RUN_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json", EXPORT_DIR_NAME)
+FINISHED_RUN_FILES = (MODEL_WEIGHTS_FILE, MODEL_WEIGHTS_INDEX_FILE, "config.json", EXPORT_DIR_NAME)
 
 
 def _listing(entries: list[Path], limit: int = 10) -> str:
