@@ -117,8 +117,8 @@ def check_state_dict(
     error: type[Exception] = ValueError,
     limit: int = 10,
 ) -> None:
-    """Whether `state_dict` fits a model whose weights are `expected` (tensors, meta tensors or shapes, by name): the
-    one check of the package, else `error` naming up to `limit` weights of each kind of problem.
+    """Check that `state_dict` fits a model whose weights are `expected` (tensors, meta tensors or shapes, by name),
+    else raise `error` naming up to `limit` weights of each kind of problem: the package's one fit check.
 
     Args:
         source: What `state_dict` is, the subject of the message ("The language model has no weight [...]").
@@ -128,18 +128,21 @@ def check_state_dict(
     missing = [name for name in expected if name not in state_dict and required(name)]
     unexpected = [] if allow_unexpected else sorted(set(state_dict) - set(expected))
     mismatched = [
-        f"{name}: {shape_of(state_dict[name])} vs {shape_of(expected[name])}"
+        f"{name}: {shape_of(state_dict[name])} vs {shape_of(expected[name])}"  # its shape vs the model's
         for name in expected
         if name in state_dict and shape_of(state_dict[name]) != shape_of(expected[name])
     ]
 
-    def listed(names: list[str]) -> str:
-        return f"{names[:limit]}" + (f" ({len(names)} in all)" if len(names) > limit else "")
+    def more(listed: list[str]) -> str:
+        return f" ({len(listed)} in all)" if len(listed) > limit else ""
+
+    def names(listed: list[str]) -> str:
+        return ", ".join(map(repr, listed[:limit])) + more(listed)
 
     problems = [
-        *([f"has no weight {listed(missing)}"] if missing else []),
-        *([f"has weights the model does not have {listed(unexpected)}"] if unexpected else []),
-        *([f"has a shape mismatch {listed(mismatched)} (its shape vs the model's)"] if mismatched else []),
+        *([f"has no weight {names(missing)}"] if missing else []),
+        *([f"has weights the model does not have: {names(unexpected)}"] if unexpected else []),
+        *([f"has a shape mismatch {mismatched[:limit]}{more(mismatched)}"] if mismatched else []),
     ]
     if problems:
         raise error(f"{source} {', and '.join(problems)}")
@@ -152,14 +155,16 @@ def gptj_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]
             yield name, param
 
 
-def gptj_weights_by_name(model: nn.Module, gptj_state_dict: Mapping[str, Any], source: str = "The GPT-J state dict"):
+def gptj_weights_by_name(
+    model: nn.Module, gptj_state_dict: Mapping[str, Any], source: str = "The GPT-J state dict"
+) -> dict[str, Any]:
     """A `GPTJForCausalLM` state dict (`transformer.*`, `lm_head.*`) under the names of MAGMA `model`.
 
     Every GPT-J weight of `model` must be there with the same shape, or a `ValueError` names what is not (works on a
     model built on the meta device: only names and shapes are read).
     """
-    names = {gptj_name(name): name for name, _ in gptj_named_parameters(model)}
-    expected = {gptj_name(name): param for name, param in gptj_named_parameters(model)}
+    parameters = dict(gptj_named_parameters(model))
+    expected = {gptj_name(name): param for name, param in parameters.items()}
     check_state_dict(expected, gptj_state_dict, source, allow_unexpected=True)
-    return {names[gptj]: gptj_state_dict[gptj] for gptj in expected}
+    return {name: gptj_state_dict[gptj_name(name)] for name in parameters}
 
