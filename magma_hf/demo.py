@@ -62,7 +62,7 @@ from .generation import answer_text, generate_answers
 from .processing_magma import add_magma_special_tokens
 from .training.config import MagmaTrainingConfig
 from .training.run import train
-from .weights_magma import gptj_name
+from .weights_magma import MODEL_WEIGHTS_FILE, gptj_name
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 EOS = "<|endoftext|>"
@@ -386,7 +386,7 @@ def majority_share(references: list[str]) -> float:
 
 def language_model_unchanged(model, language_model_dir: Path) -> bool:
     """Whether every GPT-J weight of `model` equals, bit for bit, the pretrained language model's."""
-    pretrained = load_file(str(language_model_dir / "model.safetensors"))
+    pretrained = load_file(str(language_model_dir / MODEL_WEIGHTS_FILE))
     weights = {gptj_name(name): param for name, param in model.gptj_named_parameters()}
     if set(weights) != set(pretrained):
         return False

@@ -24,11 +24,12 @@ from transformers import AutoTokenizer, GPTJForCausalLM, PreTrainedTokenizerBase
 from transformers.utils import logging
 
 from .configuration_magma import DEFAULT_TEXT_CONFIG, MagmaConfig, normalize_adapter_config
+from .generation import magma_generation_config
 from .hub_magma import PROCESSOR_FILES_NEEDED, missing_files
 from .image_processing_magma import MagmaImageProcessor
-from .modeling_magma import MagmaForConditionalGeneration, magma_generation_config
+from .modeling_magma import MagmaForConditionalGeneration
 from .processing_magma import IMAGE_TOKEN, MagmaProcessor, add_magma_special_tokens
-from .weights_magma import is_magma_weight, vision_tower_name
+from .weights_magma import check_state_dict, gptj_weights_by_name, is_magma_weight, vision_tower_name
 
 logger = logging.get_logger(__name__)
 
@@ -229,28 +230,16 @@ def pretrained_state_dict(
     if lm_name is not None:
         logger.info(f"Loading GPT-J weights from {lm_name}")
         gptj = GPTJForCausalLM.from_pretrained(lm_name, dtype=dtype).state_dict()
-        state_dict = skeleton.gptj_weights_by_name(gptj, source=lm_name)
+        state_dict = gptj_weights_by_name(skeleton, gptj, source=lm_name)
         del gptj
     if pretrained is not None:
         logger.info(f"Loading the image encoder from open_clip {open_clip_name} pretrained={pretrained}")
         visual = open_clip_visual_state_dict(open_clip_name, pretrained)
         state_dict.update({vision_tower_name(k): v for k, v in visual.items()})
-    check_fits(skeleton.state_dict(), state_dict, f"open_clip {open_clip_name} pretrained={pretrained}")
+    source = f"The pretrained state dict (open_clip {open_clip_name} pretrained={pretrained})"
+    # the weights it lacks are new (initialised), by intent; `load_model_from_state_dict` says which may be
+    check_state_dict(skeleton.state_dict(), state_dict, source, required=lambda name: False, error=MagmaSettingsError)
     return state_dict
-
-
-def check_fits(expected: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Every weight of `state_dict` is one of `expected`'s, in its shape."""
-    wrong = [
-        f"{name}: {tuple(t.shape)} vs {tuple(expected[name].shape)}"
-        for name, t in state_dict.items()
-        if name in expected and expected[name].shape != t.shape
-    ]
-    unknown = [name for name in state_dict if name not in expected]
-    if wrong or unknown:
-        raise MagmaSettingsError(
-            f"Pretrained weights ({source}) do not fit the model: shape mismatch {wrong[:5]}, unknown {unknown[:5]}"
-        )
 
 
 LOADING_LOGGERS = ("modeling_utils", "distributed.tensor_parallel")
@@ -259,7 +248,7 @@ LOADING_LOGGERS = ("modeling_utils", "distributed.tensor_parallel")
 @contextmanager
 def _transformers_load_warnings_off() -> Iterator[None]:
     """transformers' loading logs every weight that is not in the state dict (a hundred lines for a new model's
-    adapters, projection and encoder, all new by intent); `check_fits` and the loading info check them instead.
+    adapters, projection and encoder, all new by intent); `check_state_dict` checks them instead.
 
     The tensor-parallel logger goes quiet too: with the loading logger's level set, transformers also verifies the
     TP plan (even without TP) and lists every weight no plan shards (norms, the image encoder) as "not sharded"."""
@@ -284,15 +273,14 @@ def load_model_from_state_dict(
     of it). The weights `state_dict` lacks are initialised by `_init_weights`; each must be `new_by_intent` (by
     default MAGMA's own: a GPT-J weight initialised at random is an error)."""
     with _transformers_load_warnings_off():
-        model, info = MagmaForConditionalGeneration.from_pretrained(
-            None, config=config, state_dict=state_dict, dtype=dtype, output_loading_info=True
-        )
-    problems = {key: sorted(info[key])[:5] for key in ("unexpected_keys", "mismatched_keys") if info.get(key)}
-    missing = [name for name in info.get("missing_keys", ()) if not new_by_intent(name)]
-    if missing:
-        problems["missing_keys"] = sorted(missing)[:5]
-    if problems:
-        raise MagmaSettingsError(f"The weights do not load into the model: {problems}")
+        model = MagmaForConditionalGeneration.from_pretrained(None, config=config, state_dict=state_dict, dtype=dtype)
+    check_state_dict(
+        model.state_dict(),
+        state_dict,
+        "The state dict",
+        required=lambda name: not new_by_intent(name),
+        error=MagmaSettingsError,
+    )
     model.generation_config = magma_generation_config(config)  # no generation_config.json to load it from
     return model
 

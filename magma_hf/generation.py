@@ -1,4 +1,4 @@
-"""Answers from MAGMA: the one path from (images, prompts) to cleaned-up answer texts.
+"""Answers from MAGMA: the one path from (images, prompts) to cleaned-up answer texts, and MAGMA's generation defaults.
 
 Evaluation (`magma-hf eval`), the demo and the trainer's logged captions all generate through `generate_answers`,
 so that they batch, pad, stop and clean up alike. The decoding builds on the processor's
@@ -17,13 +17,35 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from transformers import GenerationConfig
 
+from .configuration_magma import MagmaConfig
 from .prompts_magma import EXAMPLE_SEPARATOR
+
+# The original's settings (magma/sampling.py: temperature 0.7, top_p 0.9, no top-k, 100 new tokens), sampled here as a
+# true nucleus (temperature first, then the smallest head of tokens holding 90%). The original's filter was not one: on
+# the probabilities at temperature 1 it dropped the tokens ranked 2nd and lower while those above them held less than
+# 1 - top_p = 10%, then applied the temperature. Wherever the most likely token holds 10% or more it drops nothing,
+# and `top_p=1.0, temperature=0.7, top_k=0` gives exactly its distribution; where the top token holds less, it also
+# dropped the next most likely tokens, which no `generate` setting reproduces (tests/test_pipelines.py checks both).
+MAGMA_GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 0, "max_new_tokens": 100}
 
 ANSWER_END = EXAMPLE_SEPARATOR  # an answer ends at the first newline, where a few-shot example ends; generation stops
 # Greedy decoding; the sampling settings of the model's generation config are unset so that generate does not warn
 # that they are ignored.
 GREEDY = {"do_sample": False, "num_beams": 1, "temperature": None, "top_p": None, "top_k": None}
+
+
+def magma_generation_config(config: MagmaConfig) -> GenerationConfig:
+    """The generation defaults MAGMA shipped with, for the given model's special tokens: what every folder the project
+    writes carries as generation_config.json (the converter, training, the adapter export's loader)."""
+    text_config = config.text_config
+    return GenerationConfig(
+        **MAGMA_GENERATION_DEFAULTS,
+        bos_token_id=text_config.bos_token_id,
+        eos_token_id=text_config.eos_token_id,
+        pad_token_id=text_config.pad_token_id if text_config.pad_token_id is not None else text_config.eos_token_id,
+    )
 
 
 def answer_text(text: str) -> str:
@@ -104,4 +126,4 @@ def _model_inputs(model, processor, prompts: list[str], images: list | None, bli
     return inputs
 
 
-__all__ = ["answer_text", "decode_answers", "generate_answers"]
+__all__ = ["answer_text", "decode_answers", "generate_answers", "magma_generation_config"]

@@ -1,5 +1,5 @@
-"""What makes a saved MAGMA folder a Hub repo: the custom pipeline entry, a model card, and saving that leaves the live
-objects as they were."""
+"""What makes a saved MAGMA folder a Hub repo (the custom pipeline entry, a model card, saving that leaves the live
+objects as they were), and what a local folder must hold to load from it, checked before transformers reads it."""
 
 import copy
 import json
@@ -9,8 +9,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
+from safetensors import SafetensorError, safe_open
 from transformers import PreTrainedConfig
 from transformers.pipelines import PIPELINE_REGISTRY
+
+from .weights_magma import MODEL_WEIGHTS_FILE, MODEL_WEIGHTS_INDEX_FILE
 
 # transformers 5 redirects `image-to-text` to `image-text-to-text`: `import magma_hf` registers MAGMA's pipeline there.
 PIPELINE_TASK = "image-text-to-text"
@@ -69,7 +72,7 @@ def config_left_unchanged(config: PreTrainedConfig) -> Iterator[None]:
 # which open_clip also downloads).
 BASE_MODELS = ("EleutherAI/gpt-j-6b", "timm/resnet50x16_clip.openai")
 
-MODEL_FILES_JSON = ("config.json", "generation_config.json", "model.safetensors.index.json")
+MODEL_FILES_JSON = ("config.json", "generation_config.json", MODEL_WEIGHTS_INDEX_FILE)
 PROCESSOR_FILES_JSON = (
     "processor_config.json",
     "preprocessor_config.json",
@@ -134,6 +137,55 @@ def check_json_files(folder: str | os.PathLike, names: tuple[str, ...]) -> None:
         )
 
 
+def check_model_folder(folder: Path, has_config: bool) -> None:
+    """What a local model folder must hold before loading: without config.json transformers builds the default
+    config (GPT-J-6B, 24 GB in float32) and only then finds that the weights do not fit."""
+    if not has_config and not (folder / "config.json").is_file():
+        raise OSError(
+            f"{folder} has no config.json: a MAGMA model folder holds config.json next to its weights "
+            f"({MODEL_WEIGHTS_FILE}, or the shards and {MODEL_WEIGHTS_INDEX_FILE})"
+        )
+    check_json_files(folder, MODEL_FILES_JSON)
+
+
+def broken_weight_files_message(folder: Path, error: Exception) -> str:
+    """Which `.safetensors` files in `folder` cannot be opened, their sizes and safetensors' reason, in one line."""
+    broken = []
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as reason:
+            broken.append(f"{path.name} ({path.stat().st_size} bytes: {reason})")
+    if not broken:
+        return f"Loading the weights in {folder} failed: {error}"
+    return (
+        f"The weight file(s) {', '.join(broken)} in {folder} are not complete safetensors files: probably an "
+        "interrupted download or copy. Download or copy them again."
+    )
+
+
+@contextmanager
+def model_folder_checked(
+    pretrained_model_name_or_path: str | os.PathLike | None, subfolder: str | None, has_config: bool
+) -> Iterator[None]:
+    """Around a model's `from_pretrained`: a local folder's files are checked first (`check_model_folder`), and a
+    safetensors error names the broken files. A Hub repo id is transformers' to resolve."""
+    folder = None
+    if pretrained_model_name_or_path is not None:
+        folder = Path(pretrained_model_name_or_path, subfolder or "")
+        folder = folder if folder.is_dir() else None
+    if folder is not None:
+        check_model_folder(folder, has_config)
+    try:
+        yield
+    except SafetensorError as error:
+        # safetensors says "incomplete metadata, file not fully covered", not which of the shards it was reading
+        if folder is None:
+            raise
+        raise OSError(broken_weight_files_message(folder, error)) from error
+
+
 MODEL_CARD_BODY = """
 # MAGMA
 
@@ -194,3 +246,20 @@ def write_model_card(save_directory: str | os.PathLike) -> bool:
     finally:
         temporary.unlink(missing_ok=True)
     return True
+
+
+@contextmanager
+def saving_as_hub_repo(
+    config: PreTrainedConfig, save_directory: str | os.PathLike, exporting_code: bool, is_main_process: bool = True
+) -> Iterator[None]:
+    """Around a model's `save_pretrained`: with the code export on, the folder also gets `custom_pipelines`
+    (`image-to-text` and `image-text-to-text`), an `AutoModel` entry and a model card, and is a Hub repo. What saving
+    writes into config.json (these, `auto_map`, `architectures`, `dtype`) belongs to the saved files: the live config
+    is left as it was."""
+    with config_left_unchanged(config):
+        if exporting_code:
+            config.custom_pipelines = copy.deepcopy(CUSTOM_PIPELINES)
+            config.auto_map = {**(getattr(config, "auto_map", None) or {}), **AUTO_MAP_EXTRAS}
+        yield
+    if exporting_code and is_main_process:
+        write_model_card(save_directory)

@@ -1,18 +1,13 @@
 """MAGMA: a frozen GPT-J reading CLIP ResNet image features through a trained projection and bottleneck adapters."""
 
-import copy
-import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from open_clip.modified_resnet import Bottleneck, ModifiedResNet
-from peft import get_peft_model_state_dict, inject_adapter_in_model
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from peft import inject_adapter_in_model
 from torch import nn
-from transformers import AutoModel, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
@@ -29,42 +24,9 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .adapters_magma import MagmaAdapterConfig, MagmaAdapterLayer
 from .configuration_magma import MagmaConfig, MagmaVisionConfig
-from .hub_magma import (
-    AUTO_MAP_EXTRAS,
-    CUSTOM_PIPELINES,
-    MODEL_FILES_JSON,
-    check_json_files,
-    config_left_unchanged,
-    write_model_card,
-)
+from .hub_magma import model_folder_checked, saving_as_hub_repo
 from .pipeline_magma import MagmaImageToTextPipeline  # noqa: F401  (imported so the Hub code export carries it)
-from .weights_magma import (  # noqa: F401  (gptj_name: re-exported, its home is weights_magma)
-    PEFT_WEIGHTS_FILE,
-    gptj_name,
-    is_adapter_weight,
-    is_gptj_weight,
-    language_model_state_dict,
-    peft_state_dict,
-)
-
-# The original's settings (magma/sampling.py: temperature 0.7, top_p 0.9, no top-k, 100 new tokens), sampled here as a
-# true nucleus (temperature first, then the smallest head of tokens holding 90%). The original's filter was not one: on
-# the probabilities at temperature 1 it dropped the tokens ranked 2nd and lower while those above them held less than
-# 1 - top_p = 10%, then applied the temperature. Wherever the most likely token holds 10% or more it drops nothing,
-# and `top_p=1.0, temperature=0.7, top_k=0` gives exactly its distribution; where the top token holds less, it also
-# dropped the next most likely tokens, which no `generate` setting reproduces (tests/test_pipelines.py checks both).
-MAGMA_GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 0, "max_new_tokens": 100}
-
-
-def magma_generation_config(config: MagmaConfig) -> GenerationConfig:
-    """The generation defaults MAGMA shipped with, for the given model's special tokens."""
-    text_config = config.text_config
-    return GenerationConfig(
-        **MAGMA_GENERATION_DEFAULTS,
-        bos_token_id=text_config.bos_token_id,
-        eos_token_id=text_config.eos_token_id,
-        pad_token_id=text_config.pad_token_id if text_config.pad_token_id is not None else text_config.eos_token_id,
-    )
+from .weights_magma import gptj_named_parameters, is_adapter_weight
 
 
 def keeping_statistics_on_replay(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -207,34 +169,6 @@ def adapter_peft_config(config: MagmaConfig) -> MagmaAdapterConfig | None:
     return MagmaAdapterConfig.from_magma_adapter_config(config.adapter_config)
 
 
-def check_model_folder(folder: Path, has_config: bool) -> None:
-    """What a local model folder must hold before loading: without config.json transformers builds the default
-    config (GPT-J-6B, 24 GB in float32) and only then finds that the weights do not fit."""
-    if not has_config and not (folder / "config.json").is_file():
-        raise OSError(
-            f"{folder} has no config.json: a MAGMA model folder holds config.json next to its weights "
-            "(model.safetensors, or the shards and model.safetensors.index.json)"
-        )
-    check_json_files(folder, MODEL_FILES_JSON)
-
-
-def broken_weight_files_message(folder: Path, error: Exception) -> str:
-    """Which `.safetensors` files in `folder` cannot be opened, their sizes and safetensors' reason, in one line."""
-    broken = []
-    for path in sorted(folder.glob("*.safetensors")):
-        try:
-            with safe_open(path, framework="pt"):
-                pass
-        except (SafetensorError, OSError) as reason:
-            broken.append(f"{path.name} ({path.stat().st_size} bytes: {reason})")
-    if not broken:
-        return f"Loading the weights in {folder} failed: {error}"
-    return (
-        f"The weight file(s) {', '.join(broken)} in {folder} are not complete safetensors files: probably an "
-        "interrupted download or copy. Download or copy them again."
-    )
-
-
 class MagmaPreTrainedModel(PreTrainedModel):
     config: MagmaConfig
     base_model_prefix = "model"
@@ -249,19 +183,11 @@ class MagmaPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        folder = None  # a local model folder, checked here; a Hub repo id is transformers' to resolve
-        if pretrained_model_name_or_path is not None:
-            folder = Path(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
-            folder = folder if folder.is_dir() else None
-        if folder is not None:
-            check_model_folder(folder, has_config=bool(args) or kwargs.get("config") is not None)
-        try:
+        """transformers' loading; a local folder's files are checked first, and broken weight files named
+        (`hub_magma.model_folder_checked`)."""
+        has_config = bool(args) or kwargs.get("config") is not None
+        with model_folder_checked(pretrained_model_name_or_path, kwargs.get("subfolder"), has_config):
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        except SafetensorError as error:
-            # safetensors says "incomplete metadata, file not fully covered", not which of the shards it was reading
-            if folder is None:
-                raise
-            raise OSError(broken_weight_files_message(folder, error)) from error
 
     def _init_weights(self, module: nn.Module) -> None:
         # The image encoder's modules are initialised by MagmaVisionPreTrainedModel._init_weights (transformers'
@@ -495,77 +421,15 @@ class MagmaForConditionalGeneration(MagmaPreTrainedModel, GenerationMixin):
         self.post_init()
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
-        """`PreTrainedModel.save_pretrained`; with the code export on (`import magma_hf` turns it on) the folder also
-        gets `custom_pipelines` (`image-to-text` and `image-text-to-text`), an `AutoModel` entry and a model card, and
-        is a Hub repo. What saving writes into config.json (these, `auto_map`, `architectures`, `dtype`) belongs to
-        the saved files: the live config is left as it was."""
+        """`PreTrainedModel.save_pretrained`, the live config left as it was; with the code export on (`import
+        magma_hf` turns it on) the folder is a Hub repo (`hub_magma.saving_as_hub_repo`)."""
         exporting_code = self._auto_class is not None
-        with config_left_unchanged(self.config):
-            if exporting_code:
-                self.config.custom_pipelines = copy.deepcopy(CUSTOM_PIPELINES)
-                self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP_EXTRAS}
+        with saving_as_hub_repo(self.config, save_directory, exporting_code, kwargs.get("is_main_process", True)):
             super().save_pretrained(save_directory, *args, **kwargs)
-        if exporting_code and kwargs.get("is_main_process", True):
-            write_model_card(save_directory)
 
-    def save_peft_adapter(
-        self,
-        save_directory: str | os.PathLike,
-        base_model_name_or_path: str | None = None,
-        state_dict: dict[str, torch.Tensor] | None = None,
-    ) -> None:
-        """Export the adapters alone in PEFT format, for `PeftModel.from_pretrained(GPTJForCausalLM, ...)`.
-
-        Writes `adapter_config.json` and `adapter_model.safetensors` (keys as peft names them on a
-        `GPTJForCausalLM`); on a stock GPT-J with the same weights, text-only logits equal this model's.
-
-        Args:
-            state_dict: This model's full state dict, when its own parameters do not hold the values (e.g. gathered
-                from DeepSpeed ZeRO-3 shards); by default the model's parameters.
-        """
-        peft_config = adapter_peft_config(self.config)
-        if peft_config is None:
-            raise ValueError("This MAGMA model has no adapters (config.adapter_config is empty): nothing to export")
-        peft_config.task_type = "CAUSAL_LM"
-        peft_config.base_model_name_or_path = base_model_name_or_path
-        if state_dict is not None:  # peft selects from the language model's part, under its own names
-            state_dict = language_model_state_dict(state_dict)
-        adapter_state = get_peft_model_state_dict(self.language_model, state_dict=state_dict, adapter_name="default")
-        # The language model here is GPTJForCausalLM's `transformer`; PeftModel's keys start at the causal LM.
-        adapter_state = peft_state_dict({key: t.detach().contiguous().cpu() for key, t in adapter_state.items()})
-        Path(save_directory).mkdir(parents=True, exist_ok=True)
-        save_file(adapter_state, Path(save_directory) / PEFT_WEIGHTS_FILE, metadata={"format": "pt"})
-        peft_config.save_pretrained(save_directory)
-
-    def gptj_weights_by_name(
-        self, gptj_state_dict: dict[str, torch.Tensor], source: str = "The GPT-J state dict"
-    ) -> dict[str, torch.Tensor]:
-        """A `GPTJForCausalLM` state dict (`transformer.*`, `lm_head.*`) under this model's names.
-
-        Every GPT-J weight of this model must be there with the same shape, or a `ValueError` names what is not
-        (works on a model built on the meta device: only names and shapes are read).
-        """
-        weights, missing, mismatched = {}, [], []
-        for name, param in self.gptj_named_parameters():
-            tensor = gptj_state_dict.get(gptj_name(name))
-            if tensor is None:
-                missing.append(gptj_name(name))
-            elif tensor.shape != param.shape:
-                mismatched.append(f"{gptj_name(name)}: {tuple(tensor.shape)} != {tuple(param.shape)}")
-            else:
-                weights[name] = tensor
-        problems = ([f"has no weight {', '.join(map(repr, missing))}"] if missing else []) + (
-            [f"has weights of the wrong shape: {mismatched}"] if mismatched else []
-        )
-        if problems:
-            raise ValueError(f"{source} {' and '.join(problems)}: this model needs every GPT-J weight, in its shape")
-        return weights
-
-    def gptj_named_parameters(self):
+    def gptj_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """The GPT-J weights of this model (language model without adapters, LM head), with their names here."""
-        for name, param in self.named_parameters():
-            if is_gptj_weight(name):
-                yield name, param
+        return gptj_named_parameters(self)
 
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head

@@ -1,12 +1,18 @@
 """MAGMA's weight names: GPT-J's <-> MAGMA's <-> PEFT's, which weights are MAGMA's own, and its weight files.
 
 A flat sibling of `modeling_magma.py`, which imports it, so the Hub code export carries it (`trust_remote_code`
-folders); it imports nothing of the package. Everything that maps, selects or names weights goes through here.
+folders); it imports nothing of the package. Everything that maps, selects or names weights, names weight files or
+checks that a state dict fits a model goes through here.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from torch import nn
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 # Where each part sits in `MagmaForConditionalGeneration`'s state dict.
 LANGUAGE_MODEL_PREFIX = "model.language_model."  # GPT-J's transformer
@@ -22,6 +28,10 @@ PEFT_PREFIX = f"base_model.model.{GPTJ_BASE_PREFIX}."
 _ADAPTER_CONTAINER = re.compile(r"\.(magma_[a-z]+)(?=\.|$)")
 PEFT_ADAPTER_NAME = "default"  # the one adapter's name inside each container (`magma_down.default.weight`)
 
+# The full model's weight files, as `save_pretrained` names them (transformers' names): one file, or shards and
+# their index.
+MODEL_WEIGHTS_FILE = SAFE_WEIGHTS_NAME  # model.safetensors
+MODEL_WEIGHTS_INDEX_FILE = SAFE_WEIGHTS_INDEX_NAME  # model.safetensors.index.json
 # MAGMA-only weight files (no GPT-J weight in them).
 MAGMA_WEIGHTS_NAME = "magma_weights.safetensors"  # a training checkpoint's model weights
 IMAGE_PREFIX_FILE = "image_prefix.safetensors"  # the adapter export's image encoder and projection
@@ -91,3 +101,70 @@ def peft_state_dict(language_model_adapter_state: dict) -> dict:
     """PEFT's adapter state of the language model (`h.0.mlp.magma_down.weight`) under `PeftModel`'s names on
     `GPTJForCausalLM` (`base_model.model.transformer.h.0...`)."""
     return {PEFT_PREFIX + key: tensor for key, tensor in language_model_adapter_state.items()}
+
+
+def shape_of(tensor_or_shape: Any) -> tuple[int, ...]:
+    return tuple(getattr(tensor_or_shape, "shape", tensor_or_shape))
+
+
+def check_state_dict(
+    expected: Mapping[str, Any],
+    state_dict: Mapping[str, Any],
+    source: str,
+    *,
+    required: Callable[[str], bool] = lambda name: True,
+    allow_unexpected: bool = False,
+    error: type[Exception] = ValueError,
+    limit: int = 10,
+) -> None:
+    """Check that `state_dict` fits a model whose weights are `expected` (tensors, meta tensors or shapes, by name),
+    else raise `error` naming up to `limit` weights of each kind of problem: the package's one fit check.
+
+    Args:
+        source: What `state_dict` is, the subject of the message ("The language model has no weight [...]").
+        required: Which weights of `expected` must be there (by default all; the others are, e.g., new by intent).
+        allow_unexpected: Ignore weights `expected` does not have (e.g. a whole GPT-J's, of which some are taken).
+    """
+    missing = [name for name in expected if name not in state_dict and required(name)]
+    unexpected = [] if allow_unexpected else sorted(set(state_dict) - set(expected))
+    mismatched = [
+        f"{name}: {shape_of(state_dict[name])} vs {shape_of(expected[name])}"  # its shape vs the model's
+        for name in expected
+        if name in state_dict and shape_of(state_dict[name]) != shape_of(expected[name])
+    ]
+
+    def more(listed: list[str]) -> str:
+        return f" ({len(listed)} in all)" if len(listed) > limit else ""
+
+    def names(listed: list[str]) -> str:
+        return ", ".join(map(repr, listed[:limit])) + more(listed)
+
+    problems = [
+        *([f"has no weight {names(missing)}"] if missing else []),
+        *([f"has weights the model does not have: {names(unexpected)}"] if unexpected else []),
+        *([f"has a shape mismatch {mismatched[:limit]}{more(mismatched)}"] if mismatched else []),
+    ]
+    if problems:
+        raise error(f"{source} {', and '.join(problems)}")
+
+
+def gptj_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """The GPT-J weights of a MAGMA model (language model without adapters, LM head), with their names there."""
+    for name, param in model.named_parameters():
+        if is_gptj_weight(name):
+            yield name, param
+
+
+def gptj_weights_by_name(
+    model: nn.Module, gptj_state_dict: Mapping[str, Any], source: str = "The GPT-J state dict"
+) -> dict[str, Any]:
+    """A `GPTJForCausalLM` state dict (`transformer.*`, `lm_head.*`) under the names of MAGMA `model`.
+
+    Every GPT-J weight of `model` must be there with the same shape, or a `ValueError` names what is not (works on a
+    model built on the meta device: only names and shapes are read).
+    """
+    parameters = dict(gptj_named_parameters(model))
+    expected = {gptj_name(name): param for name, param in parameters.items()}
+    check_state_dict(expected, gptj_state_dict, source, allow_unexpected=True)
+    return {name: gptj_state_dict[gptj_name(name)] for name in parameters}
+

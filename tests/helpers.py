@@ -244,7 +244,7 @@ def save_tiny_magma(folder, tokenizer, processor, magma_generation_defaults: boo
     import torch
 
     from magma_hf import MagmaForConditionalGeneration
-    from magma_hf.modeling_magma import magma_generation_config
+    from magma_hf.generation import magma_generation_config
 
     torch.manual_seed(0)
     model = MagmaForConditionalGeneration(config or tiny_config(tokenizer)).eval()

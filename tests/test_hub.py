@@ -31,7 +31,8 @@ from magma_hf import (
     MagmaProcessor,
     MagmaVisionConfig,
 )
-from magma_hf.modeling_magma import gptj_name
+from magma_hf.training.export import save_peft_adapter
+from magma_hf.weights_magma import gptj_name
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +265,7 @@ def test_adapters_export_in_peft_format_for_a_stock_gptj(saved, tmp_path):
     _, model = saved
     stock = GPTJForCausalLM(model.config.text_config).eval()
     stock.load_state_dict({gptj_name(name): param for name, param in model.gptj_named_parameters()}, strict=True)
-    model.save_peft_adapter(tmp_path, base_model_name_or_path="tiny-gptj")
+    save_peft_adapter(model, tmp_path, base_model_name_or_path="tiny-gptj")
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
     adapted = PeftModel.from_pretrained(stock, tmp_path).eval()
     input_ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -272,7 +273,7 @@ def test_adapters_export_in_peft_format_for_a_stock_gptj(saved, tmp_path):
     with adapted.disable_adapter():
         assert not torch.allclose(adapted(input_ids=input_ids).logits, model(input_ids=input_ids).logits)
     # from a given full state dict (as gathered from ZeRO-3 shards), the same export
-    model.save_peft_adapter(tmp_path / "from_state_dict", state_dict=model.state_dict())
+    save_peft_adapter(model, tmp_path / "from_state_dict", state_dict=model.state_dict())
     exported = load_file(tmp_path / "adapter_model.safetensors")
     from_state_dict = load_file(tmp_path / "from_state_dict" / "adapter_model.safetensors")
     assert exported.keys() == from_state_dict.keys()

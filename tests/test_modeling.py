@@ -8,7 +8,7 @@ from open_clip.modified_resnet import ModifiedResNet
 from transformers import AutoModel, AutoModelForImageTextToText
 
 from magma_hf import MagmaForConditionalGeneration, MagmaModel
-from magma_hf.modeling_magma import magma_generation_config
+from magma_hf.generation import magma_generation_config
 
 N_TOKENS = 4  # tiny config: 64 px images, (64 / 32) ** 2 image tokens
 

@@ -22,7 +22,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.pipelines.image_text_to_text import ImageTextToTextPipeline
 
 from magma_hf import MagmaConfig, MagmaForConditionalGeneration, MagmaImageToTextPipeline, MagmaProcessor
-from magma_hf.modeling_magma import MAGMA_GENERATION_DEFAULTS, magma_generation_config
+from magma_hf.generation import MAGMA_GENERATION_DEFAULTS, magma_generation_config
 
 TASKS = ("image-to-text", "image-text-to-text")
 QUESTION = "Q: What is in the picture? A:"

@@ -34,10 +34,10 @@ from typing import Any
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import safe_open
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 from transformers.utils import logging as hf_logging
 
 from ..folders import sync_path, write_text_atomically
+from ..weights_magma import MODEL_WEIGHTS_FILE, MODEL_WEIGHTS_INDEX_FILE
 
 SAFETENSORS_DTYPES = {
     torch.float16: "F16",
@@ -316,7 +316,9 @@ def write_sharded_safetensors(
     """
     meta = {spec.name: torch.empty(spec.shape, dtype=spec.dtype, device="meta") for spec in specs}
     split = split_torch_state_dict_into_shards(
-        meta, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+        meta,
+        filename_pattern=MODEL_WEIGHTS_FILE.replace(".safetensors", "{suffix}.safetensors"),  # as save_pretrained
+        max_shard_size=max_shard_size,
     )
     by_name = {spec.name: spec for spec in specs}
     report = VerifyReport() if check is not None else None
@@ -341,7 +343,7 @@ def write_sharded_safetensors(
             if report is not None:
                 verify_shard(path, shard, check, report, advance)
 
-        names = [*split.filename_to_tensors, *([SAFE_WEIGHTS_INDEX_NAME] if split.is_sharded else [])]
+        names = [*split.filename_to_tensors, *([MODEL_WEIGHTS_INDEX_FILE] if split.is_sharded else [])]
         if existing := [name for name in names if os.path.lexists(folder / name)]:
             raise SafetensorsWriteError(
                 f"{folder} already holds {', '.join(existing)}: not overwritten; write into a new (staged) folder"
@@ -361,9 +363,9 @@ def write_sharded_safetensors(
             if split.is_sharded:
                 metadata = {"total_parameters": total_parameters} if total_parameters is not None else {}
                 index = {"metadata": {**metadata, **split.metadata}, "weight_map": dict(split.tensor_to_filename)}
-                created.append(folder / SAFE_WEIGHTS_INDEX_NAME)
+                created.append(folder / MODEL_WEIGHTS_INDEX_FILE)
                 text = json.dumps(index, indent=2, sort_keys=True) + "\n"
-                write_text_atomically(folder / SAFE_WEIGHTS_INDEX_NAME, text)
+                write_text_atomically(folder / MODEL_WEIGHTS_INDEX_FILE, text)
         except BaseException:
             if pending is not None and not pending.cancel():
                 wait([pending])  # the verification thread is done with the shard before it is removed

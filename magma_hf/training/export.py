@@ -24,20 +24,25 @@ import os
 from pathlib import Path
 
 import torch
+from peft import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import GPTJForCausalLM, PreTrainedModel
 
 from ..configuration_magma import MagmaConfig
 from ..factory import empty_model, load_model_from_state_dict
 from ..folders import FolderWriter
-from ..modeling_magma import MagmaForConditionalGeneration
+from ..modeling_magma import MagmaForConditionalGeneration, adapter_peft_config
 from ..weights_magma import (
     IMAGE_PREFIX_FILE,
     PEFT_CONFIG_FILE,
     PEFT_WEIGHTS_FILE,
+    check_state_dict,
+    gptj_weights_by_name,
     is_image_prefix_weight,
+    language_model_state_dict,
     magma_state_dict,
     peft_name_to_model_name,
+    peft_state_dict,
 )
 
 EXPORT_INFO_FILE = "magma_export.json"  # the export's manifest (folders.py's format) and its base language model
@@ -99,7 +104,7 @@ def save_adapter_export(
     EXPORT_FOLDER.recover(export_dir)  # what a killed export left
     with EXPORT_FOLDER.workspace(export_dir) as staging:
         if model.config.adapter_config:
-            model.save_peft_adapter(staging, base_model_name_or_path=base_model_name_or_path, state_dict=state_dict)
+            save_peft_adapter(model, staging, base_model_name_or_path=base_model_name_or_path, state_dict=state_dict)
         state_dict = model.state_dict() if state_dict is None else state_dict
         prefix = {
             name: tensor.detach().contiguous().cpu()
@@ -159,29 +164,46 @@ def load_adapter_export(
     if language_model is None:
         raise ValueError(f"{export_dir} does not record its GPT-J: pass language_model= (e.g. EleutherAI/gpt-j-6B)")
     skeleton = empty_model(config)
-    expected = skeleton.state_dict()
 
-    state_dict = skeleton.gptj_weights_by_name(_gptj_state_dict(language_model, dtype), source="The language model")
+    state_dict = gptj_weights_by_name(skeleton, _gptj_state_dict(language_model, dtype), source="The language model")
     state_dict.update(load_file(export_dir / IMAGE_PREFIX_FILE))
     if config.adapter_config:
         adapters = load_file(export_dir / PEFT_WEIGHTS_FILE)
         state_dict.update({peft_name_to_model_name(name): tensor for name, tensor in adapters.items()})
-
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = [
-        f"{name}: {tuple(state_dict[name].shape)} != {tuple(expected[name].shape)}"
-        for name in expected
-        if name in state_dict and state_dict[name].shape != expected[name].shape
-    ]
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            f"{export_dir} + the language model do not make a complete model: missing {missing[:10]}, "
-            f"unexpected {unexpected[:10]}, shape mismatch {mismatched[:10]}"
-        )
+    check_state_dict(skeleton.state_dict(), state_dict, f"{export_dir} + the language model")
     if dtype is not None:
         state_dict = {n: t.to(dtype) if t.is_floating_point() else t for n, t in state_dict.items()}
     return load_model_from_state_dict(config, state_dict, dtype, new_by_intent=lambda name: False)
 
 
-__all__ = ["load_adapter_export", "magma_state_dict", "save_adapter_export"]
+def save_peft_adapter(
+    model: MagmaForConditionalGeneration,
+    save_directory: str | os.PathLike,
+    base_model_name_or_path: str | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Export `model`'s adapters alone in PEFT format, for `PeftModel.from_pretrained(GPTJForCausalLM, ...)`.
+
+    Writes `adapter_config.json` and `adapter_model.safetensors` (keys as peft names them on a
+    `GPTJForCausalLM`); on a stock GPT-J with the same weights, text-only logits equal the model's.
+
+    Args:
+        state_dict: The model's full state dict, when its own parameters do not hold the values (e.g. gathered
+            from DeepSpeed ZeRO-3 shards); by default the model's parameters.
+    """
+    peft_config = adapter_peft_config(model.config)
+    if peft_config is None:
+        raise ValueError("This MAGMA model has no adapters (config.adapter_config is empty): nothing to export")
+    peft_config.task_type = "CAUSAL_LM"
+    peft_config.base_model_name_or_path = base_model_name_or_path
+    if state_dict is not None:  # peft selects from the language model's part, under its own names
+        state_dict = language_model_state_dict(state_dict)
+    adapter_state = get_peft_model_state_dict(model.language_model, state_dict=state_dict, adapter_name="default")
+    # The language model here is GPTJForCausalLM's `transformer`; PeftModel's keys start at the causal LM.
+    adapter_state = peft_state_dict({key: t.detach().contiguous().cpu() for key, t in adapter_state.items()})
+    Path(save_directory).mkdir(parents=True, exist_ok=True)
+    save_file(adapter_state, Path(save_directory) / PEFT_WEIGHTS_FILE, metadata={"format": "pt"})
+    peft_config.save_pretrained(save_directory)
+
+
+__all__ = ["load_adapter_export", "magma_state_dict", "save_adapter_export", "save_peft_adapter"]

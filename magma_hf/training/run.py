@@ -57,7 +57,13 @@ from ..factory import (
 from ..folders import FolderWriter, is_weights_name
 from ..modeling_magma import MagmaForConditionalGeneration
 from ..processing_magma import MagmaProcessor, check_processor_matches_model
-from ..weights_magma import IMAGE_PREFIX_FILE, MAGMA_WEIGHTS_NAME, is_magma_weight
+from ..weights_magma import (
+    IMAGE_PREFIX_FILE,
+    MAGMA_WEIGHTS_NAME,
+    MODEL_WEIGHTS_FILE,
+    MODEL_WEIGHTS_INDEX_FILE,
+    is_magma_weight,
+)
 from .collator import MagmaDataCollator
 from .config import MagmaTrainingConfig, TrainingConfigError, check_model_config
 from .deepspeed import deepspeed_config, launcher_runs_deepspeed_on_cpu, resolve_deepspeed
@@ -386,7 +392,7 @@ def _input_folders(config: MagmaTrainingConfig) -> list[tuple[str, str]]:
 
 EXPORT_DIR_NAME = "adapter_export"
 # What marks a finished run in `save` (Trainer.save_model, the adapter export): named first when refusing the folder.
-FINISHED_RUN_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json", EXPORT_DIR_NAME)
+FINISHED_RUN_FILES = (MODEL_WEIGHTS_FILE, MODEL_WEIGHTS_INDEX_FILE, "config.json", EXPORT_DIR_NAME)
 
 
 def _listing(entries: list[Path], limit: int = 10) -> str:

@@ -27,7 +27,7 @@ from ..data import MAX_SKIPPED_SHARE, SKIP_EXAMPLES, TooManySkippedError, check_
 from ..data.streaming import MagmaStream
 from ..folders import sync_folder, sync_path
 from ..generation import generate_answers
-from ..weights_magma import MAGMA_WEIGHTS_NAME, magma_state_dict
+from ..weights_magma import MAGMA_WEIGHTS_NAME, check_state_dict, magma_state_dict
 from .collator import EMPTY_KEY, SKIPPED_IMAGES_KEY, SKIPPED_KEY, SKIPPED_REASONS_KEY, MagmaDataCollator
 
 logger = logging.get_logger(__name__)
@@ -697,14 +697,9 @@ def load_magma_weights(model: nn.Module, weights_file: str | os.PathLike) -> Non
     """Load a checkpoint's `magma_weights.safetensors` into `model`: every trainable parameter must be in it, and
     nothing of GPT-J."""
     state_dict = load_file(str(weights_file))
-    own = magma_state_dict(model.state_dict())
-    foreign = sorted(set(state_dict) - set(own))
     trainable = {name for name, param in model.named_parameters() if param.requires_grad}
-    missing = sorted(trainable - set(state_dict))
-    if foreign or missing:
-        raise ValueError(
-            f"{weights_file} does not fit this model: unexpected {foreign[:10]}, missing trainable {missing[:10]}"
-        )
+    own = magma_state_dict(model.state_dict())
+    check_state_dict(own, state_dict, str(weights_file), required=lambda name: name in trainable)
     model.load_state_dict(state_dict, strict=False)
 
 

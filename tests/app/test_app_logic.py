@@ -6,7 +6,7 @@ import pytest
 
 from magma_hf.app_magma import InputError, MagmaApp, Settings, build_query, default_settings
 from magma_hf.evaluation.prompts import build_prompt
-from magma_hf.modeling_magma import magma_generation_config
+from magma_hf.generation import magma_generation_config
 
 
 def test_query_is_the_harness_layout():

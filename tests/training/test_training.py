@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import GPTJForCausalLM, set_seed
 
 from magma_hf import MagmaForConditionalGeneration
-from magma_hf.modeling_magma import gptj_name, magma_generation_config
+from magma_hf.generation import magma_generation_config
 from magma_hf.training.export import magma_state_dict
 from magma_hf.training.run import (
     EXPORT_DIR_NAME,
@@ -26,6 +26,7 @@ from magma_hf.training.run import (
     training_arguments_kwargs,
 )
 from magma_hf.training.trainer import MAGMA_WEIGHTS_NAME, MagmaLRSchedule, magma_parameter_groups
+from magma_hf.weights_magma import gptj_name
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configuration"
