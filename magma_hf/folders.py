@@ -32,6 +32,8 @@ from typing import Any
 
 from transformers.utils import logging
 
+from .weights_magma import is_weights_name
+
 logger = logging.get_logger(__name__)
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -124,15 +126,9 @@ def utf8_file_name(name: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The manifest: which files of a folder are ours
-
-# A saved model's weight files: recorded by size and modification time (the converter verifies them against the
-# checkpoint; hashing 12 GB at every save would double the writing's reading).
-WEIGHT_FILE_NAME = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
-
-
-def is_weights_name(name: str) -> bool:
-    return WEIGHT_FILE_NAME.fullmatch(name) is not None
+# The manifest: which files of a folder are ours (a saved model's weight files, `is_weights_name`, are recorded by size
+# and modification time: the converter verifies them against the checkpoint, and hashing 12 GB at every save would
+# double the writing's reading)
 
 
 def sha256_of(path: Path) -> str:
@@ -541,7 +537,6 @@ __all__ = [
     "FolderWriter",
     "atomic_path",
     "file_record",
-    "is_weights_name",
     "leftover_temporaries",
     "lock_is_free",
     "manifest_text",

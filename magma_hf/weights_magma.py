@@ -32,6 +32,16 @@ PEFT_ADAPTER_NAME = "default"  # the one adapter's name inside each container (`
 # their index.
 MODEL_WEIGHTS_FILE = SAFE_WEIGHTS_NAME  # model.safetensors
 MODEL_WEIGHTS_INDEX_FILE = SAFE_WEIGHTS_INDEX_NAME  # model.safetensors.index.json
+# Every weight file of a saved model: the one file, the shards `save_pretrained` names `model-0000i-of-0000n`, the index
+WEIGHT_FILE_NAME = re.compile(
+    re.escape(MODEL_WEIGHTS_FILE).replace(r"\.safetensors", r"(-\d{5}-of-\d{5})?\.safetensors")
+    + rf"|{re.escape(MODEL_WEIGHTS_INDEX_FILE)}"
+)
+
+
+def is_weights_name(name: str) -> bool:
+    """`name` is a weight file of a saved model (`model.safetensors`, a shard of it, or its index)."""
+    return WEIGHT_FILE_NAME.fullmatch(name) is not None
 # MAGMA-only weight files (no GPT-J weight in them).
 MAGMA_WEIGHTS_NAME = "magma_weights.safetensors"  # a training checkpoint's model weights
 IMAGE_PREFIX_FILE = "image_prefix.safetensors"  # the adapter export's image encoder and projection

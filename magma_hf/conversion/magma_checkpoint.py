@@ -29,7 +29,6 @@ another row would make an unreachable id look like a real token.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import shutil
@@ -53,9 +52,10 @@ from ..factory import (
     load_tokenizer,
     read_magma_settings,
 )
-from ..folders import FolderChanges, FolderWriter, is_weights_name
-from ..hub_magma import AUTO_MAP_EXTRAS, CUSTOM_PIPELINES, config_left_unchanged, write_model_card
+from ..folders import FolderChanges, FolderWriter
+from ..hub_magma import saving_as_hub_repo
 from ..modeling_magma import MagmaForConditionalGeneration
+from ..weights_magma import is_weights_name
 from .checkpoint import (
     CHECKPOINT_FILENAME,
     MagmaConversionError,
@@ -256,15 +256,12 @@ def save_model_files(model: MagmaForConditionalGeneration, folder: Path) -> None
     `custom_pipelines`), the code files `auto_map` names, generation_config.json and the model card (README.md). What
     saving writes into config.json belongs to the saved files: the live config is left as it was."""
     config = model.config
-    with config_left_unchanged(config):
+    with saving_as_hub_repo(config, folder, exporting_code=True):  # `auto_map`, `custom_pipelines`, then the card
         config.dtype = str(model.dtype).removeprefix("torch.")
         config.architectures = [type(model).__name__]
-        config.custom_pipelines = copy.deepcopy(CUSTOM_PIPELINES)
-        config.auto_map = {**(getattr(config, "auto_map", None) or {}), **AUTO_MAP_EXTRAS}
         custom_object_save(model, folder, config=config)  # modeling_magma.py, its relative imports, its auto_map entry
         config.save_pretrained(folder)  # config.json, and configuration_magma.py with the AutoConfig entry
-    model.generation_config.save_pretrained(folder)  # MAGMA's generation defaults (factory.empty_model sets them)
-    write_model_card(folder)
+        model.generation_config.save_pretrained(folder)  # MAGMA's generation defaults (factory.empty_model sets them)
 
 
 def convert_magma_checkpoint(

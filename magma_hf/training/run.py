@@ -54,7 +54,7 @@ from ..factory import (
     model_settings,
     new_model,
 )
-from ..folders import FolderWriter, is_weights_name
+from ..folders import FolderWriter
 from ..modeling_magma import MagmaForConditionalGeneration
 from ..processing_magma import MagmaProcessor, check_processor_matches_model
 from ..weights_magma import (
@@ -63,6 +63,7 @@ from ..weights_magma import (
     MODEL_WEIGHTS_FILE,
     MODEL_WEIGHTS_INDEX_FILE,
     is_magma_weight,
+    is_weights_name,
 )
 from .collator import MagmaDataCollator
 from .config import MagmaTrainingConfig, TrainingConfigError, check_model_config
