@@ -65,7 +65,10 @@ def data_keys(images: ImageSource) -> tuple[str, ...]:
     return DATA_KEYS if images.ids_are_rows else tuple(key for key in DATA_KEYS if key != "data_images")
 
 
-# ------------------------------------------------------------------------------------------------------------ images
+# ---------------------------------------------------------------------------------------------------------------------
+# Images
+
+
 @dataclass
 class ImageSource:
     """The images to caption: `ids` (unique), `labels` (the output's `image`: a path, or `DATA[row]`), and a reader.
@@ -208,7 +211,10 @@ def _from_hf_dataset(dataset: datasets.Dataset, image_column: str, source) -> Im
     return ImageSource(name, [str(row) for row in rows], [f"{name}[{row}]" for row in rows], read)
 
 
-# --------------------------------------------------------------------------------------------------------- engines
+# ---------------------------------------------------------------------------------------------------------------------
+# Engines
+
+
 def weight_files_fingerprint(model_dir: str | os.PathLike) -> str:
     """sha256 of a model folder's safetensors files (names and bytes): the vLLM engine's model identity."""
     files = sorted(Path(model_dir).glob("*.safetensors"))
@@ -235,7 +241,10 @@ def vllm_generator(model_dir: str, max_new_tokens: int, **llm_kwargs):
     return VllmGenerator(model_dir, max_new_tokens, **llm_kwargs)
 
 
-# ---------------------------------------------------------------------------------------------------------- caption
+# ---------------------------------------------------------------------------------------------------------------------
+# Caption
+
+
 def caption_images(
     model,
     data,
@@ -350,7 +359,10 @@ def _engine(model, processor, engine, max_new_tokens, device, dtype, procs: Proc
     return generate, identity
 
 
-# --------------------------------------------------------------------------------------------------------------- CLI
+# ---------------------------------------------------------------------------------------------------------------------
+# CLI
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data",

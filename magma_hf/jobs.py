@@ -56,7 +56,10 @@ logger = logging.get_logger(__name__)
 MODEL_KEYS = ("model_weights", "dtype")
 
 
-# -------------------------------------------------------------------------------------------------------- processes
+# ---------------------------------------------------------------------------------------------------------------------
+# Processes
+
+
 @dataclass
 class Processes:
     """This process's place among those `accelerate launch` (or torchrun) started; one process when none did."""
@@ -102,7 +105,10 @@ def shard(todo: Sequence, procs: Processes) -> list:
     return list(todo[procs.rank :: procs.count])
 
 
-# ----------------------------------------------------------------------------------------------------- a log's files
+# ---------------------------------------------------------------------------------------------------------------------
+# A log's files
+
+
 def process_log_path(log_path: Path, rank: int) -> Path:
     """`results.jsonl` -> `results.process-1.jsonl`: where process `rank` (> 0) appends its records."""
     return log_path.with_name(f"{log_path.stem}.process-{rank}{log_path.suffix}")
@@ -195,7 +201,10 @@ def header_line(results_format: str, settings: Mapping[str, Any]) -> str:
     return json.dumps({"format": results_format, "settings": settings}) + "\n"
 
 
-# --------------------------------------------------------------------------------------------- sharded, resumable run
+# ---------------------------------------------------------------------------------------------------------------------
+# Sharded, resumable run
+
+
 def check_no_orphaned_process_logs(log_path: Path) -> None:
     """Process logs without their log (moved or deleted) would be read into a new run: refused, naming them."""
     orphans = process_logs(log_path)
@@ -276,7 +285,10 @@ def merge_process_logs(log_path: Path, done: dict[str, dict], order: Sequence[st
     return True
 
 
-# ------------------------------------------------------------------------------------------------------- the output
+# ---------------------------------------------------------------------------------------------------------------------
+# The output
+
+
 def check_writable_folder(folder: Path) -> None:
     """An error naming the folder when results cannot be written into it (it, or the nearest existing parent)."""
     existing = folder
@@ -288,7 +300,10 @@ def check_writable_folder(folder: Path) -> None:
         raise ValueError(f"Cannot write the results into {folder}: {existing} is not writable")
 
 
-# ----------------------------------------------------------------------------------------------------------- the job
+# ---------------------------------------------------------------------------------------------------------------------
+# The job
+
+
 @dataclass
 class Job:
     """One run of a command over its examples: resumable from its log, sharded over the processes.
@@ -416,7 +431,10 @@ class Job:
         )
 
 
-# --------------------------------------------------------------------------------------------------------- the model
+# ---------------------------------------------------------------------------------------------------------------------
+# The model
+
+
 def load_model_and_processor(path: str | os.PathLike, device: str | None = None, dtype: str | None = None):
     """A MAGMA folder's model (in eval mode, on `device`) and processor."""
     if not Path(path).exists() and (Path(path).is_absolute() or str(path).startswith((".", "~"))):
@@ -477,7 +495,10 @@ def model_identity(model: torch.nn.Module, name: str, fingerprint: bool = True) 
     }
 
 
-# ---------------------------------------------------------------------------------------------------------- the CLI
+# ---------------------------------------------------------------------------------------------------------------------
+# The CLI
+
+
 # A refused input: bad data, settings, model folder or output; the message names it.
 REFUSED = (ValueError, OSError)
 

@@ -50,7 +50,10 @@ RUN_KEYS = ("task", "shots", "seed", "max_new_tokens", "prompt_template")
 DATA_KEYS = ("data", "split", "data_questions", "support", "support_split", "support_questions")
 
 
-# ------------------------------------------------------------------------------------------------------- generation
+# ---------------------------------------------------------------------------------------------------------------------
+# Generation
+
+
 class _Generator:
     """Greedy, batched answers to one batch of prompts at a time (the shared path of `magma_hf.generation`)."""
 
@@ -63,7 +66,10 @@ class _Generator:
         return generate_answers(self.model, self.processor, prompts, images, max_new_tokens=self.max_new_tokens)
 
 
-# ---------------------------------------------------------------------------------------------------------- identity
+# ---------------------------------------------------------------------------------------------------------------------
+# Identity
+
+
 def results_log_path(output: str | os.PathLike) -> Path:
     """`results.json` -> `results.jsonl` (the per-example log beside the aggregate)."""
     output = Path(output)
@@ -86,7 +92,10 @@ def data_name(source, eval_set: EvalSet) -> str:
     return eval_set.source  # a datasets.Dataset or an EvalSet: its questions' fingerprint identifies it
 
 
-# ---------------------------------------------------------------------------------------------------------- scoring
+# ---------------------------------------------------------------------------------------------------------------------
+# Scoring
+
+
 def score_answer(task: str, answer: str, references: list[str]) -> float:
     return gqa_accuracy(answer, references) if task == "gqa" else vqa_accuracy(answer, references)
 
@@ -106,7 +115,10 @@ def aggregate_metrics(task: str, eval_set: EvalSet, records: list[dict]) -> dict
     return {**corpus, "num_images": len(records)}
 
 
-# --------------------------------------------------------------------------------------------------------- evaluate
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluate
+
+
 @dataclass
 class _Examples:
     """What an evaluation asks: `full` is the data as loaded (the log's ids and the few-shot draws refer to it),
@@ -334,7 +346,10 @@ def _results(job: Job, examples: _Examples) -> dict[str, Any]:
     return result
 
 
-# --------------------------------------------------------------------------------------------------------------- CLI
+# ---------------------------------------------------------------------------------------------------------------------
+# CLI
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", required=True, choices=TASKS, help="benchmark: vqa, okvqa, gqa or caption")
     parser.add_argument(
