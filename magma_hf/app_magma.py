@@ -282,7 +282,6 @@ class MagmaApp:
             self._stopped.add(session)
             event.set()
 
-    # ------------------------------------------------------------------------------------------------------- page
     def page(self, examples: Sequence[str] = ()):
         """The Gradio page (`gr.Blocks`) on this app; `examples`: image paths offered as examples."""
         gr = require_gradio()
