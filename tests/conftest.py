@@ -1,18 +1,15 @@
 import os
-import sys
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations, which would ask PyPI
-sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from doc_blocks import run_by  # noqa: E402
-from helpers import make_processor, make_tokenizer, run_img2dataset, tiny_config  # noqa: E402
 
 from magma_hf import MagmaForConditionalGeneration  # noqa: E402
+from tests.doc_blocks import run_by  # noqa: E402
+from tests.helpers import make_processor, make_tokenizer, run_img2dataset, tiny_config  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,11 @@ the pipeline's greedy output for the same input; screenshots go to test-artifact
 """
 
 import pytest
-from chromium import (
+from conftest import ARTIFACTS
+
+from magma_hf.app_magma import DEFAULT_MAX_NEW_TOKENS
+from magma_hf.evaluation.run import build_prompt
+from tests.app.chromium import (
     by_css,
     full_prompt,
     generate,
@@ -16,10 +20,6 @@ from chromium import (
     upload,
     wait_for,
 )
-from conftest import ARTIFACTS
-
-from magma_hf.app_magma import DEFAULT_MAX_NEW_TOKENS
-from magma_hf.evaluation.run import build_prompt
 
 pytestmark = pytest.mark.usefixtures("app_url", "browser")
 

@@ -10,11 +10,11 @@ import time
 import urllib.request
 
 import pytest
-from chromium import free_port
-from helpers import WITHOUT_MAGMA_HF, files_unchanged
 
 from magma_hf.app import MANIFEST_NAME, SPACE_MARKER, write_space
 from magma_hf.app_magma import DEFAULT_MAX_NEW_TOKENS
+from tests.app.chromium import free_port
+from tests.helpers import WITHOUT_MAGMA_HF, files_unchanged
 
 
 def wait_until_serving(url: str, process: subprocess.Popen, timeout: float = 120) -> str:

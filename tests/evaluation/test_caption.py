@@ -13,8 +13,14 @@ import datasets
 import PIL.Image
 import pytest
 import torch
-from doc_blocks import run_by
-from helpers import (
+
+from magma_hf import MagmaForConditionalGeneration
+from magma_hf.captioning import caption_images
+from magma_hf.cli import main
+from magma_hf.evaluation.run import load_model_and_processor
+from magma_hf.generation import generate_answers
+from tests.doc_blocks import run_by
+from tests.helpers import (
     encoded_image,
     files_unchanged,
     img2dataset_samples,
@@ -22,12 +28,6 @@ from helpers import (
     save_answering_model,
     write_tar,
 )
-
-from magma_hf import MagmaForConditionalGeneration
-from magma_hf.captioning import caption_images
-from magma_hf.cli import main
-from magma_hf.evaluation.run import load_model_and_processor
-from magma_hf.generation import generate_answers
 
 PROMPT = "Q: What is in the picture? A:"
 

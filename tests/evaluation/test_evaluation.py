@@ -4,7 +4,12 @@ import json
 
 import pytest
 import torch
-from helpers import (
+
+from magma_hf import MagmaForConditionalGeneration
+from magma_hf.evaluation.data import draw_support, load_eval_set, parse_columns
+from magma_hf.evaluation.run import build_prompt, evaluate, results_log_path
+from magma_hf.evaluation.vqa_metrics import gqa_accuracy, vqa_accuracy
+from tests.helpers import (
     KILLED_AT_SECOND_FLUSH,
     encoded_image,
     files_unchanged,
@@ -13,11 +18,6 @@ from helpers import (
     save_answering_model,
     write_tar,
 )
-
-from magma_hf import MagmaForConditionalGeneration
-from magma_hf.evaluation.data import draw_support, load_eval_set, parse_columns
-from magma_hf.evaluation.run import build_prompt, evaluate, results_log_path
-from magma_hf.evaluation.vqa_metrics import gqa_accuracy, vqa_accuracy
 
 # (image, question, ten answers, answer type); images 0 and 1 carry two questions each.
 QUESTIONS = [

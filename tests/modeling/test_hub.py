@@ -7,7 +7,6 @@ import textwrap
 import pytest
 import torch
 import yaml
-from helpers import GREEDY, greedy_texts, random_image, run_without_magma_hf, save_tiny_magma
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import (
@@ -32,6 +31,7 @@ from magma_hf import (
     MagmaVisionConfig,
 )
 from magma_hf.modeling_magma import gptj_name
+from tests.helpers import GREEDY, greedy_texts, random_image, run_without_magma_hf, save_tiny_magma
 
 
 @pytest.fixture(scope="module")

@@ -100,9 +100,8 @@ def test_output_dir_keeps_what_the_demo_did_not_write(tmp_path):
 def test_a_rerun_keeps_files_changed_or_added_in_its_outputs(tmp_path):
     """`magma-hf app demo-output/magma --write-space` (the README's next step) adds the user's files to the demo's
     model folder: today a rerun of the demo deleted the whole folder, their edits included."""
-    from helpers import files_unchanged
-
     from magma_hf.demo import write_demo_manifest
+    from tests.helpers import files_unchanged
 
     previous = tmp_path / "previous"
     (previous / "magma").mkdir(parents=True)

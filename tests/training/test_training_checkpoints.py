@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import files_unchanged, make_tokenizer
 from safetensors.torch import load_file
 from test_training import CONFIGS, REPO, write_magma_dataset
 
@@ -29,6 +28,7 @@ from magma_hf.training.run import (
     training_arguments_kwargs,
 )
 from magma_hf.training.trainer import MAGMA_WEIGHTS_NAME
+from tests.helpers import files_unchanged, make_tokenizer
 
 HOOKED_TRAIN = Path(__file__).parent / "train_with_test_hooks.py"
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import accelerate_launch, encoded_image, files_unchanged, make_tokenizer, write_webdataset_shards
 from test_training import CONFIGS, REPO, write_magma_dataset
 
 from magma_hf import cli
@@ -21,6 +20,7 @@ from magma_hf.data.streaming import DEFAULT_SHUFFLE_BUFFER_SIZE, MagmaStream
 from magma_hf.training.collator import MagmaDataCollator
 from magma_hf.training.run import MagmaTrainingConfig, build_datasets, train
 from magma_hf.training.trainer import DATA_STATE_DIR
+from tests.helpers import accelerate_launch, encoded_image, files_unchanged, make_tokenizer, write_webdataset_shards
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
