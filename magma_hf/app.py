@@ -16,17 +16,17 @@ import argparse
 import hashlib
 import importlib.metadata
 import json
-import logging
 import os
 from pathlib import Path
 
 from transformers.dynamic_module_utils import get_relative_import_files
+from transformers.utils import logging
 
 from . import app_magma
 from .hub_magma import check_processor_files
 from .io_utils import atomic_path, remove_leftover_temporaries, utf8_file_name, write_text_atomically
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 MANIFEST_NAME = ".magma_space.json"  # the sha256 of each file --write-space wrote: what a later run may replace
 SPACE_MARKER = "# Written by `magma-hf app --write-space`"

@@ -26,7 +26,7 @@ import argparse
 import hashlib
 import importlib.util
 import json
-import logging
+import logging as std_logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +36,7 @@ from typing import Any
 import datasets
 import PIL.Image
 from tqdm.auto import tqdm
+from transformers.utils import logging
 
 from .data import IMAGE_EXTENSIONS, SkipReport, decode_image, detect_layout, load_image_caption_dataset
 from .data.decoding import name_problem, shown_path
@@ -64,7 +65,7 @@ from .evaluation.run import (
 from .generation import generate_answers
 from .image_processing_magma import open_image
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 CAPTION_FORMAT = "magma_hf.caption/1"
 LOG_KIND = "caption log"
@@ -425,7 +426,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    std_logging.basicConfig(level=std_logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         records = caption_images(
             args.model,

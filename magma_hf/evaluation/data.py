@@ -27,7 +27,6 @@ Examples without an id get their row number (stable only while the data does not
 from __future__ import annotations
 
 import json
-import logging
 import os
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -37,6 +36,7 @@ from typing import Any
 
 import datasets
 from PIL import Image
+from transformers.utils import logging
 
 from ..data import SKIP_EXAMPLES, load_magma_dataset
 from ..data.decoding import caption_problem, clean_captions
@@ -45,7 +45,7 @@ from ..data.sources import reads_as_shards
 from ..image_processing_magma import open_image
 from .vqa_metrics import answer_strings, most_common_answer
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 QA_TASKS = ("vqa", "okvqa", "gqa")
 TASKS = (*QA_TASKS, "caption")

@@ -19,7 +19,6 @@ with M (one included); with one process and no process logs nothing differs from
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -27,9 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from transformers.utils import logging
+
 from ..io_utils import remove_leftover_temporaries, write_text_atomically
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 
 # -------------------------------------------------------------------------------------------------------- processes

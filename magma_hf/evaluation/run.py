@@ -29,7 +29,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import logging
+import logging as std_logging
 import math
 import os
 from collections.abc import Mapping
@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers.utils import logging
 
 from ..data.shards import is_shard_spec
 from ..generation import generate_answers
@@ -63,7 +64,7 @@ from .records import (
 )
 from .vqa_metrics import aggregate_accuracy, gqa_accuracy, vqa_accuracy
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = {"vqa": 10, "okvqa": 10, "gqa": 10, "caption": 30}
 # 2: the log records the model's weights and the data's questions (1 recorded names only).
@@ -496,7 +497,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    std_logging.basicConfig(level=std_logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     output = args.output or f"eval-{args.task}-{args.shots}shot.json"
     data = args.data if len(args.data) > 1 else args.data[0]
     support = None if args.support is None else (args.support if len(args.support) > 1 else args.support[0])
