@@ -5,11 +5,11 @@ the pipeline's greedy output for the same input; screenshots go to test-artifact
 """
 
 import pytest
-from conftest import ARTIFACTS
 
 from magma_hf.app_magma import DEFAULT_MAX_NEW_TOKENS
 from magma_hf.evaluation.run import build_prompt
 from tests.app.chromium import (
+    ARTIFACTS,
     by_css,
     full_prompt,
     generate,

@@ -15,7 +15,6 @@ from tests.helpers import (
     files_unchanged,
     img2dataset_samples,
     random_image,
-    save_answering_model,
     write_tar,
 )
 
@@ -32,20 +31,6 @@ QUESTIONS = [
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model")
-    save_answering_model(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def model_and_processor(model_dir):
-    from magma_hf.evaluation.run import load_model_and_processor
-
-    return load_model_and_processor(model_dir, device="cpu")
 
 
 @pytest.fixture(scope="module")
