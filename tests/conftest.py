@@ -12,6 +12,13 @@ from tests.doc_blocks import run_by  # noqa: E402
 from tests.helpers import make_processor, make_tokenizer, run_img2dataset, tiny_config  # noqa: E402
 
 
+def pytest_collection_modifyitems(items):
+    """The tests that take `img2dataset_output` are slow: the fixture runs img2dataset (about a minute)."""
+    for item in items:
+        if "img2dataset_output" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()

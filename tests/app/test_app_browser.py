@@ -21,7 +21,7 @@ from tests.app.chromium import (
     wait_for,
 )
 
-pytestmark = pytest.mark.usefixtures("app_url", "browser")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("app_url", "browser")]
 
 QUESTION = "What is in the picture?"
 

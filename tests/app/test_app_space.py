@@ -37,6 +37,7 @@ def space(app_folder, tmp_path):
     return folder
 
 
+@pytest.mark.slow
 def test_space_folder_starts_with_python_app_py_without_magma_hf(space, app_folder, loaded, tmp_path):
     pytest.importorskip("gradio_client", reason="the app needs Gradio: pip install -e '.[app]'")
     from gradio_client import Client, handle_file

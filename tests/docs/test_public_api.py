@@ -47,6 +47,7 @@ def run_python(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_import_magma_hf_leaves_training_evaluation_and_conversion_unimported():
     code = (
         "import sys, magma_hf; "
@@ -58,6 +59,7 @@ def test_import_magma_hf_leaves_training_evaluation_and_conversion_unimported():
     assert result.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_python_m_convert_magma_checkpoint_runs_the_converter_command_line(tmp_path):
     result = run_python("-m", "magma_hf.convert_magma_checkpoint", "--help")
     assert result.returncode == 0, result.stderr
@@ -72,6 +74,7 @@ def test_python_m_convert_magma_checkpoint_runs_the_converter_command_line(tmp_p
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_importing_the_command_line_module_says_where_the_function_is():
     result = run_python("-c", "import magma_hf.convert_magma_checkpoint")
     assert result.returncode != 0

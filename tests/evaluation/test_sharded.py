@@ -14,6 +14,8 @@ from magma_hf.captioning import caption_images
 from magma_hf.evaluation.run import evaluate, load_model_and_processor, results_log_path
 from tests.helpers import KILLED_AT_SECOND_FLUSH, accelerate_launch, random_image, save_answering_model
 
+pytestmark = pytest.mark.slow  # accelerate launch: two processes
+
 N_QUESTIONS, N_IMAGES = 12, 6
 QUESTIONS = ["What is in the picture?", "Is it red?", "How many dogs?", "Is it night?"]
 

@@ -200,6 +200,7 @@ def data(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_killed_while_saving_resumes_from_the_last_complete_checkpoint(data, tmp_path):
     """One process, no DeepSpeed. SIGKILL in the save of checkpoint-6 (its weights, optimizer and RNG state written,
     trainer_state.json not yet); a stray incomplete checkpoint-99 of an older version sits in the folder too. The same
@@ -227,6 +228,7 @@ def test_killed_while_saving_resumes_from_the_last_complete_checkpoint(data, tmp
     assert (run / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_accelerate_deepspeed_two_cpu_processes_killed_while_saving(data, tmp_path, stage):
     """`accelerate launch` with configuration/accelerate/cpu_deepspeed_zero{stage}.yaml (inline DeepSpeed settings,
