@@ -50,7 +50,7 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 
-# the development loop: the suite without its slow tests (accelerate launches, the browser, the demo, tests over ~10 s)
+# the development loop: the suite without its tests marked slow (accelerate launches, img2dataset, the browser, the demo)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
 

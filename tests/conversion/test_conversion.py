@@ -594,7 +594,6 @@ def cli_arguments(tmp_path: Path, small, tokenizer_dir, checkpoint: Path, output
     ]  # fmt: skip
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("stop_at", ["weights", "install"])
 def test_a_killed_conversion_leaves_the_output_and_the_next_run_cleans_up(tmp_path, small, tokenizer_dir, stop_at):
     output = tmp_path / "out"

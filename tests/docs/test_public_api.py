@@ -47,7 +47,6 @@ def run_python(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.slow
 def test_import_magma_hf_leaves_training_evaluation_and_conversion_unimported():
     code = (
         "import sys, magma_hf; "
@@ -74,7 +73,6 @@ def test_python_m_convert_magma_checkpoint_runs_the_converter_command_line(tmp_p
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.slow
 def test_importing_the_command_line_module_says_where_the_function_is():
     result = run_python("-c", "import magma_hf.convert_magma_checkpoint")
     assert result.returncode != 0

@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-import pytest
 import torch
 
 from magma_hf import MagmaForConditionalGeneration
@@ -13,7 +12,6 @@ README = Path(__file__).parents[2] / "README.md"
 MODEL_DIR_LINE = 'model_dir = "magma-v1"'
 
 
-@pytest.mark.slow
 def test_readme_examples_run(tmp_path, monkeypatch, tokenizer, processor):
     """The blocks marked as run by this test, in order, in one namespace (vLLM's run in tests/vllm)."""
     blocks = [block.text for block in run_by(__file__, "test_readme_examples_run")]

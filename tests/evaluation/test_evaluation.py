@@ -465,7 +465,6 @@ evaluation.evaluate("vqa", model_dir, dataset=data_dir, shots=2, batch_size=2, o
 """
 
 
-@pytest.mark.slow
 def test_killed_while_appending_to_the_log_resumes(vqa_dir, model_dir, model_and_processor, tmp_path):
     import signal
     import subprocess

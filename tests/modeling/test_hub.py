@@ -223,7 +223,6 @@ REMOTE_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
 def test_trust_remote_code_works_where_the_package_cannot_be_imported(saved, processor, tmp_path):
     path, model = saved
     image = random_image(21)

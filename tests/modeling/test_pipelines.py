@@ -110,7 +110,6 @@ REMOTE_PIPELINES = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
 def test_both_tasks_with_trust_remote_code_where_the_package_cannot_be_imported(saved, processor, tmp_path):
     path, model = saved
     image = random_image(32)

@@ -326,7 +326,6 @@ def test_resume_continues_with_the_same_loss(assets, tmp_path, trained):
     assert not (resumed_dir / "checkpoint-3" / "checkpoint-4").exists() and (resumed_dir / "checkpoint-6").is_dir()
 
 
-@pytest.mark.slow
 def test_finetune_from_a_saved_half_precision_model(trained, assets, tmp_path):
     """Finetune from a saved folder stored in bf16 (as converted checkpoints are): GPT-J stays bf16 and unchanged, the
     trained weights are float32, and training runs without autocast."""
