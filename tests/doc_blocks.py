@@ -3,11 +3,11 @@
 Every block of commands or code (`COMMAND_LANGUAGES`, and an unlabelled block whose first line looks like a command)
 sits under one of two HTML comments, on the last non-blank line before its opening fence (invisible on GitHub):
 
-    <!-- run by tests/test_readme.py::test_readme_examples_run -->
+    <!-- run by tests/docs/test_readme.py::test_readme_examples_run -->
     <!-- not run by the tests: REASON -->
 
 A test that runs blocks takes them with `run_by(__file__, "test_name")`, so a block is run by exactly the test its
-comment names (tests/test_doc_blocks.py checks that every block has a comment and that each named test asks for its
+comment names (tests/docs/test_doc_blocks.py checks that every block has a comment and that each named test asks for its
 blocks). Plain python, no third-party imports: the vLLM tests use it too, in another environment.
 """
 

@@ -1,7 +1,8 @@
 """The shared guard of the user's files catches every way of losing them."""
 
 import pytest
-from helpers import files_unchanged
+
+from tests.helpers import files_unchanged
 
 
 @pytest.fixture

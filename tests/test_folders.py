@@ -5,10 +5,10 @@ import json
 import os
 
 import pytest
-from helpers import files_unchanged
 
 from magma_hf import folders
 from magma_hf.folders import FolderWriter
+from tests.helpers import files_unchanged
 
 
 class WriterError(ValueError):

@@ -4,6 +4,7 @@ screenshot (tests/benchmarks/app_screenshot.py)."""
 import shutil
 import socket
 import tempfile
+from pathlib import Path
 
 CHROMIUM_FLAGS = (
     # root in a container, no network: without the background-networking flags Chromium waits on refused connections
@@ -12,6 +13,7 @@ CHROMIUM_FLAGS = (
     "--window-size=1280,1000",
 )  # fmt: skip
 
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "app"  # screenshots (git-ignored)
 
 FINISHED = ("Done after", "Stopped after", "Cannot run this")  # how the app's message starts once a run ends
 

@@ -2,15 +2,13 @@
 
 import os
 import shutil
-from pathlib import Path
 
 import pytest
-from chromium import free_port, missing_browser, start_chromium
-from helpers import make_processor, make_tokenizer, random_image, save_tiny_magma
+
+from tests.app.chromium import ARTIFACTS, free_port, missing_browser, start_chromium
+from tests.helpers import make_processor, make_tokenizer, random_image, save_tiny_magma
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the machine has no network: no calls home
-
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "app"  # screenshots (git-ignored)
 
 
 @pytest.fixture(scope="session")

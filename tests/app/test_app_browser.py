@@ -5,7 +5,11 @@ the pipeline's greedy output for the same input; screenshots go to test-artifact
 """
 
 import pytest
-from chromium import (
+
+from magma_hf.app_magma import DEFAULT_MAX_NEW_TOKENS
+from magma_hf.evaluation.prompts import build_prompt
+from tests.app.chromium import (
+    ARTIFACTS,
     by_css,
     full_prompt,
     generate,
@@ -16,12 +20,8 @@ from chromium import (
     upload,
     wait_for,
 )
-from conftest import ARTIFACTS
 
-from magma_hf.app_magma import DEFAULT_MAX_NEW_TOKENS
-from magma_hf.evaluation.prompts import build_prompt
-
-pytestmark = pytest.mark.usefixtures("app_url", "browser")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("app_url", "browser")]
 
 QUESTION = "What is in the picture?"
 

@@ -41,7 +41,7 @@ def test_defaults_are_the_generation_config(model):
 
 
 def test_stop_ends_generation_early(model, processor, tmp_path):
-    from helpers import random_image
+    from tests.helpers import random_image
 
     random_image(0).save(tmp_path / "a.png")
     app = MagmaApp(model, processor)
@@ -58,7 +58,7 @@ def test_stop_ends_generation_early(model, processor, tmp_path):
 
 
 def test_closing_the_stream_ends_the_generation_thread(model, processor, tmp_path):
-    from helpers import random_image
+    from tests.helpers import random_image
 
     random_image(0).save(tmp_path / "a.png")
     model.generation_config.eos_token_id = None

@@ -10,11 +10,11 @@ import time
 import urllib.request
 
 import pytest
-from chromium import free_port
-from helpers import WITHOUT_MAGMA_HF, files_unchanged
 
 from magma_hf.app import MANIFEST_NAME, SPACE_MARKER, write_space
 from magma_hf.app_magma import DEFAULT_MAX_NEW_TOKENS
+from tests.app.chromium import free_port
+from tests.helpers import WITHOUT_MAGMA_HF, files_unchanged
 
 
 def wait_until_serving(url: str, process: subprocess.Popen, timeout: float = 120) -> str:
@@ -37,6 +37,7 @@ def space(app_folder, tmp_path):
     return folder
 
 
+@pytest.mark.slow
 def test_space_folder_starts_with_python_app_py_without_magma_hf(space, app_folder, loaded, tmp_path):
     pytest.importorskip("gradio_client", reason="the app needs Gradio: pip install -e '.[app]'")
     from gradio_client import Client, handle_file

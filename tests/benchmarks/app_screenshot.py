@@ -1,5 +1,5 @@
 """The README's screenshot of the app, after `make demo`:
-`python tests/benchmarks/app_screenshot.py [demo-output] [docs/app-screenshot.png]`.
+`python -m tests.benchmarks.app_screenshot [demo-output] [docs/app-screenshot.png]`.
 
 Serves the app on the demo's model (its held-out images as examples), asks a question about a held-out digit,
 greedy, in headless Chromium, and saves the page. Prints the answer shown."""
@@ -9,10 +9,11 @@ import shutil
 import sys
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).parents[1]), str(Path(__file__).parents[1] / "app")]
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from chromium import (  # noqa: E402
+from magma_hf import app_magma  # noqa: E402
+from magma_hf.jobs import load_model_and_processor  # noqa: E402
+from tests.app.chromium import (  # noqa: E402
     by_css,
     free_port,
     generate,
@@ -23,9 +24,6 @@ from chromium import (  # noqa: E402
     type_into,
     upload,
 )
-
-from magma_hf import app_magma  # noqa: E402
-from magma_hf.jobs import load_model_and_processor  # noqa: E402
 
 QUESTION = "Q: Is this number odd? A:"
 

@@ -1,6 +1,6 @@
 """Benchmark the converter on a full-size synthetic checkpoint (not part of the test suite).
 
-    python tests/benchmarks/bench_conversion.py --workdir /tmp/magma-benchmark
+    python -m tests.benchmarks.bench_conversion --workdir /tmp/magma-benchmark
 
 1. Writes `mp_rank_00_model_states.pt` in the original layout (tests/original_magma.py): GPT-J-6B + CLIP RN50x16,
    MLP adapters, float16 random values, the fork's attention buffers, the alias keys, DeepSpeed's bookkeeping; about
@@ -34,12 +34,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(REPO_ROOT / "tests"))
+import torch
 
-import torch  # noqa: E402
-from original_magma import (  # noqa: E402
+from magma_hf.conversion.checkpoint import CHECKPOINT_FILENAME
+from magma_hf.conversion.safetensors_writer import MappedFile
+from tests.original_magma import (
     OriginalModel,
     alias_keys,
     deepspeed_checkpoint,
@@ -47,8 +46,7 @@ from original_magma import (  # noqa: E402
     rotary_tables,
 )
 
-from magma_hf.conversion.checkpoint import CHECKPOINT_FILENAME  # noqa: E402
-from magma_hf.conversion.safetensors_writer import MappedFile  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 GB = 1e9
 

@@ -29,7 +29,7 @@ MLP adapters and projection trained; CLIP RN50x16 at 384 px trained: forward and
 for 144 image tokens + `--caption-tokens` caption tokens; at `--peak-tflops` (H100 SXM, bf16 dense) and `--mfu` the
 samples/s one GPU consumes, and the data-loader workers that feed it at the measured rate.
 
-    python tests/benchmarks/bench_data.py [--sizes 4000 40000] [--workdir /tmp/magma-bench-data] [--skip-map-large]
+    python -m tests.benchmarks.bench_data [--sizes 4000 40000] [--workdir /tmp/magma-bench-data] [--skip-map-large]
         [--json out.json]
 """
 
@@ -46,8 +46,6 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/helpers.py
 
 PATHS = ("streamed", "map-style")
 WORDS = {
@@ -249,12 +247,12 @@ def measure(path: str, folder: str, batch_size: int, batches: int, result_file: 
 
     started_process = psutil.Process().create_time()
     import torch
-    from helpers import make_processor, make_tokenizer
     from torchdata.stateful_dataloader import StatefulDataLoader
 
     from magma_hf.data import load_image_caption_dataset
     from magma_hf.data.streaming import build_stream
     from magma_hf.training.collator import MagmaDataCollator
+    from tests.helpers import make_processor, make_tokenizer
 
     imported = time.time()
     collator = MagmaDataCollator(make_processor(make_tokenizer(), image_size=384))
@@ -349,8 +347,9 @@ def run_child(path: str, folder: Path, size: int, args, scratch: Path, first_onl
            "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
     before = snapshot(folder)
     result_file = fresh / "result.json"
-    command = [sys.executable, __file__, "--child", path, "--folder", str(folder), "--result", str(result_file),
-               "--batch-size", str(args.batch_size), "--batches", str(args.batches)]  # fmt: skip
+    command = [sys.executable, "-m", __spec__.name, "--child", path, "--folder", str(folder),
+               "--result", str(result_file), "--batch-size", str(args.batch_size),
+               "--batches", str(args.batches)]  # fmt: skip
     command += ["--first-only"] if first_only else []
     started = time.perf_counter()
     completed = subprocess.run(command, env=env, capture_output=True, text=True)

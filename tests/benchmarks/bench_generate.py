@@ -5,7 +5,7 @@ GPTJForCausalLM.generate on the same weights (GPT-J with the same MAGMA adapters
 input embeddings (`inputs_embeds`), greedy, exactly 64 new tokens, batch 1 and 8. Also plain GPT-J without adapters,
 for reference, and the time to encode one batch of 384 px images with the RN50x16 trunk + projection.
 
-    python tests/benchmarks/bench_generate.py [--hidden 512] [--layers 8] [--repeats 5] [--threads N]
+    python -m tests.benchmarks.bench_generate [--hidden 512] [--layers 8] [--repeats 5] [--threads N]
 
 Target: MAGMA / GPT-J(+adapters) <= 1.05.
 """

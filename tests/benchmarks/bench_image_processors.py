@@ -5,7 +5,7 @@ values that differ (both 0 when the backends agree bit for bit), then millisecon
 and the torchvision one, one image per call (best and median of `--repeats` calls: the best is what a quiet machine
 gives), and for the torchvision one with all the photographs of one size in one call.
 
-    PYTHONPATH=. python tests/benchmarks/bench_image_processors.py [IMAGE_FILE ...] [--size 384] [--repeats 20]
+    python -m tests.benchmarks.bench_image_processors [IMAGE_FILE ...] [--size 384] [--repeats 20]
         [--device cuda] [--threads 1] [--clock cpu]
 
 `--clock cpu` times the process's CPU time instead of the wall clock: with `--threads 1` a figure that other work on

@@ -10,7 +10,7 @@ images, ten answers each). Each run is the whole command, process start-up and m
 
 The answers and the accuracy of the runs are checked equal. Prints the wall times and the ratios.
 
-    python tests/benchmarks/bench_sharded_eval.py [--questions 240] [--images 60] [--batch-size 8]
+    python -m tests.benchmarks.bench_sharded_eval [--questions 240] [--images 60] [--batch-size 8]
 """
 
 import argparse
@@ -24,11 +24,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/helpers.py
-
-from helpers import accelerate_launch, make_processor, make_tokenizer, random_image  # noqa: E402
-
-from magma_hf import MagmaConfig, MagmaForConditionalGeneration  # noqa: E402
+from magma_hf import MagmaConfig, MagmaForConditionalGeneration
+from tests.helpers import accelerate_launch, make_processor, make_tokenizer, random_image
 
 QUESTIONS = ["What is in the picture?", "Is it red?", "How many dogs?", "Is it night?", "What are they riding?"]
 

@@ -10,7 +10,7 @@ peak tensor memory of one training step (forward and backward, from torch.profil
 checkpointing saves, which the resident memory of a small model hides), and, for scale, the parameter counts of
 MAGMA_v1 at full size (built on the meta device) and the size of its adapter export.
 
-    python tests/benchmarks/bench_training.py [--configs tiny small] [--checkpointing none gptj all] [--steps 5]
+    python -m tests.benchmarks.bench_training [--configs tiny small] [--checkpointing none gptj all] [--steps 5]
         [--warmup 2] [--threads N]
 """
 
@@ -20,11 +20,8 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/helpers.py
 
 CONFIGS = {
     # 2 GPT-J blocks of 64, a [1,1,1,1] ResNet of width 8 at 64 px: 4 image tokens (configuration/train_tiny_cpu.yml)
@@ -67,11 +64,11 @@ def step_peak_mib(model, batch: dict) -> float:
 
 
 def run_one(name: str, steps: int, warmup: int, checkpointing: str = "none") -> dict:
-    from helpers import CORPUS, make_tokenizer, random_image
     from transformers import TrainerCallback, TrainingArguments
 
     from magma_hf import MagmaConfig, MagmaForConditionalGeneration, MagmaImageProcessor, MagmaProcessor
     from magma_hf.training.trainer import MagmaLRSchedule, MagmaTrainer
+    from tests.helpers import CORPUS, make_tokenizer, random_image
 
     spec = CONFIGS[name]
     tokenizer = make_tokenizer()
@@ -179,7 +176,7 @@ def main() -> None:
           f"{'s/step':>9}{'peak RSS MiB':>14}{'after build':>13}{'step peak MiB':>15}")  # fmt: skip
     for name in args.configs:
         for checkpointing in args.checkpointing:
-            command = [sys.executable, __file__, "--child", name, "--checkpointing", checkpointing]
+            command = [sys.executable, "-m", __spec__.name, "--child", name, "--checkpointing", checkpointing]
             command += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
             if args.threads:
                 command += ["--threads", str(args.threads)]

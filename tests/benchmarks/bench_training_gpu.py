@@ -6,22 +6,18 @@ GPT-J-6B + CLIP RN50x16 at 384 px with MLP adapters (downsample 4), random weigh
 depend on the values), built directly on the GPU in bf16. Data: random 384 px images with captions, preprocessed by
 MagmaDataCollator in dataloader workers, as in training.
 
-    python tests/benchmarks/bench_training_gpu.py                      # full size, needs a GPU
-    python tests/benchmarks/bench_training_gpu.py --micro-batch 16 --grad-accum 16
-    python tests/benchmarks/bench_training_gpu.py --tiny               # the same code path on CPU with the tiny model
+    python -m tests.benchmarks.bench_training_gpu                      # full size, needs a GPU
+    python -m tests.benchmarks.bench_training_gpu --micro-batch 16 --grad-accum 16
+    python -m tests.benchmarks.bench_training_gpu --tiny               # the same code path on CPU with the tiny model
 
 `--tiny` runs the CPU-side parts (the tiny config, fp32, DeepSpeed ZeRO-2 on CPU) to check the script itself. If the
 full size runs out of GPU memory, halve --micro-batch and double --grad-accum (the same 256 samples per step).
 """
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/helpers.py
 
 
 def build_model(tiny: bool, device: torch.device, dtype: torch.dtype, image_token_id: int, eos: int):
@@ -87,13 +83,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="dataloader workers (default 8; tiny 0)")
     args = parser.parse_args()
 
-    from helpers import CORPUS, make_tokenizer, random_image
     from transformers import TrainingArguments
 
     from magma_hf import MagmaImageProcessor, MagmaProcessor
     from magma_hf.training.collator import MagmaDataCollator
     from magma_hf.training.deepspeed import deepspeed_config, single_process_distributed_env
     from magma_hf.training.trainer import MagmaLRSchedule, MagmaTrainer
+    from tests.helpers import CORPUS, make_tokenizer, random_image
 
     cuda = not args.tiny
     if cuda and not torch.cuda.is_available():

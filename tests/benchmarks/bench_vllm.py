@@ -4,7 +4,7 @@
 Run with vLLM's python (`.venv-vllm`); the transformers half runs in the model's environment, with
 `--reference-python` (default: `MAGMA_HF_REFERENCE_PYTHON`, else `.venv/bin/python`):
 
-    .venv-vllm/bin/python tests/benchmarks/bench_vllm.py [--workdir DIR] [--batch-sizes 1 8 16 32 64] [--runs N]
+    .venv-vllm/bin/python -m tests.benchmarks.bench_vllm [--workdir DIR] [--batch-sizes 1 8 16 32 64] [--runs N]
 
 Prints tokens/s of `generate` at each batch size (every prompt left-padded in its batch), of vLLM (its own
 scheduling; startup and one warm-up request not timed), and the ratio of vLLM to `generate` at its best batch size.
@@ -36,8 +36,7 @@ def build_and_run_transformers(workdir: Path, batch_sizes: list[int]) -> dict:
     """The model's environment: a random folder and its images, then `generate`'s tokens/s per batch size."""
     import torch
 
-    sys.path.insert(0, str(REPO / "tests"))
-    from helpers import make_processor, make_tokenizer, random_image, save_tiny_magma, tiny_config
+    from tests.helpers import make_processor, make_tokenizer, random_image, save_tiny_magma, tiny_config
 
     torch.set_num_threads(os.cpu_count())
     tokenizer = make_tokenizer()

@@ -1,7 +1,7 @@
 """Evaluate the demo's model (`make demo`) with the evaluation harness: captions and questions, zero- and few-shot.
 
     make demo                                      # or: magma-hf demo --output-dir demo-output
-    python tests/benchmarks/eval_demo.py demo-output
+    python -m tests.benchmarks.eval_demo demo-output
 
 Captioning: the held-out digits (`demo-output/data/test`) scored with BLEU-4 and CIDEr-D (COCO caption tool; needs
 the `eval` extra and Java). Question answering: the demo's two transfer questions ("Is this number odd?", "Which

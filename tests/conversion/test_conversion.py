@@ -14,8 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import files_unchanged, original_preprocess, photo_variants, sample_photos, tiny_config
-from original_magma import OriginalMagma, deepspeed_checkpoint, original_state_dict, tiny_original_model
 from safetensors import safe_open
 from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor, pipeline
 
@@ -30,6 +28,8 @@ from magma_hf.conversion.magma_checkpoint import (
     convert_magma_checkpoint,
     resolve_checkpoint,
 )
+from tests.helpers import files_unchanged, original_preprocess, photo_variants, sample_photos, tiny_config
+from tests.original_magma import OriginalMagma, deepspeed_checkpoint, original_state_dict, tiny_original_model
 
 MLP_V1 = {"mlp": {"adapter_type": "normal", "downsample_factor": 4}}
 V2 = {

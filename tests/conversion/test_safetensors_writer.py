@@ -5,7 +5,6 @@ import threading
 
 import pytest
 import torch
-from helpers import files_unchanged
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -20,6 +19,7 @@ from magma_hf.conversion.safetensors_writer import (
     write_safetensors_file,
     write_sharded_safetensors,
 )
+from tests.helpers import files_unchanged
 
 SHARD_BYTES = 8000  # two of the 4000-byte tensors below per shard
 

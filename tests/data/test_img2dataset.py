@@ -1,6 +1,6 @@
 """img2dataset's real output (the session's `img2dataset_output`: 28 urls served on 127.0.0.1, 6 broken, 8 per shard)
 as the readers meet it: its files, the stream over it, and random access to it for captioning and evaluation.
-Captioning, evaluating and training on it: tests/test_caption.py, tests/evaluation, tests/training."""
+Captioning, evaluating and training on it: tests/evaluation, tests/training."""
 
 import json
 from collections import Counter
@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import IMG2DATASET_BROKEN, IMG2DATASET_IMAGE_SIZE
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from magma_hf.data.shards import ShardIndex, open_shards
 from magma_hf.data.sources import detect_layout, reads_as_shards
 from magma_hf.data.streaming import build_stream
+from tests.helpers import IMG2DATASET_BROKEN, IMG2DATASET_IMAGE_SIZE
 
 REPO = Path(__file__).resolve().parents[2]
 SHARDS = ["00000", "00001", "00002", "00003"]  # 28 rows, 8 per shard
@@ -95,8 +95,9 @@ def test_the_documented_img2dataset_commands_are_the_python_example_the_fixture_
     import re
     import shlex
 
-    from doc_blocks import documents, run_by
     from img2dataset import download
+
+    from tests.doc_blocks import documents, run_by
 
     (example,) = run_by(REPO / "tests" / "conftest.py", "img2dataset_output")
     call = next(node for node in ast.walk(ast.parse(example.text)) if getattr(node, "func", None) is not None)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import files_unchanged, random_image, write_img2dataset, write_png
 from PIL import Image
 
 from magma_hf import (
@@ -22,6 +21,7 @@ from magma_hf import (
     load_magma_dataset,
 )
 from magma_hf.data import detect_layout
+from tests.helpers import files_unchanged, random_image, write_img2dataset, write_png
 
 
 def pixels(image) -> np.ndarray:

@@ -7,11 +7,11 @@ import tarfile
 from collections import Counter
 
 import pytest
-from helpers import encoded_image, write_webdataset_shards
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from magma_hf.data.shards import TarShards, list_shards
 from magma_hf.data.streaming import MagmaStream, build_stream
+from tests.helpers import encoded_image, write_webdataset_shards
 
 
 def keys_of(batch):

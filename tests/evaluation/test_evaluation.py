@@ -4,21 +4,20 @@ import json
 
 import pytest
 import torch
-from helpers import (
-    KILLED_AT_SECOND_FLUSH,
-    encoded_image,
-    files_unchanged,
-    img2dataset_samples,
-    random_image,
-    save_answering_model,
-    write_tar,
-)
 
 from magma_hf import MagmaForConditionalGeneration
 from magma_hf.evaluation.data import draw_support, load_eval_set, parse_columns
 from magma_hf.evaluation.prompts import build_prompt
 from magma_hf.evaluation.run import evaluate, results_log_path
 from magma_hf.evaluation.vqa_metrics import gqa_accuracy, vqa_accuracy
+from tests.helpers import (
+    KILLED_AT_SECOND_FLUSH,
+    encoded_image,
+    files_unchanged,
+    img2dataset_samples,
+    random_image,
+    write_tar,
+)
 
 # (image, question, ten answers, answer type); images 0 and 1 carry two questions each.
 QUESTIONS = [
@@ -33,20 +32,6 @@ QUESTIONS = [
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model")
-    save_answering_model(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def model_and_processor(model_dir):
-    from magma_hf.jobs import load_model_and_processor
-
-    return load_model_and_processor(model_dir, device="cpu")
 
 
 @pytest.fixture(scope="module")

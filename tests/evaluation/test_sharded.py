@@ -9,11 +9,13 @@ import json
 import shutil
 
 import pytest
-from helpers import KILLED_AT_SECOND_FLUSH, accelerate_launch, random_image, save_answering_model
 
 from magma_hf.captioning import caption_images
 from magma_hf.evaluation.run import evaluate, results_log_path
 from magma_hf.jobs import load_model_and_processor
+from tests.helpers import KILLED_AT_SECOND_FLUSH, accelerate_launch, random_image, save_answering_model
+
+pytestmark = pytest.mark.slow  # accelerate launch: two processes
 
 N_QUESTIONS, N_IMAGES = 12, 6
 QUESTIONS = ["What is in the picture?", "Is it red?", "How many dogs?", "Is it night?"]

@@ -4,9 +4,9 @@ import random
 
 import pytest
 import torch
-from helpers import random_image
 
 from magma_hf.training.collator import EMPTY_KEY, SKIPPED_IMAGES_KEY, SKIPPED_KEY, MagmaDataCollator
+from tests.helpers import random_image
 
 N_IMAGE = 4  # 64 px / 32 = 2 x 2 image tokens
 

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
-from helpers import files_unchanged
 from safetensors.torch import load_file
 
 from magma_hf.training.export import EXPORT_INFO_FILE, IMAGE_PREFIX_FILE, save_adapter_export
+from tests.helpers import files_unchanged
 
 
 def test_export_twice_keeps_the_users_files(model, processor, tmp_path):

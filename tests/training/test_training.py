@@ -10,7 +10,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from helpers import files_unchanged, make_tokenizer, random_image, save_tiny_gptj, tiny_config
 from safetensors.torch import load_file
 from transformers import GPTJForCausalLM, set_seed
 
@@ -27,6 +26,7 @@ from magma_hf.training.run import (
 )
 from magma_hf.training.trainer import MAGMA_WEIGHTS_NAME, MagmaLRSchedule, magma_parameter_groups
 from magma_hf.weights_magma import gptj_name
+from tests.helpers import files_unchanged, make_tokenizer, random_image, save_tiny_gptj, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configuration"
@@ -443,10 +443,9 @@ def test_docs_shard_configs_load(assets, img2dataset_output, tmp_path):
     import dataclasses
     import re
 
-    from doc_blocks import run_by
-
     from magma_hf.data.streaming import build_stream
     from magma_hf.training.run import TrainingConfigError
+    from tests.doc_blocks import run_by
 
     out = img2dataset_output
     paths = {
@@ -495,7 +494,7 @@ def test_docs_examples_run(trained, assets, tmp_path, monkeypatch):
     """docs/training.md's Python examples, on the tiny assets in place of the real paths."""
     import re
 
-    from helpers import write_img2dataset, write_png
+    from tests.helpers import write_img2dataset, write_png
 
     _, _, out = trained
     write_img2dataset(tmp_path / "i2d")

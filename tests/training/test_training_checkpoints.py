@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import files_unchanged, make_tokenizer
 from safetensors.torch import load_file
 from test_training import CONFIGS, REPO, write_magma_dataset
 
@@ -29,6 +28,7 @@ from magma_hf.training.run import (
     training_arguments_kwargs,
 )
 from magma_hf.training.trainer import MAGMA_WEIGHTS_NAME
+from tests.helpers import files_unchanged, make_tokenizer
 
 HOOKED_TRAIN = Path(__file__).parent / "train_with_test_hooks.py"
 
@@ -200,6 +200,7 @@ def data(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_killed_while_saving_resumes_from_the_last_complete_checkpoint(data, tmp_path):
     """One process, no DeepSpeed. SIGKILL in the save of checkpoint-6 (its weights, optimizer and RNG state written,
     trainer_state.json not yet); a stray incomplete checkpoint-99 of an older version sits in the folder too. The same
@@ -227,6 +228,7 @@ def test_killed_while_saving_resumes_from_the_last_complete_checkpoint(data, tmp
     assert (run / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_accelerate_deepspeed_two_cpu_processes_killed_while_saving(data, tmp_path, stage):
     """`accelerate launch` with configuration/accelerate/cpu_deepspeed_zero{stage}.yaml (inline DeepSpeed settings,

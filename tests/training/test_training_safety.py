@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import files_unchanged, make_tokenizer, random_image
 from test_training import tiny_run_config, write_magma_dataset
 
 from magma_hf import cli
 from magma_hf.training.run import MagmaTrainingConfig, resolve_checkpoint, train
+from tests.helpers import files_unchanged, make_tokenizer, random_image
 
 BAD_JPEG = b"\xff\xd8\xff not really a jpeg"
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import accelerate_launch, encoded_image, files_unchanged, make_tokenizer, write_webdataset_shards
 from test_training import CONFIGS, REPO, write_magma_dataset
 
 from magma_hf import cli
@@ -21,6 +20,7 @@ from magma_hf.data.streaming import DEFAULT_SHUFFLE_BUFFER_SIZE, MagmaStream
 from magma_hf.training.collator import MagmaDataCollator
 from magma_hf.training.run import MagmaTrainingConfig, build_datasets, train
 from magma_hf.training.trainer import DATA_STATE_DIR
+from tests.helpers import accelerate_launch, encoded_image, files_unchanged, make_tokenizer, write_webdataset_shards
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -131,6 +131,7 @@ def assert_data_state(checkpoint: Path) -> None:
         assert readers == [2 * rank, 2 * rank + 1]
 
 
+@pytest.mark.slow
 def test_ddp_reads_every_sample_once_per_pass_and_resumes_a_kill_exactly(data, launched_config, uninterrupted):
     """Plain DDP. The uninterrupted run's first 12 steps hold each of the 48 samples exactly once; it evaluates on the
     streamed evaluation shards and leaves the 🤗 datasets cache empty. A run killed between checkpoint-5 and
@@ -153,6 +154,7 @@ def test_ddp_reads_every_sample_once_per_pass_and_resumes_a_kill_exactly(data, l
     assert not any((root / "hf_datasets_cache").rglob("*"))
 
 
+@pytest.mark.slow
 def test_deepspeed_zero2_resumes_a_kill_exactly(data, launched_config, uninterrupted):
     """DeepSpeed ZeRO-2 (configuration/accelerate/cpu_deepspeed_zero2.yaml), killed as above and run again: the losses
     of the steps both runs trained (6-9) are equal, and the batches of every step are the DDP run's (the data order

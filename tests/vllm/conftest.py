@@ -16,7 +16,7 @@ import pytest
 from reference_setup import ENGINE_KWARGS
 
 REPO = Path(__file__).resolve().parents[2]
-# vLLM installed, not this folder (the suite's conftest puts tests/ on sys.path, where `vllm` is a namespace package)
+# vLLM installed, not this folder (pytest puts tests/ on sys.path for tests/conftest.py: a namespace `vllm` there)
 _VLLM_SPEC = importlib.util.find_spec("vllm")
 HAS_VLLM = _VLLM_SPEC is not None and _VLLM_SPEC.origin is not None
 # Files here that need vLLM itself; test_environment.py runs in both environments.

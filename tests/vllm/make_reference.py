@@ -4,7 +4,7 @@ model cannot be imported).
 
 Run with the main environment's python (`MAGMA_HF_REFERENCE_PYTHON`, the Makefile's `.venv/bin/python`):
 
-    python tests/vllm/make_reference.py OUTPUT_DIR
+    python -m tests.vllm.make_reference OUTPUT_DIR
 
 OUTPUT_DIR gets one model folder per adapter layout (`LAYOUTS`), the images as PNG files, a folder whose tokenizer
 lacks `<|image|>` and `reference.json`: per layout and prompt the greedy continuation ids (cut after the first
@@ -20,12 +20,9 @@ from pathlib import Path
 
 import torch
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).parent)]  # tests/ (helpers), here
-
-from helpers import make_processor, make_tokenizer, random_image, save_tiny_magma, tiny_config  # noqa: E402
-from reference_setup import LAYOUTS, MAX_NEW_TOKENS, N_IMAGES, NO_IMAGE_TOKEN, PROMPTS, TEXT_CONFIG  # noqa: E402
-
-from magma_hf.generation import generate_answers  # noqa: E402
+from magma_hf.generation import generate_answers
+from tests.helpers import make_processor, make_tokenizer, random_image, save_tiny_magma, tiny_config
+from tests.vllm.reference_setup import LAYOUTS, MAX_NEW_TOKENS, N_IMAGES, NO_IMAGE_TOKEN, PROMPTS, TEXT_CONFIG
 
 
 def reference_generation(model, processor, prompt: str, images: list) -> dict:

@@ -38,8 +38,7 @@ REFERENCE_SCRIPT = (
     PROCESSOR_INPUTS
     + """
 import json, sys
-sys.path.insert(0, "tests")
-from helpers import make_processor, make_tokenizer, save_tiny_magma
+from tests.helpers import make_processor, make_tokenizer, save_tiny_magma
 tokenizer = make_tokenizer()
 processor = make_processor(tokenizer)
 model = save_tiny_magma(sys.argv[1], tokenizer, processor)

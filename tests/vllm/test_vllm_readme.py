@@ -5,7 +5,6 @@ its own process, the KV cache sized by the plugin, the dtype vLLM chooses). The 
 the dtype the README says vLLM runs a float32 folder in."""
 
 import ast
-import importlib.util
 import json
 import os
 import re
@@ -17,9 +16,7 @@ from conftest import VLLM_ENV
 from reference_setup import ENGINE_KWARGS
 from test_vllm_server import free_port, stop, vllm_cli_works, wait_until_healthy
 
-_SPEC = importlib.util.spec_from_file_location("doc_blocks", Path(__file__).parents[1] / "doc_blocks.py")
-doc_blocks = sys.modules.setdefault("doc_blocks", importlib.util.module_from_spec(_SPEC))
-_SPEC.loader.exec_module(doc_blocks)
+from tests import doc_blocks
 
 README = doc_blocks.REPO / "README.md"
 PLUGIN_CHOSE = "MAGMA plugin: no KV cache size chosen"

@@ -21,6 +21,7 @@ def demo_run(tmp_path_factory):
     return output_dir, json.loads((output_dir / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_demo_captions_held_out_digits_and_leaves_the_language_model_alone(demo_run):
     output_dir, metrics = demo_run
     for key in ("caption_accuracy", "blind_caption_accuracy", "lm_unchanged", "train_seconds", "total_seconds"):
@@ -47,6 +48,7 @@ def test_demo_captions_held_out_digits_and_leaves_the_language_model_alone(demo_
     assert (output_dir / "magma" / "tokenizer.json").is_file()
 
 
+@pytest.mark.slow
 def test_demo_data_is_real_digits_in_the_magma_layout_with_captions_only(demo_run):
     output_dir, metrics = demo_run
     train = load_magma_dataset(output_dir / "data" / "train").with_format(None)
@@ -100,9 +102,8 @@ def test_output_dir_keeps_what_the_demo_did_not_write(tmp_path):
 def test_a_rerun_keeps_files_changed_or_added_in_its_outputs(tmp_path):
     """`magma-hf app demo-output/magma --write-space` (the README's next step) adds the user's files to the demo's
     model folder: today a rerun of the demo deleted the whole folder, their edits included."""
-    from helpers import files_unchanged
-
     from magma_hf.demo import write_demo_manifest
+    from tests.helpers import files_unchanged
 
     previous = tmp_path / "previous"
     (previous / "magma").mkdir(parents=True)

@@ -1,10 +1,9 @@
 """MAGMA's default chat template: a conversation written as MAGMA reads a prompt (each message's images first, then
 its text; roles unmarked), saved with every processor and applied by transformers as vLLM applies it."""
 
-from helpers import make_processor, random_image
-
 from magma_hf import MagmaProcessor
 from magma_hf.processing_magma import DEFAULT_CHAT_TEMPLATE
+from tests.helpers import make_processor, random_image
 
 
 def test_a_conversation_is_written_in_magmas_layout(processor):

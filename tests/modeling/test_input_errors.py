@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import files_unchanged, make_processor, make_tokenizer, random_image, tiny_config
 from transformers import pipeline
 
 from magma_hf import MagmaForConditionalGeneration, MagmaImageToTextPipeline, MagmaProcessor
 from magma_hf.jobs import load_model_and_processor
 from magma_hf.processing_magma import add_magma_special_tokens
+from tests.helpers import files_unchanged, make_processor, make_tokenizer, random_image, tiny_config
 
 N_TOKENS = 4  # tiny config: 64 px images, (64 / 32) ** 2 image tokens
 

@@ -7,15 +7,6 @@ import textwrap
 
 import pytest
 import torch
-from helpers import (
-    GREEDY,
-    greedy_texts,
-    make_tokenizer,
-    random_image,
-    run_without_magma_hf,
-    save_tiny_magma,
-)
-from original_magma import original_sampling_probs
 from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, pipeline
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 from transformers.pipelines import PIPELINE_REGISTRY
@@ -23,6 +14,15 @@ from transformers.pipelines.image_text_to_text import ImageTextToTextPipeline
 
 from magma_hf import MagmaConfig, MagmaForConditionalGeneration, MagmaImageToTextPipeline, MagmaProcessor
 from magma_hf.generation import MAGMA_GENERATION_DEFAULTS, magma_generation_config
+from tests.helpers import (
+    GREEDY,
+    greedy_texts,
+    make_tokenizer,
+    random_image,
+    run_without_magma_hf,
+    save_tiny_magma,
+)
+from tests.original_magma import original_sampling_probs
 
 TASKS = ("image-to-text", "image-text-to-text")
 QUESTION = "Q: What is in the picture? A:"

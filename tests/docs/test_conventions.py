@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "magma_hf"
+PACKAGE = Path(__file__).resolve().parents[2] / "magma_hf"
 MODULES = sorted(PACKAGE.rglob("*.py"))
 MAX_MODULE_LINES = 800
 BANNER_RULE = "# " + "-" * 117

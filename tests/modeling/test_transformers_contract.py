@@ -7,11 +7,11 @@ from unittest.mock import patch
 
 import pytest
 import torch
-from helpers import random_image, tiny_config
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, set_seed
 
 from magma_hf import MagmaConfig, MagmaForConditionalGeneration, MagmaVisionConfig
+from tests.helpers import random_image, tiny_config
 
 
 @pytest.fixture

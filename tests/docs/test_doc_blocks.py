@@ -8,9 +8,9 @@ import shlex
 from pathlib import Path
 
 import pytest
-from doc_blocks import REPO, all_blocks, blocks, documents
 
 from magma_hf.cli import SUBCOMMANDS
+from tests.doc_blocks import REPO, all_blocks, blocks, documents
 
 HOW_TO_MARK = (
     "Put one of these comments on the line before the opening fence:\n"

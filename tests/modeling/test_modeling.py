@@ -3,12 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import IMAGE, random_image, save_tiny_magma, tiny_config
 from open_clip.modified_resnet import ModifiedResNet
 from transformers import AutoModel, AutoModelForImageTextToText
 
 from magma_hf import MagmaForConditionalGeneration, MagmaModel
 from magma_hf.generation import magma_generation_config
+from tests.helpers import IMAGE, random_image, save_tiny_magma, tiny_config
 
 N_TOKENS = 4  # tiny config: 64 px images, (64 / 32) ** 2 image tokens
 

@@ -5,12 +5,12 @@ import json
 
 import numpy as np
 import pytest
-from helpers import random_image
 from PIL import Image
 
 from magma_hf.data import load_magma_dataset
 from magma_hf.evaluation.data import load_eval_set
 from magma_hf.pipeline_magma import MagmaImageToTextPipeline
+from tests.helpers import random_image
 
 ROTATE_270 = 6  # EXIF orientation 6: the camera was turned; the pixels must be turned 270 degrees to stand upright
 

@@ -6,13 +6,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import make_tokenizer, photo_variants, random_image, sample_photos
 from PIL import Image
 from transformers import AutoImageProcessor, AutoProcessor, CLIPImageProcessor
 
 from magma_hf import MagmaImageProcessor, MagmaImageProcessorTorchvision, MagmaProcessor
 from magma_hf.image_processing_magma import TORCHVISION_BACKEND
 from magma_hf.resampling_magma import FILTERS, pillow_resize
+from tests.helpers import make_tokenizer, photo_variants, random_image, sample_photos
 
 BACKENDS = {TORCHVISION_BACKEND: MagmaImageProcessorTorchvision, "pil": MagmaImageProcessor}
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

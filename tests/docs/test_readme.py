@@ -3,12 +3,12 @@
 from pathlib import Path
 
 import torch
-from doc_blocks import run_by
-from helpers import random_image, tiny_config
 
 from magma_hf import MagmaForConditionalGeneration
+from tests.doc_blocks import run_by
+from tests.helpers import random_image, tiny_config
 
-README = Path(__file__).parents[1] / "README.md"
+README = Path(__file__).parents[2] / "README.md"
 MODEL_DIR_LINE = 'model_dir = "magma-v1"'
 
 

@@ -13,38 +13,24 @@ import datasets
 import PIL.Image
 import pytest
 import torch
-from doc_blocks import run_by
-from helpers import (
-    encoded_image,
-    files_unchanged,
-    img2dataset_samples,
-    random_image,
-    save_answering_model,
-    write_tar,
-)
 
 from magma_hf import MagmaForConditionalGeneration
 from magma_hf.captioning import caption_images
 from magma_hf.cli import main
 from magma_hf.generation import generate_answers
-from magma_hf.jobs import load_model_and_processor
+from tests.doc_blocks import run_by
+from tests.helpers import (
+    encoded_image,
+    files_unchanged,
+    img2dataset_samples,
+    random_image,
+    write_tar,
+)
 
 PROMPT = "Q: What is in the picture? A:"
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model")
-    save_answering_model(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def model_and_processor(model_dir):
-    return load_model_and_processor(model_dir, device="cpu")
 
 
 @pytest.fixture(scope="module")

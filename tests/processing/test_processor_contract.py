@@ -3,9 +3,9 @@ placeholder-mismatch message are the standard ones, and saving leaves the live p
 
 import pytest
 import torch
-from helpers import IMAGE, make_processor, random_image
 
 from magma_hf import MagmaImageProcessor, MagmaProcessor
+from tests.helpers import IMAGE, make_processor, random_image
 
 
 def generated_caption(processor) -> list[int]:

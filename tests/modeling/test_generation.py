@@ -2,13 +2,13 @@
 
 import pytest
 import torch
-from helpers import random_image
 from transformers import GPTJForCausalLM, LogitsProcessor, LogitsProcessorList, TrainingArguments
 
 from magma_hf import demo
 from magma_hf.evaluation.run import _Generator
 from magma_hf.generation import answer_text, generate_answers
 from magma_hf.training.trainer import MagmaTrainer
+from tests.helpers import random_image
 
 
 class ForceText(LogitsProcessor):

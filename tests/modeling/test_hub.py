@@ -7,7 +7,6 @@ import textwrap
 import pytest
 import torch
 import yaml
-from helpers import GREEDY, greedy_texts, random_image, run_without_magma_hf, save_tiny_magma
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import (
@@ -33,6 +32,7 @@ from magma_hf import (
 )
 from magma_hf.training.export import save_peft_adapter
 from magma_hf.weights_magma import gptj_name
+from tests.helpers import GREEDY, greedy_texts, random_image, run_without_magma_hf, save_tiny_magma
 
 
 @pytest.fixture(scope="module")

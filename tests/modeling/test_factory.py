@@ -7,9 +7,7 @@ import open_clip
 import pytest
 import torch
 import yaml
-from helpers import files_unchanged, make_tokenizer, save_tiny_gptj
 from open_clip.modified_resnet import ModifiedResNet
-from original_magma import deepspeed_checkpoint, original_state_dict, tiny_original_model
 from transformers import GPTJForCausalLM
 
 from magma_hf import MagmaConfig
@@ -27,8 +25,10 @@ from magma_hf.factory import (
 from magma_hf.modeling_magma import MagmaImageEncoder
 from magma_hf.training.run import MagmaTrainingConfig, TrainingConfigError, build_model_and_processor
 from magma_hf.weights_magma import gptj_name, is_magma_weight
+from tests.helpers import files_unchanged, make_tokenizer, save_tiny_gptj
+from tests.original_magma import deepspeed_checkpoint, original_state_dict, tiny_original_model
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 MAGMA_V1_YAML = REPO_ROOT / "configuration" / "MAGMA_v1.yml"
 TEXT = {"n_embd": 64, "n_layer": 2, "n_head": 4, "rotary_dim": 8, "n_positions": 256}
 VISION = {"layers": [1, 1, 1, 1], "width": 8, "image_size": 64}

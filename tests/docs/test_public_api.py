@@ -59,6 +59,7 @@ def test_import_magma_hf_leaves_training_evaluation_and_conversion_unimported():
     assert result.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_python_m_magma_hf_conversion_runs_the_converter_command_line(tmp_path):
     result = run_python("-m", "magma_hf.conversion", "--help")
     assert result.returncode == 0, result.stderr

@@ -4,7 +4,10 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms as T
-from helpers import (
+from PIL import Image
+
+from magma_hf import MagmaImageProcessor, MagmaProcessor
+from tests.helpers import (
     CLIP_MEAN,
     CLIP_STD,
     IMAGE,
@@ -14,9 +17,6 @@ from helpers import (
     random_image,
     sample_photos,
 )
-from PIL import Image
-
-from magma_hf import MagmaImageProcessor, MagmaProcessor
 
 
 def test_image_processor_reproduces_the_original_preprocessing_on_photographs():
