@@ -169,9 +169,8 @@ def _read_original_layout(data_dir: str | os.PathLike) -> Dataset:
     rows = []
     with ThreadPoolExecutor(JSON_READ_THREADS) as pool:
         results = pool.map(lambda path: _read_sample_json(data_dir, path), json_paths)
-        for result in tqdm(
-            results, total=len(json_paths), desc=f"Reading {data_dir.name}", disable=not is_main_local_process()
-        ):
+        bar = tqdm(results, total=len(json_paths), desc=f"Reading {data_dir.name}", disable=not is_main_local_process())
+        for result in bar:
             if isinstance(result, tuple):
                 report.skip(*result)
             else:
@@ -385,7 +384,7 @@ def load_img2dataset(data_dir: str | os.PathLike, shards: Sequence[str] | None =
             dataset = datasets.load_dataset("webdataset", data_files={"train": tars}, split="train")
         except UnicodeDecodeError as error:  # raised from deep inside the webdataset builder, naming no file
             raise ValueError(f"{data_dir}: {_first_undecodable_text(tars) or error}") from None
-        image_column = next((ext for ext in ("jpg", "jpeg", "png", "webp") if ext in dataset.column_names), None)
+        image_column = next((ext for ext in IMAGE_KEYS if ext in dataset.column_names), None)
         if image_column is None:
             raise ValueError(f"{data_dir}: the tar shards hold no jpg/jpeg/png/webp entries: {dataset.column_names}")
         if "txt" not in dataset.column_names:
