@@ -252,6 +252,7 @@ def pack_corpus(corpus: list[str], tokenizer, block_size: int) -> list[list[int]
 
 def pretrain_language_model(corpus: list[str], tokenizer, size: DemoSize, seed: int, output_dir: Path):
     """A small GPT-J trained on text alone with transformers' `Trainer`; saved with its tokenizer to `output_dir`."""
+    eos = tokenizer.eos_token_id
     config = GPTJConfig(
         vocab_size=-(-len(tokenizer) // 8) * 8,  # padded, as GPT-J pads GPT-2's vocabulary
         n_positions=LM_BLOCK_SIZE,
@@ -259,28 +260,17 @@ def pretrain_language_model(corpus: list[str], tokenizer, size: DemoSize, seed: 
         n_layer=size.lm_layers,
         n_head=size.lm_heads,
         rotary_dim=size.lm_hidden // size.lm_heads // 2,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.eos_token_id,
+        bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
     model = GPTJForCausalLM(config)
     blocks = pack_corpus(corpus, tokenizer, LM_BLOCK_SIZE)
     args = TrainingArguments(
-        output_dir=str(output_dir),
-        max_steps=size.lm_steps,
-        per_device_train_batch_size=size.lm_batch_size,
-        learning_rate=size.lm_lr,
-        warmup_steps=size.lm_steps // 10,
-        lr_scheduler_type="cosine",
-        weight_decay=0.01,
+        output_dir=str(output_dir), seed=seed, use_cpu=True, save_strategy="no", report_to="none", disable_tqdm=False,
+        max_steps=size.lm_steps, per_device_train_batch_size=size.lm_batch_size, learning_rate=size.lm_lr,
+        warmup_steps=size.lm_steps // 10, lr_scheduler_type="cosine", weight_decay=0.01,
         logging_steps=max(1, size.lm_steps // 5),
-        save_strategy="no",
-        report_to="none",
-        seed=seed,
-        use_cpu=True,
-        disable_tqdm=False,
     )
     dataset = Dataset.from_dict({"input_ids": blocks, "labels": blocks})
     Trainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator).train()
