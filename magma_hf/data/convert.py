@@ -48,16 +48,6 @@ class ConversionSummary:
     skipped: int  # samples dropped (missing image, no captions, corrupt image when hashing)
 
 
-def _refuse_non_empty(data_dir: Path) -> None:
-    for sub in ("images", "image_data"):
-        folder = data_dir / sub
-        if folder.is_dir() and any(folder.iterdir()):
-            raise FileExistsError(
-                f"{folder} is not empty: convert_dataset writes a new dataset and never overwrites one. "
-                "Choose an empty data_dir."
-            )
-
-
 def _unique_name(name: str, taken: set[str], sample_number: int) -> str:
     """`name`, or `stem-<k>` (then `stem-<k>-<i>`) when a file of that name, in any letter case, is in the folder."""
     path = Path(name)
@@ -303,7 +293,12 @@ def convert_dataset(
         finished = _finish_interrupted(data_dir, staging, mode, dir_size)
         if finished is not None:
             return finished
-    _refuse_non_empty(data_dir)
+    for folder in (data_dir / "images", data_dir / "image_data"):
+        if folder.is_dir() and any(folder.iterdir()):
+            raise FileExistsError(
+                f"{folder} is not empty: convert_dataset writes a new dataset and never overwrites one. "
+                "Choose an empty data_dir."
+            )
     created_data_dir = not data_dir.exists()
     staging.mkdir(parents=True)
     report = SkipReport(f"convert_dataset({data_dir})")

@@ -96,14 +96,8 @@ class MagmaStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(
-        self,
-        sources: Sequence[ShardSource],
-        weights: Sequence[float] | None = None,
-        *,
-        seed: int = 0,
-        shuffle_buffer_size: int = DEFAULT_SHUFFLE_BUFFER_SIZE,
-        repeat: bool = True,
-        pick_caption: bool = True,
+        self, sources: Sequence[ShardSource], weights: Sequence[float] | None = None, *, seed: int = 0,
+        shuffle_buffer_size: int = DEFAULT_SHUFFLE_BUFFER_SIZE, repeat: bool = True, pick_caption: bool = True,
     ):
         if not sources:
             raise ValueError("A stream needs at least one source")
