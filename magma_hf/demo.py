@@ -25,7 +25,6 @@ text pretraining ever asked ("seven / Q: Is this number odd? A: yes") are asked 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging as std_logging
 import os
@@ -33,7 +32,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +56,7 @@ from transformers import (
 
 from .app import demo_app_command
 from .data import convert_dataset, load_magma_dataset
-from .folders import write_text_atomically
+from .folders import sha256_of, write_text_atomically
 from .generation import answer_text, generate_answers
 from .processing_magma import add_magma_special_tokens
 from .training.config import MagmaTrainingConfig
@@ -72,13 +71,7 @@ GENERATION = {"max_new_tokens": 8, "batch_size": 64}  # greedy answers and capti
 MARKER = ".magma-demo"  # marks a folder this command wrote, so that a rerun may replace its outputs
 MARKER_NOTE = "Written by `magma-hf demo`; a rerun replaces its outputs here, unless they changed since."
 OUTPUTS = (
-    "data",
-    "language-model",
-    "magma",
-    "train_config.yml",
-    "contact_sheet.png",
-    "predictions.jsonl",
-    "metrics.json",
+    "data", "language-model", "magma", "train_config.yml", "contact_sheet.png", "predictions.jsonl", "metrics.json"
 )
 
 
@@ -110,42 +103,16 @@ class DemoSize:
 
 SIZES = {
     "full": DemoSize(
-        digits_per_class=None,
-        test_fraction=0.2,
-        text_documents=4000,
-        lm_hidden=128,
-        lm_layers=4,
-        lm_heads=4,
-        lm_steps=500,
-        lm_batch_size=16,
-        lm_lr=3e-3,
-        image_size=64,
-        encoder_width=16,
-        adapter_downsample=4,
-        magma_steps=250,
-        magma_batch_size=32,
-        magma_lr=2e-3,
+        digits_per_class=None, test_fraction=0.2, text_documents=4000,
+        lm_hidden=128, lm_layers=4, lm_heads=4, lm_steps=500, lm_batch_size=16, lm_lr=3e-3,
+        image_size=64, encoder_width=16, adapter_downsample=4, magma_steps=250, magma_batch_size=32, magma_lr=2e-3,
         sheet_images_per_digit=4,
-    ),
-    "small": DemoSize(
-        digits_per_class=60,
-        test_fraction=0.25,
-        text_documents=1500,
-        lm_hidden=64,
-        lm_layers=2,
-        lm_heads=4,
-        lm_steps=200,
-        lm_batch_size=16,
-        lm_lr=3e-3,
-        image_size=64,
-        encoder_width=8,
-        adapter_downsample=4,
-        magma_steps=200,
-        magma_batch_size=16,
-        magma_lr=3e-3,
-        sheet_images_per_digit=1,
-    ),
+    )
 }
+SIZES["small"] = replace(
+    SIZES["full"], digits_per_class=60, test_fraction=0.25, text_documents=1500, lm_hidden=64, lm_layers=2,
+    lm_steps=200, encoder_width=8, magma_steps=200, magma_batch_size=16, magma_lr=3e-3, sheet_images_per_digit=1,
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -285,6 +252,7 @@ def pack_corpus(corpus: list[str], tokenizer, block_size: int) -> list[list[int]
 
 def pretrain_language_model(corpus: list[str], tokenizer, size: DemoSize, seed: int, output_dir: Path):
     """A small GPT-J trained on text alone with transformers' `Trainer`; saved with its tokenizer to `output_dir`."""
+    eos = tokenizer.eos_token_id
     config = GPTJConfig(
         vocab_size=-(-len(tokenizer) // 8) * 8,  # padded, as GPT-J pads GPT-2's vocabulary
         n_positions=LM_BLOCK_SIZE,
@@ -292,28 +260,17 @@ def pretrain_language_model(corpus: list[str], tokenizer, size: DemoSize, seed: 
         n_layer=size.lm_layers,
         n_head=size.lm_heads,
         rotary_dim=size.lm_hidden // size.lm_heads // 2,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.eos_token_id,
+        bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
     model = GPTJForCausalLM(config)
     blocks = pack_corpus(corpus, tokenizer, LM_BLOCK_SIZE)
     args = TrainingArguments(
-        output_dir=str(output_dir),
-        max_steps=size.lm_steps,
-        per_device_train_batch_size=size.lm_batch_size,
-        learning_rate=size.lm_lr,
-        warmup_steps=size.lm_steps // 10,
-        lr_scheduler_type="cosine",
-        weight_decay=0.01,
+        output_dir=str(output_dir), seed=seed, use_cpu=True, save_strategy="no", report_to="none", disable_tqdm=False,
+        max_steps=size.lm_steps, per_device_train_batch_size=size.lm_batch_size, learning_rate=size.lm_lr,
+        warmup_steps=size.lm_steps // 10, lr_scheduler_type="cosine", weight_decay=0.01,
         logging_steps=max(1, size.lm_steps // 5),
-        save_strategy="no",
-        report_to="none",
-        seed=seed,
-        use_cpu=True,
-        disable_tqdm=False,
     )
     dataset = Dataset.from_dict({"input_ids": blocks, "labels": blocks})
     Trainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator).train()
@@ -481,11 +438,7 @@ def demo_files(output_dir: Path) -> dict[str, str]:
         path = output_dir / name
         for file in sorted([path] if path.is_file() else path.rglob("*") if path.is_dir() else []):
             if file.is_file() and not file.is_symlink():
-                digest = hashlib.sha256()
-                with open(file, "rb") as stream:
-                    for block in iter(lambda: stream.read(1 << 20), b""):
-                        digest.update(block)
-                files[file.relative_to(output_dir).as_posix()] = digest.hexdigest()
+                files[file.relative_to(output_dir).as_posix()] = sha256_of(file)
     return files
 
 
@@ -546,17 +499,11 @@ def print_table(metrics: dict) -> None:
         ("language model bitwise unchanged", str(metrics["lm_unchanged"])),
     ]
     for result in metrics["knowledge_transfer"].values():
-        rows += [
-            (f"'{result['question']}' accuracy", f"{result['accuracy']:.3f}"),
-            (
-                "  blind / chance / from the number's name",
-                "{blind_accuracy:.3f} / {chance:.3f} / {text_accuracy:.3f}".format(**result),
-            ),
-        ]
-    rows += [
-        ("MAGMA training (s)", f"{metrics['train_seconds']:.0f}"),
-        ("total (s)", f"{metrics['total_seconds']:.0f}"),
-    ]
+        rows.append((f"'{result['question']}' accuracy", f"{result['accuracy']:.3f}"))
+        blind_chance_text = "{blind_accuracy:.3f} / {chance:.3f} / {text_accuracy:.3f}".format(**result)
+        rows.append(("  blind / chance / from the number's name", blind_chance_text))
+    rows.append(("MAGMA training (s)", f"{metrics['train_seconds']:.0f}"))
+    rows.append(("total (s)", f"{metrics['total_seconds']:.0f}"))
     width = max(len(name) for name, _ in rows)
     print()
     for name, value in rows:
@@ -655,11 +602,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--size", choices=sorted(SIZES), default="full", help="full: make demo's run; small: a quick one (tests)"
     )
     parser.add_argument(
-        "--threads",
-        type=int,
-        default=default_threads(),
-        help="torch CPU threads (default: one core fewer than the machine has, at most 4; another core loads the "
-        "images while MAGMA trains)",
+        "--threads", type=int, default=default_threads(), help="torch CPU threads (default: one core fewer than the "
+        "machine has, at most 4; another core loads the images while MAGMA trains)"
     )
 
 

@@ -7,7 +7,7 @@ import errno
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,24 +48,6 @@ class ConversionSummary:
     skipped: int  # samples dropped (missing image, no captions, corrupt image when hashing)
 
 
-def _is_sized(iterable: Iterable) -> bool:
-    try:
-        len(iterable)  # type: ignore[arg-type]
-    except TypeError:
-        return False
-    return True
-
-
-def _refuse_non_empty(data_dir: Path) -> None:
-    for sub in ("images", "image_data"):
-        folder = data_dir / sub
-        if folder.is_dir() and any(folder.iterdir()):
-            raise FileExistsError(
-                f"{folder} is not empty: convert_dataset writes a new dataset and never overwrites one. "
-                "Choose an empty data_dir."
-            )
-
-
 def _unique_name(name: str, taken: set[str], sample_number: int) -> str:
     """`name`, or `stem-<k>` (then `stem-<k>-<i>`) when a file of that name, in any letter case, is in the folder."""
     path = Path(name)
@@ -89,7 +71,7 @@ def _plan_conversion(
     transfers: list[tuple[str, str]] = []
     names_in_folder: set[str] = set()
     image_folder, images_in_folder, n_samples = 0, 0, 0
-    total = len(ds_iterator) if _is_sized(ds_iterator) else None  # type: ignore[arg-type]
+    total = len(ds_iterator) if isinstance(ds_iterator, Sized) else None
     for source_index, item in enumerate(tqdm(ds_iterator, total=total, desc="Converting to the MAGMA layout")):
         image_path, data = item
         image_path = Path(image_path)
@@ -187,15 +169,10 @@ def _transfer_image(source: Path, target: Path, mode: str) -> None:
         except OSError as error:
             if error.errno != errno.EXDEV:
                 raise
-    _copy_into_place(source, target)
+    with atomic_path(target) as temporary:  # a unique temporary name beside `target`, never one of the dataset's
+        shutil.copy2(source, temporary)
     if mode == "mv":
         source.unlink()
-
-
-def _copy_into_place(source: Path, target: Path) -> None:
-    """Copy under a unique temporary name beside `target` (never one of the dataset's names), then rename."""
-    with atomic_path(target) as temporary:
-        shutil.copy2(source, temporary)
 
 
 def _transfer_images(
@@ -316,7 +293,12 @@ def convert_dataset(
         finished = _finish_interrupted(data_dir, staging, mode, dir_size)
         if finished is not None:
             return finished
-    _refuse_non_empty(data_dir)
+    for folder in (data_dir / "images", data_dir / "image_data"):
+        if folder.is_dir() and any(folder.iterdir()):
+            raise FileExistsError(
+                f"{folder} is not empty: convert_dataset writes a new dataset and never overwrites one. "
+                "Choose an empty data_dir."
+            )
     created_data_dir = not data_dir.exists()
     staging.mkdir(parents=True)
     report = SkipReport(f"convert_dataset({data_dir})")

@@ -102,7 +102,6 @@ def check_skipped_share(skipped: int, total: int, examples: Sequence[str], max_s
 # Lazy decoding
 
 
-
 def decode_image(value: dict | PIL.Image.Image | None) -> tuple[PIL.Image.Image | None, str | None]:
     """Decode one `{"path", "bytes"}` image value with MAGMA's one decoder ([`open_image`]: read in full, so truncated
     files fail here and not later; EXIF orientation applied; 16-bit and float images scaled to 8 bits).
@@ -141,7 +140,6 @@ def decode_images_transform(batch: dict[str, list]) -> dict[str, list]:
     return {"image": images}
 
 
-
 def clean_captions(captions: Any) -> list[str] | None:
     """A list of non-empty caption strings; a single string counts as one caption. `None` when there is none."""
     if isinstance(captions, str):
@@ -170,7 +168,6 @@ def caption_problem(captions: Any) -> str | None:
                     f"of {caption[:40]!r}"
                 )
     return None
-
 
 
 def shown_path(path: str | os.PathLike) -> str:

@@ -262,11 +262,7 @@ class ParquetShards(ShardSource):
     than `"success"`) are not samples and are passed over."""
 
     def __init__(
-        self,
-        name: str,
-        shards: Sequence[str],
-        image_column: str | None = None,
-        caption_column: str | None = None,
+        self, name: str, shards: Sequence[str], image_column: str | None = None, caption_column: str | None = None,
         require_captions: bool = True,
     ):
         super().__init__(name, shards)
@@ -385,10 +381,7 @@ class MapShards(ShardSource):
 
 
 def open_shards(
-    spec,
-    image_column: str | None = None,
-    caption_column: str | None = None,
-    name: str | None = None,
+    spec, image_column: str | None = None, caption_column: str | None = None, name: str | None = None,
     require_captions: bool = True,
 ) -> ShardSource:
     """The [`ShardSource`] of shard files named by `spec` (see [`list_shards`]); `require_captions=False` reads

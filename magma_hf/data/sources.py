@@ -93,8 +93,14 @@ def _from_rows(rows: list[dict]) -> Dataset:
     return Dataset.from_dict(columns, features=FEATURES)
 
 
-def image_value(path: Path) -> dict:
-    return {"path": str(path), "bytes": None}
+def _file_row(image_path: Path, captions: list[str], metadata: Any) -> dict:
+    """The row of an image file (a resolved path) with its captions and metadata (`None`: `{}`)."""
+    return {
+        "image": {"path": str(image_path), "bytes": None},
+        "image_path": str(image_path),
+        "captions": captions,
+        "metadata": json.dumps(metadata if metadata is not None else {}, default=str),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -140,13 +146,7 @@ def _read_sample_json(data_dir: Path, json_path: Path) -> dict | tuple[str, str]
     problem = name_problem(image_path)
     if problem:  # Arrow holds UTF-8 strings only
         return shown_path(json_path), f"bad file name: its image {problem}"
-    metadata = data.get("metadata")
-    return {
-        "image": image_value(image_path),
-        "image_path": str(image_path),
-        "captions": captions,
-        "metadata": json.dumps(metadata if metadata is not None else {}, default=str),
-    }
+    return _file_row(image_path, captions, data.get("metadata"))
 
 
 def _read_original_layout(data_dir: str | os.PathLike) -> Dataset:
@@ -169,9 +169,8 @@ def _read_original_layout(data_dir: str | os.PathLike) -> Dataset:
     rows = []
     with ThreadPoolExecutor(JSON_READ_THREADS) as pool:
         results = pool.map(lambda path: _read_sample_json(data_dir, path), json_paths)
-        for result in tqdm(
-            results, total=len(json_paths), desc=f"Reading {data_dir.name}", disable=not is_main_local_process()
-        ):
+        bar = tqdm(results, total=len(json_paths), desc=f"Reading {data_dir.name}", disable=not is_main_local_process())
+        for result in bar:
             if isinstance(result, tuple):
                 report.skip(*result)
             else:
@@ -207,13 +206,6 @@ def load_magma_dataset(data_dir: str | os.PathLike | Sequence[str | os.PathLike]
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Hugging Face datasets
-
-
-def _guess_caption_column(column_names: Sequence[str]) -> str:
-    for name in CAPTION_COLUMNS:
-        if name in column_names:
-            return name
-    raise ValueError(f"No caption column found among {list(column_names)}: pass caption_column= (one of the columns)")
 
 
 def _to_magma_columns(image_column: str, caption_column: str, extra_columns: list[str]):
@@ -253,7 +245,11 @@ def from_hf_dataset(
     """
     if isinstance(dataset, datasets.DatasetDict):
         raise TypeError(f"Got a DatasetDict with splits {list(dataset)}: pass one split, e.g. dataset['train']")
-    caption_column = caption_column or _guess_caption_column(dataset.column_names)
+    caption_column = caption_column or next((name for name in CAPTION_COLUMNS if name in dataset.column_names), None)
+    if caption_column is None:
+        raise ValueError(
+            f"No caption column found among {list(dataset.column_names)}: pass caption_column= (one of the columns)"
+        )
     for name, role in ((image_column, "image_column"), (caption_column, "caption_column")):
         if name not in dataset.column_names:
             raise ValueError(f"{role}={name!r} is not a column of the dataset; columns: {dataset.column_names}")
@@ -388,7 +384,7 @@ def load_img2dataset(data_dir: str | os.PathLike, shards: Sequence[str] | None =
             dataset = datasets.load_dataset("webdataset", data_files={"train": tars}, split="train")
         except UnicodeDecodeError as error:  # raised from deep inside the webdataset builder, naming no file
             raise ValueError(f"{data_dir}: {_first_undecodable_text(tars) or error}") from None
-        image_column = next((ext for ext in ("jpg", "jpeg", "png", "webp") if ext in dataset.column_names), None)
+        image_column = next((ext for ext in IMAGE_KEYS if ext in dataset.column_names), None)
         if image_column is None:
             raise ValueError(f"{data_dir}: the tar shards hold no jpg/jpeg/png/webp entries: {dataset.column_names}")
         if "txt" not in dataset.column_names:
@@ -396,18 +392,8 @@ def load_img2dataset(data_dir: str | os.PathLike, shards: Sequence[str] | None =
                 raise ValueError(f"{data_dir}: the tar shards hold neither .txt captions nor .json metadata")
             dataset = dataset.map(lambda row: {"txt": (row["json"] or {}).get("caption")}, desc="Reading captions")
         return from_hf_dataset(dataset, image_column=image_column, caption_column="txt", source=str(data_dir))
-    rows = []
-    for image_path, data in tqdm(
-        iter_img2dataset(data_dir), desc=f"Reading {data_dir.name}", disable=not is_main_local_process()
-    ):
-        rows.append(
-            {
-                "image": image_value(image_path.resolve()),
-                "image_path": str(image_path.resolve()),
-                "captions": data["captions"],
-                "metadata": json.dumps(data["metadata"], default=str),
-            }
-        )
+    samples = tqdm(iter_img2dataset(data_dir), desc=f"Reading {data_dir.name}", disable=not is_main_local_process())
+    rows = [_file_row(image_path.resolve(), data["captions"], data["metadata"]) for image_path, data in samples]
     if not rows:
         raise ValueError(f"{data_dir}: no image with a caption found (img2dataset layout: 000.jpg beside 000.txt)")
     logger.info(f"{data_dir}: read as img2dataset `files` output: {len(rows)} images with captions")

@@ -35,11 +35,11 @@ chosen by a generator seeded with `seed`, pass and key, so the choice does not d
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -56,18 +56,9 @@ DEFAULT_SHUFFLE_BUFFER_SIZE = 1000
 # empty passes in a row (or the reader count, if larger) means the source has too little data for its readers.
 MAX_EMPTY_PASSES = 16
 _MIX_BLOCK = 4096  # mix draws made at once, from a generator seeded by (seed, reader, block)
-
-
-@dataclass
-class _Cursor:
-    """Where one reader is in one source: pass, index into its shard parts, the shard position its current window
-    starts at, the window's number in the pass and how many of the window's samples it has yielded."""
-
-    epoch: int = 0
-    part: int = 0
-    position: int = 0
-    window: int = 0
-    taken: int = 0
+# Where one reader is in one source, at the start of a pass: pass, index into its shard parts, the shard position its
+# current window starts at, the window's number in the pass and how many of the window's samples it has yielded.
+_CURSOR_START = {"epoch": 0, "part": 0, "position": 0, "window": 0, "taken": 0}
 
 
 def _parts(shards: int, readers: int) -> int:
@@ -105,14 +96,8 @@ class MagmaStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(
-        self,
-        sources: Sequence[ShardSource],
-        weights: Sequence[float] | None = None,
-        *,
-        seed: int = 0,
-        shuffle_buffer_size: int = DEFAULT_SHUFFLE_BUFFER_SIZE,
-        repeat: bool = True,
-        pick_caption: bool = True,
+        self, sources: Sequence[ShardSource], weights: Sequence[float] | None = None, *, seed: int = 0,
+        shuffle_buffer_size: int = DEFAULT_SHUFFLE_BUFFER_SIZE, repeat: bool = True, pick_caption: bool = True,
     ):
         if not sources:
             raise ValueError("A stream needs at least one source")
@@ -197,7 +182,7 @@ class MagmaStream(torch.utils.data.IterableDataset):
                 )
             self._state = None  # used once: a later pass over a one-pass stream starts from its beginning
             return json.loads(json.dumps(state))
-        return {"placement": placement, "draws": 0, "cursors": [vars(_Cursor()) for _ in self.sources]}
+        return {"placement": placement, "draws": 0, "cursors": [dict(_CURSOR_START) for _ in self.sources]}
 
     # ---- reading ----
 
@@ -243,7 +228,7 @@ class MagmaStream(torch.utils.data.IterableDataset):
                 if following is None:
                     break
                 cursor.update(part=following[0], position=following[1].position, window=cursor["window"] + 1, taken=0)
-                samples = _chain_one(following, samples)
+                samples = itertools.chain([following], samples)
             if not self.repeat:
                 return
             empty_passes = 0 if has_samples else empty_passes + 1
@@ -254,7 +239,7 @@ class MagmaStream(torch.utils.data.IterableDataset):
                     "hold fewer samples than there are readers, or are empty. Use fewer processes or "
                     "dataloader_num_workers"
                 )
-            cursor.update(epoch=cursor["epoch"] + 1, part=0, position=0, window=0, taken=0)
+            cursor.update(_CURSOR_START, epoch=cursor["epoch"] + 1)
 
     def _row(self, source: int, epoch: int, raw: RawSample) -> dict:
         row = decode_sample(raw, self.sources[source])
@@ -294,18 +279,12 @@ def open_source(spec: SourceSpec) -> ShardSource:
         return open_shards(spec.path, spec.image_column, spec.caption_column)
     if spec.layout == "hub":
         return HubShards(spec.path, spec.split, spec.image_column or "image", spec.caption_column)
-    options = {"path": spec.path, "format": spec.layout, "split": spec.split}
-    options.update(
-        {k: v for k, v in (("image_column", spec.image_column), ("caption_column", spec.caption_column)) if v}
-    )
-    return MapShards(spec.path, load_image_caption_dataset(options))
+    options = {"path": spec.path, "format": spec.layout, "split": spec.split, "image_column": spec.image_column}
+    return MapShards(spec.path, load_image_caption_dataset({**options, "caption_column": spec.caption_column}))
 
 
 def build_stream(
-    sources,
-    weights: Sequence[float] | None = None,
-    streaming: bool | None = None,
-    **stream_options,
+    sources, weights: Sequence[float] | None = None, streaming: bool | None = None, **stream_options
 ) -> MagmaStream | None:
     """A [`MagmaStream`] over `sources` (a path, a source dict or a list of them; see `sources.parse_source`), or
     `None` when they are read map-style: no source streams and no `weights` ask for a mix. A mix streams every
@@ -317,11 +296,6 @@ def build_stream(
     if weights is None and not any(spec.streaming for spec in specs):
         return None
     return MagmaStream([open_source(spec) for spec in specs], weights, **stream_options)
-
-
-def _chain_one(first, rest: Iterator) -> Iterator:
-    yield first
-    yield from rest
 
 
 __all__ = ["DEFAULT_SHUFFLE_BUFFER_SIZE", "MagmaStream", "build_stream", "decode_sample", "open_source"]
