@@ -7,7 +7,7 @@ import errno
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,15 @@ def _unique_name(name: str, taken: set[str], sample_number: int) -> str:
     return candidate
 
 
+def has_length(iterable: Iterable) -> bool:
+    """`len()` works: not merely defined (a DataLoader over an IterableDataset defines `__len__` and raises)."""
+    try:
+        len(iterable)  # type: ignore[arg-type]
+    except TypeError:
+        return False
+    return True
+
+
 def _plan_conversion(
     staging: Path, ds_iterator: Iterable, dir_size: int, hash_fn: Callable | None, report: SkipReport
 ) -> tuple[list[tuple[str, str]], int]:
@@ -71,7 +80,7 @@ def _plan_conversion(
     transfers: list[tuple[str, str]] = []
     names_in_folder: set[str] = set()
     image_folder, images_in_folder, n_samples = 0, 0, 0
-    total = len(ds_iterator) if isinstance(ds_iterator, Sized) else None
+    total = len(ds_iterator) if has_length(ds_iterator) else None  # type: ignore[arg-type]
     for source_index, item in enumerate(tqdm(ds_iterator, total=total, desc="Converting to the MAGMA layout")):
         image_path, data = item
         image_path = Path(image_path)
