@@ -45,7 +45,7 @@ from .evaluation.data import pick_split
 from .evaluation.prompts import DEFAULT_MAX_NEW_TOKENS, build_prompt
 from .generation import generate_answers
 from .image_processing_magma import open_image
-from .jobs import Job, Processes, load_model, model_identity, processes, run_command
+from .jobs import Job, Processes, add_model_arguments, load_model, processes, run_command
 
 logger = logging.get_logger(__name__)
 
@@ -348,10 +348,9 @@ def _engine(model, processor, engine, max_new_tokens, device, dtype, procs: Proc
         llm_kwargs = {} if dtype in (None, "auto") else {"dtype": dtype}
         identity = {"model": str(model), "model_weights": weight_files_fingerprint(model), "dtype": dtype or "auto"}
         return vllm_generator(str(model), max_new_tokens, **llm_kwargs), identity
-    model, processor, name = load_model(model, processor, device, dtype, procs)
+    model, processor, identity = load_model(model, processor, device, dtype, procs)
     if processor is None:
         raise ValueError("caption_images() needs the model's processor (or a model folder to load both from)")
-    identity = model_identity(model, name)
 
     def generate(prompts: list[str], batch_images: list[list[PIL.Image.Image]]) -> list[str]:
         return generate_answers(model, processor, prompts, batch_images, max_new_tokens=max_new_tokens)
@@ -378,32 +377,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", help="split of a save_to_disk dataset with several")
     parser.add_argument("--image-column", default="image", help="image column of a 🤗 dataset (default image)")
     parser.add_argument("--engine", default="transformers", choices=ENGINES, help="default transformers")
-    parser.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="model dtype (default: bfloat16 on GPU, float32 on CPU; vLLM: the folder's)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_arguments(parser, dtype_note="; vLLM: the folder's")
 
 
 def run(args: argparse.Namespace) -> int:
     def work() -> list[dict[str, Any]]:
-        return caption_images(
-            args.model,
-            args.data,
-            args.output,
-            prompt=args.prompt,
-            batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens,
-            split=args.split,
-            image_column=args.image_column,
-            engine=args.engine,
-            device=args.device,
-            dtype=args.dtype,
-            progress=not args.no_progress,
-        )
+        return caption_images(args.model, args.data, args.output, prompt=args.prompt, batch_size=args.batch_size,
+                              max_new_tokens=args.max_new_tokens, split=args.split, image_column=args.image_column,
+                              engine=args.engine, device=args.device, dtype=args.dtype,
+                              progress=not args.no_progress)  # fmt: skip
 
     return run_command(work, lambda records: print(f"{len(records)} texts: {args.output}"))
 
