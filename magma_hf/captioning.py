@@ -50,7 +50,6 @@ from .jobs import Job, Processes, add_model_arguments, load_model, processes, ru
 logger = logging.get_logger(__name__)
 
 CAPTION_FORMAT = "magma_hf.caption/1"
-LOG_KIND = "caption log"
 ENGINES = ("transformers", "vllm")
 # What produced a caption log's texts: a log written with other values is not resumed. The model's keys
 # (`jobs.MODEL_KEYS`) are known only once it is loaded, so they are checked after these.
@@ -295,7 +294,10 @@ def caption_images(
         "image_column": image_column,
         "data_images": images.fingerprint(),
     }
-    job = _start_job(output, settings, images, procs)
+    if output.is_dir():
+        raise ValueError(f"--output {output} is a folder; give a file name, e.g. {output / 'captions.jsonl'}")
+    job = Job(CAPTION_FORMAT, output, settings, RUN_KEYS + data_keys(images), procs, what="caption log")
+    job.check_output()  # a caption log of the same run, on the settings known before the model is loaded
 
     generate, identity = _engine(model, processor, engine, settings["max_new_tokens"], device, dtype, procs)
     settings.update(identity, batch_size=batch_size)
@@ -330,16 +332,6 @@ def _check_arguments(model, engine: str, batch_size: int, max_new_tokens: int | 
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if engine == "vllm" and not isinstance(model, (str, os.PathLike)):
         raise ValueError("--engine vllm takes a model folder, not a loaded model")
-
-
-def _start_job(output: Path, settings: dict[str, Any], images: ImageSource, procs: Processes) -> Job:
-    """The job writing the caption log `output`, checked to be a caption log of the same run (on the settings known
-    before the model is loaded) when it exists."""
-    if output.is_dir():
-        raise ValueError(f"--output {output} is a folder; give a file name, e.g. {output / 'captions.jsonl'}")
-    job = Job(CAPTION_FORMAT, output, settings, RUN_KEYS + data_keys(images), procs, what=LOG_KIND)
-    job.check_output()
-    return job
 
 
 def _engine(model, processor, engine, max_new_tokens, device, dtype, procs: Processes):

@@ -194,12 +194,6 @@ def write_atomically(path: Path, text: str) -> None:
     write_text_atomically(path, text)
 
 
-def append_records(log, records: list[dict]) -> None:
-    """Append a batch's records to the open log, one JSON line each, and push them to the file."""
-    log.write("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
-    log.flush()
-
-
 def header_line(results_format: str, settings: Mapping[str, Any]) -> str:
     return json.dumps({"format": results_format, "settings": settings}) + "\n"
 
@@ -345,8 +339,9 @@ class Job:
                 batch = todo[start : start + batch_size]
                 records = records_for(batch)
                 self.done.update((str(record["id"]), record) for record in records)
-                if log is not None:
-                    append_records(log, records)
+                if log is not None:  # one JSON line per record, pushed to the file per batch
+                    log.write("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+                    log.flush()
                 bar.update(len(batch))
         finally:
             bar.close()
@@ -465,7 +460,7 @@ def run_command(work: Callable[[], Any], report: Callable[[Any], None]) -> int:
 
 
 __all__ = [
-    "MODEL_KEYS", "Job", "Processes", "add_model_arguments", "append_records", "check_resumable",
+    "MODEL_KEYS", "Job", "Processes", "add_model_arguments", "check_resumable",
     "check_writable_folder", "load_model", "load_model_and_processor", "process_log_path", "process_logs",
     "processes", "read_header", "read_records", "run_command", "shard", "weights_fingerprint",
 ]  # fmt: skip

@@ -96,10 +96,6 @@ def data_name(source, eval_set: EvalSet) -> str:
 # Scoring
 
 
-def score_answer(task: str, answer: str, references: list[str]) -> float:
-    return gqa_accuracy(answer, references) if task == "gqa" else vqa_accuracy(answer, references)
-
-
 def aggregate_metrics(task: str, eval_set: EvalSet, records: list[dict]) -> dict[str, Any]:
     """The metrics of `records` (of `eval_set`, in its order); for captions, each record's `score` is set too."""
     if task in QA_TASKS:
@@ -319,14 +315,12 @@ def _answer(job: Job, examples: _Examples, generator: _Generator, batch_size: in
 
 
 def _record(task: str, eval_set: EvalSet, row: int, prompt: str, answer: str, support_ids: list) -> dict[str, Any]:
-    record: dict[str, Any] = {"id": eval_set.ids[row]}
-    if task in QA_TASKS:
-        record["question"] = eval_set.prompts[row]
-    record.update(prompt=prompt, answer=answer)
-    record["score"] = score_answer(task, answer, eval_set.references[row]) if task in QA_TASKS else None
-    record["references"] = eval_set.references[row]
-    record["support_ids"] = support_ids
-    return record
+    references = eval_set.references[row]
+    qa = task in QA_TASKS
+    score = (gqa_accuracy if task == "gqa" else vqa_accuracy)(answer, references) if qa else None  # captions: later
+    question = {"question": eval_set.prompts[row]} if qa else {}
+    return {"id": eval_set.ids[row], **question, "prompt": prompt, "answer": answer, "score": score,
+            "references": references, "support_ids": support_ids}  # fmt: skip
 
 
 def _results(job: Job, examples: _Examples) -> dict[str, Any]:
