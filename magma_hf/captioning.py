@@ -45,12 +45,11 @@ from .evaluation.data import pick_split
 from .evaluation.prompts import DEFAULT_MAX_NEW_TOKENS, build_prompt
 from .generation import generate_answers
 from .image_processing_magma import open_image
-from .jobs import Job, Processes, load_model, model_identity, processes, run_command
+from .jobs import Job, Processes, add_model_arguments, load_model, processes, run_command
 
 logger = logging.get_logger(__name__)
 
 CAPTION_FORMAT = "magma_hf.caption/1"
-LOG_KIND = "caption log"
 ENGINES = ("transformers", "vllm")
 # What produced a caption log's texts: a log written with other values is not resumed. The model's keys
 # (`jobs.MODEL_KEYS`) are known only once it is loaded, so they are checked after these.
@@ -295,7 +294,10 @@ def caption_images(
         "image_column": image_column,
         "data_images": images.fingerprint(),
     }
-    job = _start_job(output, settings, images, procs)
+    if output.is_dir():
+        raise ValueError(f"--output {output} is a folder; give a file name, e.g. {output / 'captions.jsonl'}")
+    job = Job(CAPTION_FORMAT, output, settings, RUN_KEYS + data_keys(images), procs, what="caption log")
+    job.check_output()  # a caption log of the same run, on the settings known before the model is loaded
 
     generate, identity = _engine(model, processor, engine, settings["max_new_tokens"], device, dtype, procs)
     settings.update(identity, batch_size=batch_size)
@@ -332,26 +334,15 @@ def _check_arguments(model, engine: str, batch_size: int, max_new_tokens: int | 
         raise ValueError("--engine vllm takes a model folder, not a loaded model")
 
 
-def _start_job(output: Path, settings: dict[str, Any], images: ImageSource, procs: Processes) -> Job:
-    """The job writing the caption log `output`, checked to be a caption log of the same run (on the settings known
-    before the model is loaded) when it exists."""
-    if output.is_dir():
-        raise ValueError(f"--output {output} is a folder; give a file name, e.g. {output / 'captions.jsonl'}")
-    job = Job(CAPTION_FORMAT, output, settings, RUN_KEYS + data_keys(images), procs, what=LOG_KIND)
-    job.check_output()
-    return job
-
-
 def _engine(model, processor, engine, max_new_tokens, device, dtype, procs: Processes):
     """`(generate(prompts, images) -> texts, the settings that identify the model)`."""
     if engine == "vllm":
         llm_kwargs = {} if dtype in (None, "auto") else {"dtype": dtype}
         identity = {"model": str(model), "model_weights": weight_files_fingerprint(model), "dtype": dtype or "auto"}
         return vllm_generator(str(model), max_new_tokens, **llm_kwargs), identity
-    model, processor, name = load_model(model, processor, device, dtype, procs)
+    model, processor, identity = load_model(model, processor, device, dtype, procs)
     if processor is None:
         raise ValueError("caption_images() needs the model's processor (or a model folder to load both from)")
-    identity = model_identity(model, name)
 
     def generate(prompts: list[str], batch_images: list[list[PIL.Image.Image]]) -> list[str]:
         return generate_answers(model, processor, prompts, batch_images, max_new_tokens=max_new_tokens)
@@ -378,32 +369,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", help="split of a save_to_disk dataset with several")
     parser.add_argument("--image-column", default="image", help="image column of a 🤗 dataset (default image)")
     parser.add_argument("--engine", default="transformers", choices=ENGINES, help="default transformers")
-    parser.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="model dtype (default: bfloat16 on GPU, float32 on CPU; vLLM: the folder's)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_arguments(parser, dtype_note="; vLLM: the folder's")
 
 
 def run(args: argparse.Namespace) -> int:
     def work() -> list[dict[str, Any]]:
-        return caption_images(
-            args.model,
-            args.data,
-            args.output,
-            prompt=args.prompt,
-            batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens,
-            split=args.split,
-            image_column=args.image_column,
-            engine=args.engine,
-            device=args.device,
-            dtype=args.dtype,
-            progress=not args.no_progress,
-        )
+        return caption_images(args.model, args.data, args.output, prompt=args.prompt, batch_size=args.batch_size,
+                              max_new_tokens=args.max_new_tokens, split=args.split, image_column=args.image_column,
+                              engine=args.engine, device=args.device, dtype=args.dtype,
+                              progress=not args.no_progress)  # fmt: skip
 
     return run_command(work, lambda records: print(f"{len(records)} texts: {args.output}"))
 

@@ -10,8 +10,9 @@ a function from a batch of its examples to their records. The job does the rest:
   that a run resumes after an interruption (the records already there are skipped; a last line torn by a kill is cut
   off) and a rerun with other settings is refused, naming the difference (`Job.resume`);
 - the batches, with a progress bar (`Job.run`), and the finished result written atomically (`Job.write_results`);
-- the model a job answers with: a folder loaded for inference, and its identity (`load_model`, `model_identity`);
-- the command line: `run_command` (INFO logging; a refused input reported by `cli.refuse`).
+- the model a job answers with: a folder loaded for inference, and its identity (`load_model`);
+- the command line: the model's options (`add_model_arguments`), `run_command` (INFO logging; a refused input
+  reported by `cli.refuse`).
 
 Under `accelerate launch` the work is sharded over the processes:
 
@@ -29,6 +30,7 @@ with M (one included); with one process and no process logs nothing differs from
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging as std_logging
@@ -185,108 +187,15 @@ def read_records(path: Path) -> dict[str, dict]:
     return records
 
 
-def remove_leftovers(path: Path) -> None:
-    """Temporary files of an atomic write to `path` that a killed run left behind."""
+def write_atomically(path: Path, text: str) -> None:
+    """`text` into `path` atomically, after removing the temporary files a killed run's write to it left behind."""
     for leftover in remove_leftover_temporaries(path):
         logger.warning("Removed %s, left by an interrupted write of %s", leftover, path)
-
-
-def append_records(log, records: list[dict]) -> None:
-    """Append a batch's records to the open log, one JSON line each, and push them to the file."""
-    log.write("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
-    log.flush()
+    write_text_atomically(path, text)
 
 
 def header_line(results_format: str, settings: Mapping[str, Any]) -> str:
     return json.dumps({"format": results_format, "settings": settings}) + "\n"
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Sharded, resumable run
-
-
-def check_no_orphaned_process_logs(log_path: Path) -> None:
-    """Process logs without their log (moved or deleted) would be read into a new run: refused, naming them."""
-    orphans = process_logs(log_path)
-    if orphans and not log_path.exists():
-        raise ValueError(
-            f"{log_path} does not exist but the process logs of a sharded run writing it do "
-            f"({', '.join(str(p) for p in orphans)}); move them away, or put the log back to resume"
-        )
-
-
-def read_done(
-    log_path: Path,
-    results_format: str,
-    settings: Mapping[str, Any],
-    keys: Sequence[str],
-    resume: bool,
-    procs: Processes,
-    known: Callable[[str], Any],
-    what: str = "evaluation log",
-) -> dict[str, dict | None]:
-    """The records already done, by id: on the main process read from the log and every process log (each checked
-    against `settings` on `keys`; torn last lines cut off), the log first written with its header when `resume` is
-    false; an id of which `known(id)` is None is an error (the log belongs to other data). The other processes get
-    the same ids (with `None` for the record), once the main process is through:
-    nothing is appended before that."""
-    done: dict[str, dict | None] = {}
-    if procs.is_main:
-        if resume:
-            done.update(read_records(log_path))
-        else:
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            remove_leftovers(log_path)
-            write_text_atomically(log_path, header_line(results_format, settings))
-        for part in process_logs(log_path):
-            check_resumable(part, read_header(part, results_format, what), settings, keys)
-            for key, record in read_records(part).items():
-                done.setdefault(key, record)
-        unknown = [key for key in done if known(key) is None]
-        if unknown:
-            raise ValueError(
-                f"{log_path} has results for ids not in the data (e.g. {unknown[:3]}); it belongs to "
-                "other data. Choose another --output."
-            )
-    ids = procs.broadcast(list(done) if procs.is_main else None)
-    return done if procs.is_main else dict.fromkeys(ids)
-
-
-def open_for_append(log_path: Path, results_format: str, settings: Mapping[str, Any], procs: Processes):
-    """The file this process appends its records to: the log on the main process, else its process log (created
-    with the log's header when absent)."""
-    if procs.is_main:
-        return open(log_path, "a", encoding="utf-8")
-    path = process_log_path(log_path, procs.rank)
-    if not path.exists():
-        remove_leftovers(path)
-        write_text_atomically(path, header_line(results_format, settings))
-    return open(path, "a", encoding="utf-8")
-
-
-def merge_process_logs(log_path: Path, done: dict[str, dict], order: Sequence[str], procs: Processes) -> bool:
-    """Once every process is through: the process logs' records added to `done` and the log rewritten with all of
-    them in `order` (ids; those not in it after), then the process logs removed. On the main process only; `False`
-    when there was nothing to merge (the log is then left as it is)."""
-    procs.wait()
-    parts = process_logs(log_path) if procs.is_main else []
-    if not parts:
-        return False
-    for part in parts:
-        done.update(read_records(part))
-    with open(log_path, encoding="utf-8") as file:
-        header = file.readline()
-    position = {key: n for n, key in enumerate(order)}
-    keys = sorted(done, key=lambda key: (position.get(key, len(position)), key))
-    remove_leftovers(log_path)
-    write_text_atomically(log_path, header + "".join(json.dumps(done[k], ensure_ascii=False) + "\n" for k in keys))
-    for part in parts:  # the records are in the log now; a kill before this leaves them twice, read as once
-        part.unlink()
-    return True
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The output
 
 
 def check_writable_folder(folder: Path) -> None:
@@ -326,24 +235,27 @@ class Job:
     def check_output(self) -> None:
         """Sets `recorded` when this run resumes the log, after checking that neither the log nor a finished
         `results_path` belongs to another run: those are never continued or overwritten."""
-        if self.log_path is None:
+        log_path, output = self.log_path, self.results_path
+        if log_path is None:
             return
-        check_no_orphaned_process_logs(self.log_path)
-        if not self.log_path.exists():
-            check_writable_folder(self.log_path.parent)
-            if self.results_path is not None and self.results_path.exists():  # results whose log is gone
+        if not log_path.exists():
+            orphans = process_logs(log_path)  # they would be read into a new run: refused, naming them
+            if orphans:
                 raise ValueError(
-                    f"{self.results_path} exists but its per-example log {self.log_path} does not, so the run cannot "
-                    f"resume; move {self.results_path} away or choose another --output."
+                    f"{log_path} does not exist but the process logs of a sharded run writing it do "
+                    f"({', '.join(str(p) for p in orphans)}); move them away, or put the log back to resume"
+                )
+            check_writable_folder(log_path.parent)
+            if output is not None and output.exists():  # results whose log is gone
+                raise ValueError(
+                    f"{output} exists but its per-example log {log_path} does not, so the run cannot "
+                    f"resume; move {output} away or choose another --output."
                 )
             return
-        self.recorded = read_header(self.log_path, self.results_format, self.what)
-        check_resumable(self.log_path, self.recorded, self.settings, self.keys)
-        if self.results_path is not None and self.results_path.exists():  # rewritten only when it is this run's
-            self._check_finished_results()
-
-    def _check_finished_results(self) -> None:
-        output = self.results_path
+        self.recorded = read_header(log_path, self.results_format, self.what)
+        check_resumable(log_path, self.recorded, self.settings, self.keys)
+        if output is None or not output.exists():  # a finished result is rewritten only when it is this run's
+            return
         try:
             finished = json.loads(output.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -355,20 +267,39 @@ class Job:
         details = differences(finished.get("settings", {}), self.recorded, self.keys + MODEL_KEYS)
         if details:
             raise ValueError(
-                f"{output} holds the results of another run than its log {self.log_path} ({details}); move one away"
+                f"{output} holds the results of another run than its log {log_path} ({details}); move one away"
             )
 
     def resume(self, known: Callable[[str], Any]) -> None:
-        """Once the model's identity is in `settings`: the records already done, into `done` (see `read_done`; an id
-        of which `known(id)` is None is an error). A new log is started with its header."""
-        if self.log_path is None:
+        """Once the model's identity is in `settings`: the records already done, by id, into `done`. The main process
+        reads them from the log and every process log (each checked against `settings`; torn last lines cut off), or
+        starts a new log with its header; an id of which `known(id)` is None is an error (the log belongs to other
+        data). The other processes get the same ids (with `None` for the record) once the main process is through:
+        nothing is appended before that."""
+        log_path, procs = self.log_path, self.procs
+        if log_path is None:
             return
-        if self.recorded is not None and self.procs.is_main:
-            check_resumable(self.log_path, self.recorded, self.settings, MODEL_KEYS)
-        resume = self.recorded is not None
-        keys = self.keys + MODEL_KEYS
-        self.done = read_done(self.log_path, self.results_format, self.settings, keys, resume, self.procs, known,
-                              what=self.what)  # fmt: skip
+        done: dict[str, dict | None] = {}
+        if procs.is_main:
+            if self.recorded is not None:
+                check_resumable(log_path, self.recorded, self.settings, MODEL_KEYS)
+                done.update(read_records(log_path))
+            else:
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                write_atomically(log_path, header_line(self.results_format, self.settings))
+            for part in process_logs(log_path):
+                recorded = read_header(part, self.results_format, self.what)
+                check_resumable(part, recorded, self.settings, self.keys + MODEL_KEYS)
+                for key, record in read_records(part).items():
+                    done.setdefault(key, record)
+            unknown = [key for key in done if known(key) is None]
+            if unknown:
+                raise ValueError(
+                    f"{log_path} has results for ids not in the data (e.g. {unknown[:3]}); it belongs to "
+                    "other data. Choose another --output."
+                )
+        ids = procs.broadcast(list(done) if procs.is_main else None)
+        self.done = done if procs.is_main else dict.fromkeys(ids)
 
     def pending(self, ids: Sequence) -> list[int]:
         """The rows of `ids` not done yet (the same list on every process)."""
@@ -387,30 +318,30 @@ class Job:
         progress: bool = True,
     ) -> None:
         """Produce the records of the rows `todo` of `total`: this process's share, `batch_size` rows per
-        `records_for(rows)` call, each batch's records appended to this process's log as soon as they exist."""
+        `records_for(rows)` call, each batch's records appended to this process's log as soon as they exist: the log
+        on the main process, else its process log (created with the log's header when absent)."""
         procs = self.procs
         if self.done and todo and procs.is_main:
             logger.info("Resuming %s: %d of %d %s already done", self.log_path, total - len(todo), total, noun)
         todo = shard(todo, procs)
         sharded = f" (process 1 of {procs.count})" if procs.count > 1 else ""
         initial = total - len(todo) if procs.count == 1 else 0
-        bar = tqdm(
-            total=initial + len(todo),
-            initial=initial,
-            desc=f"{desc}{sharded}",
-            unit=unit,
-            disable=not progress or not procs.is_main,
-        )
-        log = None
-        if self.log_path is not None:
-            log = open_for_append(self.log_path, self.results_format, self.settings, procs)
+        bar = tqdm(total=initial + len(todo), initial=initial, desc=f"{desc}{sharded}", unit=unit,
+                   disable=not progress or not procs.is_main)  # fmt: skip
+        log_path = self.log_path
+        if log_path is not None and not procs.is_main:
+            log_path = process_log_path(log_path, procs.rank)
+            if not log_path.exists():
+                write_atomically(log_path, header_line(self.results_format, self.settings))
+        log = None if log_path is None else open(log_path, "a", encoding="utf-8")
         try:
             for start in range(0, len(todo), batch_size):
                 batch = todo[start : start + batch_size]
                 records = records_for(batch)
                 self.done.update((str(record["id"]), record) for record in records)
-                if log is not None:
-                    append_records(log, records)
+                if log is not None:  # one JSON line per record, pushed to the file per batch
+                    log.write("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+                    log.flush()
                 bar.update(len(batch))
         finally:
             bar.close()
@@ -418,17 +349,30 @@ class Job:
                 log.close()
 
     def finish(self, order: Sequence[str]) -> None:
-        """Once every process is through: the process logs merged into the log, in `order` (`merge_process_logs`)."""
-        if self.log_path is not None:
-            merge_process_logs(self.log_path, self.done, order, self.procs)
+        """Once every process is through: on the main process the process logs' records added to `done` and the log
+        rewritten with all of them in `order` (ids; those not in it after), then the process logs removed (a kill
+        before that leaves the records twice, read as once). Without process logs the log is left as it is."""
+        if self.log_path is None:
+            return
+        self.procs.wait()
+        parts = process_logs(self.log_path) if self.procs.is_main else []
+        if not parts:
+            return
+        for part in parts:
+            self.done.update(read_records(part))
+        with open(self.log_path, encoding="utf-8") as file:
+            header = file.readline()
+        position = {key: n for n, key in enumerate(order)}
+        keys = sorted(self.done, key=lambda key: (position.get(key, len(position)), key))
+        records = "".join(json.dumps(self.done[key], ensure_ascii=False) + "\n" for key in keys)
+        write_atomically(self.log_path, header + records)
+        for part in parts:
+            part.unlink()
 
     def write_results(self, result: Mapping[str, Any]) -> None:
         """The finished result into `results_path`, atomically, with the log's format (main process only)."""
-        remove_leftovers(self.results_path)
-        write_text_atomically(
-            self.results_path,
-            json.dumps({"format": self.results_format, **result}, indent=1, ensure_ascii=False) + "\n",
-        )
+        text = json.dumps({"format": self.results_format, **result}, indent=1, ensure_ascii=False)
+        write_atomically(self.results_path, text + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -455,14 +399,18 @@ def load_model_and_processor(path: str | os.PathLike, device: str | None = None,
     return model, processor
 
 
-def load_model(model, processor, device: str | None, dtype: str | None, procs: Processes):
-    """`(model, processor, name)`: a model folder loaded (on this process's device unless `device` says otherwise),
-    or a loaded model as given; `name` is how the log records it."""
+def load_model(model, processor, device: str | None, dtype: str | None, procs: Processes, fingerprint: bool = True):
+    """`(model, processor, identity)`: a model folder loaded (on this process's device unless `device` says
+    otherwise), or a loaded model as given; `identity` the settings that identify it: its name as the log records it,
+    its weights' fingerprint (None when not `fingerprint`: a run without a log needs none) and its dtype."""
     if isinstance(model, (str, os.PathLike)):
         name = str(model)
         model, loaded_processor = load_model_and_processor(model, device=device or procs.device, dtype=dtype)
-        return model, processor or loaded_processor, name
-    return model, processor, getattr(model, "name_or_path", "") or type(model).__name__
+        processor = processor or loaded_processor
+    else:
+        name = getattr(model, "name_or_path", "") or type(model).__name__
+    weights = weights_fingerprint(model) if fingerprint else None
+    return model, processor, {"model": name, "model_weights": weights, "dtype": str(model.dtype).removeprefix("torch.")}
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -485,22 +433,16 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return "sha256:" + hashlib.sha256("".join(digests).encode()).hexdigest()
 
 
-def model_identity(model: torch.nn.Module, name: str, fingerprint: bool = True) -> dict[str, Any]:
-    """The settings that identify a loaded model: its name, its weights' fingerprint (None when not `fingerprint`:
-    a run without a log needs none) and its dtype."""
-    return {
-        "model": name,
-        "model_weights": weights_fingerprint(model) if fingerprint else None,
-        "dtype": str(model.dtype).removeprefix("torch."),
-    }
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # The CLI
 
 
-# A refused input: bad data, settings, model folder or output; the message names it.
-REFUSED = (ValueError, OSError)
+def add_model_arguments(parser: argparse.ArgumentParser, dtype_note: str = "") -> None:
+    """The options a job command ends with: where and in which dtype the model is loaded, and the progress bar."""
+    parser.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help=f"model dtype (default: bfloat16 on GPU, float32 on CPU{dtype_note})")  # fmt: skip
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run_command(work: Callable[[], Any], report: Callable[[Any], None]) -> int:
@@ -510,7 +452,7 @@ def run_command(work: Callable[[], Any], report: Callable[[Any], None]) -> int:
     std_logging.basicConfig(level=std_logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         result = work()
-    except REFUSED as error:
+    except (ValueError, OSError) as error:  # a refused input: bad data, settings, model folder or output
         return refuse(error)
     if processes().is_main:
         report(result)
@@ -518,25 +460,7 @@ def run_command(work: Callable[[], Any], report: Callable[[Any], None]) -> int:
 
 
 __all__ = [
-    "MODEL_KEYS",
-    "Job",
-    "Processes",
-    "append_records",
-    "check_no_orphaned_process_logs",
-    "check_resumable",
-    "check_writable_folder",
-    "load_model",
-    "load_model_and_processor",
-    "merge_process_logs",
-    "model_identity",
-    "open_for_append",
-    "process_log_path",
-    "process_logs",
-    "processes",
-    "read_done",
-    "read_header",
-    "read_records",
-    "run_command",
-    "shard",
-    "weights_fingerprint",
-]
+    "MODEL_KEYS", "Job", "Processes", "add_model_arguments", "check_resumable",
+    "check_writable_folder", "load_model", "load_model_and_processor", "process_log_path", "process_logs",
+    "processes", "read_header", "read_records", "run_command", "shard", "weights_fingerprint",
+]  # fmt: skip

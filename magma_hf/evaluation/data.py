@@ -30,7 +30,7 @@ import json
 import os
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +84,7 @@ class EvalSet:
     base_dir: Path | None = None
     source: str = ""
     read_image: Callable[[int], Image.Image] | None = None  # images not in `dataset` (shards): row -> decoded image
-    _id_index: dict[str, int] = field(default_factory=dict, repr=False)
+    _id_index: dict[str, int] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
         for index, example_id in enumerate(self.ids):
@@ -117,20 +117,9 @@ class EvalSet:
         """The first `count` examples."""
         if count >= len(self):
             return self
-        return EvalSet(
-            task=self.task,
-            ids=self.ids[:count],
-            prompts=self.prompts[:count],
-            references=self.references[:count],
-            targets=self.targets[:count],
-            image_keys=self.image_keys[:count],
-            groups={name: labels[:count] for name, labels in self.groups.items()},
-            dataset=self.dataset,
-            image_column=self.image_column,
-            base_dir=self.base_dir,
-            source=self.source,
-            read_image=self.read_image,
-        )
+        groups = {name: labels[:count] for name, labels in self.groups.items()}
+        return replace(self, ids=self.ids[:count], prompts=self.prompts[:count], references=self.references[:count],
+                       targets=self.targets[:count], image_keys=self.image_keys[:count], groups=groups)  # fmt: skip
 
 
 def _to_pil(value, base_dir: Path | None) -> Image.Image:
@@ -186,9 +175,7 @@ def load_eval_set(
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; tasks are {', '.join(TASKS)}")
     if isinstance(source, (datasets.Dataset, datasets.DatasetDict)):
-        return _from_columns(
-            pick_split(source, split, "the given dataset"), task, parse_columns(columns), None, "data"
-        )
+        return _from_columns(pick_split(source, split, "the given dataset"), task, parse_columns(columns), None, "data")
     items = list(source) if isinstance(source, (list, tuple)) else [source]
     if task == "caption" and items and all(reads_as_shards(item) for item in items):
         return _from_shards(items if len(items) > 1 else items[0], parse_columns(columns))

@@ -33,7 +33,7 @@ from transformers.utils import logging
 from ..cli import refuse
 from ..data.shards import is_shard_spec
 from ..generation import generate_answers
-from ..jobs import Job, load_model, model_identity, processes, run_command
+from ..jobs import Job, add_model_arguments, load_model, processes, run_command
 from .caption_metrics import CaptionMetricsUnavailable, caption_scores, check_caption_requirements
 from .data import QA_TASKS, TASKS, EvalSet, draw_support, load_eval_set
 from .prompts import DEFAULT_MAX_NEW_TOKENS, build_prompt
@@ -94,10 +94,6 @@ def data_name(source, eval_set: EvalSet) -> str:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Scoring
-
-
-def score_answer(task: str, answer: str, references: list[str]) -> float:
-    return gqa_accuracy(answer, references) if task == "gqa" else vqa_accuracy(answer, references)
 
 
 def aggregate_metrics(task: str, eval_set: EvalSet, records: list[dict]) -> dict[str, Any]:
@@ -191,12 +187,12 @@ def evaluate(
                          examples)  # fmt: skip
     job = _start_job(output, settings)
 
-    model, processor, model_name = load_model(model, processor, device, dtype, job.procs)
-    settings.update(model_identity(model, model_name, fingerprint=output is not None), batch_size=batch_size)
+    model, processor, identity = load_model(model, processor, device, dtype, job.procs, fingerprint=output is not None)
+    settings.update(identity, batch_size=batch_size)
     generator = _Generator(model, processor, settings["max_new_tokens"])
 
     job.resume(known=examples.full.index_of)
-    _answer(job, examples, generator, model, batch_size, progress)
+    _answer(job, examples, generator, batch_size, progress)
     job.finish([str(example_id) for example_id in examples.full.ids])
     return job.procs.broadcast(_results(job, examples) if job.procs.is_main else None)
 
@@ -296,8 +292,9 @@ def _start_job(output: str | os.PathLike | None, settings: dict[str, Any]) -> Jo
     return job
 
 
-def _answer(job: Job, examples: _Examples, generator: _Generator, model, batch_size: int, progress: bool) -> None:
-    """Answer the examples not done yet (this process's share) in eval mode, each batch's records logged."""
+def _answer(job: Job, examples: _Examples, generator: _Generator, batch_size: int, progress: bool) -> None:
+    """Answer the examples not done yet (this process's share), each batch's records logged (`generate_answers`
+    puts the model in eval mode)."""
     task, shots, template = job.settings["task"], job.settings["shots"], job.settings["prompt_template"]
     eval_set, support_set, support_rows = examples.asked, examples.support, examples.support_rows
 
@@ -313,25 +310,17 @@ def _answer(job: Job, examples: _Examples, generator: _Generator, model, batch_s
             for row, prompt, answer in zip(batch, prompts, answers)
         ]
 
-    todo = job.pending(eval_set.ids)
-    was_training = model.training
-    model.eval()
-    try:
-        job.run(todo, len(eval_set), records_for, batch_size, noun="examples", desc=f"{task} {shots}-shot",
-                progress=progress)  # fmt: skip
-    finally:
-        model.train(was_training)
+    job.run(job.pending(eval_set.ids), len(eval_set), records_for, batch_size, noun="examples",
+            desc=f"{task} {shots}-shot", progress=progress)  # fmt: skip
 
 
 def _record(task: str, eval_set: EvalSet, row: int, prompt: str, answer: str, support_ids: list) -> dict[str, Any]:
-    record: dict[str, Any] = {"id": eval_set.ids[row]}
-    if task in QA_TASKS:
-        record["question"] = eval_set.prompts[row]
-    record.update(prompt=prompt, answer=answer)
-    record["score"] = score_answer(task, answer, eval_set.references[row]) if task in QA_TASKS else None
-    record["references"] = eval_set.references[row]
-    record["support_ids"] = support_ids
-    return record
+    references = eval_set.references[row]
+    qa = task in QA_TASKS
+    score = (gqa_accuracy if task == "gqa" else vqa_accuracy)(answer, references) if qa else None  # captions: later
+    question = {"question": eval_set.prompts[row]} if qa else {}
+    return {"id": eval_set.ids[row], **question, "prompt": prompt, "answer": answer, "score": score,
+            "references": references, "support_ids": support_ids}  # fmt: skip
 
 
 def _results(job: Job, examples: _Examples) -> dict[str, Any]:
@@ -374,14 +363,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--support-split", help="split of the --support dataset")
     parser.add_argument("--columns", help="column mapping for 🤗 datasets, e.g. image=img,question=q,answers=a")
     parser.add_argument("--prompt-template", help="question template (default 'Q: {question} A:'), or caption prompt")
-    parser.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="model dtype (default: bfloat16 on GPU, float32 on CPU)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -395,26 +377,11 @@ def run(args: argparse.Namespace) -> int:
             return refuse(error)
 
     def work() -> dict[str, Any]:
-        return evaluate(
-            args.task,
-            args.model,
-            None,
-            data,
-            shots=args.shots,
-            support=support,
-            batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens,
-            output=output,
-            seed=args.seed,
-            limit=args.limit,
-            split=args.split,
-            support_split=args.support_split,
-            columns=args.columns,
-            prompt_template=args.prompt_template,
-            progress=not args.no_progress,
-            device=args.device,
-            dtype=args.dtype,
-        )
+        return evaluate(args.task, args.model, None, data, shots=args.shots, support=support,
+                        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, output=output, seed=args.seed,
+                        limit=args.limit, split=args.split, support_split=args.support_split, columns=args.columns,
+                        prompt_template=args.prompt_template, progress=not args.no_progress, device=args.device,
+                        dtype=args.dtype)  # fmt: skip
 
     def report(result: dict[str, Any]) -> None:
         print(format_metrics(result))

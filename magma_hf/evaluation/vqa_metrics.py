@@ -187,13 +187,6 @@ def most_common_answer(answers: str | Sequence[str] | Sequence[Mapping]) -> str:
 
 
 __all__ = [
-    "aggregate_accuracy",
-    "answer_strings",
-    "clean_whitespace",
-    "gqa_accuracy",
-    "most_common_answer",
-    "normalize_answer",
-    "normalize_punctuation",
-    "normalize_words",
-    "vqa_accuracy",
-]
+    "aggregate_accuracy", "answer_strings", "clean_whitespace", "gqa_accuracy", "most_common_answer",
+    "normalize_answer", "normalize_punctuation", "normalize_words", "vqa_accuracy",
+]  # fmt: skip
