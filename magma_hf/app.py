@@ -107,9 +107,7 @@ def write_space(model_dir: str | os.PathLike, examples: list[str] = ()) -> list[
         current = path.read_bytes() if path.is_file() and not path.is_symlink() else None
         if current == content:
             manifest[name] = file_record(path)  # ours either way
-        elif not path.exists() and not path.is_symlink():
-            to_write[name] = content
-        elif name in ours:  # as an earlier run wrote it
+        elif (not path.exists() and not path.is_symlink()) or name in ours:  # absent, or as an earlier run wrote it
             to_write[name] = content
         elif current is not None and (name in recorded or (name.endswith((".py", ".txt")) and written_by_us(path))):
             edited.append(name)  # generated, then changed by the user: the user's now

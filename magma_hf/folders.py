@@ -174,19 +174,14 @@ def owned_files(folder: Path, manifest_name: str) -> dict[str, Any]:
     records = read_manifest(folder, manifest_name)
     if records is None:
         return {}
-    unchanged = {}
-    for name, record in records.items():
-        if not is_plain_name(name):
-            continue
-        path = folder / name
-        if any((folder / part).is_symlink() for part in PurePosixPath(name).parents if str(part) != "."):
-            continue
-        if path.is_symlink() or not path.is_file():
-            continue
-        if matches_record(path, record):
-            unchanged[name] = record
-    unchanged[manifest_name] = {}  # it was read: it is ours
-    return unchanged
+    unchanged = {
+        name: record
+        for name, record in records.items()
+        if is_plain_name(name)  # then no symlink on the way (a folder of the name, or the file), and as recorded
+        and not any((folder / part).is_symlink() for part in PurePosixPath(name).parents if str(part) != ".")
+        and not (folder / name).is_symlink() and (folder / name).is_file() and matches_record(folder / name, record)
+    }
+    return unchanged | {manifest_name: {}}  # it was read: it is ours
 
 
 def manifest_text(written_by: str, note: str, files: dict[str, Any], **extra: Any) -> str:

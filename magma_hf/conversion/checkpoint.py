@@ -193,10 +193,8 @@ def summarize_keys(keys: Iterable[str]) -> str:
     parts = sorted(plain)
     for (head, tail), indices in sorted(groups.items()):
         indices = sorted(set(indices))
-        if len(indices) == 1:
-            parts.append(f"{head}{indices[0]}{tail}")
-        else:
-            parts.append(f"{head}{{{compress_ranges(indices)}}}{tail}")
+        middle = str(indices[0]) if len(indices) == 1 else f"{{{compress_ranges(indices)}}}"
+        parts.append(f"{head}{middle}{tail}")
     return "\n    ".join(parts)
 
 

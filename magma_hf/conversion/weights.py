@@ -122,19 +122,13 @@ def write_weights(
         pages.release(source)
         return difference
 
-    produce = partial(
-        produce_parts, state_dict=state_dict, locate=pages.slice_of, non_finite=None if verify else non_finite
-    )
+    checked = None if verify else non_finite  # without verification, the values are checked while written
+    produce = partial(produce_parts, state_dict=state_dict, locate=pages.slice_of, non_finite=checked)
     try:
         written = write_sharded_safetensors(
-            folder,
-            plan.entries,
-            produce,
-            max_shard_size,
-            check=check if verify else None,
-            written=lambda entry: pages.release(state_dict[entry.source]),
-            total_parameters=total_parameters,
-        )
+            folder, plan.entries, produce, max_shard_size, check=check if verify else None,
+            written=lambda entry: pages.release(state_dict[entry.source]), total_parameters=total_parameters,
+        )  # fmt: skip
     except SafetensorsWriteError as error:
         raise MagmaConversionError(f"{checkpoint.path}: {error}") from error
     return written.filename_to_tensors, written.verify, non_finite

@@ -106,11 +106,7 @@ def save_adapter_export(
         if model.config.adapter_config:
             save_peft_adapter(model, staging, base_model_name_or_path=base_model_name_or_path, state_dict=state_dict)
         state_dict = model.state_dict() if state_dict is None else state_dict
-        prefix = {
-            name: tensor.detach().contiguous().cpu()
-            for name, tensor in state_dict.items()
-            if is_image_prefix_weight(name)
-        }
+        prefix = {name: t.detach().contiguous().cpu() for name, t in state_dict.items() if is_image_prefix_weight(name)}
         save_file(prefix, staging / IMAGE_PREFIX_FILE, metadata={"format": "pt"})
         model.config.save_pretrained(staging)
         if processor is not None:
