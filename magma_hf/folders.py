@@ -130,11 +130,10 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def file_record(path: Path, by_time: Callable[[str], bool] = is_weights_name) -> dict[str, Any]:
-    """How the manifest recognises a file later: its size, and its sha256, or (`by_time(name)`: the weights) its
-    modification time."""
+def file_record(path: Path) -> dict[str, Any]:
+    """How the manifest recognises a file later: its size, and its sha256, or (the weights) its modification time."""
     stat = path.stat()
-    if by_time(path.name):
+    if is_weights_name(path.name):
         return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     return {"size": stat.st_size, "sha256": sha256_of(path)}
 
@@ -254,7 +253,6 @@ class FolderWriter:
     label: str = "--output"
     overwrite_flag: str = "--overwrite"  # named where an earlier run's files need it; "" where it is always given
     keeps: Callable[[Path], bool] = lambda path: False  # a user's file named like one we write, kept (ours not written)
-    by_time: Callable[[str], bool] = is_weights_name  # recorded by size + mtime_ns instead of sha256
     fixed_workspace: bool = False
     inside: bool = False
 
@@ -478,7 +476,7 @@ class FolderWriter:
                 (staging / name).unlink()  # the user's (a model card, an edited file): ours is not installed
         names = sorted(path.name for path in staging.iterdir() if path.name != self.manifest_name)
         names = [name for name in first if name in names] + [name for name in names if name not in first]
-        files = {name: file_record(staging / name, self.by_time) for name in names}
+        files = {name: file_record(staging / name) for name in names}
         (staging / self.manifest_name).write_text(manifest_text(self.written_by, self.note, files, **extra))
         sync_folder(staging)
         if not folder.exists():

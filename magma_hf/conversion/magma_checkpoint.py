@@ -56,12 +56,7 @@ from ..folders import FolderChanges, FolderWriter
 from ..hub_magma import saving_as_hub_repo
 from ..modeling_magma import MagmaForConditionalGeneration
 from ..weights_magma import is_weights_name
-from .checkpoint import (
-    CHECKPOINT_FILENAME,
-    MagmaConversionError,
-    load_original_checkpoint,
-    resolve_checkpoint,
-)
+from .checkpoint import CHECKPOINT_FILENAME, MagmaConversionError, load_original_checkpoint, resolve_checkpoint
 from .plan import plan_conversion
 from .safetensors_writer import MappedFile, VerifyReport
 from .weights import write_weights
@@ -87,10 +82,8 @@ def settings_errors(hint: str = ""):
 
 def read_json_argument(value: str | os.PathLike | dict | None, what: str) -> dict:
     """A dict, a JSON file or inline JSON (`'{"n_layer": 2}'`)."""
-    if value is None:
-        return {}
-    if isinstance(value, dict):
-        return dict(value)
+    if value is None or isinstance(value, dict):
+        return dict(value or {})
     text = str(value)
     try:
         data = json.loads(text) if text.lstrip().startswith("{") else json.loads(Path(text).read_text())
@@ -191,8 +184,7 @@ class ConversionReport:
             f"  dropped after checking: {self.dropped_buffers} attention buffers (causal mask, masked_bias, "
             f"scale_attn, sin, cos), {self.dropped_aliases} alias keys (word_embedding.*, transformer.*)",
         ]
-        if self.verify is not None:
-            verify = self.verify
+        if (verify := self.verify) is not None:
             status = "all bitwise equal" if not verify.mismatched else f"{len(verify.mismatched)} DIFFER"
             lines.append(
                 f"  verified: {verify.tensors} tensors, {verify.bytes / 1e9:.3f} GB in {verify.shards} file(s) "
@@ -347,10 +339,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     checkpoint_help = f"{CHECKPOINT_FILENAME}, a folder holding it, or a Hub repo id"
     parser.add_argument("--checkpoint", required=True, help=checkpoint_help)
     parser.add_argument(
-        "--output",
-        required=True,
+        "--output", required=True,
         help="folder to write; files in it that no conversion wrote are kept, or (named like the conversion's) stop it",
-    )
+    )  # fmt: skip
     magma_config_help = "original MAGMA training YAML (default: MAGMA_v1's settings, as configuration/MAGMA_v1.yml)"
     parser.add_argument("--magma-config", help=magma_config_help)
     parser.add_argument("--text-config", help="GPTJConfig fields, JSON file or inline (default GPT-J-6B)")
@@ -360,28 +351,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's own")
     parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors file (default 2GB)")
     parser.add_argument(
-        "--allow-unsafe-pickle",
-        action="store_true",
+        "--allow-unsafe-pickle", action="store_true",
         help="load with weights_only=False: unpickling can run arbitrary code, only for files you trust",
-    )
+    )  # fmt: skip
     parser.add_argument(
-        "--overwrite",
-        action="store_true",
+        "--overwrite", action="store_true",
         help=f"replace the files an earlier conversion wrote into --output (listed in its {MANIFEST_NAME}), once "
         "the new one is complete; nothing else",
-    )
+    )  # fmt: skip
     parser.add_argument(
-        "--allow-non-finite",
-        action="store_true",
+        "--allow-non-finite", action="store_true",
         help="write tensors holding NaN or inf (from the checkpoint, or a --dtype cast that overflows) instead of "
         "failing",
-    )
+    )  # fmt: skip
     parser.add_argument(
-        "--verify",
-        action=argparse.BooleanOptionalAction,
-        default=True,
+        "--verify", action=argparse.BooleanOptionalAction, default=True,
         help="reload every written tensor and compare it bitwise with the checkpoint (default: on)",
-    )
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:

@@ -191,10 +191,9 @@ def plan_conversion(
         if tensor.is_floating_point() != target.is_floating_point():
             problems["dtype"].append(f"{source}: {tensor.dtype}; expected a {target.dtype}-like tensor")
 
-    buffers = attention_buffer_keys(config)
     expected_buffers = ExpectedBuffers(config)
     dropped_buffers = []
-    for key, kind in buffers.items():
+    for key, kind in attention_buffer_keys(config).items():
         if key in state_dict:
             used.add(key)
             dropped_buffers.append(key)
@@ -275,13 +274,10 @@ def detect_adapter_config(state_dict: dict[str, torch.Tensor], hidden_size: int)
             first = state_dict.get(f"{block}{root}.0.weight")
             if first is None:
                 continue
-            if location == "mlp":
-                parallel = root == "mlp.adapter"
-            else:
-                parallel = f"{block}attn.attn_block.attention.q_proj.weight" not in state_dict
-            adapter_type = "normal"
-            if parallel:
-                adapter_type = "scaled_parallel" if f"{block}{ADAPTER_SCALE[location]}" in state_dict else "parallel"
+            no_attn_block = f"{block}attn.attn_block.attention.q_proj.weight" not in state_dict
+            parallel = root == "mlp.adapter" if location == "mlp" else no_attn_block
+            scaled = f"{block}{ADAPTER_SCALE[location]}" in state_dict
+            adapter_type = ("scaled_parallel" if scaled else "parallel") if parallel else "normal"
             add_layernorm = first.dim() == 1  # a LayerNorm's weight, not a Linear's
             down = state_dict.get(f"{block}{root}.{1 if add_layernorm else 0}.weight")
             factor = hidden_size // down.shape[0] if down is not None and down.dim() == 2 and down.shape[0] else None

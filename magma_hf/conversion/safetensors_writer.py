@@ -266,10 +266,8 @@ def verify_shard(
         with safe_open(path, framework="pt") as handle:
             for spec in group:
                 written = handle.get_tensor(spec.name)
-                if written.dtype != spec.dtype or tuple(written.shape) != spec.shape:
-                    difference: float | None = float("inf")
-                else:
-                    difference = check(spec, written)
+                same_layout = written.dtype == spec.dtype and tuple(written.shape) == spec.shape
+                difference = check(spec, written) if same_layout else float("inf")
                 if difference is not None:
                     report.mismatched.append(spec.name)
                     report.max_abs_diff = max(report.max_abs_diff, difference)
