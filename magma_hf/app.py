@@ -48,8 +48,6 @@ if __name__ == "__main__":
     folder = str(Path(__file__).resolve().parent)
     get_class_from_dynamic_module("app_magma.main", folder)(folder)
 '''
-# `app_magma.py` itself and the modules it imports, relative to the package (copied where the folder lacks them).
-APP_MODULE = Path(app_magma.__file__)
 
 
 def space_requirements() -> str:
@@ -69,7 +67,8 @@ def space_requirements() -> str:
 def space_files(model_dir: Path, examples: list[str]) -> dict[str, bytes]:
     """What `--write-space` writes, by path relative to `model_dir`."""
     files = {"app.py": APP_PY.encode(), "requirements.txt": space_requirements().encode()}
-    for module in [APP_MODULE, *map(Path, get_relative_import_files(str(APP_MODULE)))]:
+    # `app_magma.py` itself and the modules it imports, relative to the package (copied where the folder lacks them)
+    for module in [Path(app_magma.__file__), *map(Path, get_relative_import_files(app_magma.__file__))]:
         is_app_code = module.name in ("app_magma.py", "prompts_magma.py")
         if is_app_code or not (model_dir / module.name).exists():  # the model's own code stays as it was saved
             source = module.read_text(encoding="utf-8")
@@ -107,9 +106,7 @@ def write_space(model_dir: str | os.PathLike, examples: list[str] = ()) -> list[
         current = path.read_bytes() if path.is_file() and not path.is_symlink() else None
         if current == content:
             manifest[name] = file_record(path)  # ours either way
-        elif not path.exists() and not path.is_symlink():
-            to_write[name] = content
-        elif name in ours:  # as an earlier run wrote it
+        elif (not path.exists() and not path.is_symlink()) or name in ours:  # absent, or as an earlier run wrote it
             to_write[name] = content
         elif current is not None and (name in recorded or (name.endswith((".py", ".txt")) and written_by_us(path))):
             edited.append(name)  # generated, then changed by the user: the user's now
@@ -162,11 +159,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-images", type=int, default=app_magma.MAX_IMAGES, help="Images per request, at most")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument(
-        "--write-space",
-        action="store_true",
+        "--write-space", action="store_true",
         help="Write app.py, requirements.txt and the app's code into MODEL_DIR (a Hugging Face Space repo that "
         "starts with `python app.py`), then exit",
-    )
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:

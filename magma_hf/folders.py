@@ -24,7 +24,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -59,15 +59,6 @@ def sync_folder(folder: str | os.PathLike) -> None:
     for path in Path(folder).rglob("*"):
         if path.is_file():
             sync_path(path)
-    sync_path(folder)
-
-
-def move_files_into(files: Iterable[Path], folder: Path) -> None:
-    """Move each staged file into `folder` under its name, in the order given: each lands complete (fsync, then a rename
-    on the same file system); files of `folder` not among them are untouched."""
-    for path in files:
-        sync_path(path)
-        os.replace(path, folder / path.name)
     sync_path(folder)
 
 
@@ -139,11 +130,10 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def file_record(path: Path, by_time: Callable[[str], bool] = is_weights_name) -> dict[str, Any]:
-    """How the manifest recognises a file later: its size, and its sha256, or (`by_time(name)`: the weights) its
-    modification time."""
+def file_record(path: Path) -> dict[str, Any]:
+    """How the manifest recognises a file later: its size, and its sha256, or (the weights) its modification time."""
     stat = path.stat()
-    if by_time(path.name):
+    if is_weights_name(path.name):
         return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     return {"size": stat.st_size, "sha256": sha256_of(path)}
 
@@ -183,19 +173,14 @@ def owned_files(folder: Path, manifest_name: str) -> dict[str, Any]:
     records = read_manifest(folder, manifest_name)
     if records is None:
         return {}
-    unchanged = {}
-    for name, record in records.items():
-        if not is_plain_name(name):
-            continue
-        path = folder / name
-        if any((folder / part).is_symlink() for part in PurePosixPath(name).parents if str(part) != "."):
-            continue
-        if path.is_symlink() or not path.is_file():
-            continue
-        if matches_record(path, record):
-            unchanged[name] = record
-    unchanged[manifest_name] = {}  # it was read: it is ours
-    return unchanged
+    unchanged = {
+        name: record
+        for name, record in records.items()
+        if is_plain_name(name)  # then no symlink on the way (a folder of the name, or the file), and as recorded
+        and not any((folder / part).is_symlink() for part in PurePosixPath(name).parents if str(part) != ".")
+        and not (folder / name).is_symlink() and (folder / name).is_file() and matches_record(folder / name, record)
+    }
+    return unchanged | {manifest_name: {}}  # it was read: it is ours
 
 
 def manifest_text(written_by: str, note: str, files: dict[str, Any], **extra: Any) -> str:
@@ -204,20 +189,7 @@ def manifest_text(written_by: str, note: str, files: dict[str, Any], **extra: An
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Locks: a running writer is never taken for a killed one's leftover
-
-
-def take_lock(workspace: Path, lock_name: str) -> int:
-    """Create and hold (flock) `workspace/lock_name`; returns its descriptor, to close when the writer is done."""
-    descriptor = os.open(workspace / lock_name, os.O_CREAT | os.O_WRONLY, 0o644)
-    try:  # locked before anything else: another run's `lock_is_free` must never see this workspace unlocked
-        import fcntl
-
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except ImportError:
-        pass
-    os.write(descriptor, f"pid {os.getpid()}\n".encode())
-    return descriptor
+# Locks: a running writer is never taken for a killed one's leftover (`FolderWriter.take_lock` holds one)
 
 
 def lock_is_free(lock: Path) -> bool:
@@ -280,9 +252,7 @@ class FolderWriter:
     noun: str = "conversion"
     label: str = "--output"
     overwrite_flag: str = "--overwrite"  # named where an earlier run's files need it; "" where it is always given
-    overwrite_hint: str = "--overwrite (overwrite=True)"
     keeps: Callable[[Path], bool] = lambda path: False  # a user's file named like one we write, kept (ours not written)
-    by_time: Callable[[str], bool] = is_weights_name  # recorded by size + mtime_ns instead of sha256
     fixed_workspace: bool = False
     inside: bool = False
 
@@ -298,17 +268,13 @@ class FolderWriter:
             return folder
         return (folder.resolve() if folder.is_dir() else folder.absolute()).parent
 
-    def owned(self, folder: Path) -> dict[str, Any]:
-        """The files of `folder` that are ours (`owned_files` under this writer's manifest)."""
-        return owned_files(folder, self.manifest_name)
-
     def changes(self, folder: Path, writes: Callable[[str], bool]) -> FolderChanges:
         """Sort what `folder` holds: ours, the user's, and the user's that we would have to replace (`writes(name)`:
         this run writes `name`)."""
         changes = FolderChanges()
         if not folder.is_dir():
             return changes
-        ours = self.owned(folder)
+        ours = owned_files(folder, self.manifest_name)
         for path in sorted(folder.iterdir()):
             name = path.name
             if self.inside and name == self.infix:
@@ -339,8 +305,8 @@ class FolderWriter:
             kept = f"; the other {len(changes.kept)} entries there are kept either way" if changes.kept else ""
             raise self.error(
                 f"{self.label} {folder} holds an earlier {self.noun} ({len(changes.earlier)} files, listed in "
-                f"{self.manifest_name}); nothing was written. Pass {self.overwrite_hint} to replace those files once "
-                f"the new {self.noun} is complete{kept}, or choose another folder."
+                f"{self.manifest_name}); nothing was written. Pass --overwrite (overwrite=True) to replace those "
+                f"files once the new {self.noun} is complete{kept}, or choose another folder."
             )
         return changes
 
@@ -410,7 +376,16 @@ class FolderWriter:
         return done
 
     def take_lock(self, workspace: Path) -> int:
-        return take_lock(workspace, self.lock_name)
+        """Create and hold (flock) `workspace/lock_name`; returns its descriptor, to close when the writer is done."""
+        descriptor = os.open(workspace / self.lock_name, os.O_CREAT | os.O_WRONLY, 0o644)
+        try:  # locked before anything else: another run's `lock_is_free` must never see this workspace unlocked
+            import fcntl
+
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:
+            pass
+        os.write(descriptor, f"pid {os.getpid()}\n".encode())
+        return descriptor
 
     def roll_back(self, workspace: Path, folder: Path) -> int:
         """Undo a cut-short `install`: the new files already moved into `folder` go back to the staging folder, the
@@ -487,33 +462,28 @@ class FolderWriter:
                     f"writing the {self.noun} for {self.label} {folder} failed: {error.strerror or error}; {outcome}"
                 ) from error
 
-    def write_manifest(self, staging: Path, first: Sequence[str] = (), **extra: Any) -> None:
-        """Record every staged file (`first` listed first, the rest by name) in the manifest, in the staging folder."""
-        names = sorted(path.name for path in staging.iterdir() if path.name != self.manifest_name)
-        names = [name for name in first if name in names] + [name for name in names if name not in first]
-        files = {name: file_record(staging / name, self.by_time) for name in names}
-        (staging / self.manifest_name).write_text(manifest_text(self.written_by, self.note, files, **extra))
-
     def install(
         self, staging: Path, folder: Path, overwrite: bool, first: Sequence[str] = (), **extra: Any
     ) -> FolderChanges:
-        """Move the complete staged files into `folder`, recording them in the manifest (`first` and `extra`: see
-        `write_manifest`). A new `folder` is the staging folder renamed (atomic); into an existing one, the earlier
-        run's files are moved aside, then the new ones moved in, under a journal that lets a rollback (now, or by the
-        next run after a kill) undo a cut-short installation. The user's files stay as they are."""
+        """Move the complete staged files into `folder`, recording them in the manifest (`first` listed first, the rest
+        by name; `extra`: more manifest fields). A new `folder` is the staging folder renamed (atomic); into an existing
+        one, the earlier run's files are moved aside, then the new ones moved in, under a journal that lets a rollback
+        (now, or by the next run after a kill) undo a cut-short installation. The user's files stay as they are."""
         staged = {path.name for path in staging.iterdir()} | {self.manifest_name}
         changes = self.check(folder, overwrite, lambda name: name in staged)  # the exact names, and the folder now
         for name in changes.kept:
             if name in staged and name != self.manifest_name:
                 (staging / name).unlink()  # the user's (a model card, an edited file): ours is not installed
-        self.write_manifest(staging, first, **extra)
+        names = sorted(path.name for path in staging.iterdir() if path.name != self.manifest_name)
+        names = [name for name in first if name in names] + [name for name in names if name not in first]
+        files = {name: file_record(staging / name) for name in names}
+        (staging / self.manifest_name).write_text(manifest_text(self.written_by, self.note, files, **extra))
         sync_folder(staging)
         if not folder.exists():
             os.rename(staging, folder)
             sync_path(self.parent(folder))
             return changes
-        installing = sorted(path.name for path in staging.iterdir() if path.name != self.manifest_name)
-        installing.append(self.manifest_name)
+        installing = [*sorted(files), self.manifest_name]
         workspace = staging.parent
         journal = {"staging": staging.name, "moving_aside": changes.earlier, "installing": installing}
         write_text_atomically(workspace / INSTALL_JOURNAL, json.dumps(journal, indent=2) + "\n")
@@ -522,8 +492,12 @@ class FolderWriter:
             previous.mkdir()
             for name in changes.earlier:
                 os.rename(folder / name, previous / name)
-            # the manifest last: until it is in place, the folder does not claim the new files
-            move_files_into([staging / name for name in installing], folder)
+            # each lands complete (fsync, then a rename); the manifest last: until it is in place, the folder does
+            # not claim the new files
+            for name in installing:
+                sync_path(staging / name)
+                os.replace(staging / name, folder / name)
+            sync_path(folder)
         except BaseException:
             self.roll_back(workspace, folder)  # if this fails too, the journal stays for the next run
             os.unlink(workspace / INSTALL_JOURNAL)
@@ -533,22 +507,7 @@ class FolderWriter:
 
 
 __all__ = [
-    "FolderChanges",
-    "FolderWriter",
-    "atomic_path",
-    "file_record",
-    "leftover_temporaries",
-    "lock_is_free",
-    "manifest_text",
-    "matches_record",
-    "move_files_into",
-    "owned_files",
-    "read_manifest",
-    "remove_leftover_temporaries",
-    "sha256_of",
-    "sync_folder",
-    "sync_path",
-    "take_lock",
-    "utf8_file_name",
-    "write_text_atomically",
+    "FolderChanges", "FolderWriter", "atomic_path", "file_record", "leftover_temporaries", "lock_is_free",
+    "manifest_text", "matches_record", "owned_files", "read_manifest", "remove_leftover_temporaries", "sha256_of",
+    "sync_folder", "sync_path", "utf8_file_name", "write_text_atomically"
 ]

@@ -41,9 +41,8 @@ def resolve_checkpoint(checkpoint: str | os.PathLike, download: bool = True) -> 
         candidates = [path / CHECKPOINT_FILENAME]
         if (path / "latest").is_file():
             candidates.append(path / (path / "latest").read_text().strip() / CHECKPOINT_FILENAME)
-        for candidate in candidates:
-            if candidate.is_file():
-                return candidate
+        if found := next((candidate for candidate in candidates if candidate.is_file()), None):
+            return found
         raise MagmaConversionError(f"{path} is a folder without {CHECKPOINT_FILENAME} (looked for {candidates})")
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(checkpoint)) or str(checkpoint).startswith((".", "/")):
         raise MagmaConversionError(f"checkpoint {str(checkpoint)!r} is not an existing file, nor a Hub repo id")
@@ -146,10 +145,9 @@ def load_original_checkpoint(path: str | os.PathLike, allow_unsafe_pickle: bool 
         ) from error
     if not isinstance(loaded, dict):
         raise MagmaConversionError(f"{path} holds a {type(loaded).__name__}, not a MAGMA state dict")
-    if "module" in loaded:
-        state_dict, bookkeeping, wrapped = loaded["module"], {k: v for k, v in loaded.items() if k != "module"}, True
-    else:
-        state_dict, bookkeeping, wrapped = loaded, {}, False
+    wrapped = "module" in loaded
+    state_dict = loaded["module"] if wrapped else loaded
+    bookkeeping = {k: v for k, v in loaded.items() if k != "module"} if wrapped else {}
     if not isinstance(state_dict, dict):
         raise MagmaConversionError(f"{path}: the 'module' entry is a {type(state_dict).__name__}, not a state dict")
     if (what := foreign_state_dict(state_dict)) is not None:
@@ -193,10 +191,8 @@ def summarize_keys(keys: Iterable[str]) -> str:
     parts = sorted(plain)
     for (head, tail), indices in sorted(groups.items()):
         indices = sorted(set(indices))
-        if len(indices) == 1:
-            parts.append(f"{head}{indices[0]}{tail}")
-        else:
-            parts.append(f"{head}{{{compress_ranges(indices)}}}{tail}")
+        middle = str(indices[0]) if len(indices) == 1 else f"{{{compress_ranges(indices)}}}"
+        parts.append(f"{head}{middle}{tail}")
     return "\n    ".join(parts)
 
 

@@ -56,12 +56,7 @@ from ..folders import FolderChanges, FolderWriter
 from ..hub_magma import saving_as_hub_repo
 from ..modeling_magma import MagmaForConditionalGeneration
 from ..weights_magma import is_weights_name
-from .checkpoint import (
-    CHECKPOINT_FILENAME,
-    MagmaConversionError,
-    load_original_checkpoint,
-    resolve_checkpoint,
-)
+from .checkpoint import CHECKPOINT_FILENAME, MagmaConversionError, load_original_checkpoint, resolve_checkpoint
 from .plan import plan_conversion
 from .safetensors_writer import MappedFile, VerifyReport
 from .weights import write_weights
@@ -87,10 +82,8 @@ def settings_errors(hint: str = ""):
 
 def read_json_argument(value: str | os.PathLike | dict | None, what: str) -> dict:
     """A dict, a JSON file or inline JSON (`'{"n_layer": 2}'`)."""
-    if value is None:
-        return {}
-    if isinstance(value, dict):
-        return dict(value)
+    if value is None or isinstance(value, dict):
+        return dict(value or {})
     text = str(value)
     try:
         data = json.loads(text) if text.lstrip().startswith("{") else json.loads(Path(text).read_text())
@@ -125,16 +118,8 @@ def always_written_names() -> frozenset[str]:
     code = set()
     for module in (configuration_magma, image_processing_magma, modeling_magma, processing_magma):
         code |= {Path(module.__file__).name, *(Path(file).name for file in get_relative_import_files(module.__file__))}
-    return frozenset(code) | {
-        "config.json",
-        "generation_config.json",
-        CHAT_TEMPLATE_FILE,  # the processor's
-        "processor_config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        MODEL_CARD_NAME,
-        MANIFEST_NAME,
-    }
+    configs = {"config.json", "generation_config.json", "processor_config.json", CHAT_TEMPLATE_FILE}
+    return frozenset(code) | configs | {"tokenizer.json", "tokenizer_config.json", MODEL_CARD_NAME, MANIFEST_NAME}
 
 
 def may_be_written(name: str) -> bool:
@@ -189,11 +174,8 @@ class ConversionReport:
     non_finite: list[str] = field(default_factory=list)  # tensors with NaN/inf, written under `allow_non_finite`
 
     def __str__(self) -> str:
-        steps = {
-            key: self.bookkeeping[key]
-            for key in ("global_steps", "global_step", "ds_version")
-            if key in self.bookkeeping
-        }
+        keys = ("global_steps", "global_step", "ds_version")
+        steps = {key: self.bookkeeping[key] for key in keys if key in self.bookkeeping}
         dtype = str(self.dtype).removeprefix("torch.")
         lines = [
             f"Converted {self.checkpoint}" + (f" ({', '.join(f'{k}={v}' for k, v in steps.items())})" if steps else ""),
@@ -202,8 +184,7 @@ class ConversionReport:
             f"  dropped after checking: {self.dropped_buffers} attention buffers (causal mask, masked_bias, "
             f"scale_attn, sin, cos), {self.dropped_aliases} alias keys (word_embedding.*, transformer.*)",
         ]
-        if self.verify is not None:
-            verify = self.verify
+        if (verify := self.verify) is not None:
             status = "all bitwise equal" if not verify.mismatched else f"{len(verify.mismatched)} DIFFER"
             lines.append(
                 f"  verified: {verify.tensors} tensors, {verify.bytes / 1e9:.3f} GB in {verify.shards} file(s) "
@@ -240,11 +221,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, state_dict: dict[str, torch.T
             raise MagmaConversionError(f"dtype {dtype!r} is not one of {list(DTYPES)}")
         return DTYPES[dtype]
     found = {tensor.dtype for tensor in state_dict.values() if tensor.is_floating_point()}
-    if len(found) == 1:
-        (only,) = found
-        if only in DTYPES.values():
-            return only
-    return torch.float32
+    return found.pop() if len(found) == 1 and found <= set(DTYPES.values()) else torch.float32
 
 
 def save_model_files(model: MagmaForConditionalGeneration, folder: Path) -> None:
@@ -346,21 +323,12 @@ def convert_magma_checkpoint(
                 raise MagmaConversionError(
                     f"the output would hold pickle files {found}; nothing was moved into {output}"
                 )
+    bookkeeping = {k: v for k, v in original.bookkeeping.items() if isinstance(v, (int, str))}
     return ConversionReport(
-        output=output,
-        checkpoint=checkpoint_path,
-        dtype=out_dtype,
-        tensors=len(plan.entries),
-        bytes=sum(entry.nbytes for entry in plan.entries),
-        shards=list(shards),
-        dropped_buffers=len(plan.dropped_buffers),
-        dropped_aliases=len(plan.dropped_aliases),
-        bookkeeping={k: v for k, v in original.bookkeeping.items() if isinstance(v, (int, str))},
-        verify=verified,
-        changes=installed[0],
-        recovered=recovered,
-        non_finite=non_finite,
-    )
+        output, checkpoint_path, out_dtype, len(plan.entries), sum(entry.nbytes for entry in plan.entries),
+        list(shards), len(plan.dropped_buffers), len(plan.dropped_aliases), bookkeeping, verified, installed[0],
+        recovered, non_finite,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -368,70 +336,44 @@ def convert_magma_checkpoint(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    checkpoint_help = f"{CHECKPOINT_FILENAME}, a folder holding it, or a Hub repo id"
+    parser.add_argument("--checkpoint", required=True, help=checkpoint_help)
     parser.add_argument(
-        "--checkpoint", required=True, help=f"{CHECKPOINT_FILENAME}, a folder holding it, or a Hub repo id"
-    )
-    parser.add_argument(
-        "--output",
-        required=True,
+        "--output", required=True,
         help="folder to write; files in it that no conversion wrote are kept, or (named like the conversion's) stop it",
-    )
-    parser.add_argument(
-        "--magma-config",
-        default=None,
-        help="original MAGMA training YAML (default: MAGMA_v1's settings, as configuration/MAGMA_v1.yml)",
-    )
-    parser.add_argument("--text-config", default=None, help="GPTJConfig fields, JSON file or inline (default GPT-J-6B)")
-    parser.add_argument(
-        "--vision-config",
-        default=None,
-        help='{"layers": [...], "width": N, "image_size": N} (default: encoder_name\'s)',
-    )
+    )  # fmt: skip
+    magma_config_help = "original MAGMA training YAML (default: MAGMA_v1's settings, as configuration/MAGMA_v1.yml)"
+    parser.add_argument("--magma-config", help=magma_config_help)
+    parser.add_argument("--text-config", help="GPTJConfig fields, JSON file or inline (default GPT-J-6B)")
+    vision_config_help = """{"layers": [...], "width": N, "image_size": N} (default: encoder_name's)"""
+    parser.add_argument("--vision-config", help=vision_config_help)
     parser.add_argument("--tokenizer", default="gpt2", help="GPT-2 tokenizer name or folder; <|image|> added if absent")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the checkpoint's own")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's own")
     parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors file (default 2GB)")
     parser.add_argument(
-        "--allow-unsafe-pickle",
-        action="store_true",
+        "--allow-unsafe-pickle", action="store_true",
         help="load with weights_only=False: unpickling can run arbitrary code, only for files you trust",
-    )
+    )  # fmt: skip
     parser.add_argument(
-        "--overwrite",
-        action="store_true",
+        "--overwrite", action="store_true",
         help=f"replace the files an earlier conversion wrote into --output (listed in its {MANIFEST_NAME}), once "
         "the new one is complete; nothing else",
-    )
+    )  # fmt: skip
     parser.add_argument(
-        "--allow-non-finite",
-        action="store_true",
+        "--allow-non-finite", action="store_true",
         help="write tensors holding NaN or inf (from the checkpoint, or a --dtype cast that overflows) instead of "
         "failing",
-    )
+    )  # fmt: skip
     parser.add_argument(
-        "--verify",
-        action=argparse.BooleanOptionalAction,
-        default=True,
+        "--verify", action=argparse.BooleanOptionalAction, default=True,
         help="reload every written tensor and compare it bitwise with the checkpoint (default: on)",
-    )
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
     max_shard_size = int(args.max_shard_size) if str(args.max_shard_size).isdigit() else args.max_shard_size
-    try:
-        report = convert_magma_checkpoint(
-            checkpoint=args.checkpoint,
-            output=args.output,
-            magma_config=args.magma_config,
-            text_config=args.text_config,
-            vision_config=args.vision_config,
-            tokenizer=args.tokenizer,
-            dtype=args.dtype,
-            max_shard_size=max_shard_size,
-            allow_unsafe_pickle=args.allow_unsafe_pickle,
-            overwrite=args.overwrite,
-            verify=args.verify,
-            allow_non_finite=args.allow_non_finite,
-        )
+    try:  # every option is the parameter of the same name
+        report = convert_magma_checkpoint(**{**vars(args), "max_shard_size": max_shard_size})
     except MagmaConversionError as error:
         return refuse(error)
     print(report)

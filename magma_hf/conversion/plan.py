@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -19,11 +20,8 @@ from .safetensors_writer import MappedFile, TensorSpec
 
 # Where the original module tree put each part of a block, by adapter type (None: no adapter at that location).
 ATTENTION_ROOT = {
-    None: "attn",
-    "normal": "attn.attn_block",
-    "parallel": "attn.module",
-    "scaled_parallel": "attn.module",
-}
+    None: "attn", "normal": "attn.attn_block", "parallel": "attn.module", "scaled_parallel": "attn.module"
+}  # fmt: skip
 MLP_ROOT = {None: "mlp", "normal": "mlp.0", "parallel": "mlp.module", "scaled_parallel": "mlp.module"}
 ADAPTER_ROOT = {
     "attention": {"normal": "attn.adapter", "parallel": "attn.adapter", "scaled_parallel": "attn.adapter"},
@@ -103,23 +101,17 @@ class ExpectedBuffers:
         self.positions = text.n_positions
         self.head_dim = text.n_embd // text.n_head
         self.rotary_dim = text.rotary_dim or self.head_dim
-        self._mask = None
-        self._sincos = None
 
-    @property
+    @cached_property
     def causal_mask(self) -> torch.Tensor:
-        if self._mask is None:
-            ones = torch.ones(self.positions, self.positions, dtype=torch.bool)
-            self._mask = torch.tril(ones).view(1, 1, self.positions, self.positions)
-        return self._mask
+        ones = torch.ones(self.positions, self.positions, dtype=torch.bool)
+        return torch.tril(ones).view(1, 1, self.positions, self.positions)
 
-    @property
+    @cached_property
     def sincos(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._sincos is None:
-            inv_freq = 1.0 / (10000 ** (torch.arange(0, self.rotary_dim, 2, dtype=torch.float64) / self.rotary_dim))
-            angles = torch.outer(torch.arange(self.positions, dtype=torch.float64), inv_freq)
-            self._sincos = (torch.sin(angles), torch.cos(angles))
-        return self._sincos
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, self.rotary_dim, 2, dtype=torch.float64) / self.rotary_dim))
+        angles = torch.outer(torch.arange(self.positions, dtype=torch.float64), inv_freq)
+        return torch.sin(angles), torch.cos(angles)
 
     def problem(self, kind: str, tensor: torch.Tensor) -> str | None:
         """`None` when the buffer holds what it should, else what is wrong."""
@@ -199,10 +191,9 @@ def plan_conversion(
         if tensor.is_floating_point() != target.is_floating_point():
             problems["dtype"].append(f"{source}: {tensor.dtype}; expected a {target.dtype}-like tensor")
 
-    buffers = attention_buffer_keys(config)
     expected_buffers = ExpectedBuffers(config)
     dropped_buffers = []
-    for key, kind in buffers.items():
+    for key, kind in attention_buffer_keys(config).items():
         if key in state_dict:
             used.add(key)
             dropped_buffers.append(key)
@@ -230,11 +221,8 @@ def plan_conversion(
 def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bitwise equality; tensors that are views of the same stored bytes (as torch.save writes aliases) are equal
     without reading them."""
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    if a.data_ptr() == b.data_ptr() and a.stride() == b.stride():
-        return True
-    return bitwise_equal(a, b)
+    same_view = a.shape == b.shape and a.dtype == b.dtype and a.data_ptr() == b.data_ptr() and a.stride() == b.stride()
+    return same_view or bitwise_equal(a, b)
 
 
 def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -286,20 +274,13 @@ def detect_adapter_config(state_dict: dict[str, torch.Tensor], hidden_size: int)
             first = state_dict.get(f"{block}{root}.0.weight")
             if first is None:
                 continue
-            if location == "mlp":
-                parallel = root == "mlp.adapter"
-            else:
-                parallel = f"{block}attn.attn_block.attention.q_proj.weight" not in state_dict
-            adapter_type = "normal"
-            if parallel:
-                adapter_type = "scaled_parallel" if f"{block}{ADAPTER_SCALE[location]}" in state_dict else "parallel"
+            no_attn_block = f"{block}attn.attn_block.attention.q_proj.weight" not in state_dict
+            parallel = root == "mlp.adapter" if location == "mlp" else no_attn_block
+            scaled = f"{block}{ADAPTER_SCALE[location]}" in state_dict
+            adapter_type = ("scaled_parallel" if scaled else "parallel") if parallel else "normal"
             add_layernorm = first.dim() == 1  # a LayerNorm's weight, not a Linear's
             down = state_dict.get(f"{block}{root}.{1 if add_layernorm else 0}.weight")
             factor = hidden_size // down.shape[0] if down is not None and down.dim() == 2 and down.shape[0] else None
-            found[location] = {
-                "adapter_type": adapter_type,
-                "downsample_factor": factor,
-                "add_layernorm": add_layernorm,
-            }
+            found[location] = dict(adapter_type=adapter_type, downsample_factor=factor, add_layernorm=add_layernorm)
             break
     return found

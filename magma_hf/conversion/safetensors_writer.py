@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import mmap
 import os
 import struct
@@ -40,15 +41,9 @@ from ..folders import sync_path, write_text_atomically
 from ..weights_magma import MODEL_WEIGHTS_FILE, MODEL_WEIGHTS_INDEX_FILE
 
 SAFETENSORS_DTYPES = {
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float32: "F32",
-    torch.float64: "F64",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+    torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
 VERIFY_GROUP_BYTES = 256 * 2**20  # a shard is reopened after this many bytes: closing releases its mapped pages
 
 
@@ -66,10 +61,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        numel = 1
-        for size in self.shape:
-            numel *= size
-        return numel * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 @dataclass
@@ -274,10 +266,8 @@ def verify_shard(
         with safe_open(path, framework="pt") as handle:
             for spec in group:
                 written = handle.get_tensor(spec.name)
-                if written.dtype != spec.dtype or tuple(written.shape) != spec.shape:
-                    difference: float | None = float("inf")
-                else:
-                    difference = check(spec, written)
+                same_layout = written.dtype == spec.dtype and tuple(written.shape) == spec.shape
+                difference = check(spec, written) if same_layout else float("inf")
                 if difference is not None:
                     report.mismatched.append(spec.name)
                     report.max_abs_diff = max(report.max_abs_diff, difference)
@@ -315,11 +305,8 @@ def write_sharded_safetensors(
     the verification surfaces before the next shard starts.
     """
     meta = {spec.name: torch.empty(spec.shape, dtype=spec.dtype, device="meta") for spec in specs}
-    split = split_torch_state_dict_into_shards(
-        meta,
-        filename_pattern=MODEL_WEIGHTS_FILE.replace(".safetensors", "{suffix}.safetensors"),  # as save_pretrained
-        max_shard_size=max_shard_size,
-    )
+    pattern = MODEL_WEIGHTS_FILE.replace(".safetensors", "{suffix}.safetensors")  # as save_pretrained
+    split = split_torch_state_dict_into_shards(meta, filename_pattern=pattern, max_shard_size=max_shard_size)
     by_name = {spec.name: spec for spec in specs}
     report = VerifyReport() if check is not None else None
     total = sum(spec.nbytes for spec in specs) * (2 if check is not None else 1)

@@ -19,6 +19,7 @@ from .safetensors_writer import (
     MappedFile,
     SafetensorsWriteError,
     VerifyReport,
+    part_tensor,
     write_sharded_safetensors,
 )
 
@@ -34,9 +35,8 @@ def output_parts(
     else:
         first = locate(source) or source.contiguous()
     parts = [first]
-    rows = source.shape[0] if source.dim() else None
-    if tuple(source.shape) != entry.shape:  # only the input embedding (checked in plan_conversion)
-        parts.append(torch.zeros((entry.shape[0] - rows, *entry.shape[1:]), dtype=entry.dtype))
+    if tuple(source.shape) != entry.shape:  # only the input embedding (checked in plan_conversion: 2-d, fewer rows)
+        parts.append(torch.zeros((entry.shape[0] - source.shape[0], *entry.shape[1:]), dtype=entry.dtype))
     return parts
 
 
@@ -93,8 +93,7 @@ def produce_parts(
     source = state_dict[entry.source]
     parts = output_parts(entry, source, locate)
     if non_finite is not None:
-        first = parts[0].tensor if isinstance(parts[0], FileSlice) else parts[0]  # the padding rows are zeros
-        if problem := non_finite_problem(entry, first, source):
+        if problem := non_finite_problem(entry, part_tensor(parts[0]), source):  # the padding rows are zeros
             non_finite.append(problem)
     return parts
 
@@ -122,19 +121,13 @@ def write_weights(
         pages.release(source)
         return difference
 
-    produce = partial(
-        produce_parts, state_dict=state_dict, locate=pages.slice_of, non_finite=None if verify else non_finite
-    )
+    checked = None if verify else non_finite  # without verification, the values are checked while written
+    produce = partial(produce_parts, state_dict=state_dict, locate=pages.slice_of, non_finite=checked)
     try:
         written = write_sharded_safetensors(
-            folder,
-            plan.entries,
-            produce,
-            max_shard_size,
-            check=check if verify else None,
-            written=lambda entry: pages.release(state_dict[entry.source]),
-            total_parameters=total_parameters,
-        )
+            folder, plan.entries, produce, max_shard_size, check=check if verify else None,
+            written=lambda entry: pages.release(state_dict[entry.source]), total_parameters=total_parameters,
+        )  # fmt: skip
     except SafetensorsWriteError as error:
         raise MagmaConversionError(f"{checkpoint.path}: {error}") from error
     return written.filename_to_tensors, written.verify, non_finite

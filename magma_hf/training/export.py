@@ -106,11 +106,7 @@ def save_adapter_export(
         if model.config.adapter_config:
             save_peft_adapter(model, staging, base_model_name_or_path=base_model_name_or_path, state_dict=state_dict)
         state_dict = model.state_dict() if state_dict is None else state_dict
-        prefix = {
-            name: tensor.detach().contiguous().cpu()
-            for name, tensor in state_dict.items()
-            if is_image_prefix_weight(name)
-        }
+        prefix = {name: t.detach().contiguous().cpu() for name, t in state_dict.items() if is_image_prefix_weight(name)}
         save_file(prefix, staging / IMAGE_PREFIX_FILE, metadata={"format": "pt"})
         model.config.save_pretrained(staging)
         if processor is not None:
@@ -118,20 +114,15 @@ def save_adapter_export(
         card = EXPORT_README.format(base=base_model_name_or_path or "EleutherAI/gpt-j-6B")
         (staging / "README.md").write_text(card)  # installed unless the folder holds the user's
         # the manifest (the export's index, moved in last) lists the model's files first
-        EXPORT_FOLDER.install(
-            staging, export_dir, overwrite=True, first=_export_files(model), base_language_model=base_model_name_or_path
-        )
+        peft_files = [PEFT_WEIGHTS_FILE, PEFT_CONFIG_FILE] if model.config.adapter_config else []
+        first = [*peft_files, IMAGE_PREFIX_FILE, "config.json"]
+        EXPORT_FOLDER.install(staging, export_dir, True, first, base_language_model=base_model_name_or_path)
     return export_dir
 
 
 def export_staging_name(export_dir_name: str) -> str:
     """The hidden folder beside an export in which `save_adapter_export` writes it."""
     return EXPORT_FOLDER.workspace_name(Path(export_dir_name))
-
-
-def _export_files(model) -> list[str]:
-    files = [IMAGE_PREFIX_FILE, "config.json"]
-    return ([PEFT_WEIGHTS_FILE, PEFT_CONFIG_FILE] if model.config.adapter_config else []) + files
 
 
 def _gptj_state_dict(language_model, dtype) -> dict[str, torch.Tensor]:
