@@ -14,13 +14,7 @@ import importlib
 
 import transformers
 from packaging.version import Version
-from transformers import (
-    AutoConfig,
-    AutoImageProcessor,
-    AutoModel,
-    AutoModelForImageTextToText,
-    AutoProcessor,
-)
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.utils import logging
 
@@ -34,20 +28,6 @@ from .processing_magma import MagmaProcessor
 # `import magma_hf` registers only those, which is all the vLLM model (`magma_hf.vllm`) uses.
 MODELING_MIN_TRANSFORMERS = "5.24"
 MODELING_AVAILABLE = Version(transformers.__version__).release >= Version(MODELING_MIN_TRANSFORMERS).release
-_MODELING_API = (
-    "MagmaAdapterConfig",
-    "MagmaAdapterLayer",
-    "MagmaAdapterModel",
-    "MagmaPeftType",
-    "register_magma_peft_method",
-    "MagmaForConditionalGeneration",
-    "MagmaImageEncoder",
-    "MagmaModel",
-    "MagmaMultiModalProjector",
-    "MagmaPreTrainedModel",
-    "MagmaVisionModel",
-    "MagmaImageToTextPipeline",
-)
 if MODELING_AVAILABLE:
     from .adapters_magma import (
         MagmaAdapterConfig,
@@ -71,33 +51,24 @@ __version__ = "0.1.0"
 # The training, evaluation and conversion API, imported on first use: `import magma_hf` (and `magma-hf --help`)
 # would otherwise also import Trainer, datasets and the converter, measured at +1.5 s of ~9 s on a 2-core machine.
 _LAZY_API = {
-    "MagmaDataCollator": "training",
-    "MagmaLRSchedule": "training",
-    "MagmaTrainer": "training",
-    "MagmaTrainingConfig": "training",
-    "convert_dataset": "data",
-    "from_hf_dataset": "data",
-    "iter_img2dataset": "data",
-    "load_adapter_export": "training",
-    "load_image_caption_dataset": "data",
-    "load_imagefolder": "data",
-    "load_img2dataset": "data",
-    "load_magma_dataset": "data",
-    "save_adapter_export": "training",
-    "train": "training",
-    "EvalSet": "evaluation",
-    "evaluate": "evaluation",
-    "load_eval_set": "evaluation",
-    "load_model_and_processor": "evaluation",
-    "caption_images": "captioning",
-    "convert_magma_checkpoint": "conversion",
-    "ConversionReport": "conversion",
-    "MagmaConversionError": "conversion",
+    name: module
+    for module, names in (
+        ("training", ("MagmaDataCollator", "MagmaLRSchedule", "MagmaTrainer", "MagmaTrainingConfig", "train")),
+        ("training", ("load_adapter_export", "save_adapter_export")),
+        ("data", ("convert_dataset", "from_hf_dataset", "iter_img2dataset", "load_image_caption_dataset")),
+        ("data", ("load_imagefolder", "load_img2dataset", "load_magma_dataset")),
+        ("evaluation", ("EvalSet", "evaluate", "load_eval_set", "load_model_and_processor")),
+        ("captioning", ("caption_images",)),
+        ("conversion", ("convert_magma_checkpoint", "ConversionReport", "MagmaConversionError")),
+    )
+    for name in names
 }
 
 
 def __getattr__(name: str):
-    if name in _MODELING_API or (name in _LAZY_API and not MODELING_AVAILABLE and not _works_without_modeling(name)):
+    # Missing from `__all__` here: the model's names, and the lazy ones but the data readers and captioning (whose
+    # vLLM engine runs where the model cannot), which import no model code.
+    if not MODELING_AVAILABLE and name in __all__ and _LAZY_API.get(name) not in ("data", "captioning"):
         raise ImportError(
             f"magma_hf.{name} needs transformers >= {MODELING_MIN_TRANSFORMERS}; this environment has "
             f"{transformers.__version__} (only the config and processors load here, as in vLLM's environment): "
@@ -108,11 +79,6 @@ def __getattr__(name: str):
     value = getattr(importlib.import_module(f".{_LAZY_API[name]}", __name__), name)
     globals()[name] = value  # the next access is a plain attribute
     return value
-
-
-def _works_without_modeling(name: str) -> bool:
-    """The data readers and captioning (whose vLLM engine runs where the model cannot) import no model code."""
-    return _LAZY_API[name] in ("data", "captioning")
 
 
 def __dir__() -> list[str]:
@@ -180,22 +146,8 @@ if MODELING_AVAILABLE:
     _register_pipeline()
 
 __all__ = [
-    *_LAZY_API,
-    "MagmaAdapterConfig",
-    "MagmaAdapterLayer",
-    "MagmaAdapterModel",
-    "MagmaConfig",
-    "MagmaForConditionalGeneration",
-    "MagmaImageEncoder",
-    "MagmaVisionModel",
-    "MagmaImageProcessor",
-    "MagmaImageProcessorTorchvision",
-    "MagmaImageToTextPipeline",
-    "MagmaModel",
-    "MagmaMultiModalProjector",
-    "MagmaPeftType",
-    "MagmaPreTrainedModel",
-    "MagmaProcessor",
-    "MagmaVisionConfig",
-    "register_magma_peft_method",
+    *_LAZY_API, "MagmaAdapterConfig", "MagmaAdapterLayer", "MagmaAdapterModel", "MagmaConfig",
+    "MagmaForConditionalGeneration", "MagmaImageEncoder", "MagmaVisionModel", "MagmaImageProcessor",
+    "MagmaImageProcessorTorchvision", "MagmaImageToTextPipeline", "MagmaModel", "MagmaMultiModalProjector",
+    "MagmaPeftType", "MagmaPreTrainedModel", "MagmaProcessor", "MagmaVisionConfig", "register_magma_peft_method",
 ]

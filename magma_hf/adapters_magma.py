@@ -161,13 +161,8 @@ class MagmaAdapterLayer(nn.Module, BaseTunerLayer):
         self.update_layer(adapter_name, **settings)
 
     def update_layer(
-        self,
-        adapter_name: str,
-        adapter_type: str = "normal",
-        downsample_factor: int = 4,
-        add_layernorm: bool = False,
-        inference_mode: bool = False,
-        **_: Any,
+        self, adapter_name: str, adapter_type: str = "normal", downsample_factor: int = 4, add_layernorm: bool = False,
+        inference_mode: bool = False, **_: Any,
     ) -> None:
         """Add (or replace) the adapter `adapter_name`, initialised as the original MAGMA did."""
         if self.hidden_size % downsample_factor:
@@ -242,8 +237,7 @@ class MagmaAdapterLayer(nn.Module, BaseTunerLayer):
 
 
 def hidden_size_of(model: nn.Module) -> int:
-    config = getattr(model, "config", None)
-    hidden_size = getattr(config, "hidden_size", None) if config is not None else None
+    hidden_size = getattr(getattr(model, "config", None), "hidden_size", None)
     if hidden_size is None:
         raise ValueError("MAGMA adapters need the base model's `config.hidden_size`")
     return hidden_size
@@ -260,14 +254,8 @@ class MagmaAdapterModel(BaseTuner):
         return peft_config  # target modules are derived from the config's locations
 
     def _create_and_replace(
-        self,
-        peft_config: MagmaAdapterConfig,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-        parameter_name: str | None = None,
+        self, peft_config: MagmaAdapterConfig, adapter_name: str, target: nn.Module, target_name: str,
+        parent: nn.Module, current_key: str, parameter_name: str | None = None,
     ) -> None:
         location = peft_config.location_of(current_key)
         settings = dict(peft_config.settings_for(location), inference_mode=peft_config.inference_mode)

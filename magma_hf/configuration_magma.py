@@ -27,9 +27,7 @@ def check_adapter_locations(adapter_config: dict) -> None:
     """An adapter config in the original MAGMA schema names no location but `mlp` and `attention`."""
     unknown_locations = sorted(set(adapter_config) - set(ADAPTER_LOCATIONS))
     if unknown_locations:
-        raise ValueError(
-            f"adapter_config has unknown locations {unknown_locations}; expected {list(ADAPTER_LOCATIONS)}"
-        )
+        raise ValueError(f"adapter_config has unknown locations {unknown_locations}; expected {[*ADAPTER_LOCATIONS]}")
 
 
 def normalize_adapter_config(adapter_config: dict | None) -> dict:

@@ -60,16 +60,8 @@ MAGMA_V1_SETTINGS: dict[str, Any] = {
 }
 # encoder_name (the original's names and open_clip's) -> open_clip's CLIP ResNet, whose shapes open_clip's
 # model config gives. The original's own names: clip_resnet_large, clip_resnet, clip_RN50 (magma/image_encoders.py).
-ENCODERS = {
-    "clip_resnet_large": "RN50x16",
-    "RN50x16": "RN50x16",
-    "clip_resnet": "RN50x4",
-    "RN50x4": "RN50x4",
-    "clip_RN50": "RN50",
-    "RN50": "RN50",
-    "RN101": "RN101",
-    "RN50x64": "RN50x64",
-}
+ENCODERS = {"clip_resnet_large": "RN50x16", "clip_resnet": "RN50x4", "clip_RN50": "RN50"}
+ENCODERS.update({name: name for name in ("RN50x16", "RN50x4", "RN50", "RN101", "RN50x64")})
 # The original's other encoders, named in the error.
 UNSUPPORTED_ENCODERS = {"clip": "CLIP ViT-B/32", "ViT-B/32": "CLIP ViT-B/32", "nfresnet50": "timm's NF-ResNet50"}
 
@@ -134,31 +126,21 @@ def read_magma_settings(path: str | os.PathLike | None = None) -> dict[str, Any]
 
 
 def build_magma_config(
-    settings: dict[str, Any],
-    text_config: dict | None,
-    vision_config: dict | None,
-    tokenizer: PreTrainedTokenizerBase,
-    language_model_config: dict | None = None,
-    **kwargs: Any,
+    settings: dict[str, Any], text_config: dict | None, vision_config: dict | None, tokenizer: PreTrainedTokenizerBase,
+    language_model_config: dict | None = None, **kwargs: Any,
 ) -> MagmaConfig:
     """The model's config: `settings` from [`model_settings`]; GPT-J-6B's text config, or `language_model_config`
     (a GPT-J's `config.to_dict()`), with the special tokens of the tokenizer, then `text_config`'s fields; the
     encoder's vision config with `vision_config`'s fields; `<|image|>` from the tokenizer."""
-    text_config = dict(text_config or {})
     text = {**DEFAULT_TEXT_CONFIG, **(language_model_config or {}), "tie_word_embeddings": False}
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     text.update({"bos_token_id": bos, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id})
-    text.update(text_config)
+    text.update(text_config or {})
     vision = {**settings["vision_config"], **(vision_config or {})}
     options = {key: value for key, value in settings.items() if key != "vision_config"}
     try:
-        return MagmaConfig(
-            text_config=text,
-            vision_config=vision,
-            image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-            **options,
-            **kwargs,
-        )
+        image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        return MagmaConfig(text_config=text, vision_config=vision, image_token_id=image_token_id, **options, **kwargs)
     except (TypeError, ValueError) as error:
         raise MagmaSettingsError(f"the configs do not make a MAGMA model: {error}") from error
 
@@ -194,9 +176,8 @@ def load_tokenizer(
 
 def build_processor(config: MagmaConfig, tokenizer: PreTrainedTokenizerBase) -> MagmaProcessor:
     """The processor of a model: its image size, the tokenizer."""
-    return MagmaProcessor(
-        image_processor=MagmaImageProcessor(image_size=config.vision_config.image_size), tokenizer=tokenizer
-    )
+    image_processor = MagmaImageProcessor(image_size=config.vision_config.image_size)
+    return MagmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -215,31 +196,6 @@ def open_clip_visual_state_dict(open_clip_name: str, pretrained: str) -> dict[st
     """open_clip's `create_model(name, pretrained=tag_or_file).visual` weights, without attention pooling."""
     visual = open_clip.create_model(open_clip_name, pretrained=pretrained).visual
     return {k: v for k, v in visual.state_dict().items() if not k.startswith("attnpool.")}
-
-
-def pretrained_state_dict(
-    skeleton: MagmaForConditionalGeneration,
-    lm_name: str | None = None,
-    open_clip_name: str | None = None,
-    pretrained: str | None = None,
-    dtype: str = "float32",
-) -> dict[str, torch.Tensor]:
-    """The pretrained weights of a new model, under its names: GPT-J's from `lm_name`, the image encoder's from
-    open_clip `open_clip_name` with `pretrained` (a tag or file). Each must fit `skeleton` (names and shapes)."""
-    state_dict = {}
-    if lm_name is not None:
-        logger.info(f"Loading GPT-J weights from {lm_name}")
-        gptj = GPTJForCausalLM.from_pretrained(lm_name, dtype=dtype).state_dict()
-        state_dict = gptj_weights_by_name(skeleton, gptj, source=lm_name)
-        del gptj
-    if pretrained is not None:
-        logger.info(f"Loading the image encoder from open_clip {open_clip_name} pretrained={pretrained}")
-        visual = open_clip_visual_state_dict(open_clip_name, pretrained)
-        state_dict.update({vision_tower_name(k): v for k, v in visual.items()})
-    source = f"The pretrained state dict (open_clip {open_clip_name} pretrained={pretrained})"
-    # the weights it lacks are new (initialised), by intent; `load_model_from_state_dict` says which may be
-    check_state_dict(skeleton.state_dict(), state_dict, source, required=lambda name: False, error=MagmaSettingsError)
-    return state_dict
 
 
 LOADING_LOGGERS = ("modeling_utils", "distributed.tensor_parallel")
@@ -275,10 +231,7 @@ def load_model_from_state_dict(
     with _transformers_load_warnings_off():
         model = MagmaForConditionalGeneration.from_pretrained(None, config=config, state_dict=state_dict, dtype=dtype)
     check_state_dict(
-        model.state_dict(),
-        state_dict,
-        "The state dict",
-        required=lambda name: not new_by_intent(name),
+        model.state_dict(), state_dict, "The state dict", required=lambda name: not new_by_intent(name),
         error=MagmaSettingsError,
     )
     model.generation_config = magma_generation_config(config)  # no generation_config.json to load it from
@@ -286,27 +239,36 @@ def load_model_from_state_dict(
 
 
 def new_model(
-    config: MagmaConfig,
-    lm_name: str | None = None,
-    encoder_name: str | None = None,
-    pretrained: str | None = None,
+    config: MagmaConfig, lm_name: str | None = None, encoder_name: str | None = None, pretrained: str | None = None,
     dtype: str = "float32",
 ) -> MagmaForConditionalGeneration:
     """A new MAGMA to train: GPT-J's weights from `lm_name`, the image encoder's from open_clip (`encoder_name`'s
-    ResNet, weights `pretrained`), random where not given; training policy applied (GPT-J frozen)."""
+    ResNet, weights `pretrained`, a tag or file), random where not given; training policy applied (GPT-J frozen)."""
     open_clip_name = open_clip_model_name(encoder_name) if pretrained is not None else None
     if lm_name is None and pretrained is None:
         model = MagmaForConditionalGeneration(config)
         model.generation_config = magma_generation_config(config)  # saved with the model
-    else:
-        skeleton = empty_model(config)
-        state_dict = pretrained_state_dict(skeleton, lm_name, open_clip_name, pretrained, dtype)
-        del skeleton
-        # without lm_name GPT-J is random by intent too
-        new_by_intent = is_magma_weight if lm_name is not None else lambda name: True
-        model = load_model_from_state_dict(config, state_dict, dtype, new_by_intent)
-        n_new = sum(1 for name in model.state_dict() if name not in state_dict)
-        logger.info(f"Loaded {len(state_dict)} pretrained tensors; initialised {n_new} new ones (adapters, projection)")
+        model.apply_training_policy()
+        return model
+    skeleton, state_dict = empty_model(config), {}  # the pretrained weights must fit it (names and shapes)
+    if lm_name is not None:
+        logger.info(f"Loading GPT-J weights from {lm_name}")
+        gptj = GPTJForCausalLM.from_pretrained(lm_name, dtype=dtype).state_dict()
+        state_dict = gptj_weights_by_name(skeleton, gptj, source=lm_name)
+        del gptj
+    if pretrained is not None:
+        logger.info(f"Loading the image encoder from open_clip {open_clip_name} pretrained={pretrained}")
+        visual = open_clip_visual_state_dict(open_clip_name, pretrained)
+        state_dict.update({vision_tower_name(k): v for k, v in visual.items()})
+    source = f"The pretrained state dict (open_clip {open_clip_name} pretrained={pretrained})"
+    # the weights it lacks are new (initialised), by intent; `load_model_from_state_dict` says which may be
+    check_state_dict(skeleton.state_dict(), state_dict, source, required=lambda name: False, error=MagmaSettingsError)
+    del skeleton
+    # without lm_name GPT-J is random by intent too
+    new_by_intent = is_magma_weight if lm_name is not None else lambda name: True
+    model = load_model_from_state_dict(config, state_dict, dtype, new_by_intent)
+    n_new = sum(1 for name in model.state_dict() if name not in state_dict)
+    logger.info(f"Loaded {len(state_dict)} pretrained tensors; initialised {n_new} new ones (adapters, projection)")
     model.apply_training_policy()
     return model
 

@@ -74,13 +74,9 @@ BASE_MODELS = ("EleutherAI/gpt-j-6b", "timm/resnet50x16_clip.openai")
 
 MODEL_FILES_JSON = ("config.json", "generation_config.json", MODEL_WEIGHTS_INDEX_FILE)
 PROCESSOR_FILES_JSON = (
-    "processor_config.json",
-    "preprocessor_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
+    "processor_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json",
 )
-
 
 # What a MAGMA folder's processor is read from: each entry is one file or its alternatives (GPT-2's vocab.json and
 # merges.txt make the same tokenizer as tokenizer.json).
@@ -95,11 +91,8 @@ def missing_files(folder: str | os.PathLike, needed=PROCESSOR_FILES_NEEDED) -> l
     """The entries of `needed` (a file, then its alternatives) of which `folder` holds none, as names to show."""
     folder, missing = Path(folder), []
     for name, *alternatives in needed:
-        if (folder / name).is_file():
-            continue
-        if any(all((folder / other).is_file() for other in names) for names in alternatives):
-            continue
-        missing.append(name + "".join(f" (nor {' and '.join(names)})" for names in alternatives))
+        if not any(all((folder / each).is_file() for each in names) for names in [(name,), *alternatives]):
+            missing.append(name + "".join(f" (nor {' and '.join(names)})" for names in alternatives))
     return missing
 
 
@@ -137,17 +130,6 @@ def check_json_files(folder: str | os.PathLike, names: tuple[str, ...]) -> None:
         )
 
 
-def check_model_folder(folder: Path, has_config: bool) -> None:
-    """What a local model folder must hold before loading: without config.json transformers builds the default
-    config (GPT-J-6B, 24 GB in float32) and only then finds that the weights do not fit."""
-    if not has_config and not (folder / "config.json").is_file():
-        raise OSError(
-            f"{folder} has no config.json: a MAGMA model folder holds config.json next to its weights "
-            f"({MODEL_WEIGHTS_FILE}, or the shards and {MODEL_WEIGHTS_INDEX_FILE})"
-        )
-    check_json_files(folder, MODEL_FILES_JSON)
-
-
 def broken_weight_files_message(folder: Path, error: Exception) -> str:
     """Which `.safetensors` files in `folder` cannot be opened, their sizes and safetensors' reason, in one line."""
     broken = []
@@ -169,14 +151,19 @@ def broken_weight_files_message(folder: Path, error: Exception) -> str:
 def model_folder_checked(
     pretrained_model_name_or_path: str | os.PathLike | None, subfolder: str | None, has_config: bool
 ) -> Iterator[None]:
-    """Around a model's `from_pretrained`: a local folder's files are checked first (`check_model_folder`), and a
-    safetensors error names the broken files. A Hub repo id is transformers' to resolve."""
-    folder = None
-    if pretrained_model_name_or_path is not None:
-        folder = Path(pretrained_model_name_or_path, subfolder or "")
-        folder = folder if folder.is_dir() else None
+    """Around a model's `from_pretrained`: a local folder's files are checked first, and a safetensors error names the
+    broken files. A Hub repo id is transformers' to resolve."""
+    folder = None if pretrained_model_name_or_path is None else Path(pretrained_model_name_or_path, subfolder or "")
+    folder = folder if folder is not None and folder.is_dir() else None
+    # Without config.json transformers builds the default config (GPT-J-6B, 24 GB in float32) and only then finds
+    # that the weights do not fit.
+    if folder is not None and not has_config and not (folder / "config.json").is_file():
+        raise OSError(
+            f"{folder} has no config.json: a MAGMA model folder holds config.json next to its weights "
+            f"({MODEL_WEIGHTS_FILE}, or the shards and {MODEL_WEIGHTS_INDEX_FILE})"
+        )
     if folder is not None:
-        check_model_folder(folder, has_config)
+        check_json_files(folder, MODEL_FILES_JSON)
     try:
         yield
     except SafetensorError as error:
@@ -225,11 +212,9 @@ def write_model_card(save_directory: str | os.PathLike) -> bool:
     path = Path(save_directory) / "README.md"
     if path.exists():
         return False
+    # pipeline_tag: transformers 5's task name, which the Hub and `pipeline(model=repo)` read
     card_data = ModelCardData(
-        library_name="transformers",
-        pipeline_tag=PIPELINE_TASK,  # transformers 5's task name, which the Hub and `pipeline(model=repo)` read
-        license="mit",
-        base_model=list(BASE_MODELS),
+        library_name="transformers", pipeline_tag=PIPELINE_TASK, license="mit", base_model=list(BASE_MODELS),
         tags=["magma", "vision-language", PIPELINE_TASK, "custom_code"],
     )
     body = MODEL_CARD_BODY.format(repo=Path(save_directory).name)

@@ -273,13 +273,8 @@ class MagmaImageProcessorTorchvision(MagmaImageProcessingMixin, CLIPImageProcess
             }
             images, do_resize, do_center_crop = reorder_images(cropped, order), False, False
         return super()._preprocess(
-            images,
-            do_resize=do_resize,
-            size=size,
-            resample=resample,
-            do_center_crop=do_center_crop,
-            crop_size=crop_size,
-            **kwargs,
+            images, do_resize=do_resize, size=size, resample=resample, do_center_crop=do_center_crop,
+            crop_size=crop_size, **kwargs,
         )
 
     def _resize_and_crop(self, images: torch.Tensor, size, resample, crop_size) -> torch.Tensor:
@@ -300,19 +295,12 @@ class MagmaImageProcessorTorchvision(MagmaImageProcessingMixin, CLIPImageProcess
         if _pillow_resize_applies(image, resample):
             # The PIL backend casts integer arrays to uint8 for Pillow (`check_8bit_array` refused any beyond 8 bits)
             return pillow_resize(image.to(torch.uint8), new_size, resample)
+        first = ChannelDimension.FIRST
         resized = [
-            torch.from_numpy(
-                pil_resize_array(
-                    single.cpu().numpy(),
-                    new_size,
-                    resample=resample,
-                    data_format=ChannelDimension.FIRST,
-                    input_data_format=ChannelDimension.FIRST,
-                )
-            )
-            for single in image.reshape(-1, *image.shape[-3:])
+            pil_resize_array(one.cpu().numpy(), new_size, resample, data_format=first, input_data_format=first)
+            for one in image.reshape(-1, *image.shape[-3:])
         ]
-        return torch.stack(resized).reshape(*image.shape[:-2], *new_size).to(image.device)
+        return torch.from_numpy(np.stack(resized)).reshape(*image.shape[:-2], *new_size).to(image.device)
 
     def center_crop(self, image: torch.Tensor, size, **kwargs) -> torch.Tensor:
         """The crop of [`MagmaImageProcessor`]: an image smaller than `size` is padded with zeros as transformers'
@@ -344,13 +332,7 @@ class MagmaImageProcessorTorchvision(MagmaImageProcessingMixin, CLIPImageProcess
         return super().convert_to_rgb(image, *args, **kwargs)
 
     def rescale_and_normalize(
-        self,
-        images: torch.Tensor,
-        do_rescale: bool,
-        rescale_factor: float,
-        do_normalize: bool,
-        image_mean,
-        image_std,
+        self, images: torch.Tensor, do_rescale: bool, rescale_factor: float, do_normalize: bool, image_mean, image_std
     ) -> torch.Tensor:
         """The PIL backend's float operations: rescale in float64, stored as float32, then `(x - mean) / std` in the
         images' float type. 8-bit images go through a 256-entry table of those values per channel, computed on the

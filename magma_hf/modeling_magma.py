@@ -91,11 +91,7 @@ class MagmaVisionModel(MagmaVisionPreTrainedModel):
     def __init__(self, config: MagmaVisionConfig):
         super().__init__(config)
         trunk = ModifiedResNet(
-            layers=config.layers,
-            output_dim=config.hidden_size,
-            heads=max(1, config.hidden_size // 64),
-            image_size=config.image_size,
-            width=config.width,
+            config.layers, config.hidden_size, max(1, config.hidden_size // 64), config.image_size, config.width
         )
         for name, module in trunk.named_children():
             if name != "attnpool":  # MAGMA replaced CLIP's attention pooling by a reshape: every position is a token
@@ -167,6 +163,11 @@ def adapter_peft_config(config: MagmaConfig) -> MagmaAdapterConfig | None:
     if not config.adapter_config:
         return None
     return MagmaAdapterConfig.from_magma_adapter_config(config.adapter_config)
+
+
+# `past_key_values`, the pre-5 name, renamed as transformers' own models do; given beside `cache=` (even `None`) it is
+# an error, not dropped with a warning.
+cache_renamed = deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)
 
 
 class MagmaPreTrainedModel(PreTrainedModel):
@@ -338,9 +339,7 @@ class MagmaModel(MagmaPreTrainedModel):
         )
 
     @can_return_tuple
-    # The pre-5 name, renamed as transformers' own models do; given beside `cache=` (even `None`) it is an error,
-    # not dropped with a warning.
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)
+    @cache_renamed
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -379,20 +378,14 @@ class MagmaModel(MagmaPreTrainedModel):
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_embeddings)
             inputs_embeds = inputs_embeds.masked_scatter(mask, image_embeddings)
 
+        # return_dict: read as an output below, whatever text_config.return_dict says
         outputs = self.language_model(
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            return_dict=True,  # read as an output below, whatever text_config.return_dict says
-            **kwargs,
+            attention_mask=attention_mask, position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds,
+            return_dict=True, **kwargs,
         )
         return MultimodalBaseModelOutputWithPast(
-            last_hidden_state=outputs.last_hidden_state,
-            cache=outputs.cache,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            image_outputs=image_outputs,
+            last_hidden_state=outputs.last_hidden_state, cache=outputs.cache, hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions, image_outputs=image_outputs,
         )
 
 
@@ -482,9 +475,7 @@ class MagmaForConditionalGeneration(MagmaPreTrainedModel, GenerationMixin):
         return self.model.get_image_features(pixel_values, **kwargs)
 
     @can_return_tuple
-    # The pre-5 name, renamed as transformers' own models do; given beside `cache=` (even `None`) it is an error,
-    # not dropped with a warning.
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)
+    @cache_renamed
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -507,31 +498,18 @@ class MagmaForConditionalGeneration(MagmaPreTrainedModel, GenerationMixin):
         Returns:
             `MagmaCausalLMOutputWithPast` with `logits` `[b, seq, vocab]` and `loss` when `labels` are given.
         """
+        # return_dict: read as an output below, whatever config.return_dict says
         outputs = self.model(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            mm_encoder_outputs=mm_encoder_outputs,
-            return_dict=True,  # read as an output below, whatever config.return_dict says
-            **kwargs,
+            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
+            cache=cache, inputs_embeds=inputs_embeds, mm_encoder_outputs=mm_encoder_outputs, return_dict=True, **kwargs,
         )
-        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = self.lm_head(hidden_states)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
-            )
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        loss = None if labels is None else self.loss_function(
+            logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+        )
         return MagmaCausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            cache=outputs.cache,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            image_outputs=outputs.image_outputs,
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions, image_outputs=outputs.image_outputs,
         )
 
 

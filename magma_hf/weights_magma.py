@@ -100,11 +100,8 @@ def peft_name_to_model_name(name: str) -> str:
 
 def language_model_state_dict(state_dict: dict) -> dict:
     """The language model's entries of a full state dict, under the language model's own names (what PEFT reads)."""
-    return {
-        name.removeprefix(LANGUAGE_MODEL_PREFIX): tensor
-        for name, tensor in state_dict.items()
-        if name.startswith(LANGUAGE_MODEL_PREFIX)
-    }
+    prefix = LANGUAGE_MODEL_PREFIX
+    return {name.removeprefix(prefix): tensor for name, tensor in state_dict.items() if name.startswith(prefix)}
 
 
 def peft_state_dict(language_model_adapter_state: dict) -> dict:
@@ -118,14 +115,9 @@ def shape_of(tensor_or_shape: Any) -> tuple[int, ...]:
 
 
 def check_state_dict(
-    expected: Mapping[str, Any],
-    state_dict: Mapping[str, Any],
-    source: str,
-    *,
-    required: Callable[[str], bool] = lambda name: True,
-    allow_unexpected: bool = False,
-    error: type[Exception] = ValueError,
-    limit: int = 10,
+    expected: Mapping[str, Any], state_dict: Mapping[str, Any], source: str, *,
+    required: Callable[[str], bool] = lambda name: True, allow_unexpected: bool = False,
+    error: type[Exception] = ValueError, limit: int = 10,
 ) -> None:
     """Check that `state_dict` fits a model whose weights are `expected` (tensors, meta tensors or shapes, by name),
     else raise `error` naming up to `limit` weights of each kind of problem: the package's one fit check.
