@@ -133,7 +133,7 @@ class MagmaProcessor(ProcessorMixin):
         if tokenizer is None or image_processor is None:
             raise ValueError("MagmaProcessor needs both an image_processor and a tokenizer")
         self.image_token = IMAGE_TOKEN
-        self.image_token_id = self._require_image_token(tokenizer)
+        self.image_token_id = self.require_image_token(tokenizer)
         tokenizer.padding_side = "left"  # generation continues at the right end of every row
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token  # MAGMA pads with <|endoftext|>
@@ -165,7 +165,7 @@ class MagmaProcessor(ProcessorMixin):
         return [vars(self), vars(self.image_processor), self.tokenizer.init_kwargs]
 
     @staticmethod
-    def _require_image_token(tokenizer) -> int:
+    def require_image_token(tokenizer) -> int:
         token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         if token_id is None or token_id == tokenizer.unk_token_id or IMAGE_TOKEN not in tokenizer.get_vocab():
             raise ValueError(

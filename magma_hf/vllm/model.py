@@ -286,7 +286,7 @@ class MagmaProcessingInfo(BaseProcessingInfo):
         if not self._checked:
             # The processor's own check first: vLLM reports a processor that fails to load as "consider setting
             # trust_remote_code=True", without the reason.
-            MagmaProcessor._require_image_token(self.get_tokenizer())
+            MagmaProcessor.require_image_token(self.get_tokenizer())
         processor = self.ctx.get_hf_processor(MagmaProcessor, **kwargs)
         if not self._checked:  # once: the folder's tokenizer and config do not change
             check_processor_matches_model(processor, self.get_hf_config(), where=self.model_id)
