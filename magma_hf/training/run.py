@@ -34,7 +34,6 @@ from transformers.utils import logging
 from ..cli import refuse
 from ..configuration_magma import normalize_adapter_config
 from ..data import (
-    MAX_SKIPPED_SHARE,
     TooManySkippedError,
     check_skipped_share,
     load_image_caption_dataset,
@@ -234,12 +233,8 @@ def _first_rows(stream: MagmaStream, count: int, config: MagmaTrainingConfig) ->
             rows.append(row)
     report.summarize(len(rows))
     total = len(rows) + report.skipped
-    check_skipped_share(report.skipped, total, report.examples, skipped_share_limit(config), "eval_dataset_dir")
+    check_skipped_share(report.skipped, total, report.examples, config.skipped_share_limit, "eval_dataset_dir")
     return rows
-
-
-def skipped_share_limit(config: MagmaTrainingConfig) -> float:
-    return MAX_SKIPPED_SHARE if config.max_skipped_share is None else config.max_skipped_share
 
 
 def _load_checked(source, key: str, config: MagmaTrainingConfig):
@@ -247,7 +242,7 @@ def _load_checked(source, key: str, config: MagmaTrainingConfig):
         dataset = load_image_caption_dataset(source)
     skipped = sum(report.skipped for report in reports)
     examples = [example for report in reports for example in report.examples]
-    check_skipped_share(skipped, len(dataset) + skipped, examples, skipped_share_limit(config), key)
+    check_skipped_share(skipped, len(dataset) + skipped, examples, config.skipped_share_limit, key)
     return dataset
 
 
@@ -397,12 +392,10 @@ def check_output_dir(config: MagmaTrainingConfig, checkpoint: str | None) -> Non
         )
     if continues_folder:  # what that run writes before its first complete checkpoint, or when a save is cut short
         own_names = {CAPTIONS_LOG_NAME, FINAL_MODEL_STAGING, export_staging_name(EXPORT_DIR_NAME)}
-        entries = [
+        entries = [  # its checkpoints, complete or not, are named `[superseded-]checkpoint-N`
             entry
             for entry in entries
-            if entry not in checkpoints
-            and entry.name not in own_names
-            and not INTERRUPTED_NAME.fullmatch(entry.name)
+            if entry.name not in own_names and not INTERRUPTED_NAME.fullmatch(entry.name)
             and not CHECKPOINT_NAME.fullmatch(entry.name.removeprefix(SUPERSEDED_PREFIX))
         ]
     if not entries:
@@ -434,10 +427,8 @@ def train(config: MagmaTrainingConfig):
     set_seed(config.training_args.get("seed", 42))
     model, processor, base_model = build_model_and_processor(config)
     args = TrainingArguments(**training_arguments_kwargs(config, processes), deepspeed=deepspeed)
-    logger.info(
-        f"Trainable parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} of "
-        f"{sum(p.numel() for p in model.parameters()):,}"
-    )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info(f"Trainable parameters: {trainable:,} of {sum(p.numel() for p in model.parameters()):,}")
 
     eval_samples = config.eval_steps * args.per_device_eval_batch_size * processes
     with args.main_process_first(desc="reading the datasets"):
@@ -450,11 +441,10 @@ def train(config: MagmaTrainingConfig):
         load_magma_weights(model, Path(checkpoint) / MAGMA_WEIGHTS_NAME)
         checkpoint = None
 
-    max_length = config.seq_len or model.config.text_config.n_positions
-    if max_length > model.config.text_config.n_positions:
-        raise TrainingConfigError(
-            f"seq_len {max_length} exceeds the language model's {model.config.text_config.n_positions} positions"
-        )
+    positions = model.config.text_config.n_positions
+    max_length = config.seq_len or positions
+    if max_length > positions:
+        raise TrainingConfigError(f"seq_len {max_length} exceeds the language model's {positions} positions")
     trainer = MagmaTrainer(
         model=model,
         args=args,
@@ -468,7 +458,7 @@ def train(config: MagmaTrainingConfig):
         else MagmaLRSchedule(config.min_lr, config.warmup_num_steps, config.lr_decay_iters),
         num_caption_samples=config.num_caption_samples,
         run_blind=config.run_blind,
-        max_skipped_share=skipped_share_limit(config),
+        max_skipped_share=config.skipped_share_limit,
     )
     output = Path(args.output_dir)
     captions_log = output / CAPTIONS_LOG_NAME
