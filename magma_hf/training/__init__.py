@@ -17,11 +17,6 @@ from .run import train
 from .trainer import MagmaLRSchedule, MagmaTrainer
 
 __all__ = [
-    "MagmaDataCollator",
-    "MagmaLRSchedule",
-    "MagmaTrainer",
-    "MagmaTrainingConfig",
-    "load_adapter_export",
-    "save_adapter_export",
-    "train",
+    "MagmaDataCollator", "MagmaLRSchedule", "MagmaTrainer", "MagmaTrainingConfig", "load_adapter_export",
+    "save_adapter_export", "train",
 ]

@@ -78,9 +78,6 @@ class MagmaDataCollator:
         if self.eos_token_id is None:
             raise ValueError("The tokenizer has no eos token: MAGMA ends every caption with it")
 
-    def _pick_caption(self, captions: list[str]) -> str:
-        return captions[0] if self.caption_choice == "first" else random.choice(captions)
-
     def _pixel_values(self, sample: dict) -> torch.Tensor | None:
         image = sample.get("image")
         where = sample.get("image_path") or "sample"
@@ -112,7 +109,8 @@ class MagmaDataCollator:
                 reasons.append(problem or "cannot decode or preprocess")
                 continue
             pixel_values.append(values)
-            captions.append(self._pick_caption(sample["captions"]))
+            choices = sample["captions"]
+            captions.append(choices[0] if self.caption_choice == "first" else random.choice(choices))
         empty = not pixel_values
         if empty:
             size = self.processor.image_processor.crop_size
@@ -125,9 +123,7 @@ class MagmaDataCollator:
         if self.blind:
             batch["pixel_values"] = torch.zeros_like(batch["pixel_values"])
         if self.report_skips:
-            batch[SKIPPED_KEY] = skipped
-            batch[SKIPPED_IMAGES_KEY] = skipped_images
-            batch[SKIPPED_REASONS_KEY] = reasons
+            batch.update({SKIPPED_KEY: skipped, SKIPPED_IMAGES_KEY: skipped_images, SKIPPED_REASONS_KEY: reasons})
             batch[EMPTY_KEY] = empty
         return batch
 

@@ -21,6 +21,7 @@ import yaml
 from transformers import GPTJConfig, TrainingArguments
 from transformers.utils import logging
 
+from ..data import MAX_SKIPPED_SHARE
 from ..data.streaming import DEFAULT_SHUFFLE_BUFFER_SIZE
 
 logger = logging.get_logger(__name__)
@@ -128,13 +129,10 @@ class MagmaTrainingConfig:
         return cls.from_dict(values)
 
     def validate(self) -> None:
-        def positive(name):
+        for name in ("batch_size", "train_steps", "gradient_accumulation_steps", "save_every", "eval_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise TrainingConfigError(f"{name} must be a positive integer, got {value!r}")
-
-        for name in ("batch_size", "train_steps", "gradient_accumulation_steps", "save_every", "eval_every"):
-            positive(name)
         if self.zero_stage not in (None, 0, 1, 2, 3):
             raise TrainingConfigError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
         if (self.model_name_or_path is None) == (self.model_config is None):
@@ -211,8 +209,12 @@ class MagmaTrainingConfig:
     def output_dir(self) -> str:
         return self.training_args.get("output_dir") or self.save
 
+    @property
+    def skipped_share_limit(self) -> float:
+        return MAX_SKIPPED_SHARE if self.max_skipped_share is None else self.max_skipped_share
 
-LM_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+LM_DTYPES = ("float32", "bfloat16", "float16")
 # key -> its annotation (int, float | None, dict, Any, ...), which a YAML value must match
 CONFIG_TYPES = typing.get_type_hints(MagmaTrainingConfig)
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}
@@ -258,20 +260,11 @@ def _must_be(expected):
     return lambda value: None if value == expected else f"only {expected!r} is supported here, got {value!r}"
 
 
-def _ignored(value):
-    return None
-
-
-# Keys of the original's config that have no effect here (or only one allowed value), accepted so its YAMLs load.
+# Keys of the original's config that have no effect here (or only one allowed value), accepted so its YAMLs load:
+# key -> what is wrong with its value (`None`: nothing).
+_NO_EFFECT = ("train_dataset_name", "eval_dataset_name", "dataset_type", "vqa_dir", "gqa_dir", "image_seq_len")
 IGNORED_ORIGINAL_KEYS = {
-    "train_dataset_name": _ignored,
-    "eval_dataset_name": _ignored,
-    "dataset_type": _ignored,
-    "vqa_dir": _ignored,
-    "gqa_dir": _ignored,
-    "image_seq_len": _ignored,
-    "pretrained_img_encoder": _ignored,
-    "fine_tune": _ignored,
+    **dict.fromkeys((*_NO_EFFECT, "pretrained_img_encoder", "fine_tune"), lambda value: None),
     "optimizer_name": _must_be("AdamW"),
     "freeze_lm": _must_be(True),
     "class_dict": _must_be(None),
@@ -306,7 +299,6 @@ def apply_override(values: dict, override: str) -> None:
     target[leaf] = yaml.safe_load(raw)
 
 
-
 MODEL_CONFIG_KEYS = ("lm_name", "pretrained", "text_config", "vision_config")
 VISION_CONFIG_KEYS = ("layers", "width", "image_size")
 
@@ -337,14 +329,6 @@ def check_model_config(options: dict) -> None:
 
 
 __all__ = [
-    "CONFIG_TYPES",
-    "IGNORED_ORIGINAL_KEYS",
-    "LM_DTYPES",
-    "MODEL_CONFIG_KEYS",
-    "TRAINING_ARGS_FROM_KEYS",
-    "VISION_CONFIG_KEYS",
-    "MagmaTrainingConfig",
-    "TrainingConfigError",
-    "apply_override",
-    "check_model_config",
+    "CONFIG_TYPES", "IGNORED_ORIGINAL_KEYS", "LM_DTYPES", "MODEL_CONFIG_KEYS", "TRAINING_ARGS_FROM_KEYS",
+    "VISION_CONFIG_KEYS", "MagmaTrainingConfig", "TrainingConfigError", "apply_override", "check_model_config",
 ]

@@ -24,7 +24,6 @@ import json
 import logging as std_logging
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import AutoConfig, TrainingArguments, set_seed
@@ -35,7 +34,6 @@ from transformers.utils import logging
 from ..cli import refuse
 from ..configuration_magma import normalize_adapter_config
 from ..data import (
-    MAX_SKIPPED_SHARE,
     TooManySkippedError,
     check_skipped_share,
     load_image_caption_dataset,
@@ -68,7 +66,7 @@ from ..weights_magma import (
 from .collator import MagmaDataCollator
 from .config import MagmaTrainingConfig, TrainingConfigError, check_model_config
 from .deepspeed import deepspeed_config, launcher_runs_deepspeed_on_cpu, resolve_deepspeed
-from .export import EXPORT_FOLDER, export_staging_name, save_adapter_export
+from .export import EXPORT_FOLDER, EXPORT_INFO_FILE, export_staging_name, save_adapter_export
 from .trainer import (
     CAPTIONS_LOG_NAME,
     CHECKPOINT_NAME,
@@ -91,9 +89,13 @@ logger = logging.get_logger(__name__)
 # Model and processor
 
 
-def _original_settings(config: MagmaTrainingConfig) -> dict[str, Any]:
-    """The original's model keys as the config gives them (`None`: not set)."""
-    return {key: getattr(config, key) for key in MODEL_KEYS}
+@contextlib.contextmanager
+def _config_error(*kinds: type[Exception], prefix: str = ""):
+    """An error of `kinds` raised in the block becomes a `TrainingConfigError` with its message: one line to fix."""
+    try:
+        yield
+    except kinds as error:
+        raise TrainingConfigError(prefix + str(error)) from None
 
 
 def _new_model(config: MagmaTrainingConfig):
@@ -108,8 +110,8 @@ def _new_model(config: MagmaTrainingConfig):
     vision_config = dict(options.pop("vision_config", None) or {})
     if config.image_size is not None:
         vision_config["image_size"] = config.image_size
-    try:
-        settings = model_settings(_original_settings(config))
+    with _config_error(MagmaSettingsError):
+        settings = model_settings({key: getattr(config, key) for key in MODEL_KEYS})  # the original's keys
         tokenizer = load_tokenizer(config.tokenizer_source or DEFAULT_TOKENIZER)
         language_model_config = AutoConfig.from_pretrained(lm_name).to_dict() if lm_name is not None else None
         magma_config = build_magma_config(
@@ -117,8 +119,6 @@ def _new_model(config: MagmaTrainingConfig):
         )
         tokenizer.model_max_length = magma_config.text_config.n_positions
         model = new_model(magma_config, lm_name, config.encoder_name, pretrained, config.lm_dtype or "float32")
-    except MagmaSettingsError as error:
-        raise TrainingConfigError(str(error)) from None
     return model, build_processor(magma_config, tokenizer), lm_name
 
 
@@ -127,29 +127,20 @@ def _existing_model(config: MagmaTrainingConfig):
     path = config.model_name_or_path
     model = MagmaForConditionalGeneration.from_pretrained(path, dtype=config.lm_dtype or "auto")
     model_config = model.config
-    conflicts = []
+    vision_config, conflicts = model_config.vision_config, []
     if config.adapter_config is not None:
-        try:
+        with _config_error(ValueError):  # the config's key, named in one line like every other bad key
             adapter_config = normalize_adapter_config(config.adapter_config)
-        except ValueError as error:  # the config's key, named in one line like every other bad key
-            raise TrainingConfigError(str(error)) from None
         if adapter_config != model_config.adapter_config:
             conflicts.append(f"adapter_config {config.adapter_config} vs {model_config.adapter_config}")
-    if config.image_size is not None and config.image_size != model_config.vision_config.image_size:
-        conflicts.append(f"image_size {config.image_size} vs {model_config.vision_config.image_size}")
+    if config.image_size is not None and config.image_size != vision_config.image_size:
+        conflicts.append(f"image_size {config.image_size} vs {vision_config.image_size}")
     if config.encoder_name is not None:
-        try:
+        with _config_error(MagmaSettingsError):
             vision = encoder_vision_config(config.encoder_name)
-        except MagmaSettingsError as error:
-            raise TrainingConfigError(str(error)) from None
-        if (vision["layers"], vision["width"]) != (
-            list(model_config.vision_config.layers),
-            model_config.vision_config.width,
-        ):
+        if (vision["layers"], vision["width"]) != (list(vision_config.layers), vision_config.width):
             conflicts.append(f"encoder_name {config.encoder_name} vs the model's image encoder")
-    if config.use_image_embed_layernorm is not None and (
-        config.use_image_embed_layernorm != model_config.use_image_embed_layernorm
-    ):
+    if config.use_image_embed_layernorm not in (None, model_config.use_image_embed_layernorm):
         conflicts.append(f"use_image_embed_layernorm {config.use_image_embed_layernorm}")
     if config.model_config is not None or config.lm_name is not None:
         conflicts.append("model_config / lm_name (they describe a new model)")
@@ -166,19 +157,11 @@ def _existing_model(config: MagmaTrainingConfig):
     except (OSError, ValueError, TypeError):
         source = config.tokenizer_source or DEFAULT_TOKENIZER
         logger.warning(f"{path} has no processor files: using the tokenizer {source}")
-        try:
+        with _config_error(MagmaSettingsError):
             processor = build_processor(model_config, load_tokenizer(source))
-        except MagmaSettingsError as error:
-            raise TrainingConfigError(str(error)) from None
     check_processor_matches_model(processor, model_config, path)
-    return model, processor, _base_language_model(path)
-
-
-def _base_language_model(path: str) -> str | None:
-    info = Path(path) / "magma_export.json"
-    if info.is_file():
-        return json.loads(info.read_text()).get("base_language_model")
-    return None
+    info = Path(path) / EXPORT_INFO_FILE  # an adapter export's: it names the base language model
+    return model, processor, json.loads(info.read_text()).get("base_language_model") if info.is_file() else None
 
 
 def build_model_and_processor(config: MagmaTrainingConfig):
@@ -190,15 +173,11 @@ def build_model_and_processor(config: MagmaTrainingConfig):
     outputs, so a half-precision GPT-J with float32 MAGMA weights runs without autocast too.
     """
     built = _existing_model(config) if config.model_name_or_path is not None else _new_model(config)
-    magma_weights_to_float32(built[0])
-    return built
-
-
-def magma_weights_to_float32(model) -> None:
-    """Adapters, projection and image encoder (with its BatchNorm statistics) in float32; GPT-J untouched."""
-    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+    # the image encoder's BatchNorm statistics too
+    for name, tensor in itertools.chain(built[0].named_parameters(), built[0].named_buffers()):
         if is_magma_weight(name) and tensor.is_floating_point() and tensor.dtype != torch.float32:
             tensor.data = tensor.data.float()
+    return built
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -218,6 +197,7 @@ def build_datasets(config: MagmaTrainingConfig, seed: int, eval_samples: int):
     train = _stream(config, "train_dataset_dir", seed=seed, weights=config.train_dataset_weights)
     if train is None:
         train = _load_checked(config.train_dataset_dir, "train_dataset_dir", config)
+    evaluation = None
     if config.eval_dataset_dir is not None:
         stream = _stream(config, "eval_dataset_dir", shuffle_buffer_size=0, repeat=False, pick_caption=False)
         if stream is None:
@@ -226,12 +206,9 @@ def build_datasets(config: MagmaTrainingConfig, seed: int, eval_samples: int):
             evaluation = _first_rows(stream, eval_samples, config)
     elif isinstance(train, MagmaStream):
         logger.info("The training data is streamed and no eval_dataset_dir is given: no evaluation")
-        evaluation = None
     elif config.eval_dataset_pct > 0 and len(train) > 1:
         split = train.train_test_split(test_size=config.eval_dataset_pct, seed=seed)
         train, evaluation = split["train"], split["test"]
-    else:
-        evaluation = None
     if evaluation is not None and len(evaluation) > eval_samples:
         evaluation = evaluation.select(range(eval_samples))
     return train, evaluation
@@ -240,10 +217,8 @@ def build_datasets(config: MagmaTrainingConfig, seed: int, eval_samples: int):
 def _stream(config: MagmaTrainingConfig, key: str, **options) -> MagmaStream | None:
     """The stream of `config.<key>`, or `None` when it is read map-style; an error naming `key` when it cannot be."""
     options = {"shuffle_buffer_size": config.shuffle_buffer_size, **options}
-    try:
+    with _config_error(ValueError, FileNotFoundError, prefix=f"{key}: "):
         return build_stream(getattr(config, key), streaming=config.streaming, **options)
-    except (ValueError, FileNotFoundError) as error:
-        raise TrainingConfigError(f"{key}: {error}") from None
 
 
 def _first_rows(stream: MagmaStream, count: int, config: MagmaTrainingConfig) -> list[dict]:
@@ -258,12 +233,8 @@ def _first_rows(stream: MagmaStream, count: int, config: MagmaTrainingConfig) ->
             rows.append(row)
     report.summarize(len(rows))
     total = len(rows) + report.skipped
-    check_skipped_share(report.skipped, total, report.examples, skipped_share_limit(config), "eval_dataset_dir")
+    check_skipped_share(report.skipped, total, report.examples, config.skipped_share_limit, "eval_dataset_dir")
     return rows
-
-
-def skipped_share_limit(config: MagmaTrainingConfig) -> float:
-    return MAX_SKIPPED_SHARE if config.max_skipped_share is None else config.max_skipped_share
 
 
 def _load_checked(source, key: str, config: MagmaTrainingConfig):
@@ -271,7 +242,7 @@ def _load_checked(source, key: str, config: MagmaTrainingConfig):
         dataset = load_image_caption_dataset(source)
     skipped = sum(report.skipped for report in reports)
     examples = [example for report in reports for example in report.examples]
-    check_skipped_share(skipped, len(dataset) + skipped, examples, skipped_share_limit(config), key)
+    check_skipped_share(skipped, len(dataset) + skipped, examples, config.skipped_share_limit, key)
     return dataset
 
 
@@ -279,24 +250,16 @@ def _load_checked(source, key: str, config: MagmaTrainingConfig):
 # TrainingArguments
 
 
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def micro_batch_size(config: MagmaTrainingConfig, processes: int) -> int:
-    """Per-device batch: `batch_size` is the whole optimizer step's, as DeepSpeed's `train_batch_size` was."""
+def training_arguments_kwargs(config: MagmaTrainingConfig, processes: int) -> dict:
+    """The TrainingArguments of the run: the original keys mapped, then `training_args` on top."""
+    # the per-device batch: `batch_size` is the whole optimizer step's, as DeepSpeed's `train_batch_size` was
     per_step = config.gradient_accumulation_steps * processes
     if config.batch_size % per_step:
         raise TrainingConfigError(
             f"batch_size {config.batch_size} is not divisible by gradient_accumulation_steps "
             f"({config.gradient_accumulation_steps}) x processes ({processes})"
         )
-    return config.batch_size // per_step
-
-
-def training_arguments_kwargs(config: MagmaTrainingConfig, processes: int) -> dict:
-    """The TrainingArguments of the run: the original keys mapped, then `training_args` on top."""
-    micro = micro_batch_size(config, processes)
+    micro = config.batch_size // per_step
     kwargs = {
         "output_dir": config.save,
         "max_steps": config.train_steps,
@@ -341,10 +304,8 @@ def resolve_checkpoint(config: MagmaTrainingConfig) -> str | None:
         return None
     load = Path(config.load)
     if (load / "trainer_state.json").exists() or checkpoint_step(load) is not None:
-        try:
+        with _config_error(ValueError, prefix="load: "):
             require_complete_checkpoint(load)
-        except ValueError as error:
-            raise TrainingConfigError(f"load: {error}") from None
         return str(load)
     if not config.load_optimizer and (load / MAGMA_WEIGHTS_NAME).is_file():
         return str(load)  # only the weights are taken
@@ -378,12 +339,8 @@ def _same_folder(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 def _input_folders(config: MagmaTrainingConfig) -> list[tuple[str, str]]:
     """`(key, path)` of the folders the run reads: what it must never write its outputs into."""
-    lm_name = config.lm_name or (config.model_config or {}).get("lm_name")
-    named = [
-        ("model_name_or_path", config.model_name_or_path),
-        ("tokenizer_name_or_path", config.tokenizer_source),
-        ("lm_name", lm_name),
-    ]
+    named = [("model_name_or_path", config.model_name_or_path), ("tokenizer_name_or_path", config.tokenizer_source)]
+    named.append(("lm_name", config.lm_name or (config.model_config or {}).get("lm_name")))
     for key in ("train_dataset_dir", "eval_dataset_dir"):
         sources = getattr(config, key)
         for source in sources if isinstance(sources, (list, tuple)) else [sources]:
@@ -435,19 +392,16 @@ def check_output_dir(config: MagmaTrainingConfig, checkpoint: str | None) -> Non
         )
     if continues_folder:  # what that run writes before its first complete checkpoint, or when a save is cut short
         own_names = {CAPTIONS_LOG_NAME, FINAL_MODEL_STAGING, export_staging_name(EXPORT_DIR_NAME)}
-        entries = [
+        entries = [  # its checkpoints, complete or not, are named `[superseded-]checkpoint-N`
             entry
             for entry in entries
-            if entry not in checkpoints
-            and entry.name not in own_names
-            and not INTERRUPTED_NAME.fullmatch(entry.name)
+            if entry.name not in own_names and not INTERRUPTED_NAME.fullmatch(entry.name)
             and not CHECKPOINT_NAME.fullmatch(entry.name.removeprefix(SUPERSEDED_PREFIX))
         ]
     if not entries:
         return
     if not config.overwrite:
-        finished = any((output / name).exists() for name in FINISHED_RUN_FILES)
-        what = "a finished run" if finished else "files"
+        what = "a finished run" if any((output / name).exists() for name in FINISHED_RUN_FILES) else "files"
         raise TrainingConfigError(
             f"save {output} is not empty: it holds {what} ({_listing(entries)}). Choose another save folder, or set "
             "overwrite: true (magma-hf train --overwrite) to replace a run's outputs there; other files are kept"
@@ -467,16 +421,14 @@ def train(config: MagmaTrainingConfig):
     if config.wandb_project:
         os.environ.setdefault("WANDB_PROJECT", config.wandb_project)
     deepspeed = resolve_deepspeed(config)
-    processes = world_size()
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
     # Seed before building: a new model's random weights (GPT-J's too, without lm_name) must be the same when a run is
     # resumed, since checkpoints hold MAGMA's weights only.
     set_seed(config.training_args.get("seed", 42))
     model, processor, base_model = build_model_and_processor(config)
     args = TrainingArguments(**training_arguments_kwargs(config, processes), deepspeed=deepspeed)
-    logger.info(
-        f"Trainable parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} of "
-        f"{sum(p.numel() for p in model.parameters()):,}"
-    )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info(f"Trainable parameters: {trainable:,} of {sum(p.numel() for p in model.parameters()):,}")
 
     eval_samples = config.eval_steps * args.per_device_eval_batch_size * processes
     with args.main_process_first(desc="reading the datasets"):
@@ -489,11 +441,10 @@ def train(config: MagmaTrainingConfig):
         load_magma_weights(model, Path(checkpoint) / MAGMA_WEIGHTS_NAME)
         checkpoint = None
 
-    max_length = config.seq_len or model.config.text_config.n_positions
-    if max_length > model.config.text_config.n_positions:
-        raise TrainingConfigError(
-            f"seq_len {max_length} exceeds the language model's {model.config.text_config.n_positions} positions"
-        )
+    positions = model.config.text_config.n_positions
+    max_length = config.seq_len or positions
+    if max_length > positions:
+        raise TrainingConfigError(f"seq_len {max_length} exceeds the language model's {positions} positions")
     trainer = MagmaTrainer(
         model=model,
         args=args,
@@ -507,21 +458,22 @@ def train(config: MagmaTrainingConfig):
         else MagmaLRSchedule(config.min_lr, config.warmup_num_steps, config.lr_decay_iters),
         num_caption_samples=config.num_caption_samples,
         run_blind=config.run_blind,
-        max_skipped_share=skipped_share_limit(config),
+        max_skipped_share=config.skipped_share_limit,
     )
-    captions_log = Path(args.output_dir) / CAPTIONS_LOG_NAME
+    output = Path(args.output_dir)
+    captions_log = output / CAPTIONS_LOG_NAME
     if checkpoint is None and captions_log.is_file() and trainer.is_world_process_zero():
         captions_log.write_text("")  # overwrite: true replaces the earlier run's log; never mix two runs in one
     trainer.train(resume_from_checkpoint=checkpoint)
 
-    save_final_model(trainer, Path(args.output_dir))  # the full model: loads with the Auto classes and the pipeline
-    export_dir = Path(args.output_dir) / EXPORT_DIR_NAME
+    save_final_model(trainer, output)  # the full model: loads with the Auto classes and the pipeline
     # Under ZeRO-3 the parameters are shards: MAGMA's are gathered (a collective, on every process). Loading the saved
     # model instead would run ZeRO-3's partitioned init on the main process alone, which waits for the others forever.
-    state_dict = trainer.magma_weights(frozen_too=True) if trainer.is_deepspeed_enabled and _is_zero3() else None
+    zero3 = trainer.is_deepspeed_enabled and is_deepspeed_zero3_enabled()
+    state_dict = trainer.magma_weights(frozen_too=True) if zero3 else None
     if trainer.is_world_process_zero():
         model = trainer.accelerator.unwrap_model(trainer.model)
-        save_adapter_export(model, export_dir, processor, base_model, state_dict=state_dict)
+        save_adapter_export(model, output / EXPORT_DIR_NAME, processor, base_model, state_dict=state_dict)
     trainer.accelerator.wait_for_everyone()
     return trainer
 
@@ -552,10 +504,8 @@ def check_final_outputs(output: Path) -> None:
     model_files = (FINAL_MODEL_FOLDER, output, lambda name: name == "config.json" or is_weights_name(name))
     export_files = (EXPORT_FOLDER, output / EXPORT_DIR_NAME, lambda name: name in (IMAGE_PREFIX_FILE, "config.json"))
     for writer, folder, writes in (model_files, export_files):
-        try:
+        with _config_error(FileExistsError):
             writer.check(folder, overwrite=True, writes=writes)
-        except FileExistsError as error:
-            raise TrainingConfigError(str(error)) from None
 
 
 def save_final_model(trainer, output_dir: Path) -> None:
@@ -577,22 +527,14 @@ def save_final_model(trainer, output_dir: Path) -> None:
     trainer.accelerator.wait_for_everyone()
 
 
-def _is_zero3() -> bool:
-    return is_deepspeed_zero3_enabled()
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # CLI
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="The training config (YAML): the original MAGMA keys and this package's")
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="KEY=VALUE",
-        help="Override config keys (YAML values; dotted keys reach into mappings, e.g. training_args.bf16=true)",
-    )
+    overrides = "Override config keys (YAML values; dotted keys reach into mappings, e.g. training_args.bf16=true)"
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides)
     parser.add_argument(
         "--overwrite",
         action="store_true",
@@ -607,8 +549,7 @@ def run(args: argparse.Namespace) -> int:
         std_logging.getLogger("magma_hf").setLevel(std_logging.INFO)
     overrides = [*args.overrides, *(["overwrite=true"] if args.overwrite else [])]
     try:
-        config = MagmaTrainingConfig.from_yaml(args.config, overrides)
-        train(config)
+        train(MagmaTrainingConfig.from_yaml(args.config, overrides))
     except (TrainingConfigError, TooManySkippedError, DataStateError) as error:  # the user's to fix: one line
         return refuse(error)
     return 0

@@ -4,6 +4,7 @@ MAGMA's own weights (each complete or absent), and generated captions at evaluat
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -70,16 +71,8 @@ def magma_parameter_groups(
         is_encoder = ".vision_tower." in f".{name}"
         no_decay = name in no_decay_names or name.endswith(".bias") or name == "bias"
         key = ("image_encoder" if is_encoder else "adapters_and_projection") + ("_no_decay" if no_decay else "")
-        group = groups.setdefault(
-            key,
-            {
-                "name": key,
-                "params": [],
-                "lr": image_enc_lr if is_encoder else lr,
-                "weight_decay": 0.0 if no_decay else weight_decay,
-            },
-        )
-        group["params"].append(param)
+        rate, decay = (image_enc_lr if is_encoder else lr), (0.0 if no_decay else weight_decay)
+        groups.setdefault(key, {"name": key, "params": [], "lr": rate, "weight_decay": decay})["params"].append(param)
     order = ["adapters_and_projection", "adapters_and_projection_no_decay", "image_encoder", "image_encoder_no_decay"]
     return [groups[key] for key in order if key in groups]
 
@@ -114,9 +107,7 @@ class MagmaLRSchedule:
     def lr_at(self, step: int, peak_lr: float) -> float:
         """The learning rate of optimizer step `step + 1` (after `step` completed steps) for a group peaking at
         `peak_lr`."""
-        if step == 0:
-            return self.min_lr
-        return self.min_lr + (peak_lr - self.min_lr) * self.gamma(step - 1)
+        return self.min_lr if step == 0 else self.min_lr + (peak_lr - self.min_lr) * self.gamma(step - 1)
 
     def scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         """A `LambdaLR` following this schedule for every group of `optimizer` (each at its own peak lr)."""
@@ -164,10 +155,8 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
 def checkpoint_folders(folder: str | os.PathLike) -> list[Path]:
     """The `checkpoint-N` folders in `folder`, by step (oldest first)."""
     folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    found = [path for path in folder.iterdir() if checkpoint_step(path) is not None and path.is_dir()]
-    return sorted(found, key=checkpoint_step)
+    found = [path for path in folder.iterdir() if checkpoint_step(path) is not None] if folder.is_dir() else []
+    return sorted((path for path in found if path.is_dir()), key=checkpoint_step)
 
 
 def last_complete_checkpoint(folder: str | os.PathLike, warn: bool = True) -> str | None:
@@ -187,11 +176,9 @@ def require_complete_checkpoint(path: str | os.PathLike) -> None:
     problem = checkpoint_problem(path)
     if problem is None:
         return
-    message = f"Cannot resume from {path}: {problem}"
-    if Path(path).parent.is_dir():
-        earlier = last_complete_checkpoint(Path(path).parent, warn=False)  # named in the error, not resumed from
-        message += f". The last complete checkpoint beside it is {earlier}" if earlier else ""
-    raise ValueError(message)
+    earlier = last_complete_checkpoint(Path(path).parent, warn=False)  # named in the error, not resumed from
+    beside = f". The last complete checkpoint beside it is {earlier}" if earlier else ""
+    raise ValueError(f"Cannot resume from {path}: {problem}{beside}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -240,24 +227,14 @@ def read_data_state(checkpoint: str | os.PathLike, process: int, layout: dict) -
     return saved["loader"]
 
 
-def remove_interrupted_saves(folder: str | os.PathLike) -> list[str]:
+def remove_interrupted_saves(folder: str | os.PathLike) -> None:
     """Delete what interrupted checkpoint saves and deletions left in `folder` (`tmp-checkpoint-N`,
-    `tmp-deleted-checkpoint-N`: only ever written by this trainer); return their paths."""
+    `tmp-deleted-checkpoint-N`: only ever written by this trainer)."""
     folder = Path(folder)
     leftovers = sorted(p for p in folder.iterdir() if INTERRUPTED_NAME.match(p.name)) if folder.is_dir() else []
     for path in leftovers:
         logger.warning(f"Removing {path}: an interrupted checkpoint save or deletion left it")
         shutil.rmtree(path)
-    return [str(path) for path in leftovers]
-
-
-def _free_name(folder: Path, name: str) -> Path:
-    """`folder/name`, or `folder/name-2`, `-3`, ... for the first that does not exist."""
-    candidate, n = folder / name, 1
-    while candidate.exists():
-        n += 1
-        candidate = folder / f"{name}-{n}"
-    return candidate
 
 
 def commit_checkpoint(staged: str | os.PathLike, final: str | os.PathLike) -> None:
@@ -265,7 +242,10 @@ def commit_checkpoint(staged: str | os.PathLike, final: str | os.PathLike) -> No
     run, or an incomplete one a resume skipped) is kept as `superseded-checkpoint-N` beside it, with a warning."""
     staged, final = Path(staged), Path(final)
     if final.exists():
-        kept = _free_name(final.parent, SUPERSEDED_PREFIX + final.name)
+        kept, n = final.parent / (SUPERSEDED_PREFIX + final.name), 1
+        while kept.exists():  # `superseded-checkpoint-N-2`, `-3`, ...: the first that does not exist
+            n += 1
+            kept = final.parent / f"{SUPERSEDED_PREFIX}{final.name}-{n}"
         os.rename(final, kept)
         logger.warning(f"{final} already existed ({checkpoint_problem(kept) or 'complete'}): kept as {kept}")
     sync_folder(staged)  # on disk before it is named complete: a power loss leaves it whole or absent
@@ -422,8 +402,7 @@ class MagmaTrainer(Trainer):
     def get_eval_dataloader(self, eval_dataset=None):
         collator = self.data_collator
         if isinstance(collator, MagmaDataCollator):
-            self.data_collator = dataclasses.replace(collator, caption_choice="first")
-            self.data_collator.report_skips = collator.report_skips
+            self.data_collator = dataclasses.replace(collator, caption_choice="first")  # report_skips too: a field
         try:
             return super().get_eval_dataloader(eval_dataset)
         finally:
@@ -651,20 +630,12 @@ class MagmaTrainer(Trainer):
             self.log_generated_captions(dataset)
         return metrics
 
-    def _caption_samples(self, dataset) -> list[dict]:
-        samples = []
-        for index in range(min(len(dataset), 4 * self.num_caption_samples)):
-            row = dataset[index]
-            if row.get("image") is not None:
-                samples.append(row)
-            if len(samples) == self.num_caption_samples:
-                break
-        return samples
-
     def log_generated_captions(self, dataset) -> list[str]:
         """Caption the first evaluation images greedily (`magma_hf.generation.generate_answers`: each caption is its
         first line, stripped); append them to `eval_captions.jsonl` on the main process."""
-        samples = self._caption_samples(dataset)
+        rows = (dataset[index] for index in range(min(len(dataset), 4 * self.num_caption_samples)))
+        with_images = (row for row in rows if row.get("image") is not None)
+        samples = list(itertools.islice(with_images, self.num_caption_samples))
         if not samples or self.processing_class is None:
             return []
         model = self.accelerator.unwrap_model(self.model)
@@ -704,13 +675,6 @@ def load_magma_weights(model: nn.Module, weights_file: str | os.PathLike) -> Non
 
 
 __all__ = [
-    "DataStateError",
-    "MagmaLRSchedule",
-    "MagmaTrainer",
-    "checkpoint_problem",
-    "last_complete_checkpoint",
-    "load_magma_weights",
-    "magma_parameter_groups",
-    "read_data_state",
-    "require_complete_checkpoint",
+    "DataStateError", "MagmaLRSchedule", "MagmaTrainer", "checkpoint_problem", "last_complete_checkpoint",
+    "load_magma_weights", "magma_parameter_groups", "read_data_state", "require_complete_checkpoint",
 ]
