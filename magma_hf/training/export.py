@@ -133,6 +133,13 @@ def _gptj_state_dict(language_model, dtype) -> dict[str, torch.Tensor]:
     return GPTJForCausalLM.from_pretrained(language_model, dtype=dtype).state_dict()
 
 
+def recorded_base_language_model(export_dir: str | os.PathLike) -> str | None:
+    """The stock GPT-J an adapter export in `export_dir` was saved for (its manifest records it); `None` when the
+    folder is not an export or records none."""
+    info = Path(export_dir) / EXPORT_INFO_FILE
+    return json.loads(info.read_text()).get("base_language_model") if info.is_file() else None
+
+
 def load_adapter_export(
     export_dir: str | os.PathLike,
     language_model: str | os.PathLike | PreTrainedModel | dict[str, torch.Tensor] | None = None,
@@ -150,8 +157,8 @@ def load_adapter_export(
     """
     export_dir = Path(export_dir)
     config = MagmaConfig.from_pretrained(export_dir)
-    if language_model is None and (export_dir / EXPORT_INFO_FILE).is_file():
-        language_model = json.loads((export_dir / EXPORT_INFO_FILE).read_text()).get("base_language_model")
+    if language_model is None:
+        language_model = recorded_base_language_model(export_dir)
     if language_model is None:
         raise ValueError(f"{export_dir} does not record its GPT-J: pass language_model= (e.g. EleutherAI/gpt-j-6B)")
     skeleton = empty_model(config)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
-import json
 import logging as std_logging
 import os
 from pathlib import Path
@@ -66,7 +65,7 @@ from ..weights_magma import (
 from .collator import MagmaDataCollator
 from .config import MagmaTrainingConfig, TrainingConfigError, check_model_config
 from .deepspeed import deepspeed_config, launcher_runs_deepspeed_on_cpu, resolve_deepspeed
-from .export import EXPORT_FOLDER, EXPORT_INFO_FILE, export_staging_name, save_adapter_export
+from .export import EXPORT_FOLDER, export_staging_name, recorded_base_language_model, save_adapter_export
 from .trainer import (
     CAPTIONS_LOG_NAME,
     CHECKPOINT_NAME,
@@ -160,8 +159,7 @@ def _existing_model(config: MagmaTrainingConfig):
         with _config_error(MagmaSettingsError):
             processor = build_processor(model_config, load_tokenizer(source))
     check_processor_matches_model(processor, model_config, path)
-    info = Path(path) / EXPORT_INFO_FILE  # an adapter export's: it names the base language model
-    return model, processor, json.loads(info.read_text()).get("base_language_model") if info.is_file() else None
+    return model, processor, recorded_base_language_model(path)
 
 
 def build_model_and_processor(config: MagmaTrainingConfig):
